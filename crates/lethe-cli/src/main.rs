@@ -1,0 +1,428 @@
+//! `lethe`: the command-line front end.
+//!
+//! Parses arguments, opens an [`Engine`] and prints results. It knows argv,
+//! exit codes and terminal output; everything else goes through
+//! `lethe-engine`.
+
+mod quickstart;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use lethe_engine::{label::Policy, Actor, Config, Engine, Mode};
+
+#[derive(Parser)]
+#[command(
+    name = "lethe",
+    version,
+    about = "Keeps ML pipelines honest about data: labels, policies, retrieval, unlearning"
+)]
+struct Cli {
+    /// Configuration file (default: ./lethe.toml when it exists).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Data directory (overrides the config).
+    #[arg(long, global = true, env = "LETHE_DATA")]
+    data_dir: Option<PathBuf>,
+    /// Policy file (overrides the config).
+    #[arg(long, global = true, env = "LETHE_POLICY")]
+    policy: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Fetch the models, build the demo corpus, and query it as several principals.
+    Quickstart {
+        /// Where the demo data goes (recreated).
+        #[arg(long, default_value = ".lethe/quickstart")]
+        dir: PathBuf,
+    },
+    /// Fetch and cache the models lethe uses (idempotent).
+    Fetch,
+    /// Ingest a JSON Lines file or a folder of .txt/.md files.
+    Ingest {
+        /// The file or folder.
+        path: PathBuf,
+        /// Act as this principal (needs the ingest role); default: local operator.
+        #[arg(long = "as")]
+        principal: Option<String>,
+        /// Replace documents whose ids already exist instead of refusing.
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Search as a principal: only what it may read.
+    Search {
+        /// The principal.
+        #[arg(long = "as")]
+        principal: String,
+        /// The query.
+        query: String,
+        /// Number of hits.
+        #[arg(short, default_value_t = 5)]
+        k: usize,
+        /// Retriever.
+        #[arg(long, value_enum, default_value_t = ModeArg::Hybrid)]
+        mode: ModeArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Documents.
+    #[command(subcommand)]
+    Doc(DocCommand),
+    /// Policies.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// API keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// The audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// The document store.
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+#[derive(Subcommand)]
+enum DocCommand {
+    /// Delete documents exactly from the store and every index.
+    Delete {
+        /// Document ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+        /// Act as this principal (needs the delete role); default: local operator.
+        #[arg(long = "as")]
+        principal: Option<String>,
+    },
+    /// List documents with their labels.
+    List,
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate policy files; problems are printed as file:line:column.
+    Check {
+        /// Policy files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a key for a principal; the key is printed once and not stored.
+    Create {
+        /// The principal.
+        #[arg(long)]
+        principal: String,
+    },
+    /// List key ids and their principals.
+    List,
+    /// Revoke a key by id.
+    Revoke {
+        /// Key id.
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Verify the hash chain; report any modified, removed, inserted or reordered record.
+    Verify {
+        /// An audit log file (default: the data directory's).
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Check that the document table and both indexes agree.
+    Verify,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ModeArg {
+    Bm25,
+    Dense,
+    Hybrid,
+}
+
+impl From<ModeArg> for Mode {
+    fn from(m: ModeArg) -> Mode {
+        match m {
+            ModeArg::Bm25 => Mode::Bm25,
+            ModeArg::Dense => Mode::Dense,
+            ModeArg::Hybrid => Mode::Hybrid,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    init_tracing();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn config(cli: &Cli) -> anyhow::Result<Config> {
+    let path = cli.config.clone().or_else(|| {
+        Path::new("lethe.toml")
+            .exists()
+            .then(|| PathBuf::from("lethe.toml"))
+    });
+    let mut config = match path {
+        Some(p) => Config::load(&p)?,
+        None => {
+            let policy = cli.policy.clone().ok_or_else(|| {
+                anyhow::format_err!(
+                    "no policy: pass --policy FILE, set LETHE_POLICY, or write a lethe.toml"
+                )
+            })?;
+            Config::new(PathBuf::from(".lethe/data"), policy)
+        }
+    };
+    if let Some(d) = &cli.data_dir {
+        config.data_dir = d.clone();
+    }
+    if let Some(p) = &cli.policy {
+        config.policy = p.clone();
+    }
+    Ok(config)
+}
+
+fn open(cli: &Cli) -> anyhow::Result<Engine> {
+    let config = config(cli)?;
+    Engine::open(config, "cli").context("opening the data directory")
+}
+
+fn actor(principal: &Option<String>) -> Actor {
+    match principal {
+        Some(p) => Actor::Principal(p.clone()),
+        None => Actor::Operator,
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match &cli.command {
+        Command::Quickstart { dir } => quickstart::run(dir),
+        Command::Fetch => {
+            for (name, dir) in lethe_engine::fetch_models(&lethe_engine::default_model_cache())? {
+                println!("{name:<24} {}", dir.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Policy(PolicyCommand::Check { files }) => {
+            let mut failed = false;
+            for f in files {
+                match Policy::load(f) {
+                    Ok(p) => println!(
+                        "{}: ok ({} principals, {} groups, {} labels, {} sinks)",
+                        f.display(),
+                        p.principals().len(),
+                        p.groups().len(),
+                        p.labels().len(),
+                        p.sinks().len()
+                    ),
+                    Err(e) => {
+                        failed = true;
+                        eprintln!("{e}");
+                    }
+                }
+            }
+            Ok(if failed {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Audit(AuditCommand::Verify { file: Some(file) }) => {
+            audit_verify(&lethe_engine::verify_audit_file(file)?)
+        }
+        Command::Ingest {
+            path,
+            principal,
+            replace,
+        } => {
+            let engine = open(&cli)?;
+            let docs = if path.is_dir() {
+                lethe_engine::read_folder(path)?
+            } else {
+                lethe_engine::read_jsonl(path)?
+            };
+            let n = docs.len();
+            let spinner = spinner(format!("embedding and indexing {n} documents"));
+            let report = engine.ingest(&actor(principal), docs, *replace);
+            spinner.finish_and_clear();
+            let report = report?;
+            println!(
+                "ingested {} documents ({} chunks){}",
+                report.documents.len(),
+                report.chunks,
+                if report.replaced.is_empty() {
+                    String::new()
+                } else {
+                    format!(", replaced {}", report.replaced.len())
+                }
+            );
+            engine.close()?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Search {
+            principal,
+            query,
+            k,
+            mode,
+            json,
+        } => {
+            let engine = open(&cli)?;
+            let r = engine.search(principal, query, *k, (*mode).into())?;
+            if *json {
+                let hits: Vec<serde_json::Value> = r
+                    .hits
+                    .iter()
+                    .map(|h| {
+                        serde_json::json!({
+                            "chunk": h.chunk_id, "doc": h.doc_id, "score": h.score,
+                            "label": lethe_engine::label_display(h), "text": h.text,
+                        })
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::json!({"hits": hits, "readable_chunks": r.readable_chunks, "total_chunks": r.total_chunks, "audit_seq": r.audit_seq})
+                );
+            } else {
+                print_hits(principal, query, &r);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Doc(DocCommand::Delete { ids, principal }) => {
+            let engine = open(&cli)?;
+            let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+            let report = engine.delete(&actor(principal), &ids)?;
+            for r in &report.removed {
+                println!(
+                    "deleted {} ({} chunks, sha256 {})",
+                    r.id, r.chunks, r.content_sha256
+                );
+            }
+            engine.close()?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Doc(DocCommand::List) => {
+            let engine = open(&cli)?;
+            for d in engine.documents() {
+                let label = d.label_name.clone().unwrap_or_else(|| d.label.to_string());
+                println!("{:<40} {:<24} {} chunks", d.id, label, d.chunks);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keys(KeysCommand::Create { principal }) => {
+            let engine = open(&cli)?;
+            let key = engine.create_key(&Actor::Operator, principal)?;
+            println!("{}", key.key);
+            eprintln!(
+                "key id {} for {principal}: shown once, store it now",
+                key.record.id
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keys(KeysCommand::List) => {
+            let engine = open(&cli)?;
+            for k in engine.keys() {
+                println!(
+                    "{}  {:<20} {}",
+                    k.id,
+                    k.principal,
+                    if k.revoked { "revoked" } else { "active" }
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keys(KeysCommand::Revoke { id }) => {
+            let engine = open(&cli)?;
+            let r = engine.revoke_key(&Actor::Operator, id)?;
+            println!("revoked {} ({})", r.id, r.principal);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit(AuditCommand::Verify { file: None }) => {
+            let engine = open(&cli)?;
+            audit_verify(&engine.verify_audit()?)
+        }
+        Command::Store(StoreCommand::Verify) => {
+            let engine = open(&cli)?;
+            let c = engine.verify_store()?;
+            println!(
+                "{} documents, {} chunks, {} in BM25, {} vectors",
+                c.documents, c.chunks, c.bm25_chunks, c.vectors
+            );
+            for p in &c.problems {
+                eprintln!("problem: {p}");
+            }
+            Ok(if c.problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+    }
+}
+
+fn audit_verify(report: &lethe_engine::AuditReport) -> anyhow::Result<ExitCode> {
+    if report.is_intact() {
+        println!("audit log intact: {} records", report.records);
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("audit log damaged: {} records read", report.records);
+        for f in &report.findings {
+            println!("  {f}");
+        }
+        Ok(ExitCode::from(2))
+    }
+}
+
+pub(crate) fn print_hits(principal: &str, query: &str, r: &lethe_engine::SearchResult) {
+    println!(
+        "{principal} searches {query:?}: {} hits ({} of {} chunks readable)",
+        r.hits.len(),
+        r.readable_chunks,
+        r.total_chunks
+    );
+    for h in &r.hits {
+        let text: String = h.text.chars().take(90).collect();
+        println!(
+            "  {:>7.3}  {:<28} [{}]  {}",
+            h.score,
+            h.chunk_id,
+            lethe_engine::label_display(h),
+            text
+        );
+    }
+}
+
+pub(crate) fn spinner(msg: String) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::new_spinner();
+    pb.set_message(msg);
+    pb.enable_steady_tick(std::time::Duration::from_millis(120));
+    pb
+}

@@ -1,0 +1,279 @@
+//! Development tasks: `cargo xtask <task>`.
+//!
+//! * `test`: fetch the models the tests need, then run the whole test suite
+//!   (what CI runs; `LETHE_TEST_SIZE=full` for the bigger variants).
+//! * `bench retrieval|lm`: run a benchmark in release mode and write its
+//!   JSON under `evals/results/`.
+//! * `cuda-build`: build the CUDA binary on a machine without a GPU, with
+//!   NVIDIA's toolkit from its Python wheels (cached under `.lethe/cuda`).
+//!
+//! All automation lives here, in Rust, rather than in shell scripts.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Fetch models, then run every test.
+    Test {
+        /// Extra arguments for `cargo test`.
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Run a benchmark and write its JSON under evals/results/.
+    Bench {
+        /// Which benchmark.
+        #[arg(value_parser = ["retrieval", "lm"])]
+        which: String,
+    },
+    /// Build `lethe` with CUDA kernels for an H100 (sm_90) on this machine.
+    CudaBuild,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let root = project_root();
+    std::env::set_current_dir(&root)?;
+    match cli.task {
+        Task::Test { args } => {
+            run(cargo().args(["run", "-q", "-p", "lethe-cli", "--", "fetch"]))?;
+            run(cargo().args(["test", "--workspace"]).args(args))
+        }
+        Task::Bench { which } => match which.as_str() {
+            "retrieval" => run(cargo().args([
+                "run",
+                "--release",
+                "-p",
+                "lethe-ann",
+                "--example",
+                "bench_retrieval",
+                "--",
+                "--out",
+                "evals/results/retrieval.json",
+            ])),
+            "lm" => bench_lm(&root),
+            other => bail!("unknown benchmark {other}"),
+        },
+        Task::CudaBuild => cuda_build(&root),
+    }
+}
+
+fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// Runs the inference and training benchmarks and merges them into
+/// `evals/results/lm.json` with a `summary` of the four headline numbers.
+fn bench_lm(root: &Path) -> anyhow::Result<()> {
+    run(cargo().args(["run", "-q", "-p", "lethe-cli", "--", "fetch"]))?;
+    let infer = output(cargo().args([
+        "run",
+        "-q",
+        "--release",
+        "-p",
+        "lethe-model",
+        "--example",
+        "bench_infer",
+    ]))?;
+    let train = output(cargo().args([
+        "run",
+        "-q",
+        "--release",
+        "-p",
+        "lethe-model",
+        "--example",
+        "bench_train",
+    ]))?;
+    let infer: serde_json::Value =
+        serde_json::from_str(infer.trim()).context("bench_infer output")?;
+    let train: serde_json::Value =
+        serde_json::from_str(train.trim()).context("bench_train output")?;
+    let pick = |v: &serde_json::Value, key: &str| -> serde_json::Value {
+        v.get("summary")
+            .and_then(|s| s.get(key))
+            .cloned()
+            .unwrap_or(serde_json::Value::Null)
+    };
+    let summary = serde_json::json!({
+        "prompt_tokens_per_s": pick(&infer, "prompt_tokens_per_s"),
+        "gen_tokens_per_s": pick(&infer, "gen_tokens_per_s"),
+        "score_tokens_per_s": pick(&infer, "score_tokens_per_s"),
+        "train_tokens_per_s": pick(&train, "train_tokens_per_s"),
+    });
+    let doc = serde_json::json!({"summary": summary, "inference": infer, "training": train});
+    let out = root.join("evals/results/lm.json");
+    std::fs::create_dir_all(out.parent().unwrap_or(root))?;
+    std::fs::write(&out, serde_json::to_string_pretty(&doc)? + "\n")?;
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    println!("wrote {}", out.display());
+    Ok(())
+}
+
+/// NVIDIA's CUDA 13.0 toolkit pieces as Python wheels (the driver on the GPU
+/// machines is CUDA 13.0: cudarc must not target anything newer).
+const CUDA_WHEELS: &[&str] = &[
+    "nvidia-cuda-nvcc==13.0.88",
+    "nvidia-cuda-runtime==13.0.96",
+    "nvidia-cuda-crt==13.0.88",
+    "nvidia-nvvm==13.0.88",
+    "nvidia-cuda-cccl==13.0.85",
+    "nvidia-cuda-nvrtc==13.0.88",
+    "nvidia-curand==10.4.0.35",
+    "nvidia-cublas==13.0.2.14",
+];
+
+fn cuda_build(root: &Path) -> anyhow::Result<()> {
+    let base = root.join(".lethe/cuda");
+    let wheels = base.join("wheels");
+    let tk = base.join("toolkit");
+    let cu = tk.join("nvidia/cu13");
+    if !cu.join("bin/nvcc").exists() {
+        std::fs::create_dir_all(&wheels)?;
+        run(Command::new("python3")
+            .args(["-m", "pip", "download", "--no-deps", "-q", "-d"])
+            .arg(&wheels)
+            .args(CUDA_WHEELS))?;
+        let mut install = Command::new("python3");
+        install
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--no-deps",
+                "--no-index",
+                "-q",
+                "--target",
+            ])
+            .arg(&tk);
+        for e in std::fs::read_dir(&wheels)? {
+            install.arg(e?.path());
+        }
+        run(&mut install)?;
+    }
+    let lib = cu.join("lib");
+    for (link, target) in [
+        ("libcublas.so", "libcublas.so.13"),
+        ("libcublasLt.so", "libcublasLt.so.13"),
+        ("libcurand.so", "libcurand.so.10"),
+        ("libnvrtc.so", "libnvrtc.so.13"),
+        ("libcudart.so", "libcudart.so.13"),
+    ] {
+        let l = lib.join(link);
+        if !l.exists() {
+            std::os::unix::fs::symlink(target, &l)
+                .with_context(|| format!("linking {}", l.display()))?;
+        }
+    }
+    // The wheels carry no libcuda (the driver): a stub with cudarc's symbols
+    // is enough to link; the real driver is loaded on the GPU machine.
+    let stubs = lib.join("stubs");
+    if !stubs.join("libcuda.so").exists() {
+        std::fs::create_dir_all(&stubs)?;
+        let registry = cargo_home().join("registry/src");
+        let mut names = std::collections::BTreeSet::new();
+        for reg in std::fs::read_dir(&registry)? {
+            for krate in std::fs::read_dir(reg?.path())? {
+                let p = krate?.path();
+                let is_cudarc = p
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("cudarc-0.19"));
+                let sys = p.join("src/driver/sys/mod.rs");
+                if is_cudarc && sys.exists() {
+                    let text = std::fs::read_to_string(&sys)?;
+                    for part in text.split("pub unsafe fn ").skip(1) {
+                        let name: String = part
+                            .chars()
+                            .take_while(|c| c.is_alphanumeric() || *c == '_')
+                            .collect();
+                        if name.starts_with("cu") {
+                            names.insert(name);
+                        }
+                    }
+                }
+            }
+        }
+        if names.is_empty() {
+            bail!(
+                "cudarc 0.19 sources not found under {}; run `cargo fetch` first",
+                registry.display()
+            );
+        }
+        let c: String = names
+            .iter()
+            .map(|n| format!("int {n}(void){{return 999;}}\n"))
+            .collect();
+        let src = stubs.join("libcuda_stub.c");
+        std::fs::write(&src, c)?;
+        run(Command::new("gcc")
+            .args(["-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o"])
+            .arg(stubs.join("libcuda.so"))
+            .arg(&src))?;
+    }
+    let path = format!(
+        "{}:{}",
+        cu.join("bin").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    run(cargo()
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "lethe-cli",
+            "--features",
+            "cuda",
+            "--target-dir",
+            "target/cuda",
+        ])
+        .env("CUDA_HOME", &cu)
+        .env("CUDA_ROOT", &cu)
+        .env("PATH", path)
+        .env("CUDA_COMPUTE_CAP", "90")
+        .env(
+            "LIBRARY_PATH",
+            format!("{}:{}", lib.display(), stubs.display()),
+        ))?;
+    println!("built {}", root.join("target/cuda/release/lethe").display());
+    Ok(())
+}
+
+fn cargo_home() -> PathBuf {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from(".cargo"))
+}
