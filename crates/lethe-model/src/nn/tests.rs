@@ -1,0 +1,564 @@
+//! Tests of `crate::nn`: values against direct formulas, and gradients.
+
+use candle_core::{Device, Tensor, Var, D};
+
+use super::*;
+
+thread_local! {
+    /// Set in a test thread to force the primitive-op (non-CPU) paths.
+    pub(crate) static REFERENCE_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the fused CPU kernels disabled on this thread.
+pub(crate) fn with_reference<T>(f: impl FnOnce() -> T) -> T {
+    REFERENCE_ONLY.with(|r| r.set(true));
+    let out = f();
+    REFERENCE_ONLY.with(|r| r.set(false));
+    out
+}
+
+fn dev() -> Device {
+    Device::Cpu
+}
+
+fn randn(shape: &[usize], seed: u64) -> Tensor {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let data: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    Tensor::from_vec(data, shape, &dev()).unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn is_nonzero(t: &Tensor) -> bool {
+    t.abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        > 0.0
+}
+
+#[test]
+fn rms_norm_matches_formula_and_backpropagates() {
+    let x = Var::from_tensor(&randn(&[2, 3, 8], 1)).unwrap();
+    let w = Var::from_tensor(&randn(&[8], 2)).unwrap();
+    let y = rms_norm(x.as_tensor(), w.as_tensor(), 1e-5).unwrap();
+    let xs = x.as_tensor().to_vec3::<f32>().unwrap();
+    let ws = w.as_tensor().to_vec1::<f32>().unwrap();
+    let ys = y.to_vec3::<f32>().unwrap();
+    for (xb, yb) in xs.iter().zip(&ys) {
+        for (row, yrow) in xb.iter().zip(yb) {
+            let ms: f32 = row.iter().map(|v| v * v).sum::<f32>() / 8.0;
+            let inv = 1.0 / (ms + 1e-5).sqrt();
+            for i in 0..8 {
+                assert!((row[i] * inv * ws[i] - yrow[i]).abs() < 1e-5);
+            }
+        }
+    }
+    let grads = (y.sqr().unwrap().sum_all().unwrap()).backward().unwrap();
+    assert!(is_nonzero(grads.get(x.as_tensor()).unwrap()));
+    assert!(is_nonzero(grads.get(w.as_tensor()).unwrap()));
+}
+
+/// Why this module exists: candle-nn's fused RMSNorm cuts the gradient.
+/// If a candle upgrade gives it a backward pass this test flags that the
+/// workaround may be dropped.
+#[test]
+fn fused_candle_rms_norm_has_no_weight_gradient_ours_does() {
+    let x = Var::from_tensor(&randn(&[4, 8], 3)).unwrap();
+    let w = Var::from_tensor(&randn(&[8], 4)).unwrap();
+    let fused = candle_nn::ops::rms_norm(x.as_tensor(), w.as_tensor(), 1e-5).unwrap();
+    let ours = rms_norm(x.as_tensor(), w.as_tensor(), 1e-5).unwrap();
+    assert!(max_abs_diff(&fused, &ours) < 1e-5, "same values");
+    let g_fused = fused.sum_all().unwrap().backward().unwrap();
+    assert!(
+        g_fused.get(w.as_tensor()).is_none(),
+        "fused rms_norm now has a backward"
+    );
+    let g_ours = ours.sum_all().unwrap().backward().unwrap();
+    assert!(g_ours.get(w.as_tensor()).is_some());
+}
+
+/// HF's formula, element by element: out[i] = x[i] cos(p f_i) - x[i+h] sin(p f_i)
+/// for i < h and out[i+h] = x[i+h] cos + x[i] sin, with f_i = theta^(-2i/d).
+#[test]
+fn rotary_matches_hf_half_split_formula() {
+    let (hd, t) = (8usize, 5usize);
+    let theta = 10_000.0;
+    let rot = Rotary::new(hd, 16, theta, &dev()).unwrap();
+    let x = randn(&[1, 2, t, hd], 5);
+    let offset = 3;
+    let y = rot.apply(&x, offset).unwrap();
+    let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+    let yv: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+    let h = hd / 2;
+    for head in 0..2 {
+        for p in 0..t {
+            let base = (head * t + p) * hd;
+            let pos = (p + offset) as f64;
+            for i in 0..h {
+                let f = 1.0 / theta.powf(2.0 * i as f64 / hd as f64);
+                let (c, s) = ((pos * f).cos() as f32, (pos * f).sin() as f32);
+                let a = xv[base + i];
+                let b = xv[base + i + h];
+                assert!((yv[base + i] - (a * c - b * s)).abs() < 1e-5);
+                assert!((yv[base + i + h] - (b * c + a * s)).abs() < 1e-5);
+            }
+        }
+    }
+    // Position 0 is the identity.
+    let y0 = rot.apply(&x, 0).unwrap().narrow(2, 0, 1).unwrap();
+    assert!(max_abs_diff(&y0, &x.narrow(2, 0, 1).unwrap()) == 0.0);
+    assert!(rot.apply(&x, 12).is_err(), "past the table is an error");
+    assert!(Rotary::new(7, 4, theta, &dev()).is_err());
+}
+
+#[test]
+fn rotary_backpropagates_to_its_input() {
+    let rot = Rotary::new(4, 8, 10_000.0, &dev()).unwrap();
+    let x = Var::from_tensor(&randn(&[1, 1, 3, 4], 6)).unwrap();
+    let y = rot.apply(x.as_tensor(), 1).unwrap();
+    let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    // A rotation preserves norms: d/dx sum(y^2) = 2x.
+    let gx = g.get(x.as_tensor()).unwrap();
+    let expected = (x.as_tensor() * 2.0).unwrap();
+    assert!(max_abs_diff(gx, &expected) < 1e-5);
+}
+
+fn repeat_kv(x: &Tensor, n: usize) -> Tensor {
+    let (b, h, s, d) = x.dims4().unwrap();
+    x.unsqueeze(2)
+        .unwrap()
+        .broadcast_as((b, h, n, s, d))
+        .unwrap()
+        .reshape((b, h * n, s, d))
+        .unwrap()
+}
+
+fn naive_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Tensor {
+    let hd = q.dim(D::Minus1).unwrap();
+    let s = (q.matmul(&k.t().unwrap()).unwrap() / (hd as f64).sqrt()).unwrap();
+    let s = s.broadcast_add(mask).unwrap();
+    candle_nn::ops::softmax_last_dim(&s)
+        .unwrap()
+        .matmul(v)
+        .unwrap()
+}
+
+#[test]
+fn grouped_query_attention_matches_repeated_kv_reference() {
+    let (b, h, hk, t, d) = (2, 6, 2, 5, 4);
+    let q = randn(&[b, h, t, d], 7);
+    let k = randn(&[b, hk, t, d], 8);
+    let v = randn(&[b, hk, t, d], 9);
+    let mask = causal_mask(t, &dev()).unwrap();
+    let ours = attention(&q, &k, &v, &mask).unwrap();
+    let reference = naive_attention(&q, &repeat_kv(&k, 3), &repeat_kv(&v, 3), &mask);
+    assert!(max_abs_diff(&ours, &reference) < 1e-5);
+    // Bad shapes are errors, not panics.
+    assert!(attention(&q, &randn(&[b, 4, t, d], 1), &v, &mask).is_err());
+    assert!(attention(&q, &k, &v, &causal_mask(t + 1, &dev()).unwrap()).is_err());
+}
+
+#[test]
+fn attention_is_causal_and_backpropagates() {
+    let (t, d) = (6, 4);
+    let q = Var::from_tensor(&randn(&[1, 2, t, d], 10)).unwrap();
+    let k = Var::from_tensor(&randn(&[1, 2, t, d], 11)).unwrap();
+    let v = Var::from_tensor(&randn(&[1, 2, t, d], 12)).unwrap();
+    let mask = causal_mask(t, &dev()).unwrap();
+    let out = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &mask).unwrap();
+    // Changing the last key/value does not change earlier outputs.
+    let v2 = v
+        .as_tensor()
+        .slice_assign(&[0..1, 0..2, t - 1..t, 0..d], &randn(&[1, 2, 1, d], 13))
+        .unwrap();
+    let out2 = attention(q.as_tensor(), k.as_tensor(), &v2, &mask).unwrap();
+    let early = |o: &Tensor| o.narrow(2, 0, t - 1).unwrap();
+    assert_eq!(max_abs_diff(&early(&out), &early(&out2)), 0.0);
+    assert!(max_abs_diff(&out, &out2) > 0.0);
+    let g = out.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    for var in [&q, &k, &v] {
+        assert!(is_nonzero(g.get(var.as_tensor()).unwrap()));
+    }
+}
+
+#[test]
+fn swiglu_is_silu_times_up() {
+    let g = randn(&[3, 4], 14);
+    let u = randn(&[3, 4], 15);
+    let y = swiglu(&g, &u).unwrap();
+    let gv: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
+    let uv: Vec<f32> = u.flatten_all().unwrap().to_vec1().unwrap();
+    let yv: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+    for i in 0..12 {
+        let silu = gv[i] / (1.0 + (-gv[i]).exp());
+        assert!((yv[i] - silu * uv[i]).abs() < 1e-6);
+    }
+}
+
+#[test]
+fn cross_entropy_matches_formula_and_ignores_index() {
+    let logits = Var::from_tensor(&randn(&[4, 5], 16)).unwrap();
+    let targets = Tensor::new(&[1u32, 4, 0, 2], &dev()).unwrap();
+    let rows = logits.as_tensor().to_vec2::<f32>().unwrap();
+    let nll = |r: &[f32], t: usize| -> f32 {
+        let lse = r.iter().map(|v| v.exp()).sum::<f32>().ln();
+        lse - r[t]
+    };
+    let all = cross_entropy(logits.as_tensor(), &targets, None)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let want: f32 = [1, 4, 0, 2]
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| nll(&rows[i], t))
+        .sum::<f32>()
+        / 4.0;
+    assert!((all - want).abs() < 1e-5);
+
+    // Rows whose target is the ignore index drop out of the mean and get no gradient.
+    let targets = Tensor::new(&[1u32, 99, 0, 99], &dev()).unwrap();
+    let loss = cross_entropy(logits.as_tensor(), &targets, Some(99)).unwrap();
+    let want = (nll(&rows[0], 1) + nll(&rows[2], 0)) / 2.0;
+    assert!((loss.to_scalar::<f32>().unwrap() - want).abs() < 1e-5);
+    let g = loss.backward().unwrap();
+    let g = g.get(logits.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+    assert!(g[1].iter().all(|v| *v == 0.0) && g[3].iter().all(|v| *v == 0.0));
+    assert!(g[0].iter().any(|v| *v != 0.0));
+    // Softmax gradient rows sum to zero.
+    assert!(g[0].iter().sum::<f32>().abs() < 1e-6);
+
+    // Everything ignored: loss 0, finite zero gradient.
+    let none = Tensor::new(&[99u32; 4], &dev()).unwrap();
+    let loss = cross_entropy(logits.as_tensor(), &none, Some(99)).unwrap();
+    assert_eq!(loss.to_scalar::<f32>().unwrap(), 0.0);
+    let g = loss.backward().unwrap();
+    let g = g.get(logits.as_tensor()).unwrap();
+    assert!(!is_nonzero(g));
+
+    // An out-of-vocabulary target is an error, not a panic.
+    let bad = Tensor::new(&[1u32, 5, 0, 2], &dev()).unwrap();
+    assert!(cross_entropy(logits.as_tensor(), &bad, None).is_err());
+    assert!(cross_entropy(
+        logits.as_tensor(),
+        &Tensor::new(&[1u32], &dev()).unwrap(),
+        None
+    )
+    .is_err());
+}
+
+#[test]
+fn causal_lm_loss_shifts_and_masks() {
+    let (b, t, v) = (2, 4, 6);
+    let logits = randn(&[b, t, v], 17);
+    let ids = Tensor::new(&[[1u32, 2, 3, 4], [5, 0, 1, 2]], &dev()).unwrap();
+    let loss = causal_lm_loss(&logits, &ids, None)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let pred = logits
+        .narrow(1, 0, t - 1)
+        .unwrap()
+        .reshape((b * (t - 1), v))
+        .unwrap();
+    let tgt = Tensor::new(&[2u32, 3, 4, 0, 1, 2], &dev()).unwrap();
+    let want = cross_entropy(&pred, &tgt, None)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!((loss - want).abs() < 1e-6);
+
+    // Mask out the second sequence's last two predictions.
+    let mask = Tensor::new(&[[1f32, 1., 1., 1.], [1., 1., 0., 0.]], &dev()).unwrap();
+    let masked = causal_lm_loss(&logits, &ids, Some(&mask))
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let tgt = Tensor::new(&[2u32, 3, 4, 0, 99, 99], &dev()).unwrap();
+    let want = cross_entropy(&pred, &tgt, Some(99))
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!((masked - want).abs() < 1e-6);
+
+    // Per-sequence log-likelihoods sum the same terms.
+    let seq = sequence_log_probs(&logits, &ids, None)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let per_tok = token_log_probs(&pred, &Tensor::new(&[2u32, 3, 4, 0, 1, 2], &dev()).unwrap())
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert!((seq[0] - per_tok[..3].iter().sum::<f32>()).abs() < 1e-5);
+    assert!((seq[1] - per_tok[3..].iter().sum::<f32>()).abs() < 1e-5);
+
+    assert!(causal_lm_loss(&logits, &ids.narrow(1, 0, 3).unwrap(), None).is_err());
+    let short = randn(&[1, 1, v], 18);
+    assert!(causal_lm_loss(&short, &Tensor::new(&[[1u32]], &dev()).unwrap(), None).is_err());
+}
+
+/// candle's max_pool2d backward hands a unique maximum 1/4 of its gradient;
+/// ours hands it all of it. If a candle upgrade fixes it, this test says so.
+#[test]
+fn max_pool_routes_the_full_gradient_to_the_maximum() {
+    let x = Var::from_tensor(
+        &Tensor::new(&[[[[1f32, 2., 0., 5.], [3., 4., -1., 0.]]]], &dev()).unwrap(),
+    )
+    .unwrap();
+    let ours = max_pool2x2(x.as_tensor()).unwrap();
+    assert_eq!(
+        ours.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        vec![4.0, 5.0]
+    );
+    let g = ours.sum_all().unwrap().backward().unwrap();
+    let g = g
+        .get(x.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert_eq!(g, vec![0., 0., 0., 1., 0., 1., 0., 0.]);
+
+    let theirs = x.as_tensor().max_pool2d(2).unwrap();
+    assert_eq!(max_abs_diff(&theirs, &ours), 0.0, "same values");
+    let g = theirs.sum_all().unwrap().backward().unwrap();
+    let g = g
+        .get(x.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert_eq!(
+        g[3], 0.25,
+        "candle's max_pool2d backward changed: re-check it"
+    );
+
+    // Larger random input: the gradient is the arg-max indicator.
+    let x = Var::from_tensor(&randn(&[2, 3, 6, 8], 19)).unwrap();
+    let y = max_pool2x2(x.as_tensor()).unwrap();
+    assert_eq!(max_abs_diff(&y, &x.as_tensor().max_pool2d(2).unwrap()), 0.0);
+    let g = y.sum_all().unwrap().backward().unwrap();
+    let total = g
+        .get(x.as_tensor())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(
+        total,
+        (2 * 3 * 3 * 4) as f32,
+        "one unit of gradient per window"
+    );
+    assert!(max_pool2x2(&randn(&[1, 1, 3, 4], 1)).is_err());
+}
+
+/// Runs `f` on fresh Vars made from `inputs`, once with the fused kernels and
+/// once with the primitive ops, and checks that outputs and the gradients of
+/// `sum(out * probe)` w.r.t. every input agree.
+fn check_fused(name: &str, inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Tensor, tol: f32) {
+    let run = |reference: bool| {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let out = if reference {
+            with_reference(|| f(&ts))
+        } else {
+            f(&ts)
+        };
+        let probe = randn(out.dims(), 99);
+        let grads = (&out * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gs: Vec<Tensor> = vars
+            .iter()
+            .map(|v| grads.get(v.as_tensor()).unwrap().clone())
+            .collect();
+        (out, gs)
+    };
+    let (out_f, g_f) = run(false);
+    let (out_r, g_r) = run(true);
+    assert_eq!(out_f.dims(), out_r.dims(), "{name}: shapes");
+    let d = max_abs_diff(&out_f, &out_r);
+    assert!(d < tol, "{name}: outputs differ by {d}");
+    for (i, (a, b)) in g_f.iter().zip(&g_r).enumerate() {
+        assert_eq!(a.dims(), b.dims(), "{name}: gradient {i} shape");
+        let d = max_abs_diff(a, b);
+        assert!(d < tol, "{name}: gradient {i} differs by {d}");
+        assert!(is_nonzero(a), "{name}: gradient {i} is zero");
+    }
+}
+
+#[test]
+fn fused_rms_norm_matches_reference() {
+    check_fused(
+        "rms_norm",
+        &[randn(&[2, 5, 16], 20), randn(&[16], 21)],
+        |t| rms_norm(&t[0], &t[1], 1e-5).unwrap(),
+        1e-5,
+    );
+}
+
+#[test]
+fn fused_rotary_matches_reference() {
+    let rot = Rotary::new(8, 32, 10_000.0, &dev()).unwrap();
+    check_fused(
+        "rope",
+        &[randn(&[2, 5, 3, 8], 22)],
+        |t| rot.apply_bthd(&t[0], 4).unwrap(),
+        1e-5,
+    );
+    assert!(rot.apply_bthd(&randn(&[1, 30, 1, 8], 1), 4).is_err());
+}
+
+#[test]
+fn fused_causal_attention_matches_masked_reference() {
+    // Grouped-query heads, and a query block at the end of a longer key sequence.
+    for (h, hk, t, s) in [(4, 2, 6, 6), (2, 2, 3, 7), (6, 1, 5, 5)] {
+        let inputs = [
+            randn(&[2, h, t, 8], 23),
+            randn(&[2, hk, s, 8], 24),
+            randn(&[2, hk, s, 8], 25),
+        ];
+        check_fused(
+            "attention",
+            &inputs,
+            |x| causal_attention(&x[0], &x[1], &x[2]).unwrap(),
+            1e-5,
+        );
+    }
+    let out = causal_attention(
+        &randn(&[1, 2, 4, 8], 1),
+        &randn(&[1, 2, 4, 8], 2),
+        &randn(&[1, 2, 4, 8], 3),
+    )
+    .unwrap();
+    let reference = attention(
+        &randn(&[1, 2, 4, 8], 1),
+        &randn(&[1, 2, 4, 8], 2),
+        &randn(&[1, 2, 4, 8], 3),
+        &causal_mask(4, &dev()).unwrap(),
+    )
+    .unwrap();
+    assert!(
+        max_abs_diff(&out, &reference) < 1e-5,
+        "same as the explicit causal mask"
+    );
+    assert!(causal_attention(
+        &randn(&[1, 2, 5, 8], 1),
+        &randn(&[1, 2, 4, 8], 2),
+        &randn(&[1, 2, 4, 8], 3)
+    )
+    .is_err());
+}
+
+#[test]
+fn fused_swiglu_matches_reference() {
+    check_fused(
+        "swiglu",
+        &[randn(&[3, 7, 10], 26), randn(&[3, 7, 10], 27)],
+        |t| swiglu(&t[0], &t[1]).unwrap(),
+        1e-5,
+    );
+    assert!(swiglu(&randn(&[2, 3], 1), &randn(&[3, 2], 2)).is_err());
+}
+
+#[test]
+fn fused_token_log_probs_match_reference() {
+    let targets = Tensor::new(&[3u32, 0, 9, 4, 4, 1], &dev()).unwrap();
+    check_fused(
+        "nll",
+        &[(randn(&[6, 10], 28) * 4.0).unwrap()],
+        |t| token_log_probs(&t[0], &targets).unwrap(),
+        1e-5,
+    );
+}
+
+#[test]
+fn fused_conv2d_matches_candle_conv2d() {
+    for (cin, cout, k, stride, pad, size, bias) in [
+        (3, 4, 3, 1, 1, 8, true),
+        (4, 6, 3, 2, 1, 9, false),
+        (2, 3, 1, 2, 0, 8, false),
+        (3, 2, 5, 1, 0, 7, true),
+    ] {
+        let mut inputs = vec![
+            randn(&[2, cin, size, size], 30),
+            randn(&[cout, cin, k, k], 31),
+        ];
+        if bias {
+            inputs.push(randn(&[cout], 32));
+        }
+        check_fused(
+            "conv2d",
+            &inputs,
+            |t| conv2d(&t[0], &t[1], t.get(2), stride, pad).unwrap(),
+            1e-4,
+        );
+    }
+    assert!(conv2d(
+        &randn(&[1, 3, 4, 4], 1),
+        &randn(&[2, 2, 3, 3], 2),
+        None,
+        1,
+        1
+    )
+    .is_err());
+    assert!(conv2d(
+        &randn(&[1, 3, 4, 4], 1),
+        &randn(&[2, 3, 3, 3], 2),
+        None,
+        0,
+        1
+    )
+    .is_err());
+}
+
+#[test]
+fn fused_batch_norm_matches_reference_in_both_modes() {
+    let x = (randn(&[4, 3, 5, 5], 33) * 2.0)
+        .unwrap()
+        .affine(1.0, 0.5)
+        .unwrap();
+    check_fused(
+        "bn-train",
+        &[x.clone(), randn(&[3], 34), randn(&[3], 35)],
+        |t| batch_norm2d(&t[0], &t[1], &t[2], None, 1e-5).unwrap(),
+        1e-4,
+    );
+    let mean = Tensor::new(&[0.1f32, -0.2, 0.3], &dev()).unwrap();
+    let var = Tensor::new(&[1.5f32, 0.5, 2.0], &dev()).unwrap();
+    check_fused(
+        "bn-eval",
+        &[x.clone(), randn(&[3], 36), randn(&[3], 37)],
+        |t| batch_norm2d(&t[0], &t[1], &t[2], Some((&mean, &var)), 1e-5).unwrap(),
+        1e-4,
+    );
+    let (m, v) = channel_stats(&x).unwrap();
+    let (mr, vr) = with_reference(|| channel_stats(&x).unwrap());
+    assert!(max_abs_diff(&m, &mr) < 1e-5 && max_abs_diff(&v, &vr) < 1e-4);
+}

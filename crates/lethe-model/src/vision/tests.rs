@@ -1,0 +1,396 @@
+//! Tests of `crate::vision`: gradients reach every weight and the input,
+//! batch norm behaves as PyTorch's, checkpoints round-trip, bad files are
+//! clear errors, and a CNN learns a separable task.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, D};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::*;
+use crate::nn;
+use crate::optim::{self, Optimizer, Sgd, SgdConfig};
+
+fn dev() -> Device {
+    Device::Cpu
+}
+
+fn images(n: usize, c: usize, s: usize, seed: u64) -> Tensor {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let v: Vec<f32> = (0..n * c * s * s)
+        .map(|_| rng.random_range(-1.0f32..1.0))
+        .collect();
+    Tensor::from_vec(v, (n, c, s, s), &dev()).unwrap()
+}
+
+fn labels(n: usize, classes: u32, seed: u64) -> Tensor {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let v: Vec<u32> = (0..n).map(|_| rng.random_range(0..classes)).collect();
+    Tensor::from_vec(v, n, &dev()).unwrap()
+}
+
+fn cnn_config(batch_norm: bool) -> CnnConfig {
+    CnnConfig {
+        in_channels: 3,
+        image_size: 16,
+        num_classes: 5,
+        channels: vec![8, 16],
+        batch_norm,
+    }
+}
+
+fn small_resnet() -> ResNetConfig {
+    ResNetConfig {
+        in_channels: 3,
+        num_classes: 4,
+        width: 4,
+    }
+}
+
+fn count_nonzero(
+    model: &dyn ImageClassifier,
+    x: &Tensor,
+    y: &Tensor,
+) -> (usize, usize, Vec<String>) {
+    let logits = model.forward(x, Mode::Train).unwrap();
+    let loss = nn::cross_entropy(&logits, y, None).unwrap();
+    let grads = loss.backward().unwrap();
+    let vars = model.named_trainable_vars();
+    let mut missing = Vec::new();
+    for (name, var) in &vars {
+        let nz = grads
+            .get(var.as_tensor())
+            .map(|g| {
+                g.abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    > 0.0
+            })
+            .unwrap_or(false);
+        if !nz {
+            missing.push(name.clone());
+        }
+    }
+    (vars.len() - missing.len(), vars.len(), missing)
+}
+
+#[test]
+fn every_cnn_parameter_gets_a_gradient() {
+    for bn in [false, true] {
+        let model = SmallCnn::new(cnn_config(bn), &dev(), 1).unwrap();
+        let (ok, total, missing) = count_nonzero(&model, &images(4, 3, 16, 2), &labels(4, 5, 3));
+        println!("CNN batch_norm={bn}: {ok} of {total} parameters have a non-zero gradient");
+        assert_eq!(total, if bn { 2 * 3 + 2 } else { 2 * 2 + 2 });
+        assert!(missing.is_empty(), "{missing:?}");
+    }
+}
+
+#[test]
+fn every_resnet18_parameter_gets_a_gradient() {
+    let model = ResNet18::new(small_resnet(), &dev(), 4).unwrap();
+    let (ok, total, missing) = count_nonzero(&model, &images(4, 3, 16, 5), &labels(4, 4, 6));
+    println!("ResNet-18 (width 4): {ok} of {total} parameters have a non-zero gradient");
+    // stem conv + bn (3), 8 blocks x (2 convs + 2 bns = 6), 3 downsamples x 3, fc 2.
+    assert_eq!(total, 3 + 8 * 6 + 3 * 3 + 2);
+    assert!(missing.is_empty(), "{missing:?}");
+    // The standard CIFAR ResNet-18 has 11,173,962 parameters (10 classes).
+    let full = ResNet18::new(ResNetConfig::cifar(10), &dev(), 0).unwrap();
+    let n: usize = full.trainable_vars().iter().map(|v| v.elem_count()).sum();
+    assert_eq!(n, 11_173_962);
+}
+
+/// The input gradient is non-zero and matches a central finite difference.
+#[test]
+fn input_gradient_matches_finite_differences() {
+    let model = SmallCnn::new(cnn_config(true), &dev(), 7).unwrap();
+    let x = images(3, 3, 16, 8);
+    let y = labels(3, 5, 9);
+    let (loss, grad) = input_gradient(&model, &x, &y, Mode::Eval).unwrap();
+    assert_eq!(grad.dims(), x.dims());
+    let g: Vec<f32> = grad.flatten_all().unwrap().to_vec1().unwrap();
+    let nonzero = g.iter().filter(|v| **v != 0.0).count();
+    println!(
+        "input gradient: {nonzero} of {} pixels non-zero, loss {loss:.4}",
+        g.len()
+    );
+    assert!(nonzero > g.len() / 2);
+    // Finite differences in f64-ish precision on the pixels with the largest gradients.
+    let mut order: Vec<usize> = (0..g.len()).collect();
+    order.sort_by(|a, b| g[*b].abs().total_cmp(&g[*a].abs()));
+    let flat = x.flatten_all().unwrap();
+    let eps = 1e-2f32;
+    for &i in order.iter().take(3) {
+        let bump = |delta: f32| {
+            let mut v: Vec<f32> = flat.to_vec1().unwrap();
+            v[i] += delta;
+            let xi = Tensor::from_vec(v, x.dims(), &dev()).unwrap();
+            let l = nn::cross_entropy(&model.forward(&xi, Mode::Eval).unwrap(), &y, None).unwrap();
+            l.to_scalar::<f32>().unwrap()
+        };
+        let fd = (bump(eps) - bump(-eps)) / (2.0 * eps);
+        assert!(
+            (fd - g[i]).abs() < 0.05 * g[i].abs() + 1e-4,
+            "pixel {i}: fd {fd} vs grad {}",
+            g[i]
+        );
+    }
+    // The weights were not trainable only during the call.
+    let (ok, total, _) = count_nonzero(&model, &x, &y);
+    assert_eq!(ok, total);
+}
+
+#[test]
+fn batch_norm_uses_batch_stats_in_training_and_running_stats_in_eval() {
+    let model = SmallCnn::new(cnn_config(true), &dev(), 10).unwrap();
+    let x = (images(8, 3, 16, 11) * 3.0)
+        .unwrap()
+        .affine(1.0, 2.0)
+        .unwrap();
+    let rm = |m: &SmallCnn| {
+        m.varmap().data().lock().unwrap()["blocks.0.bn.running_mean"]
+            .as_tensor()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    assert!(rm(&model).iter().all(|v| *v == 0.0));
+    let e1 = model.forward(&x, Mode::Eval).unwrap();
+    assert!(
+        rm(&model).iter().all(|v| *v == 0.0),
+        "eval does not update running stats"
+    );
+    model.forward(&x, Mode::Train).unwrap();
+    let after = rm(&model);
+    assert!(
+        after.iter().any(|v| *v != 0.0),
+        "training updates running stats"
+    );
+    // PyTorch: running_mean = 0.9 * 0 + 0.1 * batch_mean of the conv output.
+    let conv0 = &model.blocks[0].0;
+    let batch_mean = conv0
+        .forward(&x)
+        .unwrap()
+        .mean_keepdim((0, 2, 3))
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    for (r, b) in after.iter().zip(&batch_mean) {
+        assert!((r - 0.1 * b).abs() < 1e-5);
+    }
+    let e2 = model.forward(&x, Mode::Eval).unwrap();
+    assert!(
+        (e1 - e2)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 0.0
+    );
+
+    // batch_norm2d in training normalises each channel to mean 0, variance 1.
+    let w = Tensor::ones(3, DType::F32, &dev()).unwrap();
+    let b = Tensor::zeros(3, DType::F32, &dev()).unwrap();
+    let y = nn::batch_norm2d(&x, &w, &b, None, 1e-5).unwrap();
+    let mean = y
+        .mean_keepdim((0, 2, 3))
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let var = y
+        .sqr()
+        .unwrap()
+        .mean_keepdim((0, 2, 3))
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert!(mean.iter().all(|m| m.abs() < 1e-4) && var.iter().all(|v| (v - 1.0).abs() < 1e-3));
+}
+
+#[test]
+fn checkpoints_round_trip_and_dispatch_by_architecture() {
+    let dir = tempfile::tempdir().unwrap();
+    let x = images(2, 3, 16, 12);
+    let cnn = SmallCnn::new(cnn_config(true), &dev(), 13).unwrap();
+    cnn.forward(&x, Mode::Train).unwrap(); // non-trivial running stats
+    let res = ResNet18::new(small_resnet(), &dev(), 14).unwrap();
+    res.forward(&x, Mode::Train).unwrap();
+    for (name, model) in [
+        ("cnn", &cnn as &dyn ImageClassifier),
+        ("res", &res as &dyn ImageClassifier),
+    ] {
+        let path = dir.path().join(name);
+        model.save(&path).unwrap();
+        let loaded = load_classifier(&path, &dev()).unwrap();
+        assert_eq!(loaded.config(), model.config());
+        let a = model.forward(&x, Mode::Eval).unwrap();
+        let b = loaded.forward(&x, Mode::Eval).unwrap();
+        let a: Vec<u32> = a
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect();
+        let b: Vec<u32> = b
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect();
+        assert_eq!(a, b, "{name}");
+    }
+    assert!(SmallCnn::load(&dir.path().join("cnn"), &dev()).is_ok());
+    assert!(matches!(
+        SmallCnn::load(&dir.path().join("res"), &dev()).unwrap_err(),
+        Error::Format(_)
+    ));
+    assert!(ResNet18::load(&dir.path().join("res"), &dev()).is_ok());
+}
+
+#[test]
+fn bad_classifier_files_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m");
+    let model = SmallCnn::new(cnn_config(false), &dev(), 15).unwrap();
+    model.save(&path).unwrap();
+    let weights = path.join(WEIGHTS_FILE);
+    let mut tensors: HashMap<String, Tensor> = model
+        .varmap()
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    let head = tensors.remove("head.weight").unwrap();
+    candle_core::safetensors::save(&tensors, &weights).unwrap();
+    let e = load_classifier(&path, &dev()).unwrap_err();
+    assert!(
+        matches!(e, Error::Format(_)) && e.to_string().contains("head.weight"),
+        "{e}"
+    );
+    tensors.insert("head.weight".into(), head.narrow(1, 0, 3).unwrap());
+    candle_core::safetensors::save(&tensors, &weights).unwrap();
+    assert!(load_classifier(&path, &dev())
+        .unwrap_err()
+        .to_string()
+        .contains("shape"));
+    tensors.insert("head.weight".into(), head);
+    tensors.insert(
+        "stray.weight".into(),
+        Tensor::zeros(2, DType::F32, &dev()).unwrap(),
+    );
+    candle_core::safetensors::save(&tensors, &weights).unwrap();
+    assert!(load_classifier(&path, &dev())
+        .unwrap_err()
+        .to_string()
+        .contains("stray.weight"));
+    std::fs::write(path.join(CONFIG_FILE), r#"{"arch": "vgg"}"#).unwrap();
+    assert!(matches!(
+        load_classifier(&path, &dev()).unwrap_err(),
+        Error::Format(_)
+    ));
+    std::fs::write(
+        path.join(CONFIG_FILE),
+        r#"{"arch": "cnn", "in_channels": 3, "image_size": 10, "num_classes": 5, "channels": [8, 16], "batch_norm": false}"#,
+    )
+    .unwrap();
+    assert!(
+        matches!(
+            load_classifier(&path, &dev()).unwrap_err(),
+            Error::Format(_)
+        ),
+        "10 is not a multiple of 4"
+    );
+    assert!(matches!(
+        load_classifier(&dir.path().join("none"), &dev()).unwrap_err(),
+        Error::Io { .. }
+    ));
+    // Wrong input shapes are errors.
+    assert!(model.forward(&images(1, 1, 16, 1), Mode::Eval).is_err());
+    assert!(model.forward(&images(1, 3, 8, 1), Mode::Eval).is_err());
+}
+
+/// A separable task: class = which quadrant of the image is bright.
+#[test]
+fn cnn_learns_a_separable_task_with_masked_sgd() {
+    let model = SmallCnn::new(cnn_config(true), &dev(), 16).unwrap();
+    let mut rng = StdRng::seed_from_u64(17);
+    let mut make = |n: usize| {
+        let mut px = vec![0f32; n * 3 * 16 * 16];
+        let mut ys = Vec::with_capacity(n);
+        for i in 0..n {
+            let class = rng.random_range(0..4u32);
+            ys.push(class);
+            let (oy, ox) = ((class / 2) as usize * 8, (class % 2) as usize * 8);
+            for c in 0..3 {
+                for yy in 0..16 {
+                    for xx in 0..16 {
+                        let inside = (oy..oy + 8).contains(&yy) && (ox..ox + 8).contains(&xx);
+                        let noise = rng.random_range(-0.3f32..0.3);
+                        px[((i * 3 + c) * 16 + yy) * 16 + xx] =
+                            if inside { 1.0 } else { 0.0 } + noise;
+                    }
+                }
+            }
+        }
+        (
+            Tensor::from_vec(px, (n, 3, 16, 16), &dev()).unwrap(),
+            Tensor::from_vec(ys, n, &dev()).unwrap(),
+        )
+    };
+    let mut opt = Sgd::new(model.trainable_vars(), SgdConfig::salun(0.05)).unwrap();
+    // Freeze half of the head (SalUn-style mask): those weights must not move.
+    let (_, head) = model
+        .named_trainable_vars()
+        .into_iter()
+        .find(|(n, _)| n == "head.weight")
+        .unwrap();
+    let mask: Vec<u8> = (0..head.elem_count())
+        .map(|i| u8::from(i % 2 == 0))
+        .collect();
+    opt.set_mask(
+        &head,
+        &Tensor::from_vec(mask.clone(), head.dims(), &dev()).unwrap(),
+    )
+    .unwrap();
+    let head_before: Vec<f32> = head.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+    for _ in 0..40 {
+        let (x, y) = make(16);
+        let loss = nn::cross_entropy(&model.forward(&x, Mode::Train).unwrap(), &y, None).unwrap();
+        optim::train_step(&mut opt, &loss, Some(5.0)).unwrap();
+    }
+    let (x, y) = make(64);
+    let pred: Vec<u32> = model
+        .forward(&x, Mode::Eval)
+        .unwrap()
+        .argmax(D::Minus1)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let y: Vec<u32> = y.to_vec1().unwrap();
+    let acc = pred.iter().zip(&y).filter(|(a, b)| a == b).count() as f64 / 64.0;
+    println!("CNN quadrant task accuracy after 40 steps: {acc:.3}");
+    assert!(acc >= 0.9, "accuracy {acc}");
+    let head_after: Vec<f32> = head.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+    for (i, m) in mask.iter().enumerate() {
+        if *m == 0 {
+            assert_eq!(head_before[i].to_bits(), head_after[i].to_bits());
+        }
+    }
+}
