@@ -2,8 +2,8 @@
 //!
 //! * `test`: fetch the models the tests need, then run the whole test suite
 //!   (what CI runs; `LETHE_TEST_SIZE=full` for the bigger variants).
-//! * `bench retrieval|lm`: run a benchmark in release mode and write its
-//!   JSON under `evals/results/`.
+//! * `bench retrieval|lm|serve`: run a benchmark in release mode and write
+//!   its JSON under `evals/results/`.
 //! * `cuda-build`: build the CUDA binary on a machine without a GPU, with
 //!   NVIDIA's toolkit from its Python wheels (cached under `.lethe/cuda`).
 //!
@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context as _};
+
+mod bench_serve;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -33,8 +35,14 @@ enum Task {
     /// Run a benchmark and write its JSON under evals/results/.
     Bench {
         /// Which benchmark.
-        #[arg(value_parser = ["retrieval", "lm"])]
+        #[arg(value_parser = ["retrieval", "lm", "serve"])]
         which: String,
+        /// Seconds of load (serve).
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Concurrent clients (serve).
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
     },
     /// Build `lethe` with CUDA kernels for an H100 (sm_90) on this machine.
     CudaBuild,
@@ -49,7 +57,8 @@ fn main() -> anyhow::Result<()> {
             run(cargo().args(["run", "-q", "-p", "lethe-cli", "--", "fetch"]))?;
             run(cargo().args(["test", "--workspace"]).args(args))
         }
-        Task::Bench { which } => match which.as_str() {
+        Task::Bench { which, seconds, clients } => match which.as_str() {
+            "serve" => bench_serve::bench(&root, seconds, clients),
             "retrieval" => run(cargo().args([
                 "run",
                 "--release",
@@ -75,11 +84,11 @@ fn project_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
-fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
-fn run(cmd: &mut Command) -> anyhow::Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> anyhow::Result<()> {
     let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed with {status}");

@@ -43,6 +43,12 @@ enum Command {
     },
     /// Fetch and cache the models lethe uses (idempotent).
     Fetch,
+    /// Run the daemon: policy-checked queries over HTTP (OpenAI-compatible).
+    Serve {
+        /// Address to listen on (overrides `[server] listen`; default 127.0.0.1:8080).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+    },
     /// Ingest a JSON Lines file or a folder of .txt/.md files.
     Ingest {
         /// The file or folder.
@@ -225,6 +231,29 @@ fn actor(principal: &Option<String>) -> Actor {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Quickstart { dir } => quickstart::run(dir),
+        Command::Serve { listen } => {
+            let config = config(&cli)?;
+            let mut server = lethe_daemon::ServerConfig::from_table(config.server.as_ref()).map_err(anyhow::Error::msg)?;
+            if let Some(l) = listen {
+                server.listen = *l;
+            }
+            let engine = std::sync::Arc::new(Engine::open(config, "http").context("opening the data directory")?);
+            let pb = spinner("loading models".into());
+            let warm = engine.warm_up();
+            pb.finish_and_clear();
+            warm?;
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(server.listen)
+                    .await
+                    .with_context(|| format!("binding {}", server.listen))?;
+                eprintln!("lethe serving on http://{}", listener.local_addr()?);
+                let state = lethe_daemon::AppState::new(engine, server);
+                lethe_daemon::serve(state, listener, lethe_daemon::shutdown_signal()).await?;
+                anyhow::Ok(())
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Fetch => {
             for (name, dir) in lethe_engine::fetch_models(&lethe_engine::default_model_cache())? {
                 println!("{name:<24} {}", dir.display());

@@ -141,7 +141,16 @@ pub(crate) fn run(dir: &Path) -> anyhow::Result<ExitCode> {
         }
     }
 
-    section("6. API keys and the audit log");
+    section("6. The daemon: the same question, asked over HTTP by two principals");
+    let engine = std::sync::Arc::new(engine);
+    let pb = spinner("loading SmolLM2 and MiniLM".into());
+    let warm = engine.warm_up();
+    pb.finish_and_clear();
+    warm?;
+    daemon_demo(&engine)?;
+    let engine = std::sync::Arc::try_unwrap(engine).map_err(|_| anyhow::format_err!("the daemon still holds the engine"))?;
+
+    section("7. API keys and the audit log");
     let key = engine.create_key(&Actor::Operator, "support-bot")?;
     let shown: String = key.key.chars().take(20).collect();
     println!("  key for support-bot: {shown}... (printed once; only its HMAC digest is stored)");
@@ -174,6 +183,69 @@ pub(crate) fn run(dir: &Path) -> anyhow::Result<ExitCode> {
         policy_path.display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Starts the daemon on a free loopback port, asks questions as two
+/// principals and as the support bot towards its public sink, then stops it.
+fn daemon_demo(engine: &std::sync::Arc<Engine>) -> anyhow::Result<()> {
+    let config = lethe_daemon::ServerConfig {
+        default_max_tokens: 48,
+        default_k: 3,
+        ..lethe_daemon::ServerConfig::default()
+    };
+    let state = lethe_daemon::AppState::new(engine.clone(), config);
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = std::thread::spawn(move || -> anyhow::Result<()> {
+        let rt = tokio::runtime::Runtime::new()?;
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let _ = addr_tx.send(listener.local_addr()?);
+            lethe_daemon::serve(state, listener, async {
+                let _ = stop_rx.await;
+            })
+            .await?;
+            anyhow::Ok(())
+        })
+    });
+    let addr = addr_rx.recv()?;
+    println!("  lethe daemon on http://{addr} (SmolLM2-135M-Instruct + all-MiniLM-L6-v2, CPU)");
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let ask = |principal: &str, query: &str, sink: Option<&str>| -> anyhow::Result<()> {
+        let key = engine.create_key(&Actor::Operator, principal)?.key;
+        let mut body = serde_json::json!({ "query": query });
+        if let Some(s) = sink {
+            body["sink"] = serde_json::json!(s);
+        }
+        let mut resp = agent
+            .post(&format!("http://{addr}/v1/query"))
+            .header("authorization", &format!("Bearer {key}"))
+            .send_json(&body)?;
+        let status = resp.status().as_u16();
+        let v: serde_json::Value = serde_json::from_str(&resp.body_mut().read_to_string()?)?;
+        let to = sink.unwrap_or("itself");
+        println!("\n  {principal} asks {query:?} (answer goes to {to}): HTTP {status}");
+        if status == 200 {
+            let sources: Vec<&str> = v["sources"].as_array().into_iter().flatten().filter_map(|s| s["id"].as_str()).collect();
+            println!("    sources: {}", sources.join(", "));
+            println!("    label:   {}", v["label"]["display"].as_str().unwrap_or("?"));
+            let answer = v["answer"].as_str().unwrap_or("").trim().replace('\n', "\n             ");
+            println!("    answer:  {answer}");
+        } else {
+            println!("    {}", v["error"]["message"].as_str().unwrap_or("?"));
+            for reason in v["error"]["violations"].as_array().into_iter().flatten() {
+                println!("      - {}", reason["message"].as_str().unwrap_or("?"));
+            }
+        }
+        Ok(())
+    };
+    let question = "What are the salary bands for engineers?";
+    ask("alice", question, None)?;
+    ask("ed", question, None)?;
+    ask("support-bot", "Tell me about the March outage.", Some("app:support-bot"))?;
+    let _ = stop_tx.send(());
+    server.join().map_err(|_| anyhow::format_err!("the daemon thread panicked"))??;
+    Ok(())
 }
 
 fn section(title: &str) {

@@ -14,6 +14,7 @@
 
 use std::path::{Path, PathBuf};
 
+use lethe_model::gguf_llama::WeightFormat;
 use lethe_model::DeviceSpec;
 use serde::Deserialize;
 
@@ -28,6 +29,8 @@ pub struct Config {
     pub policy: PathBuf,
     /// Models.
     pub models: ModelsConfig,
+    /// The `[server]` table, read by the daemon.
+    pub server: Option<toml::Value>,
 }
 
 /// Where models come from and where they run.
@@ -37,6 +40,10 @@ pub struct ModelsConfig {
     pub cache: PathBuf,
     /// Device.
     pub device: DeviceSpec,
+    /// In-memory weight format of the generator.
+    pub generator_format: WeightFormat,
+    /// Context window of the generator, in tokens.
+    pub max_context: usize,
 }
 
 #[derive(Deserialize)]
@@ -46,6 +53,7 @@ struct RawConfig {
     policy: Option<PathBuf>,
     #[serde(default)]
     models: RawModels,
+    server: Option<toml::Value>,
 }
 
 #[derive(Deserialize, Default)]
@@ -53,6 +61,8 @@ struct RawConfig {
 struct RawModels {
     cache: Option<PathBuf>,
     device: Option<String>,
+    generator_format: Option<String>,
+    max_context: Option<usize>,
 }
 
 impl Config {
@@ -65,7 +75,10 @@ impl Config {
             models: ModelsConfig {
                 cache: lethe_assets::Cache::from_env().root().to_path_buf(),
                 device: DeviceSpec::Cpu,
+                generator_format: WeightFormat::default(),
+                max_context: 2048,
             },
+            server: None,
         }
     }
 
@@ -93,6 +106,15 @@ impl Config {
             config.models.device = device.parse().map_err(|e: lethe_model::Error| {
                 Error::BadRequest(format!("{}: {e}", path.display()))
             })?;
+        }
+        if let Some(f) = raw.models.generator_format {
+            config.models.generator_format = f
+                .parse()
+                .map_err(|e: lethe_model::Error| Error::BadRequest(format!("{}: {e}", path.display())))?;
+        }
+        config.server = raw.server;
+        if let Some(n) = raw.models.max_context {
+            config.models.max_context = n;
         }
         Ok(config)
     }

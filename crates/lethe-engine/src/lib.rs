@@ -25,14 +25,23 @@ use lethe_audit::{AuditLog, Event};
 use lethe_auth::KeyStore;
 use lethe_label::{Label, Policy, Role};
 use lethe_store::{NewDocument, OnDuplicate, SearchMode, SearchQuery, Store, StoreConfig};
+use lethe_model::generate::Llm;
+use lethe_model::gguf_llama::LoadOptions;
 use serde_json::json;
+
+pub use lethe_model::generate::{FinishReason, GenerateConfig, Sampling};
+pub use lethe_rag::{Decision, Propagator, Source, StreamEvent};
+
+/// The generator's file inside its asset folder.
+const GENERATOR_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
 pub use config::{Config, ModelsConfig};
 pub use lethe_audit::Report as AuditReport;
 pub use lethe_auth::{KeyRecord, NewKey};
 pub use lethe_label as label;
+pub use lethe_store::Error as StoreError;
 pub use lethe_store::{Consistency, DeleteReport, DocumentInfo, IngestReport, SearchHit};
-pub use sources::{read_folder, read_jsonl, LabelSpec, SourceDocument};
+pub use sources::{document_from_json, read_folder, read_jsonl, LabelSpec, SourceDocument};
 
 /// Verifies an audit log file without opening a data directory.
 pub fn verify_audit_file(path: &Path) -> Result<AuditReport> {
@@ -86,6 +95,9 @@ pub enum Error {
     /// A model failed to load or run.
     #[error(transparent)]
     Model(#[from] lethe_model::Error),
+    /// The caller went away before the work was done.
+    #[error("cancelled")]
+    Cancelled,
     /// Reading an input file failed.
     #[error("{path}: {source}")]
     Io {
@@ -132,7 +144,8 @@ pub struct Engine {
     keys: KeyStore,
     audit: AuditLog,
     embedder: OnceLock<Arc<lethe_model::embed::Embedder>>,
-    embedder_init: Mutex<()>,
+    llm: OnceLock<Arc<Llm>>,
+    model_init: Mutex<()>,
     via: String,
 }
 
@@ -142,6 +155,38 @@ impl std::fmt::Debug for Engine {
             .field("data_dir", &self.config.data_dir)
             .finish_non_exhaustive()
     }
+}
+
+/// A question to answer.
+#[derive(Debug, Clone)]
+pub struct AnswerRequest {
+    /// Who asks (already authenticated).
+    pub principal: String,
+    /// The question.
+    pub query: String,
+    /// Where the answer goes (`None`: back to the principal).
+    pub sink: Option<String>,
+    /// How many chunks to retrieve.
+    pub k: usize,
+    /// Which retriever.
+    pub mode: SearchMode,
+    /// How the answer's label is computed.
+    pub propagator: lethe_rag::Propagator,
+    /// Generation settings.
+    pub generation: GenerateConfig,
+}
+
+/// An answered (or refused) question.
+#[derive(Debug, Clone)]
+pub struct AnswerOutcome {
+    /// The answer, its label and the decision.
+    pub answer: lethe_rag::Answer,
+    /// The retrieved sources (all readable by the caller).
+    pub sources: Vec<lethe_rag::Source>,
+    /// The resolved sink.
+    pub sink: lethe_label::SinkRef,
+    /// The audit record's sequence number.
+    pub audit_seq: u64,
 }
 
 /// What a search returns.
@@ -174,7 +219,8 @@ impl Engine {
             keys,
             audit,
             embedder: OnceLock::new(),
-            embedder_init: Mutex::new(()),
+            llm: OnceLock::new(),
+            model_init: Mutex::new(()),
             via: via.to_string(),
         })
     }
@@ -210,7 +256,7 @@ impl Engine {
         if let Some(e) = self.embedder.get() {
             return Ok(e.clone());
         }
-        let _guard = self.embedder_init.lock().unwrap_or_else(|p| p.into_inner());
+        let _guard = self.model_init.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(e) = self.embedder.get() {
             return Ok(e.clone());
         }
@@ -220,6 +266,128 @@ impl Engine {
         let e = Arc::new(lethe_model::embed::Embedder::load(&dir, &device)?);
         let _ = self.embedder.set(e.clone());
         Ok(e)
+    }
+
+    /// The generator, loaded on first use.
+    pub fn llm(&self) -> Result<Arc<Llm>> {
+        if let Some(l) = self.llm.get() {
+            return Ok(l.clone());
+        }
+        let _guard = self.model_init.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(l) = self.llm.get() {
+            return Ok(l.clone());
+        }
+        let cache = lethe_assets::Cache::new(&self.config.models.cache);
+        let dir = cache.ensure(lethe_assets::Asset::SMOLLM2_135M_INSTRUCT)?;
+        let device = self.config.models.device.open()?;
+        let options = LoadOptions {
+            format: self.config.models.generator_format,
+            max_context: Some(self.config.models.max_context),
+        };
+        let l = Arc::new(Llm::load(&dir.join(GENERATOR_FILE), &device, &options)?);
+        let _ = self.llm.set(l.clone());
+        Ok(l)
+    }
+
+    /// Loads both models now rather than on the first request.
+    pub fn warm_up(&self) -> Result<()> {
+        self.embedder()?;
+        self.llm()?;
+        Ok(())
+    }
+
+    /// The generator's id as reported to clients and in audit records.
+    pub fn model_id(&self) -> String {
+        format!("smollm2-135m-instruct-{}", self.config.models.generator_format.name())
+    }
+
+    /// Answers a question as a principal: retrieves what it may read,
+    /// computes the answer's label, checks the flow to the sink, and
+    /// generates only when the answer may be released (for propagators that
+    /// know the label up front). `on_event` hears the release and then the
+    /// answer while it is generated. Every call is audited, released or refused.
+    pub fn answer(
+        &self,
+        req: &AnswerRequest,
+        on_event: impl FnMut(StreamEvent<'_>) -> std::ops::ControlFlow<()>,
+    ) -> Result<AnswerOutcome> {
+        let policy = self.policy();
+        let clearance = policy
+            .clearance(&req.principal)
+            .map_err(|e| Error::Forbidden(e.to_string()))?;
+        let sink = policy
+            .resolve_sink(&req.principal, req.sink.as_deref())
+            .map_err(|e| match e {
+                lethe_label::LookupError::UnknownSink(s) => Error::BadRequest(format!("unknown sink {s:?}")),
+                e => Error::Forbidden(e.to_string()),
+            })?;
+        if req.query.trim().is_empty() {
+            return Err(Error::BadRequest("empty query".into()));
+        }
+        let hits = {
+            let vector = match req.mode {
+                SearchMode::Bm25 => None,
+                _ => Some(self.embedder()?.embed(&[req.query.as_str()])?.pop().unwrap_or_default()),
+            };
+            let store = self.store.read().unwrap_or_else(|p| p.into_inner());
+            let readable = store.readable(&|l| clearance.may_read(&l.readers));
+            store.search(
+                &SearchQuery {
+                    text: &req.query,
+                    vector: vector.as_deref(),
+                    k: req.k,
+                    mode: req.mode,
+                },
+                &readable,
+            )?
+        };
+        let sources: Vec<lethe_rag::Source> = hits
+            .into_iter()
+            .map(|h| lethe_rag::Source {
+                chunk_id: h.chunk_id,
+                doc_id: h.doc_id,
+                label: h.label,
+                label_name: h.label_name,
+                text: h.text,
+            })
+            .collect();
+        let llm = self.llm()?;
+        let config = lethe_rag::AnswerConfig {
+            generation: req.generation.clone(),
+            model_label: Label::public_trusted(),
+            propagator: req.propagator,
+        };
+        let flow = |l: &Label| policy.check_flow(l, &sink);
+        let answer = lethe_rag::answer(&llm, &req.query, &sources, &config, &flow, on_event).map_err(|e| match e {
+            lethe_rag::Error::InvalidRequest(m) => Error::BadRequest(m),
+            lethe_rag::Error::Model(e) => Error::Model(e),
+            lethe_rag::Error::Cancelled => Error::Cancelled,
+            other => Error::BadRequest(other.to_string()),
+        })?;
+        let audit_seq = self.record(
+            &Actor::Principal(req.principal.clone()),
+            "query",
+            json!({
+                "sink": sink.to_string(),
+                "propagator": req.propagator.name(),
+                "retrieved": sources.iter().map(|s| json!({"chunk": s.chunk_id, "label": s.label_name.clone().unwrap_or_else(|| s.label.to_string())})).collect::<Vec<_>>(),
+                "label": answer.label.to_string(),
+                "decision": answer.decision.name(),
+                "violations": match &answer.decision {
+                    lethe_rag::Decision::Refused(v) => v.iter().map(|v| v.to_string()).collect::<Vec<_>>(),
+                    lethe_rag::Decision::Released => Vec::new(),
+                },
+                "model": self.model_id(),
+                "prompt_sha256": answer.prompt_sha256,
+                "completion_tokens": answer.completion_tokens,
+            }),
+        )?;
+        Ok(AnswerOutcome {
+            answer,
+            sources,
+            sink,
+            audit_seq,
+        })
     }
 
     fn require(&self, actor: &Actor, role: Role) -> Result<()> {
@@ -385,11 +553,22 @@ impl Engine {
         })
     }
 
-    /// Deletes documents exactly from the store and every index.
+    /// Deletes documents exactly from the store and every index. A
+    /// principal may only delete documents it may read; others are reported
+    /// as not found, so deleting does not reveal what exists.
     pub fn delete(&self, actor: &Actor, ids: &[&str]) -> Result<DeleteReport> {
         self.require(actor, Role::Delete)?;
         let report = {
             let mut store = self.store.write().unwrap_or_else(|p| p.into_inner());
+            if let Actor::Principal(p) = actor {
+                let policy = self.policy();
+                for id in ids {
+                    let readable = store.document(id).is_some_and(|d| policy.may_read(p, &d.label));
+                    if !readable {
+                        return Err(Error::NotFound(format!("document {id:?}")));
+                    }
+                }
+            }
             store.delete(ids).map_err(|e| match e {
                 lethe_store::Error::UnknownDocument(id) => {
                     Error::NotFound(format!("document {id:?}"))

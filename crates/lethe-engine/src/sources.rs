@@ -121,6 +121,32 @@ fn clause(v: &serde_json::Value) -> std::result::Result<Clause, String> {
     Clause::new(readers).map_err(|e| e.to_string())
 }
 
+/// Reads one document from its JSON form (a JSONL line or an HTTP request
+/// body item): `{"id", "text", "label"?, "title"?, "source"?, "meta"?}`.
+/// Errors are prefixed with `origin`.
+pub fn document_from_json(value: serde_json::Value, origin: &str) -> std::result::Result<SourceDocument, String> {
+    let d: JsonDoc = serde_json::from_value(value).map_err(|e| format!("{origin}: {e}"))?;
+    let label = match d.label {
+        None => LabelSpec::Unlabeled,
+        Some(JsonLabel::Name(n)) => LabelSpec::Named(n),
+        Some(JsonLabel::Inline(l)) => LabelSpec::Inline(inline_label(l).map_err(|e| format!("{origin}: label: {e}"))?),
+    };
+    let mut meta = d.meta;
+    if let Some(t) = d.title {
+        meta.insert("title".into(), t);
+    }
+    if let Some(s) = d.source {
+        meta.insert("source".into(), s);
+    }
+    Ok(SourceDocument {
+        id: d.id,
+        label,
+        text: d.text,
+        meta,
+        origin: origin.to_string(),
+    })
+}
+
 /// Reads a JSON Lines file: one document per line (blank lines skipped).
 pub fn read_jsonl(path: &Path) -> Result<Vec<SourceDocument>> {
     let bytes = std::fs::read(path).map_err(|e| Error::Io {
@@ -137,35 +163,12 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<SourceDocument>> {
             continue;
         }
         let origin = format!("{}:{}", path.display(), i + 1);
-        match serde_json::from_str::<JsonDoc>(line) {
-            Err(e) => problems.push(format!("{origin}: {e}")),
-            Ok(d) => {
-                let label = match d.label {
-                    None => LabelSpec::Unlabeled,
-                    Some(JsonLabel::Name(n)) => LabelSpec::Named(n),
-                    Some(JsonLabel::Inline(l)) => match inline_label(l) {
-                        Ok(l) => LabelSpec::Inline(l),
-                        Err(e) => {
-                            problems.push(format!("{origin}: label: {e}"));
-                            continue;
-                        }
-                    },
-                };
-                let mut meta = d.meta;
-                if let Some(t) = d.title {
-                    meta.insert("title".into(), t);
-                }
-                if let Some(s) = d.source {
-                    meta.insert("source".into(), s);
-                }
-                docs.push(SourceDocument {
-                    id: d.id,
-                    label,
-                    text: d.text,
-                    meta,
-                    origin,
-                });
-            }
+        match serde_json::from_str::<serde_json::Value>(line)
+            .map_err(|e| format!("{origin}: {e}"))
+            .and_then(|v| document_from_json(v, &origin))
+        {
+            Ok(d) => docs.push(d),
+            Err(e) => problems.push(e),
         }
     }
     if docs.is_empty() && problems.is_empty() {

@@ -1,0 +1,119 @@
+//! The pipeline with the real SmolLM2: refusal before generation, release
+//! with the joined label, and the model reading its context.
+
+use std::sync::Arc;
+
+use lethe_label::{Integrity, Label, Reader, Readers, Violation};
+use lethe_model::generate::{GenerateConfig, Llm};
+use lethe_model::gguf_llama::LoadOptions;
+
+use super::*;
+
+fn llm() -> Arc<Llm> {
+    let dir = lethe_assets::Cache::from_env()
+        .ensure(lethe_assets::Asset::SMOLLM2_135M_INSTRUCT)
+        .unwrap();
+    let device = lethe_model::DeviceSpec::Cpu.open().unwrap();
+    Arc::new(Llm::load(&dir.join("SmolLM2-135M-Instruct.Q4_1.gguf"), &device, &LoadOptions::default()).unwrap())
+}
+
+fn label(readers: &[&str]) -> Label {
+    Label {
+        readers: if readers.is_empty() {
+            Readers::public()
+        } else {
+            Readers::any_of(readers.iter().map(|r| Reader::new(*r).unwrap())).unwrap()
+        },
+        integrity: Integrity::trusted(),
+        tags: Default::default(),
+    }
+}
+
+fn source(id: &str, l: Label, text: &str) -> Source {
+    Source {
+        chunk_id: format!("{id}#0"),
+        doc_id: id.into(),
+        label: l,
+        label_name: None,
+        text: text.into(),
+    }
+}
+
+fn config() -> AnswerConfig {
+    AnswerConfig {
+        generation: GenerateConfig {
+            max_tokens: 40,
+            ..GenerateConfig::default()
+        },
+        model_label: label(&[]),
+        propagator: Propagator::Conservative,
+    }
+}
+
+#[test]
+fn conservative_pipeline_releases_with_the_join_and_refuses_before_generating() {
+    let llm = llm();
+    let sources = vec![
+        source("office", label(&["staff"]), "The access code for the Zubrowka office is 4471."),
+        source("menu", label(&[]), "The canteen serves soup on Fridays."),
+    ];
+    // Released: the sink accepts anything readable by staff.
+    let mut streamed = String::new();
+    let mut released = None;
+    let a = answer(
+        &llm,
+        "What is the access code for the Zubrowka office?",
+        &sources,
+        &config(),
+        &|l: &Label| if l.readers.flows_to(&label(&["staff"]).readers) { vec![] } else { vec![Violation::Tag { tag: lethe_label::Tag::new("x").unwrap() }] },
+        |e| {
+            match e {
+                StreamEvent::Released { label: l } => {
+                    assert!(streamed.is_empty(), "the release comes before any text");
+                    released = Some(l.clone());
+                }
+                StreamEvent::Text(t) => streamed.push_str(t),
+            }
+            std::ops::ControlFlow::Continue(())
+        },
+    )
+    .unwrap();
+    assert_eq!(a.decision, Decision::Released);
+    let text = a.text.unwrap();
+    assert!(text.contains("4471"), "{text}");
+    assert_eq!(streamed.trim(), text);
+    assert_eq!(released.as_ref(), Some(&a.label));
+    assert_eq!(a.label.readers, label(&["staff"]).readers, "join of staff and public");
+    assert_eq!(a.prompt_sha256.len(), 64);
+
+    // Refused: the model is never run, nothing is streamed.
+    let mut called = false;
+    let refused = answer(
+        &llm,
+        "What is the access code?",
+        &sources,
+        &config(),
+        &|l: &Label| {
+            if l.readers.is_public() {
+                vec![]
+            } else {
+                vec![Violation::Readers { clause: l.readers.clauses().iter().next().unwrap().clone(), blocked: vec!["*".into()] }]
+            }
+        },
+        |_| {
+            called = true;
+            std::ops::ControlFlow::Continue(())
+        },
+    )
+    .unwrap();
+    assert!(matches!(refused.decision, Decision::Refused(ref v) if v.len() == 1));
+    assert!(refused.text.is_none());
+    assert!(!called);
+    assert_eq!(refused.completion_tokens, 0);
+}
+
+#[test]
+fn empty_question_is_an_error() {
+    let llm = llm();
+    assert!(answer(&llm, "  ", &[], &config(), &|_| vec![], |_| std::ops::ControlFlow::Continue(())).is_err());
+}
