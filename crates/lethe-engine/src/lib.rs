@@ -377,9 +377,16 @@ impl Engine {
                     lethe_rag::Decision::Refused(v) => v.iter().map(|v| v.to_string()).collect::<Vec<_>>(),
                     lethe_rag::Decision::Released => Vec::new(),
                 },
+                "label_sources": answer.label_sources.iter().filter_map(|i| sources.get(*i)).map(|s| s.chunk_id.clone()).collect::<Vec<_>>(),
+                "route": answer.trace.route,
                 "model": self.model_id(),
                 "prompt_sha256": answer.prompt_sha256,
                 "completion_tokens": answer.completion_tokens,
+                "cost": {
+                    "generations": answer.cost.generations,
+                    "scored_contexts": answer.cost.scored_contexts,
+                    "score_batches": answer.cost.score_batches,
+                },
             }),
         )?;
         Ok(AnswerOutcome {

@@ -19,14 +19,18 @@
 //! The answer's label always includes the label of the model itself (what
 //! its weights were trained on), [`AnswerConfig::model_label`].
 
+mod introspect;
+pub mod permissive;
 pub mod prompt;
+
+pub use permissive::PermissiveConfig;
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Instant;
 
 use lethe_label::{Label, Violation};
-use lethe_model::generate::{FinishReason, GenerateConfig, Llm};
+use lethe_model::generate::{FinishReason, GenerateConfig, Generation, Llm};
 
 /// Errors of the answer pipeline.
 #[derive(Debug, thiserror::Error)]
@@ -62,12 +66,18 @@ pub struct Source {
 }
 
 /// How the answer's label is computed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub enum Propagator {
     /// The join of every retrieved source's label (sound, and as secret as
     /// the most secret source that happened to be retrieved).
     #[default]
     Conservative,
+    /// Only the labels of the sources that influenced the answer, found by
+    /// the λ-similarity search, with restricted regeneration ([`permissive`]).
+    Permissive(PermissiveConfig),
+    /// Ask the model which sources it used (the paper's baseline), with
+    /// restricted regeneration and a conservative fallback.
+    Introspection,
 }
 
 impl Propagator {
@@ -75,18 +85,49 @@ impl Propagator {
     pub fn name(self) -> &'static str {
         match self {
             Propagator::Conservative => "conservative",
+            Propagator::Permissive(_) => "permissive",
+            Propagator::Introspection => "introspection",
         }
     }
 
-    /// Parses a propagator name.
+    /// Parses a propagator name (permissive with default settings).
     pub fn from_name(name: &str) -> Result<Propagator> {
         match name {
             "conservative" => Ok(Propagator::Conservative),
+            "permissive" => Ok(Propagator::Permissive(PermissiveConfig::default())),
+            "introspection" => Ok(Propagator::Introspection),
             other => Err(Error::InvalidRequest(format!(
-                "unknown propagator {other:?}; available: conservative"
+                "unknown propagator {other:?}; available: conservative, permissive, introspection"
             ))),
         }
     }
+}
+
+/// What producing the answer cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Cost {
+    /// Generations run (full-context, introspection question, restricted).
+    pub generations: usize,
+    /// Candidate contexts scored teacher-forced.
+    pub scored_contexts: usize,
+    /// Batched scoring passes.
+    pub score_batches: usize,
+    /// Tokens generated over all generations.
+    pub generated_tokens: usize,
+}
+
+/// How the label was found, for evaluation and audit.
+#[derive(Debug, Clone, Default)]
+pub struct Trace {
+    /// Which path decided (`up-front`, `sink-directed`, `total-order`,
+    /// `search`, `budget-exhausted`, `introspection`, ...).
+    pub route: &'static str,
+    /// The minimal λ-similar contexts the search found, as source indexes.
+    pub minimal: Vec<Vec<usize>>,
+    /// The full-context answer, when it differs from the released one.
+    pub full_answer: Option<String>,
+    /// For introspection: whether the model's reply parsed.
+    pub introspection_parsed: Option<bool>,
 }
 
 /// Settings of one answer.
@@ -126,7 +167,8 @@ pub struct Answer {
     pub text: Option<String>,
     /// The answer's label.
     pub label: Label,
-    /// Indexes (into the sources) of the sources the label accounts for.
+    /// Indexes (into the sources) of the sources the answer was generated
+    /// from, and whose labels it carries.
     pub label_sources: Vec<usize>,
     /// Released or refused.
     pub decision: Decision,
@@ -142,6 +184,10 @@ pub struct Answer {
     pub finish: Option<FinishReason>,
     /// Seconds spent in the model.
     pub model_secs: f64,
+    /// What it cost.
+    pub cost: Cost,
+    /// How the label was found.
+    pub trace: Trace,
 }
 
 /// What a streaming caller hears while an answer is produced.
@@ -172,47 +218,136 @@ pub fn answer(
     if question.trim().is_empty() {
         return Err(Error::InvalidRequest("the question is empty".into()));
     }
-    let messages = prompt::messages(question, sources);
+    if sources.len() > 64 {
+        return Err(Error::InvalidRequest("at most 64 sources per answer".into()));
+    }
+    let t = Instant::now();
+    let n = sources.len();
+    let full = permissive::full_mask(n);
+    let mut cost = Cost::default();
+    let mut trace = Trace::default();
+
+    // Decide which sources the released answer is generated from.
+    let (chosen, pre_generated) = match config.propagator {
+        Propagator::Conservative => {
+            trace.route = "up-front";
+            (full, None)
+        }
+        Propagator::Permissive(p) => {
+            let full_gen = generate(llm, question, sources, full, &config.generation, &mut cost, |_| {
+                ControlFlow::Continue(())
+            })?;
+            match permissive::search(llm, question, sources, &full_gen.tokens, &config.model_label, &p, flow_check)? {
+                Some(found) => {
+                    cost.scored_contexts = found.scored;
+                    cost.score_batches = found.batches;
+                    trace.route = found.route;
+                    trace.minimal = found
+                        .minimal
+                        .iter()
+                        .map(|m| (0..n).filter(|i| m & (1 << i) != 0).collect())
+                        .collect();
+                    (found.chosen, Some(full_gen))
+                }
+                None => {
+                    trace.route = "budget-exhausted";
+                    (full, Some(full_gen))
+                }
+            }
+        }
+        Propagator::Introspection => {
+            let full_gen = generate(llm, question, sources, full, &config.generation, &mut cost, |_| {
+                ControlFlow::Continue(())
+            })?;
+            let (mask, parsed) = introspect::used_sources(llm, question, sources, &full_gen.text)?;
+            cost.generations += 1;
+            trace.route = "introspection";
+            trace.introspection_parsed = Some(parsed);
+            (mask, Some(full_gen))
+        }
+    };
+    let label = permissive::mask_label(&config.model_label, sources, chosen);
+    let label_sources: Vec<usize> = (0..n).filter(|i| chosen & (1 << i) != 0).collect();
+    let messages = prompt::messages(question, &subset(sources, chosen));
     let rendered = llm.chat.render(&messages)?;
     let prompt_sha256 = hex::encode(ring::digest::digest(&ring::digest::SHA256, rendered.as_bytes()).as_ref());
-    let all: Vec<usize> = (0..sources.len()).collect();
-    let label = match config.propagator {
-        Propagator::Conservative => sources
-            .iter()
-            .fold(config.model_label.clone(), |acc, s| acc.join(&s.label)),
-    };
+
     let violations = flow_check(&label);
     if !violations.is_empty() {
         return Ok(Answer {
             text: None,
             label,
-            label_sources: all,
+            label_sources,
             decision: Decision::Refused(violations),
             propagator: config.propagator,
             prompt_sha256,
             prompt_tokens: 0,
             completion_tokens: 0,
             finish: None,
-            model_secs: 0.0,
+            model_secs: t.elapsed().as_secs_f64(),
+            cost,
+            trace,
         });
     }
-    let t = Instant::now();
     if on_event(StreamEvent::Released { label: &label }).is_break() {
         return Err(Error::Cancelled);
     }
-    let generation = llm.chat(&messages, &config.generation, |t| on_event(StreamEvent::Text(t)))?;
+    // The released answer: the full-context one when the chosen context is
+    // the full context, else a regeneration from the chosen sources only.
+    let released = match pre_generated {
+        Some(g) if chosen == full => {
+            let _ = on_event(StreamEvent::Text(&g.text));
+            g
+        }
+        pre => {
+            if let Some(g) = &pre {
+                trace.full_answer = Some(g.text.trim().to_string());
+            }
+            generate(llm, question, sources, chosen, &config.generation, &mut cost, |t| {
+                on_event(StreamEvent::Text(t))
+            })?
+        }
+    };
     Ok(Answer {
-        text: Some(generation.text.trim().to_string()),
+        text: Some(released.text.trim().to_string()),
         label,
-        label_sources: all,
+        label_sources,
         decision: Decision::Released,
         propagator: config.propagator,
         prompt_sha256,
-        prompt_tokens: generation.prompt_tokens,
-        completion_tokens: generation.tokens.len(),
-        finish: Some(generation.finish),
+        prompt_tokens: released.prompt_tokens,
+        completion_tokens: released.tokens.len(),
+        finish: Some(released.finish),
         model_secs: t.elapsed().as_secs_f64(),
+        cost,
+        trace,
     })
+}
+
+fn subset(sources: &[Source], mask: permissive::Mask) -> Vec<Source> {
+    sources
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| mask & (1 << i) != 0)
+        .map(|(_, s)| s.clone())
+        .collect()
+}
+
+/// Generates an answer from the sources in `mask`.
+fn generate(
+    llm: &Llm,
+    question: &str,
+    sources: &[Source],
+    mask: permissive::Mask,
+    config: &GenerateConfig,
+    cost: &mut Cost,
+    on_text: impl FnMut(&str) -> ControlFlow<()>,
+) -> Result<Generation> {
+    let messages = prompt::messages(question, &subset(sources, mask));
+    let g = llm.chat(&messages, config, on_text)?;
+    cost.generations += 1;
+    cost.generated_tokens += g.tokens.len();
+    Ok(g)
 }
 
 #[cfg(test)]

@@ -117,3 +117,76 @@ fn empty_question_is_an_error() {
     let llm = llm();
     assert!(answer(&llm, "  ", &[], &config(), &|_| vec![], |_| std::ops::ControlFlow::Continue(())).is_err());
 }
+
+fn label_of(readers: &[&str]) -> Label {
+    label(readers)
+}
+
+#[test]
+fn permissive_label_lets_an_answer_flow_where_conservative_is_blocked() {
+    let llm = llm();
+    let sources = vec![
+        source("hr", label_of(&["hr"]), "Salary bands for 2026: engineers earn 58,000 to 75,000 euros."),
+        source("office", label_of(&[]), "The access code for the Zubrowka office is 4471."),
+        source("fin", label_of(&["finance"]), "Third-quarter revenue was 11.2 million euros."),
+    ];
+    let public_sink = |l: &Label| -> Vec<Violation> {
+        l.readers
+            .clauses()
+            .iter()
+            .map(|c| Violation::Readers { clause: c.clone(), blocked: vec!["*".into()] })
+            .collect()
+    };
+    let q = "What is the access code for the Zubrowka office?";
+    let run = |p: Propagator| {
+        let cfg = AnswerConfig { propagator: p, ..config() };
+        answer(&llm, q, &sources, &cfg, &public_sink, |_| std::ops::ControlFlow::Continue(())).unwrap()
+    };
+    // Conservative: the join includes hr and finance: refused, nothing generated.
+    let c = run(Propagator::Conservative);
+    assert!(matches!(c.decision, Decision::Refused(_)));
+    assert_eq!(c.cost.generations, 0);
+    // Permissive with the sink-directed shortcut: one scoring pass on the
+    // public source, then a regeneration from it alone.
+    let p = run(Propagator::Permissive(PermissiveConfig::default()));
+    assert_eq!(p.decision, Decision::Released, "{:?}", p.trace);
+    assert!(p.label.readers.is_public());
+    assert_eq!(p.label_sources, vec![1]);
+    assert_eq!(p.trace.route, "sink-directed");
+    assert!(p.text.as_deref().unwrap().contains("4471"), "{:?}", p.text);
+    assert_eq!(p.cost.generations, 2, "full answer, then the restricted regeneration");
+    assert!(p.trace.full_answer.is_some());
+    // Exhaustive search (no shortcuts) finds the same minimal context.
+    let exhaustive = PermissiveConfig { sink_directed: false, total_order_shortcut: false, ..PermissiveConfig::default() };
+    let e = run(Propagator::Permissive(exhaustive));
+    assert_eq!(e.trace.route, "search");
+    assert_eq!(e.label_sources, vec![1], "{:?}", e.trace);
+    assert!(e.trace.minimal.contains(&vec![1]));
+    assert!(e.cost.scored_contexts >= 3);
+    // A budget too small for the search falls back to conservative.
+    let tiny = PermissiveConfig { max_scored: 1, ..exhaustive };
+    let f = run(Propagator::Permissive(tiny));
+    assert_eq!(f.trace.route, "budget-exhausted");
+    assert!(matches!(f.decision, Decision::Refused(_)));
+}
+
+#[test]
+fn introspection_parses_or_falls_back_to_conservative() {
+    let llm = llm();
+    let sources = vec![
+        source("office", label_of(&[]), "The access code for the Zubrowka office is 4471."),
+        source("hr", label_of(&["hr"]), "Salary bands for 2026: engineers earn 58,000 to 75,000 euros."),
+    ];
+    let cfg = AnswerConfig { propagator: Propagator::Introspection, ..config() };
+    let a = answer(&llm, "What is the access code for the Zubrowka office?", &sources, &cfg, &|_| vec![], |_| {
+        std::ops::ControlFlow::Continue(())
+    })
+    .unwrap();
+    assert_eq!(a.trace.route, "introspection");
+    let parsed = a.trace.introspection_parsed.unwrap();
+    if !parsed {
+        assert_eq!(a.label_sources, vec![0, 1], "an unparsable reply falls back to every source");
+    }
+    // Whatever it chose, the answer was generated from exactly those sources.
+    assert_eq!(a.label, permissive::mask_label(&label_of(&[]), &sources, a.label_sources.iter().fold(0, |m, i| m | (1 << i))));
+}

@@ -1,0 +1,399 @@
+//! The permissive label propagator for prompt-based RAG.
+//!
+//! After "Permissive Information-Flow Analysis for Large Language Models"
+//! (Siddiqui et al., TMLR 2025, arXiv 2410.03055, Algorithm 1 and §3.4):
+//! only the labels of the sources that actually influenced the answer
+//! belong in its label.
+//!
+//! 1. Generate `y` with every retrieved source (context `C`).
+//! 2. Candidate labels are the labels realised by label-closed subsets of
+//!    `C`: for a label `L`, `C_L = {c ∈ C : ℓ(c) ⊑ L}`. Candidates are
+//!    identified by the set `C_L` they induce (many labels induce the same
+//!    set), from the full context down to the empty one.
+//! 3. `C_L` is *λ-similar* when the teacher-forced utility of `y` under it
+//!    (mean log-probability per token) is at least the utility under `C`
+//!    plus `ln λ`; equivalently its perplexity of `y` is at most `1/λ`
+//!    times the full-context one.
+//! 4. A depth-first walk down the candidate lattice from the full context
+//!    keeps descending through λ-similar children (siblings are scored in
+//!    one batch, sharing their common prompt prefix) and collects the
+//!    minimal λ-similar candidates.
+//! 5. Pick one: a candidate whose label may flow to the sink first, then the
+//!    one with the fewest sources, then the best utility.
+//! 6. **Regenerate** the answer from `C_{L*}` only. The released answer has
+//!    read nothing above its label, so the label is sound by construction:
+//!    the similarity search only decides how permissive it is.
+//!
+//! Shortcuts: *sink-directed* (one scoring pass: are the sources that may
+//! flow to the sink enough for a λ-similar answer?) and *total order* (when
+//! the source labels form a chain, binary search for the lowest similar
+//! level). A pass budget bounds the search; when it runs out, the answer is
+//! the full-context one with the conservative label.
+//!
+//! [R] The paper's exact λ and utility are reconstructions (see
+//! `shared/research/ifc-rag-knnlm.md` §5.1): here utility is the mean
+//! token log-probability and λ defaults to 0.5 (a perplexity at most twice
+//! the full-context one), tuned on the project's own label benchmark; the
+//! empty context is a candidate too, so an answer that needs no source gets
+//! only the model's own label.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use lethe_label::{Label, Violation};
+use lethe_model::generate::Llm;
+use lethe_model::gguf_llama::{BatchOptions, ScorePair};
+
+use crate::{prompt, Result, Source};
+
+/// Settings of the permissive search.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PermissiveConfig {
+    /// Similarity tolerance λ in (0, 1]: a sub-context is similar when its
+    /// perplexity of the answer is at most `1/λ` times the full context's.
+    pub lambda: f32,
+    /// Most candidate contexts scored before falling back to conservative.
+    pub max_scored: usize,
+    /// Try the sink-directed shortcut first.
+    pub sink_directed: bool,
+    /// Binary search when the source labels form a chain.
+    pub total_order_shortcut: bool,
+}
+
+impl Default for PermissiveConfig {
+    fn default() -> Self {
+        PermissiveConfig {
+            lambda: 0.5,
+            max_scored: 32,
+            sink_directed: true,
+            total_order_shortcut: true,
+        }
+    }
+}
+
+/// A set of sources, as a bit mask over the retrieved list (at most 64).
+pub(crate) type Mask = u64;
+
+/// What the search found.
+#[derive(Debug, Clone)]
+pub(crate) struct Search {
+    /// The chosen context.
+    pub chosen: Mask,
+    /// Every minimal λ-similar context found (empty when the shortcut decided).
+    pub minimal: Vec<Mask>,
+    /// Candidate contexts scored.
+    pub scored: usize,
+    /// Forward batches run for scoring.
+    pub batches: usize,
+    /// How the choice was made.
+    pub route: &'static str,
+}
+
+pub(crate) fn full_mask(n: usize) -> Mask {
+    if n >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << n) - 1
+    }
+}
+
+fn members(mask: Mask, n: usize) -> impl Iterator<Item = usize> {
+    (0..n).filter(move |i| mask & (1 << i) != 0)
+}
+
+/// The label of a context: the model's label joined with its sources'.
+pub(crate) fn mask_label(model_label: &Label, sources: &[Source], mask: Mask) -> Label {
+    members(mask, sources.len()).fold(model_label.clone(), |acc, i| acc.join(&sources[i].label))
+}
+
+/// The label-closed context induced by a label: every source at or below it.
+fn induced(sources: &[Source], label: &Label) -> Mask {
+    sources
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.label.flows_to(label))
+        .fold(0, |m, (i, _)| m | (1 << i))
+}
+
+/// Scores `y` under contexts, memoised; counts the work.
+struct Scorer<'a> {
+    llm: &'a Llm,
+    question: &'a str,
+    sources: &'a [Source],
+    answer_tokens: &'a [u32],
+    memo: BTreeMap<Mask, f32>,
+    scored: usize,
+    batches: usize,
+    budget: usize,
+}
+
+impl Scorer<'_> {
+    /// Utilities of the given contexts (one batched forward per call for
+    /// the ones not scored yet). `None` when the budget is exhausted.
+    fn utilities(&mut self, masks: &[Mask]) -> Result<Option<Vec<f32>>> {
+        let todo: Vec<Mask> = masks
+            .iter()
+            .copied()
+            .filter(|m| !self.memo.contains_key(m))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if self.scored + todo.len() > self.budget {
+            return Ok(None);
+        }
+        if !todo.is_empty() {
+            let prompts: Vec<Vec<u32>> = todo
+                .iter()
+                .map(|m| {
+                    let ctx: Vec<Source> = members(*m, self.sources.len()).map(|i| self.sources[i].clone()).collect();
+                    let msgs = prompt::messages(self.question, &ctx);
+                    self.llm.chat.encode(&self.llm.tokenizer, &msgs)
+                })
+                .collect::<std::result::Result<_, _>>()?;
+            let pairs: Vec<ScorePair<'_>> = prompts
+                .iter()
+                .map(|p| ScorePair {
+                    prompt: p,
+                    continuation: self.answer_tokens,
+                })
+                .collect();
+            let scores = self.llm.model.score(&pairs, &BatchOptions::default())?;
+            for (m, s) in todo.iter().zip(scores) {
+                self.memo.insert(*m, mean(&s));
+            }
+            self.scored += todo.len();
+            self.batches += 1;
+        }
+        Ok(Some(masks.iter().map(|m| self.memo[m]).collect()))
+    }
+}
+
+fn mean(xs: &[f32]) -> f32 {
+    if xs.is_empty() {
+        0.0
+    } else {
+        xs.iter().sum::<f32>() / xs.len() as f32
+    }
+}
+
+/// Runs the search. `answer_tokens` is the full-context answer; returns
+/// `None` when the budget ran out (the caller falls back to conservative).
+pub(crate) fn search(
+    llm: &Llm,
+    question: &str,
+    sources: &[Source],
+    answer_tokens: &[u32],
+    model_label: &Label,
+    config: &PermissiveConfig,
+    flow_check: &dyn Fn(&Label) -> Vec<Violation>,
+) -> Result<Option<Search>> {
+    let n = sources.len().min(64);
+    let sources = &sources[..n];
+    let full = full_mask(n);
+    let flows = |m: Mask| flow_check(&mask_label(model_label, sources, m)).is_empty();
+    let mut sc = Scorer {
+        llm,
+        question,
+        sources,
+        answer_tokens,
+        memo: BTreeMap::new(),
+        scored: 0,
+        batches: 0,
+        budget: config.max_scored.max(1),
+    };
+    // Sink-directed shortcut: if the conservative label already flows,
+    // nothing needs scoring; otherwise score the full context and the
+    // sources that may flow to the sink in one batch.
+    if config.sink_directed && flows(full) {
+        return Ok(Some(Search {
+            chosen: full,
+            minimal: Vec::new(),
+            scored: 0,
+            batches: 0,
+            route: "conservative-label-flows",
+        }));
+    }
+    let flowable = sources
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| flow_check(&model_label.join(&s.label)).is_empty())
+        .fold(0, |m, (i, _)| m | (1 << i));
+    let first: Vec<Mask> = if config.sink_directed { vec![full, flowable] } else { vec![full] };
+    let Some(u) = sc.utilities(&first)? else { return Ok(None) };
+    let threshold = u[0] + config.lambda.clamp(1e-6, 1.0).ln();
+    if config.sink_directed && u[1] >= threshold {
+        return Ok(Some(Search {
+            chosen: flowable,
+            minimal: Vec::new(),
+            scored: sc.scored,
+            batches: sc.batches,
+            route: "sink-directed",
+        }));
+    }
+
+    // Distinct labels present.
+    let mut distinct: Vec<Label> = Vec::new();
+    for s in sources {
+        if !distinct.contains(&s.label) {
+            distinct.push(s.label.clone());
+        }
+    }
+
+    // Total-order shortcut: labels form a chain; levels are nested contexts.
+    let is_chain = distinct
+        .iter()
+        .all(|a| distinct.iter().all(|b| a.flows_to(b) || b.flows_to(a)));
+    if config.total_order_shortcut && is_chain {
+        let mut levels: Vec<Label> = distinct.clone();
+        levels.sort_by(|a, b| {
+            if a == b {
+                std::cmp::Ordering::Equal
+            } else if a.flows_to(b) {
+                std::cmp::Ordering::Less
+            } else {
+                std::cmp::Ordering::Greater
+            }
+        });
+        // Level 0 is the empty context; level i the sources at or below levels[i-1].
+        let mut masks = vec![0];
+        masks.extend(levels.iter().map(|l| induced(sources, l)));
+        // Binary search for the lowest similar level (the top one is similar).
+        let (mut lo, mut hi) = (0usize, masks.len() - 1);
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            let Some(u) = sc.utilities(&[masks[mid]])? else { return Ok(None) };
+            if u[0] >= threshold {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        return Ok(Some(Search {
+            chosen: masks[lo],
+            minimal: vec![masks[lo]],
+            scored: sc.scored,
+            batches: sc.batches,
+            route: "total-order",
+        }));
+    }
+
+    // Depth-first search for the minimal λ-similar contexts.
+    let mut visited: BTreeSet<Mask> = BTreeSet::new();
+    let mut minimal: Vec<Mask> = Vec::new();
+    let mut stack = vec![full];
+    while let Some(m) = stack.pop() {
+        if !visited.insert(m) {
+            continue;
+        }
+        let kids = children(sources, model_label, m);
+        let Some(us) = sc.utilities(&kids)? else { return Ok(None) };
+        let similar: Vec<Mask> = kids
+            .iter()
+            .zip(us)
+            .filter(|(_, u)| *u >= threshold)
+            .map(|(k, _)| *k)
+            .collect();
+        if similar.is_empty() {
+            minimal.push(m);
+        } else {
+            stack.extend(similar);
+        }
+    }
+    // A visited node may have a similar descendant reached another way: keep
+    // only the minimal ones.
+    let minimal: Vec<Mask> = minimal
+        .iter()
+        .copied()
+        .filter(|m| !minimal.iter().any(|o| o != m && o & m == *o && sc.memo.get(o).is_some_and(|u| *u >= threshold)))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let chosen = minimal
+        .iter()
+        .copied()
+        .min_by(|a, b| {
+            let key = |m: &Mask| (!flows(*m), m.count_ones());
+            key(a)
+                .cmp(&key(b))
+                .then_with(|| sc.memo[b].total_cmp(&sc.memo[a]))
+                .then(a.cmp(b))
+        })
+        .unwrap_or(full);
+    Ok(Some(Search {
+        chosen,
+        minimal,
+        scored: sc.scored,
+        batches: sc.batches,
+        route: "search",
+    }))
+}
+
+/// The candidate contexts just below `m`: drop one label class (and every
+/// source no longer at or below the join of the rest).
+fn children(sources: &[Source], model_label: &Label, m: Mask) -> Vec<Mask> {
+    let present: Vec<&Label> = {
+        let mut v: Vec<&Label> = Vec::new();
+        for i in members(m, sources.len()) {
+            if !v.contains(&&sources[i].label) {
+                v.push(&sources[i].label);
+            }
+        }
+        v
+    };
+    let mut out = BTreeSet::new();
+    for (j, _) in present.iter().enumerate() {
+        let rest = present
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != j)
+            .fold(None::<Label>, |acc, (_, l)| Some(acc.map_or((*l).clone(), |a| a.join(l))));
+        let child = match rest {
+            None => 0,
+            Some(k) => induced(sources, &k.join(model_label)) & m,
+        };
+        if child != m {
+            out.insert(child);
+        }
+    }
+    out.into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lethe_label::{Integrity, Reader, Readers};
+
+    fn l(r: &str) -> Label {
+        Label {
+            readers: if r.is_empty() {
+                Readers::public()
+            } else {
+                Readers::any_of([Reader::new(r).unwrap()]).unwrap()
+            },
+            integrity: Integrity::trusted(),
+            tags: Default::default(),
+        }
+    }
+
+    fn s(label: Label) -> Source {
+        Source {
+            chunk_id: String::new(),
+            doc_id: String::new(),
+            label,
+            label_name: None,
+            text: String::new(),
+        }
+    }
+
+    #[test]
+    fn children_drop_one_label_class_at_a_time() {
+        let sources = vec![s(l("a")), s(l("b")), s(l("a")), s(l(""))];
+        let bottom = l("");
+        // Dropping a removes sources 0 and 2; dropping b removes 1; the
+        // public source 3 is below everything and never dropped alone.
+        let kids = children(&sources, &bottom, 0b1111);
+        assert_eq!(kids, vec![0b1010, 0b1101]);
+        assert_eq!(children(&sources, &bottom, 0b1000), vec![0]);
+        assert_eq!(induced(&sources, &l("a").join(&l("b"))), 0b1111);
+        assert_eq!(mask_label(&bottom, &sources, 0b0101), l("a"));
+    }
+}
