@@ -2,7 +2,7 @@
 //!
 //! * `test`: fetch the models the tests need, then run the whole test suite
 //!   (what CI runs; `LETHE_TEST_SIZE=full` for the bigger variants).
-//! * `bench retrieval|lm|serve`: run a benchmark in release mode and write
+//! * `bench retrieval|lm|serve|labels`: run a benchmark in release mode and write
 //!   its JSON under `evals/results/`.
 //! * `cuda-build`: build the CUDA binary on a machine without a GPU, with
 //!   NVIDIA's toolkit from its Python wheels (cached under `.lethe/cuda`).
@@ -35,7 +35,7 @@ enum Task {
     /// Run a benchmark and write its JSON under evals/results/.
     Bench {
         /// Which benchmark.
-        #[arg(value_parser = ["retrieval", "lm", "serve"])]
+        #[arg(value_parser = ["retrieval", "lm", "serve", "labels"])]
         which: String,
         /// Seconds of load (serve).
         #[arg(long, default_value_t = 60)]
@@ -71,6 +71,17 @@ fn main() -> anyhow::Result<()> {
                 "evals/results/retrieval.json",
             ])),
             "lm" => bench_lm(&root),
+            "labels" => run(cargo().args([
+                "run",
+                "--release",
+                "-p",
+                "lethe-engine",
+                "--example",
+                "bench_labels",
+                "--",
+                "--out",
+                "evals/results/labels-bench.json",
+            ])),
             other => bail!("unknown benchmark {other}"),
         },
         Task::CudaBuild => cuda_build(&root),

@@ -80,6 +80,9 @@ enum Command {
     /// Documents.
     #[command(subcommand)]
     Doc(DocCommand),
+    /// Evaluation suites (reports under evals/results/).
+    #[command(subcommand)]
+    Eval(EvalCommand),
     /// Policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -107,6 +110,19 @@ enum DocCommand {
     },
     /// List documents with their labels.
     List,
+}
+
+#[derive(Subcommand)]
+enum EvalCommand {
+    /// Label quality and soundness of the propagators on the generated benchmark.
+    Labels {
+        /// Run configuration.
+        #[arg(long, default_value = "evals/labels/small.toml")]
+        config: PathBuf,
+        /// Where the report goes.
+        #[arg(long, default_value = "evals/results")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -252,6 +268,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 lethe_daemon::serve(state, listener, lethe_daemon::shutdown_signal()).await?;
                 anyhow::Ok(())
             })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Eval(EvalCommand::Labels { config, out }) => {
+            let root = lethe_engine::project_root();
+            let resolve = |p: &PathBuf| if p.exists() { p.clone() } else { root.join(p) };
+            let cfg = lethe_eval::labels::LabelsConfig::load(&resolve(config))?;
+            let pb = indicatif::ProgressBar::new(0);
+            pb.set_style(
+                indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} answers, ETA {eta}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            let report = lethe_eval::labels::run_default(&cfg, &root.join("policies/example-org.toml"), |done, total| {
+                pb.set_length(total as u64);
+                pb.set_position(done as u64);
+            });
+            pb.finish_and_clear();
+            let report = report?;
+            let out = if out.is_absolute() { out.clone() } else { root.join(out) };
+            report.write(&out)?;
+            println!("{}", report.markdown());
+            println!("wrote {}", out.join("labels.json").display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Fetch => {

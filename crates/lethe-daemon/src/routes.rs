@@ -253,7 +253,7 @@ pub(crate) fn answer_request(
             max_tokens,
             sampling,
             stop_strings: knobs.stop,
-            repeat_penalty: 1.1,
+            // No repetition penalty: answers must copy facts from the context.
             ..lethe_engine::GenerateConfig::default()
         },
     })

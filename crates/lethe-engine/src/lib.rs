@@ -30,7 +30,7 @@ use lethe_model::gguf_llama::LoadOptions;
 use serde_json::json;
 
 pub use lethe_model::generate::{FinishReason, GenerateConfig, Sampling};
-pub use lethe_rag::{Decision, Propagator, Source, StreamEvent};
+pub use lethe_rag::{Decision, PermissiveConfig, Propagator, Source, StreamEvent};
 
 /// The generator's file inside its asset folder.
 const GENERATOR_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";

@@ -9,7 +9,9 @@
 //!   join (on items whose context has more than one distinct label), and
 //!   than introspection's;
 //! * exact match with the ground-truth minimal label (the model's label
-//!   joined with the labels of the documents the gold answer needs);
+//!   joined with the labels of the documents the gold answer needs), and
+//!   with the answer's provenance (the documents whose facts the released
+//!   answer, right or wrong, actually states);
 //! * soundness: a released answer that contains a fact (a code) stated only
 //!   by documents whose labels do not flow to the answer's label is a
 //!   violation;
@@ -44,6 +46,14 @@ pub struct LabelsConfig {
     pub max_tokens: usize,
     /// Scoring budget of the permissive search.
     pub max_scored: usize,
+    /// Output alignment threshold of the permissive propagator (token F1 of
+    /// the restricted regeneration against the full-context answer).
+    #[serde(default = "default_alignment")]
+    pub min_alignment: Option<f32>,
+}
+
+fn default_alignment() -> Option<f32> {
+    Some(0.7)
 }
 
 impl LabelsConfig {
@@ -52,6 +62,27 @@ impl LabelsConfig {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(e, path))?;
         toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {}", path.display(), e.message())))
     }
+}
+
+/// Loads the generator from the model cache (fetching it if needed) and
+/// runs the benchmark under the example organisation's policy.
+pub fn run_default(
+    config: &LabelsConfig,
+    policy_path: &Path,
+    progress: impl FnMut(usize, usize),
+) -> Result<Report> {
+    let policy = Policy::load(policy_path).map_err(|e| Error::Config(e.to_string()))?;
+    let dir = lethe_assets::Cache::from_env()
+        .ensure(lethe_assets::Asset::SMOLLM2_135M_INSTRUCT)
+        .map_err(|e| Error::Model(e.to_string()))?;
+    let device = lethe_model::DeviceSpec::Cpu.open().map_err(|e| Error::Model(e.to_string()))?;
+    let llm = Llm::load(
+        &dir.join("SmolLM2-135M-Instruct.Q4_1.gguf"),
+        &device,
+        &lethe_model::gguf_llama::LoadOptions::default(),
+    )
+    .map_err(|e| Error::Model(e.to_string()))?;
+    run(&Arc::new(llm), &policy, config, progress)
 }
 
 /// The outcome of one item under one propagator.
@@ -69,6 +100,9 @@ pub struct ItemResult {
     pub label_sources: Vec<usize>,
     /// The label equals the ground-truth minimal label.
     pub minimal_exact: bool,
+    /// The label equals the join of the labels of the documents whose facts
+    /// the answer actually states (what the answer, right or wrong, used).
+    pub provenance_exact: bool,
     /// The label is strictly below the conservative join.
     pub below_conservative: bool,
     /// Whether the context holds more than one distinct label.
@@ -173,6 +207,8 @@ fn propagators(config: &LabelsConfig) -> Vec<Propagator> {
             // No sink here: the search looks for the minimal label itself.
             sink_directed: false,
             total_order_shortcut: true,
+            exhaustive: false,
+            min_alignment: config.min_alignment,
         }),
         Propagator::Introspection,
     ]
@@ -199,7 +235,6 @@ pub fn run(
             let cfg = AnswerConfig {
                 generation: GenerateConfig {
                     max_tokens: config.max_tokens,
-                    repeat_penalty: 1.1,
                     ..GenerateConfig::default()
                 },
                 model_label: model_label.clone(),
@@ -219,7 +254,7 @@ pub fn run(
             let leaked_facts = item
                 .facts
                 .iter()
-                .filter(|(code, _)| answer.contains(code.as_str()))
+                .filter(|(code, _)| answer.to_lowercase().contains(&code.to_lowercase()))
                 .filter(|(code, _)| {
                     !item
                         .facts
@@ -229,7 +264,19 @@ pub fn run(
                 })
                 .map(|(c, _)| c.clone())
                 .collect();
+            let lower = answer.to_lowercase();
+            let mut used: std::collections::BTreeSet<usize> = item
+                .facts
+                .iter()
+                .filter(|(code, _)| lower.contains(&code.to_lowercase()))
+                .map(|(_, d)| *d)
+                .collect();
+            if lower.contains(&item.gold.to_lowercase()) {
+                used.extend(item.needed.iter().copied());
+            }
+            let provenance = join(&model_label, &sources, used.iter().copied());
             results.push(ItemResult {
+                provenance_exact: a.label == provenance,
                 id: item.id.clone(),
                 kind: item.kind,
                 propagator: p.name().to_string(),
@@ -239,7 +286,7 @@ pub fn run(
                 below_conservative: a.label != conservative && a.label.flows_to(&conservative),
                 multi_label: distinct.len() > 1,
                 leaked_facts,
-                exact_match: answer.contains(&item.gold),
+                exact_match: answer.to_lowercase().contains(&item.gold.to_lowercase()),
                 f1: f1(&answer, &item.gold),
                 answer,
                 latency_ms,
@@ -271,6 +318,7 @@ fn aggregate(rs: &[&ItemResult]) -> serde_json::Value {
         "items": rs.len(),
         "more_permissive_than_conservative": multi.iter().filter(|r| r.below_conservative).count() as f64 / multi.len().max(1) as f64,
         "minimal_label_exact_match": rs.iter().filter(|r| r.minimal_exact).count() as f64 / n,
+        "provenance_label_exact_match": rs.iter().filter(|r| r.provenance_exact).count() as f64 / n,
         "soundness_violations": rs.iter().filter(|r| !r.leaked_facts.is_empty()).count(),
         "exact_match": rs.iter().filter(|r| r.exact_match).count() as f64 / n,
         "f1": rs.iter().map(|r| r.f1).sum::<f64>() / n,
@@ -321,6 +369,7 @@ fn report(items: Vec<ItemResult>, config: LabelsConfig, _policy: &Policy) -> Rep
         "more_permissive_than_conservative": p["more_permissive_than_conservative"],
         "more_permissive_than_introspection": below_intro as f64 / perm.len().max(1) as f64,
         "minimal_label_exact_match": p["minimal_label_exact_match"],
+        "provenance_label_exact_match": p["provenance_label_exact_match"],
         "soundness_violations": soundness,
         "answer_quality_delta_points": (p["exact_match"].as_f64().unwrap_or(0.0) - c["exact_match"].as_f64().unwrap_or(0.0)) * 100.0,
         "knnlm_ppl": serde_json::Value::Null,
@@ -345,13 +394,14 @@ impl Report {
             self.config.spec.k,
             self.config.lambda
         ));
-        s.push_str("| propagator | more permissive than conservative | minimal label exact | soundness violations | answer EM | F1 | generations | scored contexts | p50 ms | p95 ms |\n");
-        s.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
+        s.push_str("| propagator | more permissive than conservative | minimal label exact | provenance label exact | soundness violations | answer EM | F1 | generations | scored contexts | p50 ms | p95 ms |\n");
+        s.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
         for (name, v) in &self.propagators {
             s.push_str(&format!(
-                "| {name} | {:.2} | {:.2} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0} |\n",
+                "| {name} | {:.2} | {:.2} | {:.2} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0} |\n",
                 v["more_permissive_than_conservative"].as_f64().unwrap_or(0.0),
                 v["minimal_label_exact_match"].as_f64().unwrap_or(0.0),
+                v["provenance_label_exact_match"].as_f64().unwrap_or(0.0),
                 v["soundness_violations"],
                 v["exact_match"].as_f64().unwrap_or(0.0),
                 v["f1"].as_f64().unwrap_or(0.0),

@@ -266,6 +266,28 @@ pub fn answer(
             (mask, Some(full_gen))
         }
     };
+    // The permissive propagator verifies the restricted regeneration before
+    // anything is released: a restricted answer that does not say what the
+    // full-context answer said falls back to the full-context answer with
+    // the conservative label.
+    let (chosen, regenerated) = match (config.propagator, &pre_generated) {
+        (Propagator::Permissive(p), Some(full_gen)) if chosen != full => {
+            let g = generate(llm, question, sources, chosen, &config.generation, &mut cost, |_| {
+                ControlFlow::Continue(())
+            })?;
+            trace.full_answer = Some(full_gen.text.trim().to_string());
+            let aligned = p
+                .min_alignment
+                .is_none_or(|min| permissive::alignment(&g.text, &full_gen.text, question) >= min);
+            if aligned {
+                (chosen, Some(g))
+            } else {
+                trace.route = "misaligned-fallback";
+                (full, None)
+            }
+        }
+        _ => (chosen, None),
+    };
     let label = permissive::mask_label(&config.model_label, sources, chosen);
     let label_sources: Vec<usize> = (0..n).filter(|i| chosen & (1 << i) != 0).collect();
     let messages = prompt::messages(question, &subset(sources, chosen));
@@ -292,14 +314,19 @@ pub fn answer(
     if on_event(StreamEvent::Released { label: &label }).is_break() {
         return Err(Error::Cancelled);
     }
-    // The released answer: the full-context one when the chosen context is
-    // the full context, else a regeneration from the chosen sources only.
-    let released = match pre_generated {
-        Some(g) if chosen == full => {
+    // The released answer: already generated from exactly the chosen
+    // sources (the full-context answer, or the verified regeneration), or
+    // generated now from them (conservative; introspection's restriction).
+    let released = match (regenerated, pre_generated) {
+        (Some(g), _) => {
             let _ = on_event(StreamEvent::Text(&g.text));
             g
         }
-        pre => {
+        (None, Some(g)) if chosen == full => {
+            let _ = on_event(StreamEvent::Text(&g.text));
+            g
+        }
+        (None, pre) => {
             if let Some(g) = &pre {
                 trace.full_answer = Some(g.text.trim().to_string());
             }

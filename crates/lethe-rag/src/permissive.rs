@@ -14,10 +14,14 @@
 //!    (mean log-probability per token) is at least the utility under `C`
 //!    plus `ln λ`; equivalently its perplexity of `y` is at most `1/λ`
 //!    times the full-context one.
-//! 4. A depth-first walk down the candidate lattice from the full context
-//!    keeps descending through λ-similar children (siblings are scored in
-//!    one batch, sharing their common prompt prefix) and collects the
-//!    minimal λ-similar candidates.
+//! 4. Find a minimal λ-similar candidate. By default: *leave-one-out*
+//!    (score every "drop one label class" child in one batch; the classes
+//!    whose removal breaks similarity are the influential ones; keep only
+//!    those and check the result in one more pass), falling back to a
+//!    greedy descent (one batch per level) when sources interact. With
+//!    `exhaustive`, the paper's depth-first walk collects every minimal
+//!    λ-similar candidate (siblings scored in one batch, sharing their
+//!    common prompt prefix).
 //! 5. Pick one: a candidate whose label may flow to the sink first, then the
 //!    one with the fewest sources, then the best utility.
 //! 6. **Regenerate** the answer from `C_{L*}` only. The released answer has
@@ -57,6 +61,16 @@ pub struct PermissiveConfig {
     pub sink_directed: bool,
     /// Binary search when the source labels form a chain.
     pub total_order_shortcut: bool,
+    /// Search the whole candidate lattice depth-first for every minimal
+    /// similar context (the paper's Algorithm 1) instead of the
+    /// leave-one-out step with a greedy fallback. Costs more scoring.
+    pub exhaustive: bool,
+    /// Output alignment: when the restricted regeneration's token F1 against
+    /// the full-context answer falls below this, the restricted answer is
+    /// discarded and the full-context answer is released with the
+    /// conservative label instead (quality over permissiveness; both are
+    /// sound). `None` releases the restricted answer whatever it says.
+    pub min_alignment: Option<f32>,
 }
 
 impl Default for PermissiveConfig {
@@ -66,8 +80,42 @@ impl Default for PermissiveConfig {
             max_scored: 32,
             sink_directed: true,
             total_order_shortcut: true,
+            exhaustive: false,
+            min_alignment: Some(0.7),
         }
     }
+}
+
+/// Token F1 between two answers over the words that are not in the
+/// question (lower-cased), so that restating the question does not count as
+/// agreement; 1.0 when neither says anything beyond the question.
+pub(crate) fn alignment(a: &str, b: &str, question: &str) -> f32 {
+    let words = |s: &str| -> Vec<String> {
+        s.split(|c: char| !c.is_alphanumeric() && c != '-')
+            .filter(|w| !w.is_empty())
+            .map(str::to_lowercase)
+            .collect()
+    };
+    let asked: BTreeSet<String> = words(question).into_iter().collect();
+    let content = |s: &str| -> Vec<String> { words(s).into_iter().filter(|w| !asked.contains(w)).collect() };
+    let (wa, wb) = (content(a), content(b));
+    if wa.is_empty() && wb.is_empty() {
+        return 1.0;
+    }
+    let mut pool = wb.clone();
+    let mut common = 0usize;
+    for w in &wa {
+        if let Some(p) = pool.iter().position(|x| x == w) {
+            pool.swap_remove(p);
+            common += 1;
+        }
+    }
+    if common == 0 {
+        return 0.0;
+    }
+    let p = common as f32 / wa.len() as f32;
+    let r = common as f32 / wb.len() as f32;
+    2.0 * p * r / (p + r)
 }
 
 /// A set of sources, as a bit mask over the retrieved list (at most 64).
@@ -220,13 +268,21 @@ pub(crate) fn search(
     let first: Vec<Mask> = if config.sink_directed { vec![full, flowable] } else { vec![full] };
     let Some(u) = sc.utilities(&first)? else { return Ok(None) };
     let threshold = u[0] + config.lambda.clamp(1e-6, 1.0).ln();
-    if config.sink_directed && u[1] >= threshold {
+    if config.sink_directed {
+        // The sources that may flow to the sink either suffice or the
+        // answer cannot go there: no smaller context can flow either
+        // (every context that flows is a subset of `flowable`).
+        let (chosen, route) = if u[1] >= threshold {
+            (flowable, "sink-directed")
+        } else {
+            (full, "sink-directed-insufficient")
+        };
         return Ok(Some(Search {
-            chosen: flowable,
+            chosen,
             minimal: Vec::new(),
             scored: sc.scored,
             batches: sc.batches,
-            route: "sink-directed",
+            route,
         }));
     }
 
@@ -276,7 +332,55 @@ pub(crate) fn search(
         }));
     }
 
-    // Depth-first search for the minimal λ-similar contexts.
+    if !config.exhaustive {
+        // Leave-one-out: a label class is influential when dropping it
+        // breaks similarity. Keep only the influential classes (one batch
+        // for all single drops, one pass for the result).
+        let kids = children(sources, model_label, full);
+        let Some(us) = sc.utilities(&kids)? else { return Ok(None) };
+        let kept = kids
+            .iter()
+            .zip(&us)
+            .filter(|(_, u)| **u < threshold)
+            .fold(0, |acc, (k, _)| acc | (full & !k));
+        let candidate = closure(sources, model_label, kept);
+        if candidate != full {
+            let Some(u) = sc.utilities(&[candidate])? else { return Ok(None) };
+            if u[0] >= threshold {
+                return Ok(Some(Search {
+                    chosen: candidate,
+                    minimal: vec![candidate],
+                    scored: sc.scored,
+                    batches: sc.batches,
+                    route: "leave-one-out",
+                }));
+            }
+        }
+        // Interactions between sources: descend greedily, one batch per level.
+        let mut current = full;
+        loop {
+            let kids = children(sources, model_label, current);
+            let Some(us) = sc.utilities(&kids)? else { return Ok(None) };
+            let best = kids
+                .iter()
+                .zip(us)
+                .filter(|(_, u)| *u >= threshold)
+                .max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.count_ones().cmp(&a.0.count_ones())));
+            match best {
+                Some((k, _)) => current = *k,
+                None => break,
+            }
+        }
+        return Ok(Some(Search {
+            chosen: current,
+            minimal: vec![current],
+            scored: sc.scored,
+            batches: sc.batches,
+            route: "greedy",
+        }));
+    }
+
+    // Depth-first search for every minimal λ-similar context.
     let mut visited: BTreeSet<Mask> = BTreeSet::new();
     let mut minimal: Vec<Mask> = Vec::new();
     let mut stack = vec![full];
@@ -325,6 +429,12 @@ pub(crate) fn search(
         batches: sc.batches,
         route: "search",
     }))
+}
+
+/// The smallest label-closed context containing the sources in `m`.
+fn closure(sources: &[Source], model_label: &Label, m: Mask) -> Mask {
+    let label = members(m, sources.len()).fold(model_label.clone(), |acc, i| acc.join(&sources[i].label));
+    induced(sources, &label)
 }
 
 /// The candidate contexts just below `m`: drop one label class (and every
@@ -382,6 +492,19 @@ mod tests {
             label_name: None,
             text: String::new(),
         }
+    }
+
+    #[test]
+    fn alignment_is_token_f1_beyond_the_question() {
+        let q = "What is the access code of the vault kept by Sven?";
+        assert_eq!(alignment("", "", q), 1.0);
+        assert_eq!(alignment("The code is amber-falcon-42.", "the code is amber-falcon-42", q), 1.0);
+        // Restating the question is not agreement: only the facts count.
+        assert_eq!(
+            alignment("The access code of the vault kept by Sven is 81.", "The access code of the Fallasktho vault is misty-beacon-81.", q),
+            0.0
+        );
+        assert!((alignment("a b c d", "a b", "") - 2.0 / 3.0).abs() < 1e-6);
     }
 
     #[test]

@@ -157,7 +157,11 @@ fn permissive_label_lets_an_answer_flow_where_conservative_is_blocked() {
     assert_eq!(p.cost.generations, 2, "full answer, then the restricted regeneration");
     assert!(p.trace.full_answer.is_some());
     // Exhaustive search (no shortcuts) finds the same minimal context.
-    let exhaustive = PermissiveConfig { sink_directed: false, total_order_shortcut: false, ..PermissiveConfig::default() };
+    let exhaustive = PermissiveConfig { sink_directed: false, total_order_shortcut: false, exhaustive: true, ..PermissiveConfig::default() };
+    // The default search without the sink shortcut: leave-one-out.
+    let loo = run(Propagator::Permissive(PermissiveConfig { sink_directed: false, ..PermissiveConfig::default() }));
+    assert_eq!(loo.label_sources, vec![1], "{:?}", loo.trace);
+    assert!(loo.cost.score_batches <= 3, "{:?}", loo.cost);
     let e = run(Propagator::Permissive(exhaustive));
     assert_eq!(e.trace.route, "search");
     assert_eq!(e.label_sources, vec![1], "{:?}", e.trace);

@@ -26,6 +26,7 @@ fn small_benchmark_is_sound_and_permissive_labels_stay_below_conservative() {
         lambda: 0.5,
         max_tokens: 20,
         max_scored: 16,
+        min_alignment: Some(0.7),
     };
     let mut calls = 0;
     let report = run(&llm(), &policy(), &config, |done, total| {
@@ -54,7 +55,7 @@ fn small_benchmark_is_sound_and_permissive_labels_stay_below_conservative() {
 
 #[test]
 fn f1_and_tokens() {
-    assert_eq!(f1("The code is QX-4821.", "QX-4821"), 2.0 * 0.25 / 1.25);
-    assert_eq!(f1("", "QX-4821"), 0.0);
-    assert_eq!(f1("QX-4821", "QX-4821"), 1.0);
+    assert_eq!(f1("The code is amber-falcon-42.", "amber-falcon-42"), 2.0 * 0.25 / 1.25);
+    assert_eq!(f1("", "amber-falcon-42"), 0.0);
+    assert_eq!(f1("amber-falcon-42", "amber-falcon-42"), 1.0);
 }
