@@ -211,9 +211,9 @@ fn daemon_demo(engine: &std::sync::Arc<Engine>) -> anyhow::Result<()> {
     let addr = addr_rx.recv()?;
     println!("  lethe daemon on http://{addr} (SmolLM2-135M-Instruct + all-MiniLM-L6-v2, CPU)");
     let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-    let ask = |principal: &str, query: &str, sink: Option<&str>| -> anyhow::Result<()> {
+    let ask = |principal: &str, query: &str, sink: Option<&str>, propagator: &str| -> anyhow::Result<()> {
         let key = engine.create_key(&Actor::Operator, principal)?.key;
-        let mut body = serde_json::json!({ "query": query });
+        let mut body = serde_json::json!({ "query": query, "propagator": propagator });
         if let Some(s) = sink {
             body["sink"] = serde_json::json!(s);
         }
@@ -224,9 +224,17 @@ fn daemon_demo(engine: &std::sync::Arc<Engine>) -> anyhow::Result<()> {
         let status = resp.status().as_u16();
         let v: serde_json::Value = serde_json::from_str(&resp.body_mut().read_to_string()?)?;
         let to = sink.unwrap_or("itself");
-        println!("\n  {principal} asks {query:?} (answer goes to {to}): HTTP {status}");
+        println!("\n  {principal} asks {query:?} (answer goes to {to}, {propagator} label): HTTP {status}");
         if status == 200 {
-            let sources: Vec<&str> = v["sources"].as_array().into_iter().flatten().filter_map(|s| s["id"].as_str()).collect();
+            let sources: Vec<String> = v["sources"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|s| {
+                    let id = s["id"].as_str()?;
+                    Some(if s["used"] == true { id.to_string() } else { format!("({id}: retrieved, not used)") })
+                })
+                .collect();
             println!("    sources: {}", sources.join(", "));
             println!("    label:   {}", v["label"]["display"].as_str().unwrap_or("?"));
             let answer = v["answer"].as_str().unwrap_or("").trim().replace('\n', "\n             ");
@@ -240,9 +248,16 @@ fn daemon_demo(engine: &std::sync::Arc<Engine>) -> anyhow::Result<()> {
         Ok(())
     };
     let question = "What are the salary bands for engineers?";
-    ask("alice", question, None)?;
-    ask("ed", question, None)?;
-    ask("support-bot", "Tell me about the March outage.", Some("app:support-bot"))?;
+    ask("alice", question, None, "conservative")?;
+    ask("ed", question, None, "conservative")?;
+    println!("\n  The support bot answers customers (a public sink). Retrieval also brings internal");
+    println!("  notes and untrusted web text, so the conservative label blocks the answer; the");
+    println!("  permissive label keeps only the sources that influenced it, regenerates from them,");
+    println!("  and the answer may go out:");
+    let password = "How do I reset a password?";
+    ask("support-bot", password, Some("app:support-bot"), "conservative")?;
+    ask("support-bot", password, Some("app:support-bot"), "permissive")?;
+    ask("support-bot", "Tell me about the March outage.", Some("app:support-bot"), "permissive")?;
     let _ = stop_tx.send(());
     server.join().map_err(|_| anyhow::format_err!("the daemon thread panicked"))??;
     Ok(())

@@ -153,8 +153,9 @@ pub(crate) fn refusal(state: &AppState, outcome: &AnswerOutcome) -> AppError {
     let blocking: Vec<serde_json::Value> = outcome
         .sources
         .iter()
-        .filter(|s| !policy.check_flow(&s.label, &outcome.sink).is_empty())
-        .map(|s| wire::source(s, &policy))
+        .enumerate()
+        .filter(|(_, s)| !policy.check_flow(&s.label, &outcome.sink).is_empty())
+        .map(|(i, s)| wire::source(s, outcome.answer.label_sources.contains(&i), &policy))
         .collect();
     AppError::new(
         StatusCode::FORBIDDEN,

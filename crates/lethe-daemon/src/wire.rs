@@ -28,13 +28,25 @@ pub(crate) fn label(label: &Label, policy: &Policy) -> Value {
     })
 }
 
-/// A retrieved source: ids and label, never text.
-pub(crate) fn source(s: &lethe_engine::Source, policy: &Policy) -> Value {
+/// A retrieved source: ids, label and whether the released answer was
+/// generated from it (and carries its label); never text.
+pub(crate) fn source(s: &lethe_engine::Source, used: bool, policy: &Policy) -> Value {
     json!({
         "id": s.doc_id,
         "chunk": s.chunk_id,
         "label": label(&s.label, policy),
+        "used": used,
     })
+}
+
+/// Every retrieved source of an outcome, marked used or not.
+pub(crate) fn sources(outcome: &lethe_engine::AnswerOutcome, policy: &Policy) -> Vec<Value> {
+    outcome
+        .sources
+        .iter()
+        .enumerate()
+        .map(|(i, s)| source(s, outcome.answer.label_sources.contains(&i), policy))
+        .collect()
 }
 
 /// A refusal reason.

@@ -53,7 +53,7 @@ pub struct LabelsConfig {
 }
 
 fn default_alignment() -> Option<f32> {
-    Some(0.7)
+    Some(0.5)
 }
 
 impl LabelsConfig {

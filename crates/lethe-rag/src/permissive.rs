@@ -81,14 +81,16 @@ impl Default for PermissiveConfig {
             sink_directed: true,
             total_order_shortcut: true,
             exhaustive: false,
-            min_alignment: Some(0.7),
+            min_alignment: Some(0.5),
         }
     }
 }
 
-/// Token F1 between two answers over the words that are not in the
-/// question (lower-cased), so that restating the question does not count as
-/// agreement; 1.0 when neither says anything beyond the question.
+/// F1 between the sets of distinct words (lower-cased) two answers use
+/// beyond the question's words, so that restating the question does not
+/// count as agreement and wording or repetition matters little, while a
+/// different fact (another code, another number) does; 1.0 when neither says
+/// anything beyond the question.
 pub(crate) fn alignment(a: &str, b: &str, question: &str) -> f32 {
     let words = |s: &str| -> Vec<String> {
         s.split(|c: char| !c.is_alphanumeric() && c != '-')
@@ -97,7 +99,10 @@ pub(crate) fn alignment(a: &str, b: &str, question: &str) -> f32 {
             .collect()
     };
     let asked: BTreeSet<String> = words(question).into_iter().collect();
-    let content = |s: &str| -> Vec<String> { words(s).into_iter().filter(|w| !asked.contains(w)).collect() };
+    let content = |s: &str| -> Vec<String> {
+        let set: BTreeSet<String> = words(s).into_iter().filter(|w| !asked.contains(w)).collect();
+        set.into_iter().collect()
+    };
     let (wa, wb) = (content(a), content(b));
     if wa.is_empty() && wb.is_empty() {
         return 1.0;
@@ -505,6 +510,8 @@ mod tests {
             0.0
         );
         assert!((alignment("a b c d", "a b", "") - 2.0 / 3.0).abs() < 1e-6);
+        // Repetition does not count twice.
+        assert_eq!(alignment("click click click link", "click link", ""), 1.0);
     }
 
     #[test]

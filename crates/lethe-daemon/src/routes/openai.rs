@@ -287,7 +287,7 @@ fn label_name(label: &Label, policy: &Policy) -> Option<String> {
 pub(super) fn lethe_extension(outcome: &AnswerOutcome, policy: &Policy) -> Value {
     json!({
         "label": wire::label(&outcome.answer.label, policy),
-        "sources": outcome.sources.iter().map(|s| wire::source(s, policy)).collect::<Vec<_>>(),
+        "sources": wire::sources(outcome, policy),
         "decision": outcome.answer.decision.name(),
         "sink": outcome.sink.to_string(),
         "propagator": outcome.answer.propagator.name(),

@@ -77,7 +77,7 @@ async fn query(
     let body = json!({
         "answer": outcome.answer.text.clone().unwrap_or_default(),
         "label": wire::label(&outcome.answer.label, &policy),
-        "sources": outcome.sources.iter().map(|s| wire::source(s, &policy)).collect::<Vec<_>>(),
+        "sources": wire::sources(&outcome, &policy),
         "decision": "released",
         "sink": outcome.sink.to_string(),
         "propagator": outcome.answer.propagator.name(),

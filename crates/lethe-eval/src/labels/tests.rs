@@ -26,7 +26,7 @@ fn small_benchmark_is_sound_and_permissive_labels_stay_below_conservative() {
         lambda: 0.5,
         max_tokens: 20,
         max_scored: 16,
-        min_alignment: Some(0.7),
+        min_alignment: Some(0.5),
     };
     let mut calls = 0;
     let report = run(&llm(), &policy(), &config, |done, total| {
