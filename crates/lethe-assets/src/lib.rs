@@ -145,8 +145,73 @@ impl Asset {
         ],
     };
 
+    /// scikit-image's bundled sample data: the LFW subset
+    /// (`lfw_subset.npy`, float64 (200, 25, 25): 100 faces then 100
+    /// non-faces) and medical/sparse sample images (`microaneurysms.png`
+    /// 102x102 gray retina crop, `phantom.png` Shepp-Logan phantom,
+    /// `cell.png`, `ihc.png` RGB histology, `retina.jpg` fundus photo,
+    /// `camera.png`).
+    pub const SKIMAGE_DATA: Asset = Asset {
+        name: "skimage-data",
+        package: "scikit-image",
+        version: "0.25.2",
+        wheel: "scikit_image-0.25.2-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
+        sha256: "24cc986e1f4187a12aa319f777b36008764e856e5013666a4a83f8df083c2641",
+        strip_prefix: "skimage/data/",
+        members: &[
+            "lfw_subset.npy",
+            "microaneurysms.png",
+            "phantom.png",
+            "cell.png",
+            "ihc.png",
+            "retina.jpg",
+            "camera.png",
+        ],
+        pip_args: &[
+            "--platform",
+            "manylinux2014_x86_64",
+            "--python-version",
+            "3.11",
+            "--implementation",
+            "cp",
+            "--abi",
+            "cp311",
+        ],
+    };
+
+    /// pydicom's bundled DICOM test files: `CT_small.dcm` (CT 128x128,
+    /// 16-bit signed, explicit VR LE), `MR_small.dcm` (MR 64x64, 16-bit),
+    /// `MR_small_implicit.dcm` and `MR_small_bigendian.dcm` (the same
+    /// image in other transfer syntaxes), `MR_small_RLE.dcm` (RLE
+    /// compressed), `MR_truncated.dcm` (damaged pixel data) and
+    /// `examples_overlay.dcm` (MR 300x484, 12 bits stored).
+    pub const PYDICOM_DATA: Asset = Asset {
+        name: "pydicom-data",
+        package: "pydicom",
+        version: "3.0.2",
+        wheel: "pydicom-3.0.2-py3-none-any.whl",
+        sha256: "abf971a5440f84dbaf42c4b6758e30e62480902584f8b270b9a5d146e278a07b",
+        strip_prefix: "pydicom/data/test_files/",
+        members: &[
+            "CT_small.dcm",
+            "MR_small.dcm",
+            "MR_small_implicit.dcm",
+            "MR_small_bigendian.dcm",
+            "MR_small_RLE.dcm",
+            "MR_truncated.dcm",
+            "examples_overlay.dcm",
+        ],
+        pip_args: &[],
+    };
+
     /// Every asset lethe knows.
-    pub const ALL: &'static [Asset] = &[Asset::SMOLLM2_135M_INSTRUCT, Asset::ALL_MINILM_L6_V2, Asset::SKLEARN_DATA];
+    pub const ALL: &'static [Asset] = &[
+        Asset::SMOLLM2_135M_INSTRUCT,
+        Asset::ALL_MINILM_L6_V2,
+        Asset::SKLEARN_DATA,
+        Asset::SKIMAGE_DATA,
+        Asset::PYDICOM_DATA,
+    ];
 
     /// Looks an asset up by its short name.
     pub fn by_name(name: &str) -> Result<Asset> {
