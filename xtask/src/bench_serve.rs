@@ -72,16 +72,30 @@ pub(crate) fn bench(root: &Path, seconds: u64, clients: usize) -> anyhow::Result
         ),
     )?;
     let lethe_cmd = |args: &[&str]| -> anyhow::Result<String> {
-        let out = Command::new(&lethe).arg("--config").arg(&config).args(args).output()?;
+        let out = Command::new(&lethe)
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .output()?;
         if !out.status.success() {
             bail!("lethe {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         }
         Ok(String::from_utf8(out.stdout)?)
     };
-    lethe_cmd(&["ingest", root.join("datasets/acme/corpus.jsonl").to_str().unwrap_or_default()])?;
+    lethe_cmd(&[
+        "ingest",
+        root.join("datasets/acme/corpus.jsonl")
+            .to_str()
+            .unwrap_or_default(),
+    ])?;
     let mut keys = std::collections::HashMap::new();
     for (p, _) in QUESTIONS {
-        keys.insert(*p, lethe_cmd(&["keys", "create", "--principal", p])?.trim().to_string());
+        keys.insert(
+            *p,
+            lethe_cmd(&["keys", "create", "--principal", p])?
+                .trim()
+                .to_string(),
+        );
     }
     let child = Command::new(&lethe)
         .arg("--config")
@@ -94,10 +108,17 @@ pub(crate) fn bench(root: &Path, seconds: u64, clients: usize) -> anyhow::Result
     let daemon = Daemon(child);
     let pid = daemon.0.id();
     let base = format!("http://127.0.0.1:{port}");
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
     let started = Instant::now();
     loop {
-        if agent.get(&format!("{base}/healthz")).call().is_ok_and(|r| r.status() == 200) {
+        if agent
+            .get(&format!("{base}/healthz"))
+            .call()
+            .is_ok_and(|r| r.status() == 200)
+        {
             break;
         }
         if started.elapsed() > Duration::from_secs(120) {
@@ -118,8 +139,13 @@ pub(crate) fn bench(root: &Path, seconds: u64, clients: usize) -> anyhow::Result
     let errors = Arc::new(Mutex::new(Vec::<String>::new()));
     let mut threads = Vec::new();
     for c in 0..clients {
-        let (stop, latencies, errors, agent, base) =
-            (stop.clone(), latencies.clone(), errors.clone(), agent.clone(), base.clone());
+        let (stop, latencies, errors, agent, base) = (
+            stop.clone(),
+            latencies.clone(),
+            errors.clone(),
+            agent.clone(),
+            base.clone(),
+        );
         let keys = keys.clone();
         threads.push(std::thread::spawn(move || {
             let mut i = c;
@@ -137,8 +163,14 @@ pub(crate) fn bench(root: &Path, seconds: u64, clients: usize) -> anyhow::Result
                         let _ = resp.body_mut().read_to_string();
                         latencies.lock().unwrap_or_else(|e| e.into_inner()).push(ms);
                     }
-                    Ok(resp) => errors.lock().unwrap_or_else(|e| e.into_inner()).push(format!("HTTP {}", resp.status())),
-                    Err(e) => errors.lock().unwrap_or_else(|e| e.into_inner()).push(e.to_string()),
+                    Ok(resp) => errors
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(format!("HTTP {}", resp.status())),
+                    Err(e) => errors
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(e.to_string()),
                 }
             }
         }));
@@ -157,7 +189,9 @@ pub(crate) fn bench(root: &Path, seconds: u64, clients: usize) -> anyhow::Result
     }
     let elapsed = load_start.elapsed().as_secs_f64();
     // Graceful shutdown, then the audit chain.
-    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
     let mut daemon = daemon;
     let exit = daemon.0.wait()?;
     let audit = lethe_cmd(&["audit", "verify"]);
@@ -165,7 +199,13 @@ pub(crate) fn bench(root: &Path, seconds: u64, clients: usize) -> anyhow::Result
     lat.sort_by(|a, b| a.total_cmp(b));
     let errors = errors.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let half = rss.len() / 2;
-    let mean = |v: &[f64]| if v.is_empty() { f64::NAN } else { v.iter().sum::<f64>() / v.len() as f64 };
+    let mean = |v: &[f64]| {
+        if v.is_empty() {
+            f64::NAN
+        } else {
+            v.iter().sum::<f64>() / v.len() as f64
+        }
+    };
     let summary = serde_json::json!({
         "qps": lat.len() as f64 / elapsed,
         "p50_ms": percentile(&lat, 0.5),

@@ -57,7 +57,11 @@ fn main() -> anyhow::Result<()> {
             run(cargo().args(["run", "-q", "-p", "lethe-cli", "--", "fetch"]))?;
             run(cargo().args(["test", "--workspace"]).args(args))
         }
-        Task::Bench { which, seconds, clients } => match which.as_str() {
+        Task::Bench {
+            which,
+            seconds,
+            clients,
+        } => match which.as_str() {
             "serve" => bench_serve::bench(&root, seconds, clients),
             "retrieval" => run(cargo().args([
                 "run",

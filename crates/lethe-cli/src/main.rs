@@ -5,6 +5,7 @@
 //! `lethe-engine`.
 
 mod quickstart;
+mod unlearn;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -95,6 +96,12 @@ enum Command {
     /// The document store.
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Compliance unlearning: file requests, run them, signed receipts.
+    #[command(subcommand)]
+    Unlearn(unlearn::UnlearnCommand),
+    /// The kNN-LM datastore (`[knnlm]` in lethe.toml).
+    #[command(subcommand)]
+    Knnlm(KnnlmCommand),
 }
 
 #[derive(Subcommand)]
@@ -121,6 +128,16 @@ enum EvalCommand {
         config: PathBuf,
         /// Where the report goes.
         #[arg(long, default_value = "evals/results")]
+        out: PathBuf,
+    },
+    /// RESTOR: clean -> corrupted -> unlearned, for every unlearning method
+    /// (resumable: finished stages are loaded, not recomputed).
+    Restor {
+        /// Run configuration.
+        #[arg(long, default_value = "evals/restor/small.toml")]
+        config: PathBuf,
+        /// Where the report (and stage checkpoints) go.
+        #[arg(long, default_value = "evals/results/restor")]
         out: PathBuf,
     },
 }
@@ -166,6 +183,13 @@ enum AuditCommand {
 enum StoreCommand {
     /// Check that the document table and both indexes agree.
     Verify,
+}
+
+#[derive(Subcommand)]
+enum KnnlmCommand {
+    /// Build or update the kNN-LM datastore from the stored documents (one
+    /// forward pass of the generator per new or changed document).
+    Sync,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -249,11 +273,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Quickstart { dir } => quickstart::run(dir),
         Command::Serve { listen } => {
             let config = config(&cli)?;
-            let mut server = lethe_daemon::ServerConfig::from_table(config.server.as_ref()).map_err(anyhow::Error::msg)?;
+            let mut server = lethe_daemon::ServerConfig::from_table(config.server.as_ref())
+                .map_err(anyhow::Error::msg)?;
             if let Some(l) = listen {
                 server.listen = *l;
             }
-            let engine = std::sync::Arc::new(Engine::open(config, "http").context("opening the data directory")?);
+            let engine = std::sync::Arc::new(
+                Engine::open(config, "http").context("opening the data directory")?,
+            );
             let pb = spinner("loading models".into());
             let warm = engine.warm_up();
             pb.finish_and_clear();
@@ -279,17 +306,65 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} answers, ETA {eta}")
                     .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
             );
-            let report = lethe_eval::labels::run_default(&cfg, &root.join("policies/example-org.toml"), |done, total| {
-                pb.set_length(total as u64);
-                pb.set_position(done as u64);
-            });
+            let report = lethe_eval::labels::run_default(
+                &cfg,
+                &root.join("policies/example-org.toml"),
+                |done, total| {
+                    pb.set_length(total as u64);
+                    pb.set_position(done as u64);
+                },
+            );
             pb.finish_and_clear();
             let report = report?;
-            let out = if out.is_absolute() { out.clone() } else { root.join(out) };
+            let out = if out.is_absolute() {
+                out.clone()
+            } else {
+                root.join(out)
+            };
             report.write(&out)?;
             println!("{}", report.markdown());
             println!("wrote {}", out.join("labels.json").display());
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Eval(EvalCommand::Restor { config, out }) => {
+            // Small-model training: candle's element-wise pool competes with
+            // the matmul threads on small machines (see lethe-restor).
+            if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+                std::env::set_var("CANDLE_NUM_THREADS", "1");
+            }
+            let root = lethe_engine::project_root();
+            let resolve = |p: &PathBuf| {
+                if p.is_absolute() || p.exists() {
+                    p.clone()
+                } else {
+                    root.join(p)
+                }
+            };
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{elapsed_precise} [{bar:30}] {pos}/{len} {msg} ETA {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            let out = resolve(out);
+            let report = lethe_restor::run_with_progress(&resolve(config), &out, &mut |p| {
+                bar.set_length(p.total as u64);
+                bar.set_position(p.done as u64);
+                bar.set_message(format!("{} ({:?})", p.stage, p.status));
+            });
+            bar.finish_and_clear();
+            let report = report?;
+            println!(
+                "gates pass: {}; finding: {}; {:.1} s",
+                report.gates.all_pass, report.finding.verdict, report.environment.total_seconds
+            );
+            println!("wrote {}", out.join("report.md").display());
+            Ok(if report.gates.all_pass {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(3)
+            })
         }
         Command::Fetch => {
             for (name, dir) in lethe_engine::fetch_models(&lethe_engine::default_model_cache())? {
@@ -434,6 +509,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Audit(AuditCommand::Verify { file: None }) => {
             let engine = open(&cli)?;
             audit_verify(&engine.verify_audit()?)
+        }
+        Command::Unlearn(cmd) => unlearn::run(cmd, || open(&cli)),
+        Command::Knnlm(KnnlmCommand::Sync) => {
+            let engine = open(&cli)?;
+            let s = engine.sync_datastore(&Actor::Operator)?;
+            println!(
+                "kNN-LM datastore: {} documents added, {} removed, {} entries",
+                s.added, s.removed, s.entries
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Command::Store(StoreCommand::Verify) => {
             let engine = open(&cli)?;

@@ -148,7 +148,8 @@ pub(crate) fn run(dir: &Path) -> anyhow::Result<ExitCode> {
     pb.finish_and_clear();
     warm?;
     daemon_demo(&engine)?;
-    let engine = std::sync::Arc::try_unwrap(engine).map_err(|_| anyhow::format_err!("the daemon still holds the engine"))?;
+    let engine = std::sync::Arc::try_unwrap(engine)
+        .map_err(|_| anyhow::format_err!("the daemon still holds the engine"))?;
 
     section("7. API keys and the audit log");
     let key = engine.create_key(&Actor::Operator, "support-bot")?;
@@ -210,8 +211,15 @@ fn daemon_demo(engine: &std::sync::Arc<Engine>) -> anyhow::Result<()> {
     });
     let addr = addr_rx.recv()?;
     println!("  lethe daemon on http://{addr} (SmolLM2-135M-Instruct + all-MiniLM-L6-v2, CPU)");
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-    let ask = |principal: &str, query: &str, sink: Option<&str>, propagator: &str| -> anyhow::Result<()> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let ask = |principal: &str,
+               query: &str,
+               sink: Option<&str>,
+               propagator: &str|
+     -> anyhow::Result<()> {
         let key = engine.create_key(&Actor::Operator, principal)?.key;
         let mut body = serde_json::json!({ "query": query, "propagator": propagator });
         if let Some(s) = sink {
@@ -232,12 +240,23 @@ fn daemon_demo(engine: &std::sync::Arc<Engine>) -> anyhow::Result<()> {
                 .flatten()
                 .filter_map(|s| {
                     let id = s["id"].as_str()?;
-                    Some(if s["used"] == true { id.to_string() } else { format!("({id}: retrieved, not used)") })
+                    Some(if s["used"] == true {
+                        id.to_string()
+                    } else {
+                        format!("({id}: retrieved, not used)")
+                    })
                 })
                 .collect();
             println!("    sources: {}", sources.join(", "));
-            println!("    label:   {}", v["label"]["display"].as_str().unwrap_or("?"));
-            let answer = v["answer"].as_str().unwrap_or("").trim().replace('\n', "\n             ");
+            println!(
+                "    label:   {}",
+                v["label"]["display"].as_str().unwrap_or("?")
+            );
+            let answer = v["answer"]
+                .as_str()
+                .unwrap_or("")
+                .trim()
+                .replace('\n', "\n             ");
             println!("    answer:  {answer}");
         } else {
             println!("    {}", v["error"]["message"].as_str().unwrap_or("?"));
@@ -250,16 +269,37 @@ fn daemon_demo(engine: &std::sync::Arc<Engine>) -> anyhow::Result<()> {
     let question = "What are the salary bands for engineers?";
     ask("alice", question, None, "conservative")?;
     ask("ed", question, None, "conservative")?;
-    println!("\n  The support bot answers customers (a public sink). Retrieval also brings internal");
+    println!(
+        "\n  The support bot answers customers (a public sink). Retrieval also brings internal"
+    );
     println!("  notes and untrusted web text, so the conservative label blocks the answer; the");
-    println!("  permissive label keeps only the sources that influenced it, regenerates from them,");
+    println!(
+        "  permissive label keeps only the sources that influenced it, regenerates from them,"
+    );
     println!("  and the answer may go out:");
     let password = "How do I reset a password?";
-    ask("support-bot", password, Some("app:support-bot"), "conservative")?;
-    ask("support-bot", password, Some("app:support-bot"), "permissive")?;
-    ask("support-bot", "Tell me about the March outage.", Some("app:support-bot"), "permissive")?;
+    ask(
+        "support-bot",
+        password,
+        Some("app:support-bot"),
+        "conservative",
+    )?;
+    ask(
+        "support-bot",
+        password,
+        Some("app:support-bot"),
+        "permissive",
+    )?;
+    ask(
+        "support-bot",
+        "Tell me about the March outage.",
+        Some("app:support-bot"),
+        "permissive",
+    )?;
     let _ = stop_tx.send(());
-    server.join().map_err(|_| anyhow::format_err!("the daemon thread panicked"))??;
+    server
+        .join()
+        .map_err(|_| anyhow::format_err!("the daemon thread panicked"))??;
     Ok(())
 }
 

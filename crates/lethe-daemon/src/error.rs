@@ -61,7 +61,11 @@ impl AppError {
     /// 500 with a generic message; the detail is logged, not sent.
     pub fn internal(detail: impl std::fmt::Display) -> AppError {
         tracing::error!(error = %detail, "internal error");
-        AppError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal error")
+        AppError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "internal error",
+        )
     }
 
     /// Adds structured fields to the error object.
@@ -83,7 +87,9 @@ impl IntoResponse for AppError {
             "type": self.kind,
             "code": self.status.as_u16(),
         });
-        if let (Some(serde_json::Value::Object(extra)), Some(obj)) = (self.extra, error.as_object_mut()) {
+        if let (Some(serde_json::Value::Object(extra)), Some(obj)) =
+            (self.extra, error.as_object_mut())
+        {
             for (k, v) in extra {
                 obj.insert(k, v);
             }
@@ -110,10 +116,16 @@ impl From<lethe_engine::Error> for AppError {
             E::Forbidden(m) => AppError::forbidden(m),
             E::BadRequest(m) => AppError::bad_request(m),
             E::NotFound(m) => AppError::new(StatusCode::NOT_FOUND, "not_found_error", m),
-            E::Cancelled => AppError::new(StatusCode::REQUEST_TIMEOUT, "cancelled", "request cancelled"),
-            E::Store(lethe_engine::StoreError::DuplicateId(m)) => {
-                AppError::new(StatusCode::CONFLICT, "conflict_error", format!("duplicate document id: {m}"))
-            }
+            E::Cancelled => AppError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "cancelled",
+                "request cancelled",
+            ),
+            E::Store(lethe_engine::StoreError::DuplicateId(m)) => AppError::new(
+                StatusCode::CONFLICT,
+                "conflict_error",
+                format!("duplicate document id: {m}"),
+            ),
             E::Store(lethe_engine::StoreError::InvalidInput(m)) => AppError::bad_request(m),
             E::Keys(_) => AppError::unauthorized("invalid API key"),
             other => AppError::internal(other),
@@ -124,12 +136,19 @@ impl From<lethe_engine::Error> for AppError {
 impl From<JsonRejection> for AppError {
     fn from(r: JsonRejection) -> AppError {
         let (kind, message) = match &r {
-            JsonRejection::JsonSyntaxError(_) => ("invalid_request_error", format!("malformed JSON: {}", r.body_text())),
+            JsonRejection::JsonSyntaxError(_) => (
+                "invalid_request_error",
+                format!("malformed JSON: {}", r.body_text()),
+            ),
             JsonRejection::JsonDataError(_) => ("invalid_request_error", r.body_text()),
-            JsonRejection::MissingJsonContentType(_) => {
-                ("invalid_request_error", "expected a JSON body with `content-type: application/json`".to_string())
-            }
-            _ if r.status() == StatusCode::PAYLOAD_TOO_LARGE => ("invalid_request_error", "request body too large".to_string()),
+            JsonRejection::MissingJsonContentType(_) => (
+                "invalid_request_error",
+                "expected a JSON body with `content-type: application/json`".to_string(),
+            ),
+            _ if r.status() == StatusCode::PAYLOAD_TOO_LARGE => (
+                "invalid_request_error",
+                "request body too large".to_string(),
+            ),
             _ => ("invalid_request_error", r.body_text()),
         };
         AppError::new(r.status(), kind, message)

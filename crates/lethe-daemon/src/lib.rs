@@ -93,7 +93,10 @@ impl ServerConfig {
     pub fn from_table(table: Option<&toml::Value>) -> Result<ServerConfig, String> {
         match table {
             None => Ok(ServerConfig::default()),
-            Some(v) => v.clone().try_into().map_err(|e: toml::de::Error| format!("[server]: {}", e.message())),
+            Some(v) => v
+                .clone()
+                .try_into()
+                .map_err(|e: toml::de::Error| format!("[server]: {}", e.message())),
         }
     }
 }
@@ -115,7 +118,11 @@ impl AppState {
     /// Builds the state and starts the model workers.
     pub fn new(engine: Arc<Engine>, config: ServerConfig) -> AppState {
         let metrics = Arc::new(Metrics::new());
-        let pool = Arc::new(ModelPool::start(config.workers.max(1), config.queue_capacity.max(1), metrics.clone()));
+        let pool = Arc::new(ModelPool::start(
+            config.workers.max(1),
+            config.queue_capacity.max(1),
+            metrics.clone(),
+        ));
         AppState {
             engine,
             pool,
@@ -130,7 +137,10 @@ pub fn app(state: AppState) -> Router {
     let limit = state.config.max_body_bytes;
     routes::router()
         .layer(DefaultBodyLimit::max(limit))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), metrics::track))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics::track,
+        ))
         .with_state(state)
 }
 
@@ -148,15 +158,24 @@ pub async fn serve(
     #[cfg(unix)]
     let reloader = tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
         while hup.recv().await.is_some() {
-            match reload_state.engine.reload_policy(&lethe_engine::Actor::Operator) {
+            match reload_state
+                .engine
+                .reload_policy(&lethe_engine::Actor::Operator)
+            {
                 Ok(_) => tracing::info!("policy reloaded on SIGHUP"),
-                Err(e) => tracing::error!(error = %e, "policy reload failed; the old policy stays in force"),
+                Err(e) => {
+                    tracing::error!(error = %e, "policy reload failed; the old policy stays in force")
+                }
             }
         }
     });
-    let result = axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await;
+    let result = axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown)
+        .await;
     #[cfg(unix)]
     reloader.abort();
     pool.shutdown(Duration::from_secs(30));
@@ -170,7 +189,8 @@ pub async fn shutdown_signal() {
     };
     #[cfg(unix)]
     let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
             s.recv().await;
         }
     };

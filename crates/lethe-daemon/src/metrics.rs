@@ -56,17 +56,43 @@ impl Metrics {
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("lethe");
         let requests = Family::<RouteStatus, Counter>::default();
-        let latency = Family::<RouteLabel, Histogram>::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 18)));
+        let latency = Family::<RouteLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 18))
+        });
         let refusals = Family::<SinkLabel, Counter>::default();
         let model_seconds = Histogram::new(exponential_buckets(0.01, 2.0, 14));
         let queue_depth = Gauge::<i64, AtomicI64>::default();
         let in_flight_jobs = Gauge::<i64, AtomicI64>::default();
-        registry.register("http_requests", "HTTP requests by route and status", requests.clone());
-        registry.register("http_request_duration_seconds", "HTTP request latency", latency.clone());
-        registry.register("refusals", "Answers refused by the flow check, by sink", refusals.clone());
-        registry.register("model_seconds", "Seconds spent in the model per query", model_seconds.clone());
-        registry.register("queue_depth", "Model jobs waiting for a worker", queue_depth.clone());
-        registry.register("model_jobs_in_flight", "Model jobs running", in_flight_jobs.clone());
+        registry.register(
+            "http_requests",
+            "HTTP requests by route and status",
+            requests.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "HTTP request latency",
+            latency.clone(),
+        );
+        registry.register(
+            "refusals",
+            "Answers refused by the flow check, by sink",
+            refusals.clone(),
+        );
+        registry.register(
+            "model_seconds",
+            "Seconds spent in the model per query",
+            model_seconds.clone(),
+        );
+        registry.register(
+            "queue_depth",
+            "Model jobs waiting for a worker",
+            queue_depth.clone(),
+        );
+        registry.register(
+            "model_jobs_in_flight",
+            "Model jobs running",
+            in_flight_jobs.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -80,7 +106,11 @@ impl Metrics {
 
     /// Counts a refused answer.
     pub fn refused(&self, sink: &str) {
-        self.refusals.get_or_create(&SinkLabel { sink: sink.to_string() }).inc();
+        self.refusals
+            .get_or_create(&SinkLabel {
+                sink: sink.to_string(),
+            })
+            .inc();
     }
 
     /// Records model time of one query.
@@ -114,6 +144,8 @@ pub(crate) async fn track(State(state): State<AppState>, req: Request, next: Nex
             status: response.status().as_u16(),
         })
         .inc();
-    m.latency.get_or_create(&RouteLabel { route }).observe(start.elapsed().as_secs_f64());
+    m.latency
+        .get_or_create(&RouteLabel { route })
+        .observe(start.elapsed().as_secs_f64());
     response
 }

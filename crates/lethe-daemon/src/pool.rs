@@ -104,7 +104,8 @@ impl ModelPool {
         self.closed.store(true, Ordering::SeqCst);
         drop(self.sender.lock().unwrap_or_else(|p| p.into_inner()).take());
         let deadline = Instant::now() + grace;
-        let handles: Vec<JoinHandle<()>> = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|p| p.into_inner()));
+        let handles: Vec<JoinHandle<()>> =
+            std::mem::take(&mut *self.workers.lock().unwrap_or_else(|p| p.into_inner()));
         for h in handles {
             while !h.is_finished() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));
@@ -148,7 +149,11 @@ mod tests {
         assert_eq!(rejected, 3);
         drop(hold);
         pool.shutdown(Duration::from_secs(5));
-        assert_eq!(done.load(Ordering::SeqCst), 3, "queued jobs finish on shutdown");
+        assert_eq!(
+            done.load(Ordering::SeqCst),
+            3,
+            "queued jobs finish on shutdown"
+        );
         assert_eq!(pool.submit(|| {}), Err(Rejected::ShuttingDown));
     }
 

@@ -5,6 +5,7 @@ mod admin;
 mod documents;
 mod openai;
 mod query;
+mod unlearn;
 
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,6 +31,7 @@ pub(crate) fn router() -> Router<AppState> {
         .merge(documents::router())
         .merge(query::router())
         .merge(openai::router())
+        .merge(unlearn::router())
 }
 
 /// The authenticated principal of a request (`Authorization: Bearer KEY`).
@@ -38,17 +40,24 @@ pub(crate) struct Authed(pub String);
 impl FromRequestParts<AppState> for Authed {
     type Rejection = AppError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let value = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .ok_or_else(|| AppError::unauthorized("missing API key: send `Authorization: Bearer <key>`"))?;
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let value = parts.headers.get(header::AUTHORIZATION).ok_or_else(|| {
+            AppError::unauthorized("missing API key: send `Authorization: Bearer <key>`")
+        })?;
         let key = value
             .to_str()
             .ok()
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
             .map(str::trim)
-            .ok_or_else(|| AppError::unauthorized("malformed Authorization header: expected `Bearer <key>`"))?;
+            .ok_or_else(|| {
+                AppError::unauthorized("malformed Authorization header: expected `Bearer <key>`")
+            })?;
         let principal = state
             .engine
             .authenticate(key)
@@ -59,8 +68,16 @@ impl FromRequestParts<AppState> for Authed {
 
 fn rejected(r: Rejected) -> AppError {
     match r {
-        Rejected::Full => AppError::busy(StatusCode::TOO_MANY_REQUESTS, "the model queue is full; retry later", 2),
-        Rejected::ShuttingDown => AppError::busy(StatusCode::SERVICE_UNAVAILABLE, "the daemon is shutting down", 5),
+        Rejected::Full => AppError::busy(
+            StatusCode::TOO_MANY_REQUESTS,
+            "the model queue is full; retry later",
+            2,
+        ),
+        Rejected::ShuttingDown => AppError::busy(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the daemon is shutting down",
+            5,
+        ),
     }
 }
 
@@ -69,7 +86,10 @@ fn timeout(state: &AppState) -> Duration {
 }
 
 /// Runs a query on the model pool and waits for the whole outcome.
-pub(crate) async fn run_query(state: &AppState, req: AnswerRequest) -> Result<AnswerOutcome, AppError> {
+pub(crate) async fn run_query(
+    state: &AppState,
+    req: AnswerRequest,
+) -> Result<AnswerOutcome, AppError> {
     let (tx, rx) = oneshot::channel();
     let cancel = Arc::new(AtomicBool::new(false));
     let flag = cancel.clone();
@@ -90,7 +110,11 @@ pub(crate) async fn run_query(state: &AppState, req: AnswerRequest) -> Result<An
     match tokio::time::timeout(timeout(state), rx).await {
         Err(_) => {
             cancel.store(true, Ordering::Relaxed);
-            Err(AppError::new(StatusCode::GATEWAY_TIMEOUT, "timeout_error", "the query took too long and was cancelled"))
+            Err(AppError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout_error",
+                "the query took too long and was cancelled",
+            ))
         }
         Ok(Err(_)) => Err(AppError::internal("a model worker dropped a job")),
         Ok(Ok(r)) => {
@@ -114,7 +138,10 @@ pub(crate) enum StreamMsg {
 /// Starts a query on the model pool that streams its events. Generation
 /// stops when the receiver is dropped (the client went away) or the
 /// deadline passes.
-pub(crate) fn start_stream(state: &AppState, req: AnswerRequest) -> Result<mpsc::Receiver<StreamMsg>, AppError> {
+pub(crate) fn start_stream(
+    state: &AppState,
+    req: AnswerRequest,
+) -> Result<mpsc::Receiver<StreamMsg>, AppError> {
     let (tx, rx) = mpsc::channel(256);
     let engine = state.engine.clone();
     let deadline = std::time::Instant::now() + timeout(state);
@@ -181,6 +208,7 @@ pub(crate) struct Knobs {
     pub seed: Option<u64>,
     pub retrieval: Option<String>,
     pub propagator: Option<String>,
+    pub mode: Option<String>,
     pub stop: Vec<String>,
 }
 
@@ -194,7 +222,10 @@ pub(crate) fn answer_request(
     let cfg = &state.config;
     let k = knobs.k.unwrap_or(cfg.default_k);
     if k == 0 || k > cfg.max_k {
-        return Err(AppError::bad_request(format!("k must be between 1 and {}", cfg.max_k)));
+        return Err(AppError::bad_request(format!(
+            "k must be between 1 and {}",
+            cfg.max_k
+        )));
     }
     let max_tokens = knobs.max_tokens.unwrap_or(cfg.default_max_tokens);
     if max_tokens == 0 || max_tokens > cfg.max_tokens_limit {
@@ -207,7 +238,9 @@ pub(crate) fn answer_request(
         return Err(AppError::bad_request("the query is empty"));
     }
     if query.len() > 16_384 {
-        return Err(AppError::bad_request("the query is longer than 16384 bytes"));
+        return Err(AppError::bad_request(
+            "the query is longer than 16384 bytes",
+        ));
     }
     let mode = match knobs.retrieval.as_deref() {
         None | Some("hybrid") => lethe_engine::Mode::Hybrid,
@@ -219,8 +252,18 @@ pub(crate) fn answer_request(
             )))
         }
     };
-    let propagator = lethe_engine::Propagator::from_name(knobs.propagator.as_deref().unwrap_or("conservative"))
-        .map_err(|e| AppError::bad_request(e.to_string()))?;
+    let generator = match knobs.mode.as_deref() {
+        None | Some("rag") => lethe_engine::Generator::Rag,
+        Some("knnlm") => lethe_engine::Generator::KnnLm,
+        Some(other) => {
+            return Err(AppError::bad_request(format!(
+                "unknown mode {other:?}: use \"rag\" or \"knnlm\""
+            )))
+        }
+    };
+    let propagator =
+        lethe_engine::Propagator::from_name(knobs.propagator.as_deref().unwrap_or("conservative"))
+            .map_err(|e| AppError::bad_request(e.to_string()))?;
     let sampling = match knobs.temperature {
         None => lethe_engine::Sampling::Greedy,
         Some(t) if !(0.0..=2.0).contains(&t) || !t.is_finite() => {
@@ -241,7 +284,9 @@ pub(crate) fn answer_request(
         }
     };
     if knobs.stop.len() > 4 || knobs.stop.iter().any(|s| s.is_empty() || s.len() > 64) {
-        return Err(AppError::bad_request("stop: at most 4 non-empty strings of at most 64 bytes"));
+        return Err(AppError::bad_request(
+            "stop: at most 4 non-empty strings of at most 64 bytes",
+        ));
     }
     Ok(AnswerRequest {
         principal,
@@ -257,5 +302,6 @@ pub(crate) fn answer_request(
             // No repetition penalty: answers must copy facts from the context.
             ..lethe_engine::GenerateConfig::default()
         },
+        generator,
     })
 }

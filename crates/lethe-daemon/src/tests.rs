@@ -31,7 +31,10 @@ struct Fixture {
 fn fixture(config: ServerConfig) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let engine = Engine::open(
-        Config::new(dir.path().join("data"), root().join("policies/example-org.toml")),
+        Config::new(
+            dir.path().join("data"),
+            root().join("policies/example-org.toml"),
+        ),
         "http",
     )
     .unwrap();
@@ -132,7 +135,10 @@ impl Drop for Live {
 }
 
 fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder().http_status_as_error(false).build().into()
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into()
 }
 
 /// Status, all headers as text, and the body.
@@ -173,31 +179,66 @@ fn canary_never_reaches_an_uncleared_principal() {
     for q in attacks {
         for (path, body) in [
             ("/v1/query", json!({"query": q, "k": 4})),
-            ("/v1/query", json!({"query": q, "retrieval": "bm25", "k": 8})),
-            ("/v1/query", json!({"query": q, "sink": "slack:engineering"})),
+            (
+                "/v1/query",
+                json!({"query": q, "retrieval": "bm25", "k": 8}),
+            ),
+            (
+                "/v1/query",
+                json!({"query": q, "sink": "slack:engineering"}),
+            ),
             ("/v1/query", json!({"query": q, "sink": "app:support-bot"})),
             (
                 "/v1/chat/completions",
                 json!({"model": "lethe", "messages": [{"role": "system", "content": q}, {"role": "user", "content": q}]}),
             ),
-            ("/v1/chat/completions", json!({"model": "lethe", "stream": true, "messages": [{"role": "user", "content": q}]})),
+            (
+                "/v1/chat/completions",
+                json!({"model": "lethe", "stream": true, "messages": [{"role": "user", "content": q}]}),
+            ),
         ] {
             let (status, headers, text) = post(&live, path, ed, &body);
-            assert!(!text.contains(CANARY), "canary leaked in a body ({path}, {q:?}, {status})");
+            assert!(
+                !text.contains(CANARY),
+                "canary leaked in a body ({path}, {q:?}, {status})"
+            );
             assert!(!headers.contains(CANARY), "canary leaked in headers");
-            assert!(!text.contains("hr/vault"), "the secret document's id leaked");
+            assert!(
+                !text.contains("hr/vault"),
+                "the secret document's id leaked"
+            );
             seen += 1;
         }
     }
     assert!(seen >= 24);
     // The cleared principal gets it, with the document's label in the answer's label.
-    let (status, headers, text) = post(&live, "/v1/query", &f.keys["alice"], &json!({"query": "What is the vault passphrase?"}));
+    let (status, headers, text) = post(
+        &live,
+        "/v1/query",
+        &f.keys["alice"],
+        &json!({"query": "What is the vault passphrase?"}),
+    );
     assert_eq!(status, 200, "{text}");
     let v: Value = serde_json::from_str(&text).unwrap();
-    assert!(v["answer"].as_str().unwrap().contains(CANARY), "cleared principal's answer: {}", v["answer"]);
-    assert!(v["sources"].as_array().unwrap().iter().any(|s| s["id"] == "hr/vault"));
+    assert!(
+        v["answer"].as_str().unwrap().contains(CANARY),
+        "cleared principal's answer: {}",
+        v["answer"]
+    );
+    assert!(v["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|s| s["id"] == "hr/vault"));
     let readers = &v["label"]["readers"];
-    assert!(readers.as_array().unwrap().iter().any(|c| c == &json!(["hr"])), "answer label {readers}");
+    assert!(
+        readers
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c == &json!(["hr"])),
+        "answer label {readers}"
+    );
     assert!(headers.contains("x-lethe-label:"));
     assert_eq!(v["decision"], "released");
     // The audit chain verifies after all of this.
@@ -221,22 +262,54 @@ fn refusals_are_structured_and_carry_no_content() {
     assert_eq!(e["type"], "policy_refusal");
     assert_eq!(e["decision"], "refused");
     let violations = e["violations"].as_array().unwrap();
-    assert!(violations.iter().any(|x| x["kind"] == "readers" && x["blocked_readers"] == json!(["*"])), "{e}");
-    assert!(e["blocking_sources"].as_array().unwrap().iter().any(|s| s["id"] == "support/outage-faq"));
+    assert!(
+        violations
+            .iter()
+            .any(|x| x["kind"] == "readers" && x["blocked_readers"] == json!(["*"])),
+        "{e}"
+    );
+    assert!(e["blocking_sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|s| s["id"] == "support/outage-faq"));
     // No document text in the refusal.
     assert!(!text.contains("schema migration"), "{text}");
     assert!(!headers.contains("schema migration"));
     // A principal may not name a sink it is not a caller of.
-    let (status, _, text) = post(&live, "/v1/query", &f.keys["ed"], &json!({"query": "hi", "sink": "app:support-bot"}));
+    let (status, _, text) = post(
+        &live,
+        "/v1/query",
+        &f.keys["ed"],
+        &json!({"query": "hi", "sink": "app:support-bot"}),
+    );
     assert_eq!(status, 403, "{text}");
-    let (status, _, text) = post(&live, "/v1/query", &f.keys["ed"], &json!({"query": "hi", "sink": "fax:nowhere"}));
+    let (status, _, text) = post(
+        &live,
+        "/v1/query",
+        &f.keys["ed"],
+        &json!({"query": "hi", "sink": "fax:nowhere"}),
+    );
     assert_eq!(status, 400, "{text}");
-    let metrics = agent().get(&live.url("/metrics")).call().unwrap().body_mut().read_to_string().unwrap();
+    let metrics = agent()
+        .get(&live.url("/metrics"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
     assert!(metrics.contains("lethe_refusals_total"), "{metrics}");
     assert!(metrics.contains("lethe_http_requests_total"));
 }
 
-async fn call(state: &AppState, method: &str, path: &str, key: Option<&str>, body: Body, json_ct: bool) -> (StatusCode, Value) {
+async fn call(
+    state: &AppState,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Body,
+    json_ct: bool,
+) -> (StatusCode, Value) {
     let mut req = Request::builder().method(method).uri(path);
     if let Some(k) = key {
         req = req.header("authorization", format!("Bearer {k}"));
@@ -244,16 +317,24 @@ async fn call(state: &AppState, method: &str, path: &str, key: Option<&str>, bod
     if json_ct {
         req = req.header("content-type", "application/json");
     }
-    let resp = app(state.clone()).oneshot(req.body(body).unwrap()).await.unwrap();
+    let resp = app(state.clone())
+        .oneshot(req.body(body).unwrap())
+        .await
+        .unwrap();
     let status = resp.status();
-    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .unwrap();
     let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     (status, v)
 }
 
 fn assert_json_error(status: StatusCode, v: &Value) {
     assert!(status.is_client_error(), "status {status}: {v}");
-    assert!(v["error"]["message"].is_string(), "no JSON error body for {status}: {v}");
+    assert!(
+        v["error"]["message"].is_string(),
+        "no JSON error body for {status}: {v}"
+    );
 }
 
 /// Bodies that must all be refused with a 4xx before any model runs.
@@ -268,8 +349,19 @@ fn bad_body() -> impl Strategy<Value = Vec<u8>> {
     ];
     let structured = (
         wrong_query,
-        prop_oneof![Just(json!(0)), Just(json!(100000)), Just(json!(-1)), Just(json!("ten")), Just(json!(1.5))],
-        prop_oneof![Just(json!(0)), Just(json!(1000)), Just(json!("x")), Just(json!(-3))],
+        prop_oneof![
+            Just(json!(0)),
+            Just(json!(100000)),
+            Just(json!(-1)),
+            Just(json!("ten")),
+            Just(json!(1.5))
+        ],
+        prop_oneof![
+            Just(json!(0)),
+            Just(json!(1000)),
+            Just(json!("x")),
+            Just(json!(-3))
+        ],
     )
         .prop_flat_map(|(q, max_tokens, k)| {
             prop_oneof![
@@ -303,10 +395,26 @@ fn bad_input_gets_json_4xx_and_the_server_keeps_serving() {
     runner
         .run(&bad_body(), |body| {
             rt.block_on(async {
-                let (status, v) = call(&f.state, "POST", "/v1/query", Some(&ed), Body::from(body.clone()), true).await;
+                let (status, v) = call(
+                    &f.state,
+                    "POST",
+                    "/v1/query",
+                    Some(&ed),
+                    Body::from(body.clone()),
+                    true,
+                )
+                .await;
                 assert_json_error(status, &v);
                 // The same garbage as a chat completion.
-                let (status, v) = call(&f.state, "POST", "/v1/chat/completions", Some(&ed), Body::from(body), true).await;
+                let (status, v) = call(
+                    &f.state,
+                    "POST",
+                    "/v1/chat/completions",
+                    Some(&ed),
+                    Body::from(body),
+                    true,
+                )
+                .await;
                 assert_json_error(status, &v);
             });
             Ok(())
@@ -318,32 +426,100 @@ fn bad_input_gets_json_4xx_and_the_server_keeps_serving() {
         let (s, v) = call(&f.state, "POST", "/v1/query", None, ok_body(), true).await;
         assert_eq!(s, StatusCode::UNAUTHORIZED);
         assert_json_error(s, &v);
-        let (s, _) = call(&f.state, "POST", "/v1/query", Some("lethe_000000000000_nope"), ok_body(), true).await;
+        let (s, _) = call(
+            &f.state,
+            "POST",
+            "/v1/query",
+            Some("lethe_000000000000_nope"),
+            ok_body(),
+            true,
+        )
+        .await;
         assert_eq!(s, StatusCode::UNAUTHORIZED);
         // Oversized body, missing content type, malformed JSON.
         let big = json!({"query": "x".repeat(10_000)}).to_string();
-        let (s, v) = call(&f.state, "POST", "/v1/query", Some(&ed), Body::from(big), true).await;
+        let (s, v) = call(
+            &f.state,
+            "POST",
+            "/v1/query",
+            Some(&ed),
+            Body::from(big),
+            true,
+        )
+        .await;
         assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{v}");
         assert_json_error(s, &v);
         let (s, v) = call(&f.state, "POST", "/v1/query", Some(&ed), ok_body(), false).await;
         assert_eq!(s, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{v}");
-        let (s, _) = call(&f.state, "POST", "/v1/query", Some(&ed), Body::from("{\"query\": "), true).await;
+        let (s, _) = call(
+            &f.state,
+            "POST",
+            "/v1/query",
+            Some(&ed),
+            Body::from("{\"query\": "),
+            true,
+        )
+        .await;
         assert_eq!(s, StatusCode::BAD_REQUEST);
         // Huge max_tokens is refused up front.
-        let (s, v) = call(&f.state, "POST", "/v1/query", Some(&ed), Body::from(json!({"query": "q", "max_tokens": 1_000_000}).to_string()), true).await;
+        let (s, v) = call(
+            &f.state,
+            "POST",
+            "/v1/query",
+            Some(&ed),
+            Body::from(json!({"query": "q", "max_tokens": 1_000_000}).to_string()),
+            true,
+        )
+        .await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
         // Chat specifics.
         let chat = |v: Value| Body::from(v.to_string());
-        let (s, _) = call(&f.state, "POST", "/v1/chat/completions", Some(&ed), chat(json!({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]})), true).await;
+        let (s, _) = call(
+            &f.state,
+            "POST",
+            "/v1/chat/completions",
+            Some(&ed),
+            chat(json!({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]})),
+            true,
+        )
+        .await;
         assert_eq!(s, StatusCode::NOT_FOUND);
-        let (s, _) = call(&f.state, "POST", "/v1/chat/completions", Some(&ed), chat(json!({"model": "lethe", "messages": []})), true).await;
+        let (s, _) = call(
+            &f.state,
+            "POST",
+            "/v1/chat/completions",
+            Some(&ed),
+            chat(json!({"model": "lethe", "messages": []})),
+            true,
+        )
+        .await;
         assert_eq!(s, StatusCode::BAD_REQUEST);
-        let (s, _) = call(&f.state, "POST", "/v1/chat/completions", Some(&ed), chat(json!({"model": "lethe", "n": 3, "messages": [{"role": "user", "content": "hi"}]})), true).await;
+        let (s, _) = call(
+            &f.state,
+            "POST",
+            "/v1/chat/completions",
+            Some(&ed),
+            chat(
+                json!({"model": "lethe", "n": 3, "messages": [{"role": "user", "content": "hi"}]}),
+            ),
+            true,
+        )
+        .await;
         assert_eq!(s, StatusCode::BAD_REQUEST);
         // And after all that, the server serves.
         let (s, v) = call(&f.state, "GET", "/healthz", None, Body::empty(), false).await;
         assert_eq!(s, StatusCode::OK, "{v}");
-        let (s, v) = call(&f.state, "POST", "/v1/query", Some(&ed), Body::from(json!({"query": "What are the office opening hours?", "max_tokens": 8}).to_string()), true).await;
+        let (s, v) = call(
+            &f.state,
+            "POST",
+            "/v1/query",
+            Some(&ed),
+            Body::from(
+                json!({"query": "What are the office opening hours?", "max_tokens": 8}).to_string(),
+            ),
+            true,
+        )
+        .await;
         assert_eq!(s, StatusCode::OK, "{v}");
     });
 }
@@ -411,7 +587,8 @@ fn documents_api_respects_roles_and_readability() {
         assert_eq!(s, StatusCode::OK);
         assert_eq!(v["object"], "list");
     });
-    let log = std::fs::read_to_string(f.state.engine.config().data_dir.join("audit.jsonl")).unwrap();
+    let log =
+        std::fs::read_to_string(f.state.engine.config().data_dir.join("audit.jsonl")).unwrap();
     assert!(log.contains("policy.reload"));
     assert!(f.state.engine.verify_audit().unwrap().is_intact());
 }
@@ -428,10 +605,19 @@ fn openai_python() -> PathBuf {
             .is_ok_and(|s| s.success())
     };
     if !ok(&python) {
-        let st = std::process::Command::new("python3").args(["-m", "venv"]).arg(&venv).status().unwrap();
+        let st = std::process::Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .unwrap();
         assert!(st.success(), "python3 -m venv failed");
         let st = std::process::Command::new(venv.join("bin/pip"))
-            .args(["install", "-q", "--disable-pip-version-check", "openai==3.57.0"])
+            .args([
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                "openai==3.57.0",
+            ])
             .status()
             .unwrap();
         assert!(st.success(), "pip install openai failed");
@@ -454,7 +640,11 @@ fn official_openai_python_client_works_streaming_and_not() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "client failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "client failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: Value = serde_json::from_str(stdout.trim()).unwrap();
     assert!(v["models"].as_array().unwrap().iter().any(|m| m == "lethe"));
     assert!(v["answer"].as_str().unwrap().contains(CANARY), "{v}");
@@ -466,4 +656,105 @@ fn official_openai_python_client_works_streaming_and_not() {
     assert_eq!(v["unknown_model"], 404);
     assert_eq!(v["bad_key"], 401);
     assert_eq!(v["foreign_sink"], 403);
+}
+
+#[test]
+fn knnlm_mode_serves_both_label_propagators_within_clearance() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::new(
+        dir.path().join("data"),
+        root().join("policies/example-org.toml"),
+    );
+    config.knnlm.enabled = true;
+    config.knnlm.max_doc_tokens = 96;
+    let engine = Engine::open(config, "http").unwrap();
+    let doc = |id: &str, label: &str, text: &str| SourceDocument {
+        id: id.into(),
+        label: LabelSpec::Named(label.into()),
+        text: text.into(),
+        meta: Default::default(),
+        origin: "test".into(),
+    };
+    engine
+        .ingest(
+            &Actor::Operator,
+            vec![
+                doc(
+                    "hr/vault",
+                    "hr-confidential",
+                    &format!(
+                        "The vault passphrase is {CANARY}. Only HR may know the vault passphrase."
+                    ),
+                ),
+                doc(
+                    "web/weather",
+                    "public-web",
+                    "The weather in Lisbon is sunny and warm in July, with little rain.",
+                ),
+            ],
+            false,
+        )
+        .unwrap();
+    let mut keys = HashMap::new();
+    for p in ["alice", "ed"] {
+        keys.insert(p, engine.create_key(&Actor::Operator, p).unwrap().key);
+    }
+    let live = Live::start(AppState::new(Arc::new(engine), small_config()));
+    let q = "What is the vault passphrase?";
+    for propagator in ["conservative", "permissive"] {
+        let (status, headers, text) = post(
+            &live,
+            "/v1/query",
+            &keys["ed"],
+            &json!({"query": q, "mode": "knnlm", "propagator": propagator, "max_tokens": 24}),
+        );
+        assert_eq!(status, 200, "{text}");
+        assert!(
+            !text.contains(CANARY) && !headers.contains(CANARY),
+            "{text}"
+        );
+        assert!(!text.contains("hr/vault"), "{text}");
+    }
+    let (status, _, text) = post(
+        &live,
+        "/v1/query",
+        &keys["alice"],
+        &json!({"query": q, "mode": "knnlm", "propagator": "permissive", "max_tokens": 24}),
+    );
+    assert_eq!(status, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    // The label covers whatever the answer carries from the HR document.
+    if v["answer"].as_str().unwrap_or("").contains("7F3A9Q") {
+        assert!(v["label"].to_string().contains("hr"), "{v}");
+        assert!(
+            v["sources"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|s| s["id"] == "hr/vault"),
+            "{v}"
+        );
+    }
+    assert!(
+        v["sources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["id"] == "hr/vault" || s["id"] == "web/weather"),
+        "{v}"
+    );
+    let (status, _, text) = post(
+        &live,
+        "/v1/query",
+        &keys["alice"],
+        &json!({"query": q, "mode": "knnlm", "propagator": "introspection"}),
+    );
+    assert_eq!(status, 400, "{text}");
+    let (status, _, text) = post(
+        &live,
+        "/v1/query",
+        &keys["alice"],
+        &json!({"query": q, "mode": "telepathy"}),
+    );
+    assert_eq!(status, 400, "{text}");
 }

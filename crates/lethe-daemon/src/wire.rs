@@ -6,7 +6,11 @@ use serde_json::{json, Value};
 /// A label as JSON: its policy name when it is exactly a named label, a
 /// readable rendering, and the structured parts.
 pub(crate) fn label(label: &Label, policy: &Policy) -> Value {
-    let name = policy.labels().iter().find(|(_, l)| *l == label).map(|(n, _)| n.clone());
+    let name = policy
+        .labels()
+        .iter()
+        .find(|(_, l)| *l == label)
+        .map(|(n, _)| n.clone());
     let readers: Value = if label.readers.is_public() {
         json!("public")
     } else {
@@ -63,8 +67,12 @@ pub(crate) fn violation(v: &Violation) -> Value {
             "missing_endorsements": missing,
             "message": v.to_string(),
         }),
-        Violation::Tag { tag } => json!({"kind": "tag", "tag": tag.as_str(), "message": v.to_string()}),
-        Violation::UnknownSink { sink } => json!({"kind": "unknown_sink", "sink": sink, "message": v.to_string()}),
+        Violation::Tag { tag } => {
+            json!({"kind": "tag", "tag": tag.as_str(), "message": v.to_string()})
+        }
+        Violation::UnknownSink { sink } => {
+            json!({"kind": "unknown_sink", "sink": sink, "message": v.to_string()})
+        }
     }
 }
 

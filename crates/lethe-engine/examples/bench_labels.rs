@@ -15,18 +15,51 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use lethe_engine::{
-    Actor, AnswerRequest, Config, Decision, Engine, GenerateConfig, Mode, PermissiveConfig, Propagator,
+    Actor, AnswerRequest, Config, Decision, Engine, GenerateConfig, Mode, PermissiveConfig,
+    Propagator,
 };
 
 const QUESTIONS: &[(&str, &str, &str)] = &[
-    ("support-bot", "How do I reset a password?", "app:support-bot"),
-    ("support-bot", "How can customers export forecasts?", "app:support-bot"),
-    ("support-bot", "What happened during the March outage?", "app:support-bot"),
-    ("support-bot", "How do I change the refresh interval?", "app:support-bot"),
-    ("erin", "When does the on-call rotation start?", "app:intranet"),
-    ("erin", "What caused the March ingestion incident?", "app:intranet"),
-    ("alice", "How many days of paid holiday do employees get?", "app:intranet"),
-    ("frank", "What is the expense policy for hotels?", "app:intranet"),
+    (
+        "support-bot",
+        "How do I reset a password?",
+        "app:support-bot",
+    ),
+    (
+        "support-bot",
+        "How can customers export forecasts?",
+        "app:support-bot",
+    ),
+    (
+        "support-bot",
+        "What happened during the March outage?",
+        "app:support-bot",
+    ),
+    (
+        "support-bot",
+        "How do I change the refresh interval?",
+        "app:support-bot",
+    ),
+    (
+        "erin",
+        "When does the on-call rotation start?",
+        "app:intranet",
+    ),
+    (
+        "erin",
+        "What caused the March ingestion incident?",
+        "app:intranet",
+    ),
+    (
+        "alice",
+        "How many days of paid holiday do employees get?",
+        "app:intranet",
+    ),
+    (
+        "frank",
+        "What is the expense policy for hotels?",
+        "app:intranet",
+    ),
 ];
 
 fn percentile(v: &[f64], p: f64) -> f64 {
@@ -44,29 +77,51 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
     let args: Vec<String> = std::env::args().collect();
-    let arg = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let arg = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
     let root = lethe_engine::project_root();
-    let out = arg("--out").map(PathBuf::from).unwrap_or_else(|| root.join("evals/results/labels-bench.json"));
+    let out = arg("--out")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("evals/results/labels-bench.json"));
     let rounds: usize = arg("--rounds").and_then(|r| r.parse().ok()).unwrap_or(2);
 
     let dir = tempfile::tempdir()?;
-    let engine = Engine::open(Config::new(dir.path().join("data"), root.join("policies/example-org.toml")), "bench")?;
-    engine.ingest(&Actor::Operator, lethe_engine::read_jsonl(&root.join("datasets/acme/corpus.jsonl"))?, false)?;
+    let engine = Engine::open(
+        Config::new(
+            dir.path().join("data"),
+            root.join("policies/example-org.toml"),
+        ),
+        "bench",
+    )?;
+    engine.ingest(
+        &Actor::Operator,
+        lethe_engine::read_jsonl(&root.join("datasets/acme/corpus.jsonl"))?,
+        false,
+    )?;
     engine.warm_up()?;
-    let request = |principal: &str, query: &str, sink: Option<&str>, propagator: Propagator| AnswerRequest {
-        principal: principal.into(),
-        query: query.into(),
-        sink: sink.map(String::from),
-        k: 5,
-        mode: Mode::Hybrid,
-        propagator,
-        generation: GenerateConfig {
-            max_tokens: 32,
-            ..GenerateConfig::default()
-        },
-    };
+    let request =
+        |principal: &str, query: &str, sink: Option<&str>, propagator: Propagator| AnswerRequest {
+            principal: principal.into(),
+            query: query.into(),
+            sink: sink.map(String::from),
+            k: 5,
+            mode: Mode::Hybrid,
+            propagator,
+            generation: GenerateConfig {
+                max_tokens: 32,
+                ..GenerateConfig::default()
+            },
+            generator: lethe_engine::Generator::Rag,
+        };
     // Warm-up, not timed.
-    let _ = engine.answer(&request("erin", "hello", None, Propagator::Conservative), |_| std::ops::ControlFlow::Continue(()));
+    let _ = engine.answer(
+        &request("erin", "hello", None, Propagator::Conservative),
+        |_| std::ops::ControlFlow::Continue(()),
+    );
 
     let mut conservative = Vec::new();
     let mut permissive = Vec::new();
@@ -74,20 +129,29 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for _ in 0..rounds {
         for (principal, q, sink) in QUESTIONS {
             let t = Instant::now();
-            let c = engine.answer(&request(principal, q, None, Propagator::Conservative), |_| {
-                std::ops::ControlFlow::Continue(())
-            })?;
+            let c = engine.answer(
+                &request(principal, q, None, Propagator::Conservative),
+                |_| std::ops::ControlFlow::Continue(()),
+            )?;
             conservative.push(t.elapsed().as_secs_f64() * 1000.0);
             let t = Instant::now();
             let p = engine.answer(
-                &request(principal, q, Some(sink), Propagator::Permissive(PermissiveConfig::default())),
+                &request(
+                    principal,
+                    q,
+                    Some(sink),
+                    Propagator::Permissive(PermissiveConfig::default()),
+                ),
                 |_| std::ops::ControlFlow::Continue(()),
             )?;
             let ms = t.elapsed().as_secs_f64() * 1000.0;
             permissive.push(ms);
             let conservative_to_sink = engine
                 .policy()
-                .check_flow(&c.answer.label, &engine.policy().resolve_sink(principal, Some(sink))?)
+                .check_flow(
+                    &c.answer.label,
+                    &engine.policy().resolve_sink(principal, Some(sink))?,
+                )
                 .is_empty();
             outcomes.push(serde_json::json!({
                 "principal": principal, "question": q, "sink": sink,

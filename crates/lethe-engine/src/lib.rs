@@ -16,6 +16,8 @@
 //! (key digests and the server secret), `audit.jsonl` (+ `.head`).
 
 mod config;
+pub mod erasure;
+mod knn;
 mod sources;
 
 use std::path::{Path, PathBuf};
@@ -24,9 +26,9 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use lethe_audit::{AuditLog, Event};
 use lethe_auth::KeyStore;
 use lethe_label::{Label, Policy, Role};
-use lethe_store::{NewDocument, OnDuplicate, SearchMode, SearchQuery, Store, StoreConfig};
 use lethe_model::generate::Llm;
 use lethe_model::gguf_llama::LoadOptions;
+use lethe_store::{NewDocument, OnDuplicate, SearchMode, SearchQuery, Store, StoreConfig};
 use serde_json::json;
 
 pub use lethe_model::generate::{FinishReason, GenerateConfig, Sampling};
@@ -35,7 +37,8 @@ pub use lethe_rag::{Decision, PermissiveConfig, Propagator, Source, StreamEvent}
 /// The generator's file inside its asset folder.
 const GENERATOR_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
-pub use config::{Config, ModelsConfig};
+pub use config::{Config, KnnlmConfig, ModelsConfig};
+pub use knn::DatastoreSync;
 pub use lethe_audit::Report as AuditReport;
 pub use lethe_auth::{KeyRecord, NewKey};
 pub use lethe_label as label;
@@ -145,6 +148,7 @@ pub struct Engine {
     audit: AuditLog,
     embedder: OnceLock<Arc<lethe_model::embed::Embedder>>,
     llm: OnceLock<Arc<Llm>>,
+    knn: knn::Slot,
     model_init: Mutex<()>,
     via: String,
 }
@@ -174,6 +178,30 @@ pub struct AnswerRequest {
     pub propagator: lethe_rag::Propagator,
     /// Generation settings.
     pub generation: GenerateConfig,
+    /// What generates the answer.
+    pub generator: Generator,
+}
+
+/// What generates an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Generator {
+    /// Retrieval-augmented generation: the retrieved chunks go into the
+    /// prompt.
+    #[default]
+    Rag,
+    /// kNN-LM: no context; the datastore's neighbours (restricted to what
+    /// the caller may read) are mixed into every next-token distribution.
+    KnnLm,
+}
+
+impl Generator {
+    /// The name used on the wire (`rag`, `knnlm`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Generator::Rag => "rag",
+            Generator::KnnLm => "knnlm",
+        }
+    }
 }
 
 /// An answered (or refused) question.
@@ -220,6 +248,7 @@ impl Engine {
             audit,
             embedder: OnceLock::new(),
             llm: OnceLock::new(),
+            knn: Default::default(),
             model_init: Mutex::new(()),
             via: via.to_string(),
         })
@@ -298,7 +327,10 @@ impl Engine {
 
     /// The generator's id as reported to clients and in audit records.
     pub fn model_id(&self) -> String {
-        format!("smollm2-135m-instruct-{}", self.config.models.generator_format.name())
+        format!(
+            "smollm2-135m-instruct-{}",
+            self.config.models.generator_format.name()
+        )
     }
 
     /// Answers a question as a principal: retrieves what it may read,
@@ -311,6 +343,17 @@ impl Engine {
         req: &AnswerRequest,
         on_event: impl FnMut(StreamEvent<'_>) -> std::ops::ControlFlow<()>,
     ) -> Result<AnswerOutcome> {
+        match req.generator {
+            Generator::Rag => self.answer_rag(req, on_event),
+            Generator::KnnLm => self.answer_knnlm(req, on_event),
+        }
+    }
+
+    /// The caller's policy, clearance and resolved sink.
+    fn caller(
+        &self,
+        req: &AnswerRequest,
+    ) -> Result<(Arc<Policy>, lethe_label::Clearance, lethe_label::SinkRef)> {
         let policy = self.policy();
         let clearance = policy
             .clearance(&req.principal)
@@ -318,16 +361,32 @@ impl Engine {
         let sink = policy
             .resolve_sink(&req.principal, req.sink.as_deref())
             .map_err(|e| match e {
-                lethe_label::LookupError::UnknownSink(s) => Error::BadRequest(format!("unknown sink {s:?}")),
+                lethe_label::LookupError::UnknownSink(s) => {
+                    Error::BadRequest(format!("unknown sink {s:?}"))
+                }
                 e => Error::Forbidden(e.to_string()),
             })?;
         if req.query.trim().is_empty() {
             return Err(Error::BadRequest("empty query".into()));
         }
+        Ok((policy, clearance, sink))
+    }
+
+    fn answer_rag(
+        &self,
+        req: &AnswerRequest,
+        on_event: impl FnMut(StreamEvent<'_>) -> std::ops::ControlFlow<()>,
+    ) -> Result<AnswerOutcome> {
+        let (policy, clearance, sink) = self.caller(req)?;
         let hits = {
             let vector = match req.mode {
                 SearchMode::Bm25 => None,
-                _ => Some(self.embedder()?.embed(&[req.query.as_str()])?.pop().unwrap_or_default()),
+                _ => Some(
+                    self.embedder()?
+                        .embed(&[req.query.as_str()])?
+                        .pop()
+                        .unwrap_or_default(),
+                ),
             };
             let store = self.store.read().unwrap_or_else(|p| p.into_inner());
             let readable = store.readable(&|l| clearance.may_read(&l.readers));
@@ -358,12 +417,13 @@ impl Engine {
             propagator: req.propagator,
         };
         let flow = |l: &Label| policy.check_flow(l, &sink);
-        let answer = lethe_rag::answer(&llm, &req.query, &sources, &config, &flow, on_event).map_err(|e| match e {
-            lethe_rag::Error::InvalidRequest(m) => Error::BadRequest(m),
-            lethe_rag::Error::Model(e) => Error::Model(e),
-            lethe_rag::Error::Cancelled => Error::Cancelled,
-            other => Error::BadRequest(other.to_string()),
-        })?;
+        let answer = lethe_rag::answer(&llm, &req.query, &sources, &config, &flow, on_event)
+            .map_err(|e| match e {
+                lethe_rag::Error::InvalidRequest(m) => Error::BadRequest(m),
+                lethe_rag::Error::Model(e) => Error::Model(e),
+                lethe_rag::Error::Cancelled => Error::Cancelled,
+                other => Error::BadRequest(other.to_string()),
+            })?;
         let audit_seq = self.record(
             &Actor::Principal(req.principal.clone()),
             "query",
@@ -498,6 +558,12 @@ impl Engine {
             };
             store.ingest(docs, mode, &adapter)?
         };
+        if self.config.knnlm.enabled {
+            self.knn_sync()?;
+        } else if !report.replaced.is_empty() {
+            // A replaced document's old entries must not outlive it.
+            self.knn_forget(&report.replaced)?;
+        }
         self.record(
             actor,
             "ingest",
@@ -570,7 +636,9 @@ impl Engine {
             if let Actor::Principal(p) = actor {
                 let policy = self.policy();
                 for id in ids {
-                    let readable = store.document(id).is_some_and(|d| policy.may_read(p, &d.label));
+                    let readable = store
+                        .document(id)
+                        .is_some_and(|d| policy.may_read(p, &d.label));
                     if !readable {
                         return Err(Error::NotFound(format!("document {id:?}")));
                     }
@@ -583,11 +651,16 @@ impl Engine {
                 e => Error::Store(e),
             })?
         };
+        // The datastore's entries go before the delete returns (and, after
+        // a crash here, when the datastore is next loaded).
+        let ids_removed: Vec<String> = report.removed.iter().map(|r| r.id.clone()).collect();
+        let knn_entries = self.knn_forget(&ids_removed)?;
         self.record(
             actor,
             "delete",
             json!({
                 "store_seq": report.seq,
+                "knnlm_entries_removed": knn_entries,
                 "documents": report.removed.iter().map(|r| json!({"id": r.id, "chunks": r.chunks, "sha256": r.content_sha256})).collect::<Vec<_>>(),
             }),
         )?;

@@ -124,12 +124,17 @@ fn clause(v: &serde_json::Value) -> std::result::Result<Clause, String> {
 /// Reads one document from its JSON form (a JSONL line or an HTTP request
 /// body item): `{"id", "text", "label"?, "title"?, "source"?, "meta"?}`.
 /// Errors are prefixed with `origin`.
-pub fn document_from_json(value: serde_json::Value, origin: &str) -> std::result::Result<SourceDocument, String> {
+pub fn document_from_json(
+    value: serde_json::Value,
+    origin: &str,
+) -> std::result::Result<SourceDocument, String> {
     let d: JsonDoc = serde_json::from_value(value).map_err(|e| format!("{origin}: {e}"))?;
     let label = match d.label {
         None => LabelSpec::Unlabeled,
         Some(JsonLabel::Name(n)) => LabelSpec::Named(n),
-        Some(JsonLabel::Inline(l)) => LabelSpec::Inline(inline_label(l).map_err(|e| format!("{origin}: label: {e}"))?),
+        Some(JsonLabel::Inline(l)) => {
+            LabelSpec::Inline(inline_label(l).map_err(|e| format!("{origin}: label: {e}"))?)
+        }
     };
     let mut meta = d.meta;
     if let Some(t) = d.title {

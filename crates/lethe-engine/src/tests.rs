@@ -240,3 +240,153 @@ fn jsonl_problems_are_reported_by_line() {
         .to_string()
         .contains("not UTF-8"));
 }
+
+#[test]
+fn knnlm_mode_answers_within_clearance_and_forgets_deleted_documents() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::new(
+        dir.path().join("data"),
+        root().join("policies").join("example-org.toml"),
+    );
+    config.knnlm.enabled = true;
+    config.knnlm.max_doc_tokens = 128;
+    let corpus = dir.path().join("corpus.jsonl");
+    std::fs::write(
+        &corpus,
+        concat!(
+            r#"{"id": "hr/vault", "text": "The access code of the Zubrowka vault is amber-falcon-42. The Zubrowka vault opens at night.", "label": "hr-confidential"}"#,
+            "\n",
+            r#"{"id": "web/weather", "text": "The weather in Lisbon is sunny and warm in July, with little rain.", "label": "public-web"}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let e = Engine::open(config.clone(), "test").unwrap();
+    e.ingest(&Actor::Operator, read_jsonl(&corpus).unwrap(), false)
+        .unwrap();
+    let ask = |e: &Engine, principal: &str, propagator: Propagator| {
+        e.answer(
+            &AnswerRequest {
+                principal: principal.into(),
+                query: "What is the access code of the Zubrowka vault?".into(),
+                sink: None,
+                k: 5,
+                mode: Mode::Hybrid,
+                propagator,
+                generation: GenerateConfig {
+                    max_tokens: 20,
+                    ..GenerateConfig::default()
+                },
+                generator: Generator::KnnLm,
+            },
+            |_| std::ops::ControlFlow::Continue(()),
+        )
+        .unwrap()
+    };
+    // Alice (hr) gets the code, labelled hr-confidential.
+    let a = ask(
+        &e,
+        "alice",
+        Propagator::Permissive(PermissiveConfig::default()),
+    );
+    let text = a.answer.text.clone().unwrap_or_default();
+    assert!(text.contains("amber-falcon-42"), "{a:?}");
+    assert!(a
+        .answer
+        .label
+        .flows_to(e.policy().label("hr-confidential").unwrap()));
+    assert!(!a.answer.label.readers.is_public(), "{a:?}");
+    assert!(a.sources.iter().any(|s| s.doc_id == "hr/vault"));
+    // Ed (engineering) never sees the code nor the document.
+    let b = ask(&e, "ed", Propagator::Conservative);
+    assert!(
+        !b.answer
+            .text
+            .clone()
+            .unwrap_or_default()
+            .contains("amber-falcon-42"),
+        "{b:?}"
+    );
+    assert!(b.sources.iter().all(|s| s.doc_id != "hr/vault"), "{b:?}");
+    // Introspection does not apply to the kNN-LM.
+    let err = e
+        .answer(
+            &AnswerRequest {
+                principal: "alice".into(),
+                query: "hello".into(),
+                sink: None,
+                k: 5,
+                mode: Mode::Hybrid,
+                propagator: Propagator::Introspection,
+                generation: GenerateConfig::default(),
+                generator: Generator::KnnLm,
+            },
+            |_| std::ops::ControlFlow::Continue(()),
+        )
+        .unwrap_err();
+    assert!(matches!(err, Error::BadRequest(_)), "{err}");
+    // Deleting the document removes its entries, in memory and on disk.
+    e.delete(&Actor::Operator, &["hr/vault"]).unwrap();
+    let c = ask(&e, "alice", Propagator::Conservative);
+    assert!(
+        !c.answer
+            .text
+            .clone()
+            .unwrap_or_default()
+            .contains("amber-falcon-42"),
+        "{c:?}"
+    );
+    assert!(c.sources.iter().all(|s| s.doc_id != "hr/vault"));
+    e.close().unwrap();
+    let (ds, _) = lethe_knnlm::Datastore::load(&dir.path().join("data/knnlm")).unwrap();
+    assert!(!ds.contains("hr/vault"));
+    assert!(ds.contains("web/weather"));
+}
+
+#[test]
+fn a_stale_datastore_is_reconciled_before_use() {
+    // Simulates a crash between the store's delete and the datastore's save:
+    // the datastore on disk still holds a document the store has dropped.
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::new(
+        dir.path().join("data"),
+        root().join("policies").join("example-org.toml"),
+    );
+    config.knnlm.enabled = true;
+    config.knnlm.max_doc_tokens = 64;
+    let docs = || {
+        acme()
+            .into_iter()
+            .filter(|d| d.id == "web/about" || d.id == "web/pricing")
+            .collect::<Vec<_>>()
+    };
+    let e = Engine::open(config.clone(), "test").unwrap();
+    e.ingest(&Actor::Operator, docs(), false).unwrap();
+    let knn_dir = dir.path().join("data/knnlm");
+    let saved = dir.path().join("saved-knnlm");
+    std::fs::create_dir_all(&saved).unwrap();
+    for f in std::fs::read_dir(&knn_dir).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), saved.join(f.file_name())).unwrap();
+    }
+    e.delete(&Actor::Operator, &["web/about"]).unwrap();
+    e.close().unwrap();
+    // Put the pre-delete datastore back, as if its save never happened.
+    for f in std::fs::read_dir(&saved).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), knn_dir.join(f.file_name())).unwrap();
+    }
+    assert!(lethe_knnlm::Datastore::load(&knn_dir)
+        .unwrap()
+        .0
+        .contains("web/about"));
+    // Reopened with kNN-LM disabled (no model needed): a delete of another
+    // document loads the datastore, which drops the stale entries first.
+    config.knnlm.enabled = false;
+    let e = Engine::open(config, "test").unwrap();
+    e.delete(&Actor::Operator, &["web/pricing"]).unwrap();
+    let (ds, _) = lethe_knnlm::Datastore::load(&knn_dir).unwrap();
+    assert!(!ds.contains("web/about"));
+    assert!(!ds.contains("web/pricing"));
+    assert!(ds.is_empty());
+}

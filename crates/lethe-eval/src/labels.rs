@@ -50,6 +50,82 @@ pub struct LabelsConfig {
     /// the restricted regeneration against the full-context answer).
     #[serde(default = "default_alignment")]
     pub min_alignment: Option<f32>,
+    /// The kNN-LM part of the run.
+    #[serde(default)]
+    pub knnlm: KnnEvalConfig,
+}
+
+/// The kNN-LM part of `lethe eval labels`: perplexity of held-out text
+/// with and without a datastore of the benchmark's documents, and the
+/// conservative against the permissive kNN label per item.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KnnEvalConfig {
+    /// Run it.
+    pub enabled: bool,
+    /// Neighbours per step.
+    pub k: usize,
+    /// Weight of the kNN distribution.
+    pub lambda: f32,
+    /// Softmax temperature over cosine similarities.
+    pub temperature: f32,
+    /// Items whose questions are also answered by the kNN-LM (labels).
+    pub label_items: usize,
+}
+
+impl Default for KnnEvalConfig {
+    fn default() -> Self {
+        let d = lethe_knnlm::KnnConfig::default();
+        KnnEvalConfig {
+            enabled: true,
+            k: d.k,
+            lambda: d.lambda,
+            temperature: d.temperature,
+            label_items: 8,
+        }
+    }
+}
+
+/// What the kNN-LM part measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct KnnEval {
+    /// Perplexity of the held-out text with the datastore.
+    pub knnlm_ppl: f64,
+    /// Perplexity of the held-out text with the LM alone.
+    pub lm_ppl: f64,
+    /// Tokens scored.
+    pub tokens: usize,
+    /// Entries in the datastore.
+    pub entries: usize,
+    /// Per item: the conservative and permissive kNN labels.
+    pub items: Vec<KnnItem>,
+    /// Of the items with more than one distinct label, the share whose
+    /// permissive label is strictly below the conservative one.
+    pub more_permissive_than_conservative: f64,
+    /// Released answers stating a code that no document flowing to the
+    /// answer's label states (must be 0).
+    pub soundness_violations: usize,
+}
+
+/// One item answered by the kNN-LM.
+#[derive(Debug, Clone, Serialize)]
+pub struct KnnItem {
+    /// Item id.
+    pub id: String,
+    /// Conservative label (every label among the neighbours).
+    pub conservative: String,
+    /// Permissive label.
+    pub permissive: String,
+    /// How the permissive label was found.
+    pub route: String,
+    /// Strictly below the conservative label.
+    pub below_conservative: bool,
+    /// The permissive answer.
+    pub answer: String,
+    /// Whether it states the gold code.
+    pub exact_match: bool,
+    /// Codes it states that its label does not cover.
+    pub leaked_facts: Vec<String>,
 }
 
 fn default_alignment() -> Option<f32> {
@@ -60,7 +136,8 @@ impl LabelsConfig {
     /// Reads a config file.
     pub fn load(path: &Path) -> Result<LabelsConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(e, path))?;
-        toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {}", path.display(), e.message())))
+        toml::from_str(&text)
+            .map_err(|e| Error::Config(format!("{}: {}", path.display(), e.message())))
     }
 }
 
@@ -75,7 +152,9 @@ pub fn run_default(
     let dir = lethe_assets::Cache::from_env()
         .ensure(lethe_assets::Asset::SMOLLM2_135M_INSTRUCT)
         .map_err(|e| Error::Model(e.to_string()))?;
-    let device = lethe_model::DeviceSpec::Cpu.open().map_err(|e| Error::Model(e.to_string()))?;
+    let device = lethe_model::DeviceSpec::Cpu
+        .open()
+        .map_err(|e| Error::Model(e.to_string()))?;
     let llm = Llm::load(
         &dir.join("SmolLM2-135M-Instruct.Q4_1.gguf"),
         &device,
@@ -132,6 +211,8 @@ pub struct ItemResult {
 /// The whole report.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    /// The kNN-LM part, when run.
+    pub knnlm: Option<KnnEval>,
     /// Headline numbers.
     pub summary: serde_json::Value,
     /// Per propagator aggregates.
@@ -165,7 +246,8 @@ fn sources_of(item: &Item, policy: &Policy) -> Result<Vec<Source>> {
 }
 
 fn join(model: &Label, sources: &[Source], idx: impl IntoIterator<Item = usize>) -> Label {
-    idx.into_iter().fold(model.clone(), |acc, i| acc.join(&sources[i].label))
+    idx.into_iter()
+        .fold(model.clone(), |acc, i| acc.join(&sources[i].label))
 }
 
 fn tokens(s: &str) -> Vec<String> {
@@ -230,7 +312,8 @@ pub fn run(
         let sources = sources_of(item, policy)?;
         let conservative = join(&model_label, &sources, 0..sources.len());
         let minimal = join(&model_label, &sources, item.needed.iter().copied());
-        let distinct: std::collections::BTreeSet<&str> = item.docs.iter().map(|d| d.label.as_str()).collect();
+        let distinct: std::collections::BTreeSet<&str> =
+            item.docs.iter().map(|d| d.label.as_str()).collect();
         for p in &props {
             let cfg = AnswerConfig {
                 generation: GenerateConfig {
@@ -299,7 +382,156 @@ pub fn run(
             progress(results.len(), total);
         }
     }
-    Ok(report(results, config.clone(), policy))
+    let knn = if config.knnlm.enabled {
+        Some(knn_eval(llm, policy, &items, &config.knnlm)?)
+    } else {
+        None
+    };
+    let mut r = report(results, config.clone(), policy);
+    if let Some(k) = &knn {
+        r.summary["knnlm_ppl"] = json!(k.knnlm_ppl);
+        r.summary["lm_ppl"] = json!(k.lm_ppl);
+        r.summary["knnlm_more_permissive_than_conservative"] =
+            json!(k.more_permissive_than_conservative);
+        r.summary["knnlm_soundness_violations"] = json!(k.soundness_violations);
+    }
+    r.knnlm = knn;
+    Ok(r)
+}
+
+fn knn_err(e: lethe_knnlm::Error) -> Error {
+    Error::Model(e.to_string())
+}
+
+/// Held-out text of the corpus's domain: each item's question answered in
+/// a sentence that no document contains verbatim.
+fn held_out(item: &Item) -> String {
+    format!("Question: {} Answer: it is {}.", item.question, item.gold)
+}
+
+fn knn_eval(
+    llm: &Arc<Llm>,
+    policy: &Policy,
+    items: &[Item],
+    cfg: &KnnEvalConfig,
+) -> Result<KnnEval> {
+    use lethe_knnlm::{Datastore, DocText, KnnConfig, KnnRequest};
+    let knn_config = KnnConfig {
+        k: cfg.k,
+        lambda: cfg.lambda,
+        temperature: cfg.temperature,
+        ..KnnConfig::default()
+    };
+    let d_model = llm.model.config().d_model;
+    // Perplexity: one datastore of every document of the benchmark.
+    let mut all = Datastore::new(d_model, 512).map_err(knn_err)?;
+    let mut seen = std::collections::BTreeSet::new();
+    for item in items {
+        let sources = sources_of(item, policy)?;
+        let docs: Vec<DocText<'_>> = sources
+            .iter()
+            .filter(|s| seen.insert(s.text.clone()))
+            .map(|s| DocText {
+                id: &s.doc_id,
+                label: &s.label,
+                text: &s.text,
+                version: "1",
+            })
+            .collect();
+        all.add_documents(llm, &docs).map_err(knn_err)?;
+    }
+    let everything = all.allowed(&|_| true);
+    let (mut nll_knn, mut nll_lm, mut tokens) = (0.0f64, 0.0f64, 0usize);
+    for item in items {
+        let p = lethe_knnlm::perplexity(llm, &all, &held_out(item), &everything, &knn_config)
+            .map_err(knn_err)?;
+        nll_knn += p.knn.ln() * p.tokens as f64;
+        nll_lm += p.lm.ln() * p.tokens as f64;
+        tokens += p.tokens;
+    }
+    let n = tokens.max(1) as f64;
+    // Labels: per item, a datastore of its own context.
+    let model_label = Label::public_trusted();
+    let open = |_: &Label| Vec::new();
+    let mut out = Vec::new();
+    let (mut multi, mut below, mut violations) = (0usize, 0usize, 0usize);
+    for item in items.iter().take(cfg.label_items) {
+        let sources = sources_of(item, policy)?;
+        let mut ds = Datastore::new(d_model, 512).map_err(knn_err)?;
+        let docs: Vec<DocText<'_>> = sources
+            .iter()
+            .map(|s| DocText {
+                id: &s.doc_id,
+                label: &s.label,
+                text: &s.text,
+                version: "1",
+            })
+            .collect();
+        ds.add_documents(llm, &docs).map_err(knn_err)?;
+        let allowed = ds.allowed(&|_| true);
+        let request = KnnRequest {
+            question: &item.question,
+            caller_allowed: &allowed,
+            model_label: &model_label,
+            flow_check: &open,
+            config: &knn_config,
+            permissive: false,
+        };
+        let c = lethe_knnlm::answer(llm, &ds, &request, |_| std::ops::ControlFlow::Continue(()))
+            .map_err(knn_err)?;
+        let p = lethe_knnlm::answer(
+            llm,
+            &ds,
+            &KnnRequest {
+                permissive: true,
+                ..request
+            },
+            |_| std::ops::ControlFlow::Continue(()),
+        )
+        .map_err(knn_err)?;
+        let answer = p.text.clone().unwrap_or_default();
+        let lower = answer.to_lowercase();
+        let leaked_facts: Vec<String> = item
+            .facts
+            .iter()
+            .filter(|(code, _)| lower.contains(&code.to_lowercase()))
+            .filter(|(code, _)| {
+                !item
+                    .facts
+                    .iter()
+                    .filter(|(c, _)| c == code)
+                    .any(|(_, d)| sources[*d].label.flows_to(&p.label))
+            })
+            .map(|(c, _)| c.clone())
+            .collect();
+        violations += leaked_facts.len();
+        let distinct: std::collections::BTreeSet<&str> =
+            item.docs.iter().map(|d| d.label.as_str()).collect();
+        let is_below = p.label != c.label && p.label.flows_to(&c.label);
+        if distinct.len() > 1 {
+            multi += 1;
+            below += usize::from(is_below);
+        }
+        out.push(KnnItem {
+            id: item.id.clone(),
+            conservative: c.label.to_string(),
+            permissive: p.label.to_string(),
+            route: p.route.to_string(),
+            below_conservative: is_below,
+            exact_match: lower.contains(&item.gold.to_lowercase()),
+            answer,
+            leaked_facts,
+        });
+    }
+    Ok(KnnEval {
+        knnlm_ppl: (nll_knn / n).exp(),
+        lm_ppl: (nll_lm / n).exp(),
+        tokens,
+        entries: all.len(),
+        items: out,
+        more_permissive_than_conservative: below as f64 / multi.max(1) as f64,
+        soundness_violations: violations,
+    })
 }
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
@@ -342,21 +574,32 @@ fn report(items: Vec<ItemResult>, config: LabelsConfig, _policy: &Policy) -> Rep
             if rk.is_empty() {
                 continue;
             }
-            let key = serde_json::to_value(kind).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+            let key = serde_json::to_value(kind)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default();
             let entry = by_kind.entry(key).or_insert_with(|| json!({}));
             entry[p] = aggregate(&rk);
         }
     }
     // Permissive against introspection, item by item.
-    let perm: Vec<&ItemResult> = items.iter().filter(|r| r.propagator == "permissive").collect();
-    let labels_by: BTreeMap<(String, String), &ItemResult> =
-        items.iter().map(|r| ((r.id.clone(), r.propagator.clone()), r)).collect();
+    let perm: Vec<&ItemResult> = items
+        .iter()
+        .filter(|r| r.propagator == "permissive")
+        .collect();
+    let labels_by: BTreeMap<(String, String), &ItemResult> = items
+        .iter()
+        .map(|r| ((r.id.clone(), r.propagator.clone()), r))
+        .collect();
     let mut below_intro = 0usize;
     for r in &perm {
         if let Some(intro) = labels_by.get(&(r.id.clone(), "introspection".to_string())) {
             // Strictly more permissive: different label, and the permissive
             // sources are a subset of introspection's.
-            let subset = r.label_sources.iter().all(|i| intro.label_sources.contains(i));
+            let subset = r
+                .label_sources
+                .iter()
+                .all(|i| intro.label_sources.contains(i));
             if r.label != intro.label && subset {
                 below_intro += 1;
             }
@@ -364,7 +607,10 @@ fn report(items: Vec<ItemResult>, config: LabelsConfig, _policy: &Policy) -> Rep
     }
     let p = &propagators["permissive"];
     let c = &propagators["conservative"];
-    let soundness: u64 = propagators.values().map(|v| v["soundness_violations"].as_u64().unwrap_or(0)).sum();
+    let soundness: u64 = propagators
+        .values()
+        .map(|v| v["soundness_violations"].as_u64().unwrap_or(0))
+        .sum();
     let summary = json!({
         "more_permissive_than_conservative": p["more_permissive_than_conservative"],
         "more_permissive_than_introspection": below_intro as f64 / perm.len().max(1) as f64,
@@ -376,6 +622,7 @@ fn report(items: Vec<ItemResult>, config: LabelsConfig, _policy: &Policy) -> Rep
         "lm_ppl": serde_json::Value::Null,
     });
     Report {
+        knnlm: None,
         summary,
         propagators,
         by_kind,
@@ -417,11 +664,38 @@ impl Report {
                 for (p, v) in obj {
                     s.push_str(&format!(
                         "| {kind} | {p} | {:.2} | {:.2} | {:.2} |\n",
-                        v["more_permissive_than_conservative"].as_f64().unwrap_or(0.0),
+                        v["more_permissive_than_conservative"]
+                            .as_f64()
+                            .unwrap_or(0.0),
                         v["minimal_label_exact_match"].as_f64().unwrap_or(0.0),
                         v["exact_match"].as_f64().unwrap_or(0.0)
                     ));
                 }
+            }
+        }
+        if let Some(k) = &self.knnlm {
+            s.push_str(&format!(
+                "\n## kNN-LM\n\nHeld-out text (each question answered in a sentence no document contains), {} tokens, \
+                 datastore of every benchmark document ({} entries), k = {}, λ = {}:\n\n\
+                 | model | perplexity |\n|---|---|\n| SmolLM2 alone | {:.2} |\n| kNN-LM | {:.2} |\n\n\
+                 Labels on {} items (a datastore per item context): permissive strictly below conservative on {:.2} \
+                 of the multi-label items; soundness violations {}.\n\n\
+                 | item | conservative | permissive | route | EM |\n|---|---|---|---|---|\n",
+                k.tokens,
+                k.entries,
+                self.config.knnlm.k,
+                self.config.knnlm.lambda,
+                k.lm_ppl,
+                k.knnlm_ppl,
+                k.items.len(),
+                k.more_permissive_than_conservative,
+                k.soundness_violations
+            ));
+            for i in &k.items {
+                s.push_str(&format!(
+                    "| {} | {} | {} | {} | {} |\n",
+                    i.id, i.conservative, i.permissive, i.route, i.exact_match
+                ));
             }
         }
         s.push_str(&format!("\nSummary: `{}`\n", self.summary));

@@ -944,6 +944,43 @@ impl LlamaModel {
         self.output.forward(&final_hidden.contiguous()?)
     }
 
+    /// Runs `tokens` after what `cache` holds and returns the final hidden
+    /// state (after the last norm: the vector the output matrix reads) at
+    /// every new position, one `Vec` of width `d` per token. kNN-LM keys
+    /// and queries are these vectors.
+    pub fn forward_hidden(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<Vec<f32>>> {
+        let h = self.forward_cached(tokens, cache)?;
+        Ok(self.final_norm(&h)?.to_dtype(DType::F32)?.to_vec2()?)
+    }
+
+    /// Log-probabilities over the vocabulary from one final hidden state
+    /// (as returned by [`Self::forward_hidden`]).
+    pub fn log_probs_from_hidden(&self, final_hidden: &[f32]) -> Result<Vec<f32>> {
+        if final_hidden.len() != self.config.d_model {
+            return Err(Error::InvalidArgument(format!(
+                "hidden state has {} values, the model {}",
+                final_hidden.len(),
+                self.config.d_model
+            )));
+        }
+        let h = Tensor::from_slice(final_hidden, (1, final_hidden.len()), &self.device)?;
+        let logits = self
+            .logits_from_hidden(&h)?
+            .squeeze(0)?
+            .to_dtype(DType::F32)?;
+        Ok(candle_nn::ops::log_softmax(&logits, 0)?.to_vec1()?)
+    }
+
+    /// Final hidden states of many sequences (from scratch, batched as
+    /// [`Self::hidden_states_batch`] does): per sequence, one row per
+    /// position.
+    pub fn final_hidden_batch(&self, seqs: &[&[u32]]) -> Result<Vec<Vec<Vec<f32>>>> {
+        self.hidden_states_batch(seqs, HiddenAt::Final, &BatchOptions::default())?
+            .into_iter()
+            .map(|t| Ok(t.to_dtype(DType::F32)?.to_vec2()?))
+            .collect()
+    }
+
     /// The output matrix `[vocab, d]` in f32 (dequantized).
     pub fn output_weight(&self) -> Result<Tensor> {
         self.output.to_f32(&self.device)

@@ -15,7 +15,8 @@ use lethe_model::generate::{GenerateConfig, Llm, Sampling};
 use crate::permissive::{full_mask, Mask};
 use crate::{Result, Source};
 
-const SYSTEM: &str = "You audit answers. Given numbered documents, a question and an answer, reply only with JSON \
+const SYSTEM: &str =
+    "You audit answers. Given numbered documents, a question and an answer, reply only with JSON \
 listing the numbers of the documents the answer relies on, like {\"used\": [2]}.";
 
 const EXAMPLE_USER: &str = "Documents:\n[1] The Lisbon office opens at 8:00.\n[2] The cafeteria serves fish on Tuesdays.\n\
@@ -25,13 +26,22 @@ const EXAMPLE_REPLY: &str = "{\"used\": [1]}";
 
 /// Asks the model which sources the answer used. Returns the mask and
 /// whether the reply parsed.
-pub(crate) fn used_sources(llm: &Llm, question: &str, sources: &[Source], answer: &str) -> Result<(Mask, bool)> {
+pub(crate) fn used_sources(
+    llm: &Llm,
+    question: &str,
+    sources: &[Source],
+    answer: &str,
+) -> Result<(Mask, bool)> {
     let n = sources.len().min(64);
     let mut docs = String::from("Documents:\n");
     for (i, s) in sources.iter().take(n).enumerate() {
         docs.push_str(&format!("[{}] {}\n", i + 1, s.text.trim()));
     }
-    let user = format!("{docs}\nQuestion: {}\nAnswer: {}", question.trim(), answer.trim());
+    let user = format!(
+        "{docs}\nQuestion: {}\nAnswer: {}",
+        question.trim(),
+        answer.trim()
+    );
     let messages = vec![
         Message::system(SYSTEM),
         Message::user(EXAMPLE_USER),

@@ -219,7 +219,9 @@ pub fn answer(
         return Err(Error::InvalidRequest("the question is empty".into()));
     }
     if sources.len() > 64 {
-        return Err(Error::InvalidRequest("at most 64 sources per answer".into()));
+        return Err(Error::InvalidRequest(
+            "at most 64 sources per answer".into(),
+        ));
     }
     let t = Instant::now();
     let n = sources.len();
@@ -234,10 +236,24 @@ pub fn answer(
             (full, None)
         }
         Propagator::Permissive(p) => {
-            let full_gen = generate(llm, question, sources, full, &config.generation, &mut cost, |_| {
-                ControlFlow::Continue(())
-            })?;
-            match permissive::search(llm, question, sources, &full_gen.tokens, &config.model_label, &p, flow_check)? {
+            let full_gen = generate(
+                llm,
+                question,
+                sources,
+                full,
+                &config.generation,
+                &mut cost,
+                |_| ControlFlow::Continue(()),
+            )?;
+            match permissive::search(
+                llm,
+                question,
+                sources,
+                &full_gen.tokens,
+                &config.model_label,
+                &p,
+                flow_check,
+            )? {
                 Some(found) => {
                     cost.scored_contexts = found.scored;
                     cost.score_batches = found.batches;
@@ -256,9 +272,15 @@ pub fn answer(
             }
         }
         Propagator::Introspection => {
-            let full_gen = generate(llm, question, sources, full, &config.generation, &mut cost, |_| {
-                ControlFlow::Continue(())
-            })?;
+            let full_gen = generate(
+                llm,
+                question,
+                sources,
+                full,
+                &config.generation,
+                &mut cost,
+                |_| ControlFlow::Continue(()),
+            )?;
             let (mask, parsed) = introspect::used_sources(llm, question, sources, &full_gen.text)?;
             cost.generations += 1;
             trace.route = "introspection";
@@ -272,9 +294,15 @@ pub fn answer(
     // the conservative label.
     let (chosen, regenerated) = match (config.propagator, &pre_generated) {
         (Propagator::Permissive(p), Some(full_gen)) if chosen != full => {
-            let g = generate(llm, question, sources, chosen, &config.generation, &mut cost, |_| {
-                ControlFlow::Continue(())
-            })?;
+            let g = generate(
+                llm,
+                question,
+                sources,
+                chosen,
+                &config.generation,
+                &mut cost,
+                |_| ControlFlow::Continue(()),
+            )?;
             trace.full_answer = Some(full_gen.text.trim().to_string());
             let aligned = p
                 .min_alignment
@@ -292,7 +320,8 @@ pub fn answer(
     let label_sources: Vec<usize> = (0..n).filter(|i| chosen & (1 << i) != 0).collect();
     let messages = prompt::messages(question, &subset(sources, chosen));
     let rendered = llm.chat.render(&messages)?;
-    let prompt_sha256 = hex::encode(ring::digest::digest(&ring::digest::SHA256, rendered.as_bytes()).as_ref());
+    let prompt_sha256 =
+        hex::encode(ring::digest::digest(&ring::digest::SHA256, rendered.as_bytes()).as_ref());
 
     let violations = flow_check(&label);
     if !violations.is_empty() {
@@ -330,9 +359,15 @@ pub fn answer(
             if let Some(g) = &pre {
                 trace.full_answer = Some(g.text.trim().to_string());
             }
-            generate(llm, question, sources, chosen, &config.generation, &mut cost, |t| {
-                on_event(StreamEvent::Text(t))
-            })?
+            generate(
+                llm,
+                question,
+                sources,
+                chosen,
+                &config.generation,
+                &mut cost,
+                |t| on_event(StreamEvent::Text(t)),
+            )?
         }
     };
     Ok(Answer {

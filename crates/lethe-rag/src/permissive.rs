@@ -100,7 +100,10 @@ pub(crate) fn alignment(a: &str, b: &str, question: &str) -> f32 {
     };
     let asked: BTreeSet<String> = words(question).into_iter().collect();
     let content = |s: &str| -> Vec<String> {
-        let set: BTreeSet<String> = words(s).into_iter().filter(|w| !asked.contains(w)).collect();
+        let set: BTreeSet<String> = words(s)
+            .into_iter()
+            .filter(|w| !asked.contains(w))
+            .collect();
         set.into_iter().collect()
     };
     let (wa, wb) = (content(a), content(b));
@@ -197,7 +200,9 @@ impl Scorer<'_> {
             let prompts: Vec<Vec<u32>> = todo
                 .iter()
                 .map(|m| {
-                    let ctx: Vec<Source> = members(*m, self.sources.len()).map(|i| self.sources[i].clone()).collect();
+                    let ctx: Vec<Source> = members(*m, self.sources.len())
+                        .map(|i| self.sources[i].clone())
+                        .collect();
                     let msgs = prompt::messages(self.question, &ctx);
                     self.llm.chat.encode(&self.llm.tokenizer, &msgs)
                 })
@@ -270,8 +275,14 @@ pub(crate) fn search(
         .enumerate()
         .filter(|(_, s)| flow_check(&model_label.join(&s.label)).is_empty())
         .fold(0, |m, (i, _)| m | (1 << i));
-    let first: Vec<Mask> = if config.sink_directed { vec![full, flowable] } else { vec![full] };
-    let Some(u) = sc.utilities(&first)? else { return Ok(None) };
+    let first: Vec<Mask> = if config.sink_directed {
+        vec![full, flowable]
+    } else {
+        vec![full]
+    };
+    let Some(u) = sc.utilities(&first)? else {
+        return Ok(None);
+    };
     let threshold = u[0] + config.lambda.clamp(1e-6, 1.0).ln();
     if config.sink_directed {
         // The sources that may flow to the sink either suffice or the
@@ -321,7 +332,9 @@ pub(crate) fn search(
         let (mut lo, mut hi) = (0usize, masks.len() - 1);
         while lo < hi {
             let mid = (lo + hi) / 2;
-            let Some(u) = sc.utilities(&[masks[mid]])? else { return Ok(None) };
+            let Some(u) = sc.utilities(&[masks[mid]])? else {
+                return Ok(None);
+            };
             if u[0] >= threshold {
                 hi = mid;
             } else {
@@ -342,7 +355,9 @@ pub(crate) fn search(
         // breaks similarity. Keep only the influential classes (one batch
         // for all single drops, one pass for the result).
         let kids = children(sources, model_label, full);
-        let Some(us) = sc.utilities(&kids)? else { return Ok(None) };
+        let Some(us) = sc.utilities(&kids)? else {
+            return Ok(None);
+        };
         let kept = kids
             .iter()
             .zip(&us)
@@ -350,7 +365,9 @@ pub(crate) fn search(
             .fold(0, |acc, (k, _)| acc | (full & !k));
         let candidate = closure(sources, model_label, kept);
         if candidate != full {
-            let Some(u) = sc.utilities(&[candidate])? else { return Ok(None) };
+            let Some(u) = sc.utilities(&[candidate])? else {
+                return Ok(None);
+            };
             if u[0] >= threshold {
                 return Ok(Some(Search {
                     chosen: candidate,
@@ -365,12 +382,17 @@ pub(crate) fn search(
         let mut current = full;
         loop {
             let kids = children(sources, model_label, current);
-            let Some(us) = sc.utilities(&kids)? else { return Ok(None) };
+            let Some(us) = sc.utilities(&kids)? else {
+                return Ok(None);
+            };
             let best = kids
                 .iter()
                 .zip(us)
                 .filter(|(_, u)| *u >= threshold)
-                .max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.count_ones().cmp(&a.0.count_ones())));
+                .max_by(|a, b| {
+                    a.1.total_cmp(&b.1)
+                        .then(b.0.count_ones().cmp(&a.0.count_ones()))
+                });
             match best {
                 Some((k, _)) => current = *k,
                 None => break,
@@ -394,7 +416,9 @@ pub(crate) fn search(
             continue;
         }
         let kids = children(sources, model_label, m);
-        let Some(us) = sc.utilities(&kids)? else { return Ok(None) };
+        let Some(us) = sc.utilities(&kids)? else {
+            return Ok(None);
+        };
         let similar: Vec<Mask> = kids
             .iter()
             .zip(us)
@@ -412,7 +436,11 @@ pub(crate) fn search(
     let minimal: Vec<Mask> = minimal
         .iter()
         .copied()
-        .filter(|m| !minimal.iter().any(|o| o != m && o & m == *o && sc.memo.get(o).is_some_and(|u| *u >= threshold)))
+        .filter(|m| {
+            !minimal
+                .iter()
+                .any(|o| o != m && o & m == *o && sc.memo.get(o).is_some_and(|u| *u >= threshold))
+        })
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
@@ -438,7 +466,8 @@ pub(crate) fn search(
 
 /// The smallest label-closed context containing the sources in `m`.
 fn closure(sources: &[Source], model_label: &Label, m: Mask) -> Mask {
-    let label = members(m, sources.len()).fold(model_label.clone(), |acc, i| acc.join(&sources[i].label));
+    let label =
+        members(m, sources.len()).fold(model_label.clone(), |acc, i| acc.join(&sources[i].label));
     induced(sources, &label)
 }
 
@@ -460,7 +489,9 @@ fn children(sources: &[Source], model_label: &Label, m: Mask) -> Vec<Mask> {
             .iter()
             .enumerate()
             .filter(|(i, _)| *i != j)
-            .fold(None::<Label>, |acc, (_, l)| Some(acc.map_or((*l).clone(), |a| a.join(l))));
+            .fold(None::<Label>, |acc, (_, l)| {
+                Some(acc.map_or((*l).clone(), |a| a.join(l)))
+            });
         let child = match rest {
             None => 0,
             Some(k) => induced(sources, &k.join(model_label)) & m,
@@ -503,10 +534,21 @@ mod tests {
     fn alignment_is_token_f1_beyond_the_question() {
         let q = "What is the access code of the vault kept by Sven?";
         assert_eq!(alignment("", "", q), 1.0);
-        assert_eq!(alignment("The code is amber-falcon-42.", "the code is amber-falcon-42", q), 1.0);
+        assert_eq!(
+            alignment(
+                "The code is amber-falcon-42.",
+                "the code is amber-falcon-42",
+                q
+            ),
+            1.0
+        );
         // Restating the question is not agreement: only the facts count.
         assert_eq!(
-            alignment("The access code of the vault kept by Sven is 81.", "The access code of the Fallasktho vault is misty-beacon-81.", q),
+            alignment(
+                "The access code of the vault kept by Sven is 81.",
+                "The access code of the Fallasktho vault is misty-beacon-81.",
+                q
+            ),
             0.0
         );
         assert!((alignment("a b c d", "a b", "") - 2.0 / 3.0).abs() < 1e-6);

@@ -25,12 +25,18 @@ async fn healthz(State(state): State<AppState>) -> Json<Value> {
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         state.metrics.render(),
     )
 }
 
-async fn reload(State(state): State<AppState>, Authed(principal): Authed) -> Result<Json<Value>, AppError> {
+async fn reload(
+    State(state): State<AppState>,
+    Authed(principal): Authed,
+) -> Result<Json<Value>, AppError> {
     let policy = state.engine.reload_policy(&Actor::Principal(principal))?;
     Ok(Json(json!({
         "reloaded": true,

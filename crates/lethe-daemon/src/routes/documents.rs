@@ -36,7 +36,9 @@ async fn ingest(
         return Err(AppError::bad_request("documents: empty list"));
     }
     if req.documents.len() > MAX_DOCUMENTS {
-        return Err(AppError::bad_request(format!("at most {MAX_DOCUMENTS} documents per request")));
+        return Err(AppError::bad_request(format!(
+            "at most {MAX_DOCUMENTS} documents per request"
+        )));
     }
     let mut docs = Vec::with_capacity(req.documents.len());
     let mut problems = Vec::new();

@@ -17,11 +17,11 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures_util::StreamExt as _;
 use lethe_engine::label::{Label, Policy};
 use lethe_engine::{AnswerOutcome, Decision, FinishReason};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use futures_util::StreamExt as _;
 
 use super::{answer_request, refusal, run_query, start_stream, Authed, Knobs, StreamMsg};
 use crate::error::{AppError, AppJson};
@@ -78,6 +78,8 @@ struct ChatRequest {
     #[serde(default)]
     retrieval: Option<String>,
     #[serde(default)]
+    mode: Option<String>,
+    #[serde(default)]
     propagator: Option<String>,
 }
 
@@ -122,13 +124,18 @@ fn question(messages: &[ChatMessage]) -> Result<String, AppError> {
             let mut out = Vec::new();
             for p in parts {
                 if p.kind != "text" {
-                    return Err(AppError::bad_request(format!("content parts of type {:?} are not supported", p.kind)));
+                    return Err(AppError::bad_request(format!(
+                        "content parts of type {:?} are not supported",
+                        p.kind
+                    )));
                 }
                 out.push(p.text.clone().unwrap_or_default());
             }
             Ok(out.join("\n"))
         }
-        None => Err(AppError::bad_request("the last user message has no content")),
+        None => Err(AppError::bad_request(
+            "the last user message has no content",
+        )),
     }
 }
 
@@ -142,7 +149,10 @@ async fn chat_completions(
         return Err(AppError::new(
             StatusCode::NOT_FOUND,
             "invalid_request_error",
-            format!("the model {:?} does not exist; see GET /v1/models", req.model),
+            format!(
+                "the model {:?} does not exist; see GET /v1/models",
+                req.model
+            ),
         ));
     }
     if req.n.is_some_and(|n| n != 1) {
@@ -152,9 +162,12 @@ async fn chat_completions(
         return Err(AppError::bad_request("tools are not supported"));
     }
     let query = question(&req.messages)?;
-    let sink = req
-        .sink
-        .or_else(|| headers.get("x-lethe-sink").and_then(|v| v.to_str().ok()).map(String::from));
+    let sink = req.sink.or_else(|| {
+        headers
+            .get("x-lethe-sink")
+            .and_then(|v| v.to_str().ok())
+            .map(String::from)
+    });
     let areq = answer_request(
         &state,
         principal,
@@ -168,6 +181,7 @@ async fn chat_completions(
             seed: req.seed,
             retrieval: req.retrieval,
             propagator: req.propagator,
+            mode: req.mode,
             stop: match req.stop {
                 None => Vec::new(),
                 Some(Stop::One(s)) => vec![s],
@@ -208,7 +222,11 @@ async fn chat_completions(
     Ok(response)
 }
 
-async fn stream(state: AppState, areq: lethe_engine::AnswerRequest, model: String) -> Result<Response, AppError> {
+async fn stream(
+    state: AppState,
+    areq: lethe_engine::AnswerRequest,
+    model: String,
+) -> Result<Response, AppError> {
     let mut rx = start_stream(&state, areq)?;
     // The first message decides the response: a release (stream), or the end
     // (a refusal or an error, answered with a status code, before any byte
@@ -222,7 +240,9 @@ async fn stream(state: AppState, areq: lethe_engine::AnswerRequest, model: Strin
                 Decision::Released => AppError::internal("stream ended before it started"),
             });
         }
-        Some(StreamMsg::Text(_)) => return Err(AppError::internal("text before the release decision")),
+        Some(StreamMsg::Text(_)) => {
+            return Err(AppError::internal("text before the release decision"))
+        }
         None => return Err(AppError::internal("a model worker dropped a stream")),
     };
     let policy = state.engine.policy();
@@ -259,9 +279,10 @@ async fn stream(state: AppState, areq: lethe_engine::AnswerRequest, model: Strin
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "stream failed mid-answer");
-                    vec![Event::default()
-                        .event("error")
-                        .data(json!({"error": {"message": "internal error", "type": "server_error"}}).to_string())]
+                    vec![Event::default().event("error").data(
+                        json!({"error": {"message": "internal error", "type": "server_error"}})
+                            .to_string(),
+                    )]
                 }
             },
         }
@@ -269,7 +290,9 @@ async fn stream(state: AppState, areq: lethe_engine::AnswerRequest, model: Strin
     let stream = futures_util::stream::once(async move { vec![first] })
         .chain(events)
         .flat_map(|v| futures_util::stream::iter(v.into_iter().map(Ok::<_, Infallible>)));
-    let mut response = Sse::new(stream).keep_alive(KeepAlive::default()).into_response();
+    let mut response = Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response();
     let h = response.headers_mut();
     insert(h, "x-lethe-decision", "released");
     insert(h, "x-lethe-label", &label.to_string());
@@ -280,7 +303,11 @@ async fn stream(state: AppState, areq: lethe_engine::AnswerRequest, model: Strin
 }
 
 fn label_name(label: &Label, policy: &Policy) -> Option<String> {
-    policy.labels().iter().find(|(_, l)| *l == label).map(|(n, _)| n.clone())
+    policy
+        .labels()
+        .iter()
+        .find(|(_, l)| *l == label)
+        .map(|(n, _)| n.clone())
 }
 
 /// lethe's fields of an answer.
@@ -296,7 +323,12 @@ pub(super) fn lethe_extension(outcome: &AnswerOutcome, policy: &Policy) -> Value
 }
 
 /// The `x-lethe-*` headers of a released answer.
-pub(super) fn lethe_headers(response: &mut Response, outcome: &AnswerOutcome, policy: &Policy, with_audit: bool) {
+pub(super) fn lethe_headers(
+    response: &mut Response,
+    outcome: &AnswerOutcome,
+    policy: &Policy,
+    with_audit: bool,
+) {
     let h = response.headers_mut();
     insert(h, "x-lethe-decision", outcome.answer.decision.name());
     insert(h, "x-lethe-label", &outcome.answer.label.to_string());
@@ -304,7 +336,11 @@ pub(super) fn lethe_headers(response: &mut Response, outcome: &AnswerOutcome, po
         insert(h, "x-lethe-label-name", &name);
     }
     insert(h, "x-lethe-sink", &outcome.sink.to_string());
-    let sources: Vec<&str> = outcome.sources.iter().map(|s| s.chunk_id.as_str()).collect();
+    let sources: Vec<&str> = outcome
+        .sources
+        .iter()
+        .map(|s| s.chunk_id.as_str())
+        .collect();
     insert(h, "x-lethe-sources", &sources.join(","));
     if with_audit {
         insert(h, "x-lethe-audit-id", &outcome.audit_seq.to_string());
@@ -326,5 +362,8 @@ pub(super) fn finish_reason(f: Option<&FinishReason>) -> &'static str {
 }
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }

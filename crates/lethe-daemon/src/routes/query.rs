@@ -47,12 +47,12 @@ async fn query(
     headers: HeaderMap,
     AppJson(req): AppJson<QueryRequest>,
 ) -> Result<Response, AppError> {
-    match req.mode.as_deref() {
-        None | Some("rag") => {}
-        Some("knnlm") => return Err(AppError::bad_request("mode \"knnlm\" is not available in this build yet; use \"rag\"")),
-        Some(other) => return Err(AppError::bad_request(format!("unknown mode {other:?}: use \"rag\""))),
-    }
-    let sink = req.sink.or_else(|| headers.get("x-lethe-sink").and_then(|v| v.to_str().ok()).map(String::from));
+    let sink = req.sink.or_else(|| {
+        headers
+            .get("x-lethe-sink")
+            .and_then(|v| v.to_str().ok())
+            .map(String::from)
+    });
     let areq = answer_request(
         &state,
         principal,
@@ -66,6 +66,7 @@ async fn query(
             seed: req.seed,
             retrieval: req.retrieval,
             propagator: req.propagator,
+            mode: req.mode,
             stop: Vec::new(),
         },
     )?;

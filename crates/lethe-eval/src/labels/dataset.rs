@@ -97,33 +97,42 @@ const FACT_LABELS: &[&str] = &[
 ];
 
 const SYLLABLES: &[&str] = &[
-    "vor", "lask", "mir", "tan", "quel", "brin", "sa", "dor", "ek", "zu", "fal", "nor", "pe", "rix", "ul", "gan", "tho",
-    "wen", "ka", "lim",
+    "vor", "lask", "mir", "tan", "quel", "brin", "sa", "dor", "ek", "zu", "fal", "nor", "pe",
+    "rix", "ul", "gan", "tho", "wen", "ka", "lim",
 ];
 
 const PEOPLE: &[&str] = &[
-    "Rhea", "Tomas", "Ingrid", "Kofi", "Mei", "Arjun", "Lucia", "Oskar", "Yara", "Dmitri", "Nia", "Pablo", "Sven", "Aiko",
+    "Rhea", "Tomas", "Ingrid", "Kofi", "Mei", "Arjun", "Lucia", "Oskar", "Yara", "Dmitri", "Nia",
+    "Pablo", "Sven", "Aiko",
 ];
 
 fn name(rng: &mut StdRng) -> String {
     let n = rng.random_range(2..=3);
-    let mut s: String = (0..n).map(|_| SYLLABLES[rng.random_range(0..SYLLABLES.len())]).collect();
+    let mut s: String = (0..n)
+        .map(|_| SYLLABLES[rng.random_range(0..SYLLABLES.len())])
+        .collect();
     if let Some(first) = s.get(..1) {
         s = first.to_uppercase() + &s[1..];
     }
     s
 }
 
-const COLOURS: &[&str] = &["Teal", "Ochre", "Lilac", "Maroon", "Saffron", "Indigo", "Olive", "Coral"];
-const CITIES: &[&str] = &["Lisbon", "Tallinn", "Porto", "Ghent", "Bergen", "Krakow", "Turin", "Utrecht"];
+const COLOURS: &[&str] = &[
+    "Teal", "Ochre", "Lilac", "Maroon", "Saffron", "Indigo", "Olive", "Coral",
+];
+const CITIES: &[&str] = &[
+    "Lisbon", "Tallinn", "Porto", "Ghent", "Bergen", "Krakow", "Turin", "Utrecht",
+];
 
 const ADJECTIVES: &[&str] = &[
-    "amber", "copper", "silver", "crimson", "velvet", "frozen", "golden", "hollow", "quiet", "rapid", "scarlet", "silent",
-    "wooden", "marble", "cobalt", "ivory", "misty", "rusty", "sunny", "stormy",
+    "amber", "copper", "silver", "crimson", "velvet", "frozen", "golden", "hollow", "quiet",
+    "rapid", "scarlet", "silent", "wooden", "marble", "cobalt", "ivory", "misty", "rusty", "sunny",
+    "stormy",
 ];
 const NOUNS: &[&str] = &[
-    "falcon", "heron", "otter", "lantern", "harbor", "meadow", "anchor", "comet", "willow", "canyon", "badger", "glacier",
-    "orchid", "beacon", "cedar", "pebble", "thistle", "walrus", "ember", "prairie",
+    "falcon", "heron", "otter", "lantern", "harbor", "meadow", "anchor", "comet", "willow",
+    "canyon", "badger", "glacier", "orchid", "beacon", "cedar", "pebble", "thistle", "walrus",
+    "ember", "prairie",
 ];
 
 /// A code that is easy to copy and unique: `amber-falcon-42`.
@@ -244,10 +253,16 @@ pub fn generate(spec: &Spec) -> Vec<Item> {
                     0 if !hard_used => {
                         hard_used = true;
                         let c = fresh_code(&mut rng);
-                        (format!("The access code of the {other} vault is {c}."), Some(c))
+                        (
+                            format!("The access code of the {other} vault is {c}."),
+                            Some(c),
+                        )
                     }
                     0 | 1 => (
-                        format!("The {other} vault was built in {}.", rng.random_range(1850..2020)),
+                        format!(
+                            "The {other} vault was built in {}.",
+                            rng.random_range(1850..2020)
+                        ),
                         None,
                     ),
                     2 => (
@@ -259,14 +274,22 @@ pub fn generate(spec: &Spec) -> Vec<Item> {
                         None,
                     ),
                     _ => (
-                        format!("The {other} vault is located in {}.", CITIES[rng.random_range(0..CITIES.len())]),
+                        format!(
+                            "The {other} vault is located in {}.",
+                            CITIES[rng.random_range(0..CITIES.len())]
+                        ),
                         None,
                     ),
                 };
                 docs.push((Doc { text, label }, stated, false));
             }
             docs.shuffle(&mut rng);
-            let needed = docs.iter().enumerate().filter(|(_, d)| d.2).map(|(j, _)| j).collect();
+            let needed = docs
+                .iter()
+                .enumerate()
+                .filter(|(_, d)| d.2)
+                .map(|(j, _)| j)
+                .collect();
             let facts = docs
                 .iter()
                 .enumerate()
@@ -320,11 +343,15 @@ mod tests {
         for item in &a {
             assert_eq!(item.docs.len(), 5);
             // The gold code is stated by a needed document, exactly once.
-            let stated: Vec<&(String, usize)> = item.facts.iter().filter(|(c, _)| *c == item.gold).collect();
+            let stated: Vec<&(String, usize)> =
+                item.facts.iter().filter(|(c, _)| *c == item.gold).collect();
             assert_eq!(stated.len(), 1, "{item:?}");
             assert!(item.needed.contains(&stated[0].1));
             for (c, _) in &item.facts {
-                assert!(codes.insert(c.clone()), "codes are unique across the benchmark");
+                assert!(
+                    codes.insert(c.clone()),
+                    "codes are unique across the benchmark"
+                );
             }
             let expected_needed = if item.kind == Kind::TwoHop { 2 } else { 1 };
             assert_eq!(item.needed.len(), expected_needed);

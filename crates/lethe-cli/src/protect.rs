@@ -1,0 +1,762 @@
+//! `lethe protect`: protect an image dataset before release, and
+//! `lethe protect audit`: measure whether that protection works.
+//!
+//! This module only turns argv into `lethe-protect`'s plain config structs
+//! ([`lethe_protect::ProtectConfig`], [`lethe_protect::AuditConfig`]) and
+//! prints what comes back; the optimisation, the release writer (same
+//! format as the input plus `manifest.json`), checkpoints, the progress bar
+//! and the audit all live in `lethe-protect`.
+//!
+//! ```text
+//! lethe protect --input scans/ --output scans-protected/ --method salm --eps 8/255 --rho 0.1
+//! lethe protect --builtin digits --output /tmp/digits-prot --dry-run
+//! lethe protect --input scans/ --output out/ --resume        # continue an interrupted run
+//! lethe protect audit --spec evals/protect/lesions.json --out evals/results/protect/lesions
+//! lethe protect audit --builtin lesions --eps 8/255 --rho 0.25 --classwise --out /tmp/audit
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use clap::{Args, Subcommand, ValueEnum};
+use lethe_protect::{
+    Arch, AuditConfig, DataSource, Defence, Headline, LesionSpec, MaskRefresh, MaskStrategy,
+    Method, MethodRun, ProtectConfig, ProtectParams, RobustnessConfig, SgdParams, VictimConfig,
+};
+
+/// `lethe protect [OPTIONS]` protects a dataset; `lethe protect audit`
+/// trains fresh victims on clean vs protected data.
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct ProtectArgs {
+    /// `audit` (without it: protect a dataset).
+    #[command(subcommand)]
+    command: Option<ProtectCommand>,
+    /// What to protect and where the release goes.
+    #[command(flatten)]
+    data: DataArgs,
+    /// Method and budget.
+    #[command(flatten)]
+    method: MethodArgs,
+    /// The release folder (created; same format as the input, plus
+    /// manifest.json).
+    #[arg(long, short)]
+    output: Option<PathBuf>,
+    /// Checkpoint folder (default: OUTPUT.checkpoint next to the output).
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Continue an interrupted run from its checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Do not checkpoint after every round.
+    #[arg(long, conflicts_with = "resume")]
+    no_checkpoint: bool,
+    /// Write into a non-empty output folder.
+    #[arg(long)]
+    overwrite: bool,
+    /// Only estimate the run time (times a few steps; writes nothing).
+    #[arg(long)]
+    dry_run: bool,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum ProtectCommand {
+    /// Train fresh victims on clean vs protected data; robustness suite,
+    /// image quality, figures; report.json + report.md under --out.
+    Audit(AuditArgs),
+}
+
+#[derive(Args, Debug)]
+struct AuditArgs {
+    /// An audit specification (JSON `AuditConfig`, e.g.
+    /// evals/protect/lesions.json); without it the audit is built from the
+    /// data and method flags (SALM and EM at the same eps).
+    #[arg(long)]
+    spec: Option<PathBuf>,
+    /// What to audit (ignored with --spec).
+    #[command(flatten)]
+    data: DataArgs,
+    /// SALM's budget (ignored with --spec).
+    #[command(flatten)]
+    method: MethodArgs,
+    /// Where report.json, report.md and figures/ go.
+    #[arg(long, default_value = "evals/results/protect/audit")]
+    out: PathBuf,
+    /// Victim training epochs (ignored with --spec).
+    #[arg(long, default_value_t = 20)]
+    epochs: usize,
+    /// Victim seeds (ignored with --spec).
+    #[arg(long, value_delimiter = ',', default_value = "0,1")]
+    seeds: Vec<u64>,
+    /// Skip the robustness suite (ignored with --spec).
+    #[arg(long)]
+    no_robustness: bool,
+    /// Fraction of the data held out (clean) for testing.
+    #[arg(long, default_value_t = 0.25)]
+    test_fraction: f64,
+    /// Print the report's summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct DataArgs {
+    /// A folder with one sub-folder per class (PNG 8/16-bit gray or RGB, or
+    /// DICOM), or a .npy/.npz file.
+    #[arg(long, short, conflicts_with = "builtin")]
+    input: Option<PathBuf>,
+    /// A built-in dataset instead of --input.
+    #[arg(long, value_enum)]
+    builtin: Option<Builtin>,
+    /// For a .npy input: the .npy file of integer labels.
+    #[arg(long)]
+    labels: Option<PathBuf>,
+    /// For a .npz input: the images entry.
+    #[arg(long)]
+    images_key: Option<String>,
+    /// For a .npz input: the labels entry.
+    #[arg(long)]
+    labels_key: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Builtin {
+    /// scikit-learn's 8x8 digits (1797 images, 10 classes).
+    Digits,
+    /// The generated sparse lesion set (1200 32x32 images, 4 classes).
+    Lesions,
+    /// scikit-image's LFW subset (200 25x25 faces / non-faces).
+    Lfw,
+    /// 16x16 tiles of pydicom's CT and MR slices (CT vs MR).
+    DicomPatches,
+}
+
+#[derive(Args, Debug)]
+struct MethodArgs {
+    /// Protection method.
+    #[arg(long, value_enum, default_value_t = MethodArg::Salm)]
+    method: MethodArg,
+    /// L-inf budget as a fraction of full scale: `8/255` or `0.0314`.
+    #[arg(long, default_value = "8/255", value_parser = parse_fraction)]
+    eps: f64,
+    /// SALM: fraction of pixel locations that may change.
+    #[arg(long, default_value_t = 0.1)]
+    rho: f64,
+    /// One noise (and mask) per class instead of one per image.
+    #[arg(long)]
+    classwise: bool,
+    /// SALM: how mask pixels are ranked.
+    #[arg(long, value_enum, default_value_t = MaskArg::Feasible)]
+    mask: MaskArg,
+    /// SALM: when masks are recomputed.
+    #[arg(long, value_enum, default_value_t = RefreshArg::PerRound)]
+    refresh: RefreshArg,
+    /// Noise (PGD) steps per batch per round.
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Never stop before this many rounds.
+    #[arg(long)]
+    min_rounds: Option<usize>,
+    /// Always stop after this many rounds.
+    #[arg(long)]
+    max_rounds: Option<usize>,
+    /// Stop (after --min-rounds) at this surrogate accuracy on the protected
+    /// images.
+    #[arg(long)]
+    target_acc: Option<f64>,
+    /// Stop (after --min-rounds) when the surrogate's loss falls below this.
+    #[arg(long)]
+    loss_below: Option<f64>,
+    /// Surrogate architecture.
+    #[arg(long, value_enum, default_value_t = SurrogateArg::Cnn)]
+    surrogate: SurrogateArg,
+    /// Seed of every random choice (runs are deterministic per seed).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Full parameters as JSON (`ProtectParams`); other method flags are
+    /// then ignored.
+    #[arg(long)]
+    params: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum MethodArg {
+    /// Sparsity-aware local masking.
+    Salm,
+    /// Error-minimising noise on every pixel.
+    Em,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum MaskArg {
+    Feasible,
+    Foreground,
+    GradForeground,
+    Gradient,
+    Random,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum RefreshArg {
+    Fixed,
+    PerRound,
+    PerStep,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum SurrogateArg {
+    /// Small CNN (32-64[-128] channels with batch norm): CPU-sized.
+    Cnn,
+    /// ResNet-18 (CIFAR stem, width 64): for GPUs.
+    Resnet18,
+}
+
+/// Parses `8/255`, `0.0314` or `8/255.0` into a fraction.
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    let v = match s.split_once('/') {
+        Some((a, b)) => {
+            let a: f64 = a
+                .trim()
+                .parse()
+                .map_err(|_| format!("bad numerator in {s:?}"))?;
+            let b: f64 = b
+                .trim()
+                .parse()
+                .map_err(|_| format!("bad denominator in {s:?}"))?;
+            if b == 0.0 {
+                return Err(format!("zero denominator in {s:?}"));
+            }
+            a / b
+        }
+        None => s
+            .trim()
+            .parse()
+            .map_err(|_| format!("not a number: {s:?}"))?,
+    };
+    if !(v > 0.0 && v <= 0.25) {
+        return Err(format!(
+            "{s} = {v:.4} is outside (0, 0.25]: give a fraction of full scale such as 8/255"
+        ));
+    }
+    Ok(v)
+}
+
+impl DataArgs {
+    fn source(&self) -> anyhow::Result<DataSource> {
+        match (&self.input, self.builtin) {
+            (Some(path), _) => {
+                let ext = path
+                    .extension()
+                    .and_then(|e| e.to_str())
+                    .map(str::to_ascii_lowercase);
+                Ok(match ext.as_deref() {
+                    Some("npy") | Some("npz") => DataSource::Npy {
+                        path: path.clone(),
+                        images_key: self.images_key.clone(),
+                        labels_key: self.labels_key.clone(),
+                        labels_path: self.labels.clone(),
+                    },
+                    _ => DataSource::Folder { path: path.clone() },
+                })
+            }
+            (None, Some(b)) => Ok(match b {
+                Builtin::Digits => DataSource::Digits,
+                Builtin::Lesions => DataSource::Lesions(LesionSpec::default()),
+                Builtin::Lfw => DataSource::LfwSubset,
+                Builtin::DicomPatches => DataSource::DicomPatches { patch: 16 },
+            }),
+            (None, None) => Err(anyhow::format_err!(
+                "say what to protect: --input PATH (class folders or .npy/.npz) or --builtin NAME"
+            )),
+        }
+    }
+}
+
+impl MethodArgs {
+    /// The parameters for images of side `side` (picks the surrogate depth).
+    fn params(&self, side: usize) -> anyhow::Result<ProtectParams> {
+        if let Some(path) = &self.params {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let p: ProtectParams = serde_json::from_str(&text)
+                .with_context(|| format!("parsing {}", path.display()))?;
+            p.validate()?;
+            return Ok(p);
+        }
+        let mut p = match self.method {
+            MethodArg::Salm => ProtectParams::salm(self.eps, self.rho),
+            MethodArg::Em => ProtectParams::em(self.eps),
+        };
+        p.method = match self.method {
+            MethodArg::Em => Method::Em {
+                classwise: self.classwise,
+            },
+            MethodArg::Salm => Method::Salm {
+                rho: self.rho,
+                mask: match self.mask {
+                    MaskArg::Feasible => MaskStrategy::Feasible,
+                    MaskArg::Foreground => MaskStrategy::Foreground,
+                    MaskArg::GradForeground => MaskStrategy::GradForeground,
+                    MaskArg::Gradient => MaskStrategy::Gradient,
+                    MaskArg::Random => MaskStrategy::Random,
+                },
+                refresh: match self.refresh {
+                    RefreshArg::Fixed => MaskRefresh::Fixed,
+                    RefreshArg::PerRound => MaskRefresh::PerRound,
+                    RefreshArg::PerStep => MaskRefresh::PerStep,
+                },
+                classwise: self.classwise,
+            },
+        };
+        p.surrogate = match self.surrogate {
+            SurrogateArg::Cnn if side <= 12 => Arch::Cnn {
+                channels: vec![32, 64],
+                batch_norm: true,
+            },
+            SurrogateArg::Cnn => Arch::Cnn {
+                channels: vec![32, 64, 128],
+                batch_norm: true,
+            },
+            SurrogateArg::Resnet18 => Arch::Resnet18 { width: 64 },
+        };
+        if self.classwise {
+            // Huang et al.: class-wise noise needs few steps per batch.
+            p.pgd_steps = 5;
+            p.stop.min_rounds = 5;
+            p.stop.max_rounds = 20;
+        }
+        if let Some(s) = self.steps {
+            p.pgd_steps = s;
+        }
+        if let Some(r) = self.min_rounds {
+            p.stop.min_rounds = r;
+            p.stop.max_rounds = p.stop.max_rounds.max(r);
+        }
+        if let Some(r) = self.max_rounds {
+            p.stop.max_rounds = r;
+            p.stop.min_rounds = p.stop.min_rounds.min(r);
+        }
+        if let Some(a) = self.target_acc {
+            p.stop.train_accuracy = Some(a);
+        }
+        if let Some(l) = self.loss_below {
+            p.stop.loss_below = Some(l);
+        }
+        p.seed = self.seed;
+        p.device = self.device.clone();
+        p.validate()?;
+        Ok(p)
+    }
+}
+
+/// Image side of a source without loading pixel data where that is cheap.
+fn side_of(source: &DataSource) -> anyhow::Result<usize> {
+    Ok(match source {
+        DataSource::Digits => 8,
+        DataSource::Lesions(spec) => spec.size,
+        DataSource::LfwSubset => 25,
+        DataSource::DicomPatches { patch } => *patch,
+        other => {
+            let data = lethe_protect::formats::load(other)?;
+            let s = data.shape();
+            s.height.max(s.width)
+        }
+    })
+}
+
+/// Runs `lethe protect ...`.
+pub fn run(args: ProtectArgs) -> anyhow::Result<()> {
+    lethe_protect::tune_cpu_threads();
+    match args.command {
+        Some(ProtectCommand::Audit(a)) => audit(a),
+        None => protect(
+            &args.data,
+            &args.method,
+            ProtectFlags {
+                output: args.output,
+                checkpoint: args.checkpoint,
+                resume: args.resume,
+                no_checkpoint: args.no_checkpoint,
+                overwrite: args.overwrite,
+                dry_run: args.dry_run,
+                quiet: args.quiet,
+                json: args.json,
+            },
+        ),
+    }
+}
+
+struct ProtectFlags {
+    output: Option<PathBuf>,
+    checkpoint: Option<PathBuf>,
+    resume: bool,
+    no_checkpoint: bool,
+    overwrite: bool,
+    dry_run: bool,
+    quiet: bool,
+    json: bool,
+}
+
+fn default_checkpoint(output: &Path) -> PathBuf {
+    let mut name = output
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_else(|| "release".into());
+    name.push(".checkpoint");
+    output.with_file_name(name)
+}
+
+fn protect(data: &DataArgs, method: &MethodArgs, f: ProtectFlags) -> anyhow::Result<()> {
+    let source = data.source()?;
+    let params = method.params(side_of(&source)?)?;
+    let output = f
+        .output
+        .ok_or_else(|| anyhow::format_err!("--output DIR is required"))?;
+    let checkpoint_dir = if f.no_checkpoint {
+        None
+    } else {
+        Some(f.checkpoint.unwrap_or_else(|| default_checkpoint(&output)))
+    };
+    let cfg = ProtectConfig {
+        source,
+        output,
+        params,
+        checkpoint_dir,
+        resume: f.resume,
+        overwrite: f.overwrite || f.resume,
+        progress: !f.quiet && !f.json,
+    };
+    if f.dry_run {
+        let e = lethe_protect::estimate(&cfg)?;
+        if f.json {
+            println!("{}", serde_json::to_string_pretty(&e)?);
+        } else {
+            println!(
+                "{} images, {} noise steps per round at {:.0} image-steps/s: about {} per round, \
+                 {} to {} in total ({} to {} rounds)",
+                e.images,
+                e.image_steps_per_round,
+                e.image_steps_per_second,
+                duration(e.seconds_per_round),
+                duration(e.min_seconds),
+                duration(e.max_seconds),
+                cfg.params.stop.min_rounds,
+                cfg.params.stop.max_rounds
+            );
+        }
+        return Ok(());
+    }
+    tracing::info!(method = %cfg.params.label(), "protecting");
+    let report = lethe_protect::protect(&cfg)?;
+    if f.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    let q = &report.quality;
+    println!(
+        "{}: {} images, {}; {} rounds ({:?}) in {}",
+        report.dataset,
+        report.images,
+        report.method,
+        report.rounds,
+        report.stop_reason,
+        duration(report.seconds)
+    );
+    println!(
+        "quality: PSNR mean {} dB (min {}), SSIM {:.4}, L-inf {:.1}/255, changed pixels {:.1}%",
+        db(q.psnr_mean_db),
+        db(q.psnr_min_db),
+        q.ssim_mean,
+        q.linf_max * 255.0,
+        100.0 * q.l0_mean
+    );
+    if let Some(out) = &report.output {
+        println!(
+            "wrote {} files and {} to {}",
+            report.files,
+            lethe_protect::release::MANIFEST_FILE,
+            out.display()
+        );
+        println!(
+            "check it: lethe protect audit --input {} ...",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+fn audit(a: AuditArgs) -> anyhow::Result<()> {
+    let mut cfg: AuditConfig = match &a.spec {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
+        }
+        None => default_audit(&a)?,
+    };
+    cfg.out_dir = Some(a.out.clone());
+    cfg.progress = !a.json;
+    let report = lethe_protect::audit(&cfg)?;
+    let s = &report.summary;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(s)?);
+        return Ok(());
+    }
+    println!(
+        "{}: victim test accuracy (mean peak) clean {:.1}%, SALM {:.1}%{}; SALM PSNR {} dB at \
+         eps {:.1}/255, rho {:.2}",
+        s.dataset,
+        100.0 * s.clean_acc,
+        100.0 * s.salm_acc,
+        s.em_acc
+            .map(|e| format!(", EM {:.1}%", 100.0 * e))
+            .unwrap_or_default(),
+        db(s.salm_psnr_db),
+        s.eps * 255.0,
+        s.rho
+    );
+    if let (Some(w), Some(d)) = (s.salm_acc_worst_defence, &s.worst_defence) {
+        println!("worst countermeasure for SALM: {d} ({:.1}%)", 100.0 * w);
+    }
+    for n in &report.notes {
+        println!("note: {n}");
+    }
+    println!("report: {}", a.out.join("report.md").display());
+    Ok(())
+}
+
+/// SALM (the flags) and EM at the same eps, two victims, the suite.
+fn default_audit(a: &AuditArgs) -> anyhow::Result<AuditConfig> {
+    let source = a.data.source()?;
+    let side = side_of(&source)?;
+    let salm = MethodArgs {
+        method: MethodArg::Salm,
+        params: None,
+        ..a.method.clone_flags()
+    }
+    .params(side)?;
+    let em = MethodArgs {
+        method: MethodArg::Em,
+        params: None,
+        ..a.method.clone_flags()
+    }
+    .params(side)?;
+    let small = side <= 12;
+    let v = |c: &[usize]| Arch::Cnn {
+        channels: c.to_vec(),
+        batch_norm: true,
+    };
+    let e8 = 8.0 / 255.0;
+    let defences = vec![
+        Defence::Grayscale,
+        Defence::Jpeg { quality: 10 },
+        Defence::Jpeg { quality: 30 },
+        Defence::Jpeg { quality: 50 },
+        Defence::Jpeg { quality: 75 },
+        Defence::Blur { sigma: 1.0 },
+        Defence::Median,
+        Defence::Noise { sigma: e8 },
+        Defence::FlipCrop,
+        Defence::Cutout {
+            size: (side / 4).max(2),
+        },
+        Defence::Mixup { alpha: 1.0 },
+        Defence::Adversarial {
+            eps: 4.0 / 255.0,
+            steps: 3,
+        },
+    ];
+    Ok(AuditConfig {
+        source,
+        test_fraction: a.test_fraction,
+        split_seed: 0,
+        methods: vec![
+            MethodRun {
+                name: "salm".into(),
+                params: salm,
+            },
+            MethodRun {
+                name: "em".into(),
+                params: em,
+            },
+        ],
+        victims: vec![
+            if small {
+                v(&[16, 32])
+            } else {
+                v(&[16, 32, 64])
+            },
+            Arch::Resnet18 { width: 8 },
+        ],
+        seeds: a.seeds.clone(),
+        victim: VictimConfig {
+            epochs: a.epochs,
+            batch: 64,
+            sgd: SgdParams {
+                lr: 0.05,
+                ..SgdParams::unlearnable_examples()
+            },
+        },
+        robustness: (!a.no_robustness).then_some(RobustnessConfig {
+            defences,
+            methods: Vec::new(),
+            arch: 0,
+            seed: a.seeds.first().copied().unwrap_or(0),
+        }),
+        headline: Headline {
+            salm: "salm".into(),
+            em: Some("em".into()),
+        },
+        out_dir: None,
+        device: a.method.device.clone(),
+        progress: true,
+    })
+}
+
+impl MethodArgs {
+    fn clone_flags(&self) -> MethodArgs {
+        MethodArgs {
+            method: self.method,
+            eps: self.eps,
+            rho: self.rho,
+            classwise: self.classwise,
+            mask: self.mask,
+            refresh: self.refresh,
+            steps: self.steps,
+            min_rounds: self.min_rounds,
+            max_rounds: self.max_rounds,
+            target_acc: self.target_acc,
+            loss_below: self.loss_below,
+            surrogate: self.surrogate,
+            seed: self.seed,
+            device: self.device.clone(),
+            params: self.params.clone(),
+        }
+    }
+}
+
+fn db(x: Option<f64>) -> String {
+    x.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into())
+}
+
+fn duration(s: f64) -> String {
+    if s < 120.0 {
+        format!("{s:.0} s")
+    } else if s < 7200.0 {
+        format!("{:.1} min", s / 60.0)
+    } else {
+        format!("{:.1} h", s / 3600.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ProtectArgs,
+    }
+
+    fn parse(argv: &[&str]) -> ProtectArgs {
+        let mut full = vec!["lethe-protect"];
+        full.extend_from_slice(argv);
+        match Cli::try_parse_from(full) {
+            Ok(c) => c.args,
+            Err(e) => panic!("{argv:?} did not parse: {e}"),
+        }
+    }
+
+    #[test]
+    fn eps_accepts_fractions_and_refuses_nonsense() {
+        assert!((parse_fraction("8/255").unwrap_or(0.0) - 8.0 / 255.0).abs() < 1e-12);
+        assert!((parse_fraction("0.0314").unwrap_or(0.0) - 0.0314).abs() < 1e-12);
+        assert!(parse_fraction("8").is_err());
+        assert!(parse_fraction("8/0").is_err());
+        assert!(parse_fraction("x/255").is_err());
+        assert!(parse_fraction("-1/255").is_err());
+    }
+
+    #[test]
+    fn the_issue_command_line_builds_salm_params() {
+        let a = parse(&[
+            "--builtin",
+            "lesions",
+            "--method",
+            "salm",
+            "--eps",
+            "8/255",
+            "--rho",
+            "0.1",
+            "-o",
+            "/tmp/x",
+        ]);
+        assert!(a.command.is_none());
+        let p = a.method.params(32).expect("valid params");
+        assert_eq!(
+            p.method,
+            Method::Salm {
+                rho: 0.1,
+                mask: MaskStrategy::Feasible,
+                refresh: MaskRefresh::PerRound,
+                classwise: false
+            }
+        );
+        assert!((p.eps - 8.0 / 255.0).abs() < 1e-12);
+        assert_eq!(
+            p.surrogate,
+            Arch::Cnn {
+                channels: vec![32, 64, 128],
+                batch_norm: true
+            }
+        );
+        assert!(matches!(a.data.source(), Ok(DataSource::Lesions(_))));
+    }
+
+    #[test]
+    fn audit_is_a_subcommand_and_bad_rho_is_refused() {
+        let a = parse(&[
+            "audit",
+            "--builtin",
+            "digits",
+            "--classwise",
+            "--rho",
+            "0.25",
+        ]);
+        let Some(ProtectCommand::Audit(audit)) = a.command else {
+            panic!("audit was not parsed as the subcommand");
+        };
+        let cfg = default_audit(&audit).expect("a default audit");
+        assert_eq!(cfg.methods.len(), 2);
+        assert!(matches!(
+            cfg.methods[1].params.method,
+            Method::Em { classwise: true }
+        ));
+        let bad = parse(&["--builtin", "digits", "--rho", "1.5", "-o", "/tmp/x"]);
+        assert!(bad.method.params(8).is_err());
+    }
+
+    #[test]
+    fn npy_inputs_and_checkpoint_paths() {
+        let a = parse(&["-i", "data/x.npz", "-o", "out/rel"]);
+        assert!(matches!(a.data.source(), Ok(DataSource::Npy { .. })));
+        assert_eq!(
+            default_checkpoint(Path::new("out/rel")),
+            PathBuf::from("out/rel.checkpoint")
+        );
+        let none = parse(&["-o", "out/rel"]);
+        assert!(none.data.source().is_err());
+    }
+}

@@ -1,0 +1,181 @@
+#!/usr/bin/env python3
+"""H100 comparison for `lethe protect`: one EM round on 50k 32x32 images,
+timed in PyTorch and in lethe (candle, CUDA build) from the same script.
+
+Not run on CPU CI (needs a CUDA GPU, PyTorch, and a `cuda` build of lethe).
+
+One EM round = the research notes' unit (shared/research/protection-salm.md
+section 5.2, Huang et al.'s perturbation.py loop):
+  * 10 surrogate SGD steps (lr 0.1, momentum 0.9, wd 5e-4, clip 5) on
+    batches of 128 protected images, train mode;
+  * 20 PGD sign-gradient *descent* steps (eps 8/255, step 0.8/255) over all
+    images in batches of 512, eval mode, weights frozen;
+  * one accuracy pass over the protected images.
+Surrogate: ResNet-18, CIFAR variant (3x3 stem, no max-pool), fp32 (TF32 as
+PyTorch defaults), the architecture lethe-model's `ResNet18` reproduces.
+Images: 50k random uint8 RGB 32x32, 10 classes (the timing does not depend
+on content; CIFAR-10 itself is not available offline).
+
+Usage:
+  python3 crates/lethe-protect/bench_protect_torch.py [--images 50000]
+      [--steps 20] [--skip-lethe] [--out evals/results/protect-bench-h100.json]
+
+The lethe side runs
+  cargo run --release --features cuda -p lethe-protect --example bench_protect
+      -- --cifar-only --device cuda --images N --steps K
+and reads the JSON it prints.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        s = x if self.downsample is None else self.downsample(x)
+        return F.relu(y + s)
+
+
+class ResNet18(nn.Module):
+    def __init__(self, classes=10, width=64):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        layers, cin = [], width
+        for stage in range(4):
+            cout = width << stage
+            for i in range(2):
+                layers.append(BasicBlock(cin, cout, 2 if stage > 0 and i == 0 else 1))
+                cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layers(x)
+        return self.fc(x.mean((2, 3)))
+
+
+def em_round(images, labels, steps, device):
+    n = images.shape[0]
+    eps, alpha = 8 / 255, 0.8 / 255
+    model = ResNet18().to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    delta = torch.zeros_like(images)
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    # (a) 10 surrogate steps.
+    model.train()
+    for _ in range(10):
+        idx = torch.randperm(n, generator=g)[:128].to(device)
+        x = (images[idx] + delta[idx]).clamp(0, 1)
+        loss = F.cross_entropy(model(x), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+    torch.cuda.synchronize()
+    t_train = time.perf_counter() - t0
+    # (b) PGD descent over every batch.
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for s in range(0, n, 512):
+        x0, y, d = images[s : s + 512], labels[s : s + 512], delta[s : s + 512]
+        for _ in range(steps):
+            x = (x0 + d).clamp(0, 1).requires_grad_(True)
+            loss = F.cross_entropy(model(x), y)
+            (grad,) = torch.autograd.grad(loss, x)
+            d = (d - alpha * grad.sign()).clamp(-eps, eps)
+            d = (x0 + d).clamp(0, 1) - x0
+        delta[s : s + 512] = d.detach()
+    torch.cuda.synchronize()
+    t_pgd = time.perf_counter() - t0 - t_train
+    # (c) accuracy pass.
+    correct = 0
+    with torch.no_grad():
+        for s in range(0, n, 512):
+            x = (images[s : s + 512] + delta[s : s + 512]).clamp(0, 1)
+            correct += (model(x).argmax(1) == labels[s : s + 512]).sum().item()
+    torch.cuda.synchronize()
+    total = time.perf_counter() - t0
+    return {
+        "round_s": round(total, 3),
+        "train_s": round(t_train, 3),
+        "pgd_s": round(t_pgd, 3),
+        "image_steps_per_s": round(n * steps / total, 1),
+        "accuracy_after_round": correct / n,
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=50_000)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--skip-lethe", action="store_true")
+    ap.add_argument("--out", default="evals/results/protect-bench-h100.json")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("a CUDA GPU is required")
+    device = torch.device("cuda")
+    g = torch.Generator(device="cpu").manual_seed(7)
+    images = torch.randint(0, 256, (args.images, 3, 32, 32), generator=g).float().div(255).to(device)
+    labels = (torch.arange(args.images) % 10).to(device)
+    em_round(images[:1024], labels[:1024], 2, device)  # warm-up (cuDNN autotune)
+    result = {
+        "gpu": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "images": args.images,
+        "pgd_steps": args.steps,
+        "pytorch": em_round(images, labels, args.steps, device),
+    }
+    if not args.skip_lethe:
+        cmd = [
+            "cargo", "run", "--release", "--features", "cuda", "-p", "lethe-protect",
+            "--example", "bench_protect", "--", "--cifar-only", "--device", "cuda",
+            "--images", str(args.images), "--steps", str(args.steps),
+        ]
+        env = dict(os.environ, BENCH_OUT="/dev/null")
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            result["lethe_error"] = proc.stderr[-4000:]
+        else:
+            lethe = json.loads(proc.stdout)["cifar_resnet18"]
+            result["lethe"] = lethe
+            result["lethe_over_pytorch"] = round(
+                lethe["em_round"]["round_s"] / result["pytorch"]["round_s"], 2
+            )
+        result["lethe_wall_incl_build_s"] = round(time.perf_counter() - t0, 1)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

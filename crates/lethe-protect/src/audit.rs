@@ -1,0 +1,932 @@
+//! `lethe protect audit`: does the protection actually work, and what
+//! defeats it?
+//!
+//! The protocol of the research notes (section 6): split the data into
+//! train and test *before* protecting; protect only the training split
+//! with every configured method; train fresh victims (several
+//! architectures, several seeds, random initialisation) on the clean and on
+//! each protected training split and measure test accuracy on the clean
+//! test split; then retrain one victim per method under every countermeasure
+//! of the robustness suite ([`crate::defence`]). Image quality (PSNR, SSIM,
+//! L-inf, L0) is measured on the released (quantised) images.
+//!
+//! Accuracies are the **peak over epochs** (the attacker may early-stop on
+//! a clean validation set) averaged over architectures and seeds; the final
+//! values, the spread and each run are in the report too. The headline
+//! `summary` names the dataset, the clean, SALM and EM accuracies, SALM's
+//! PSNR, epsilon and rho, and whether the issue's acceptance bar (clean >=
+//! 0.9, SALM <= 0.3, eps <= 8/255, rho <= 0.25, PSNR >= 30 dB) is met. The
+//! report states what it measured, never more: a failed bar is written as
+//! failed.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::dataset::{Dataset, ImageShape};
+use crate::defence::Defence;
+use crate::figures;
+use crate::formats::{self, DataSource};
+use crate::metrics::QualitySummary;
+use crate::model::Arch;
+use crate::protect::{self, Method, ProtectParams, RoundLog, RunControl, StopReason};
+use crate::victim::{train_victim, VictimConfig, VictimRun};
+use crate::{Error, Result};
+
+/// One protection method of an audit, under a name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MethodRun {
+    /// A unique name (`salm`, `em`, `salm-eps16`, ...).
+    pub name: String,
+    /// Its parameters.
+    pub params: ProtectParams,
+}
+
+/// Which victims face which countermeasures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RobustnessConfig {
+    /// The suite.
+    pub defences: Vec<Defence>,
+    /// Methods that face it (empty: all).
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Index into the audit's `victims` of the architecture used.
+    #[serde(default)]
+    pub arch: usize,
+    /// Victim seed.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+/// Method names the headline summary reports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Headline {
+    /// The SALM run.
+    pub salm: String,
+    /// The EM run at the same epsilon (optional).
+    #[serde(default)]
+    pub em: Option<String>,
+}
+
+/// Everything an audit does.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// The dataset.
+    pub source: DataSource,
+    /// Fraction held out as the clean test split.
+    pub test_fraction: f64,
+    /// Seed of the stratified split.
+    pub split_seed: u64,
+    /// Protection methods.
+    pub methods: Vec<MethodRun>,
+    /// Victim architectures (at least one).
+    pub victims: Vec<Arch>,
+    /// Victim seeds (at least one).
+    pub seeds: Vec<u64>,
+    /// Victim training.
+    pub victim: VictimConfig,
+    /// The robustness suite (`None`: skipped).
+    #[serde(default)]
+    pub robustness: Option<RobustnessConfig>,
+    /// Names for the summary.
+    pub headline: Headline,
+    /// Where `report.json`, `report.md` and `figures/` go (`None`: nothing
+    /// is written).
+    #[serde(default)]
+    pub out_dir: Option<PathBuf>,
+    /// `cpu`, `cuda` or `cuda:N` for the victims.
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// Progress bars on stderr.
+    #[serde(default)]
+    pub progress: bool,
+}
+
+fn default_device() -> String {
+    "cpu".into()
+}
+
+/// The headline numbers (`report.json`'s top-level `summary`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Summary {
+    /// Dataset name.
+    pub dataset: String,
+    /// Mean peak test accuracy of victims trained on clean data.
+    pub clean_acc: f64,
+    /// The same for the SALM release.
+    pub salm_acc: f64,
+    /// The same for the EM release (if audited).
+    pub em_acc: Option<f64>,
+    /// Highest peak accuracy of any SALM victim (worst case over
+    /// architectures and seeds).
+    pub salm_acc_worst: f64,
+    /// Mean per-image PSNR of the SALM release (dB).
+    pub salm_psnr_db: Option<f64>,
+    /// Mean per-image PSNR of the EM release (dB).
+    pub em_psnr_db: Option<f64>,
+    /// SALM's L-inf budget as a fraction of full scale.
+    pub eps: f64,
+    /// SALM's pixel fraction.
+    pub rho: f64,
+    /// Normalised unlearnability `(clean - salm) / (clean - chance)`.
+    pub salm_unlearnability: f64,
+    /// Worst SALM peak accuracy over the robustness suite.
+    pub salm_acc_worst_defence: Option<f64>,
+    /// The countermeasure that reached it.
+    pub worst_defence: Option<String>,
+    /// clean >= 0.9, salm <= 0.3, eps <= 8/255, rho <= 0.25, PSNR >= 30.
+    pub meets_acceptance: bool,
+}
+
+/// Facts about the audited data.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DatasetInfo {
+    /// Name.
+    pub name: String,
+    /// Image shape.
+    pub shape: ImageShape,
+    /// Class names.
+    pub classes: Vec<String>,
+    /// Training images (protected).
+    pub train: usize,
+    /// Test images (clean).
+    pub test: usize,
+    /// Fraction of exactly-zero pixel values in the training split (how
+    /// sparse the data is).
+    pub zero_fraction: f64,
+}
+
+/// The protection run of one method.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MethodResult {
+    /// Name.
+    pub name: String,
+    /// Label with the main parameters.
+    pub label: String,
+    /// Parameters.
+    pub params: ProtectParams,
+    /// Rounds run.
+    pub rounds: usize,
+    /// Why it stopped.
+    pub stop_reason: Option<StopReason>,
+    /// Wall time of the protection.
+    pub seconds: f64,
+    /// Noise steps (images x steps).
+    pub image_steps: u64,
+    /// Throughput.
+    pub image_steps_per_second: f64,
+    /// Quality of the release.
+    pub quality: QualitySummary,
+    /// Round log.
+    pub round_log: Vec<RoundLog>,
+}
+
+/// One victim run, tagged with the training data.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VictimRow {
+    /// `clean` or a method name.
+    pub data: String,
+    /// The run.
+    #[serde(flatten)]
+    pub run: VictimRun,
+}
+
+/// Accuracy of one training set on one architecture over seeds.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AccuracyRow {
+    /// `clean` or a method name.
+    pub data: String,
+    /// Architecture label.
+    pub arch: String,
+    /// Seeds.
+    pub runs: usize,
+    /// Mean of the peak test accuracies.
+    pub peak_mean: f64,
+    /// Smallest and largest peak.
+    pub peak_range: (f64, f64),
+    /// Mean final test accuracy.
+    pub final_mean: f64,
+    /// Mean accuracy on the training images as trained on.
+    pub train_mean: f64,
+}
+
+/// One countermeasure against every audited training set.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RobustnessRow {
+    /// Defence label.
+    pub defence: String,
+    /// `None` when it does not apply (grayscale on grayscale data).
+    pub not_applicable: Option<String>,
+    /// `(data, peak, final)` per training set.
+    pub results: Vec<(String, f64, f64)>,
+}
+
+/// The full audit result (`report.json`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AuditReport {
+    /// Headline numbers.
+    pub summary: Summary,
+    /// The data.
+    pub dataset: DatasetInfo,
+    /// The configuration that produced this report.
+    pub config: AuditConfig,
+    /// Protection runs.
+    pub methods: Vec<MethodResult>,
+    /// Accuracy table (training set x architecture).
+    pub accuracy: Vec<AccuracyRow>,
+    /// Robustness table.
+    pub robustness: Vec<RobustnessRow>,
+    /// Every victim run.
+    pub victims: Vec<VictimRow>,
+    /// Files written (relative to `out_dir`).
+    pub files: Vec<String>,
+    /// Observations generated from the numbers (failed bars, caveats).
+    pub notes: Vec<String>,
+    /// Total wall time.
+    pub wall_seconds: f64,
+    /// Where it ran.
+    pub environment: Environment,
+}
+
+/// Where an audit ran.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Environment {
+    /// Device.
+    pub device: String,
+    /// Available cores.
+    pub cores: usize,
+    /// Crate version.
+    pub version: &'static str,
+}
+
+impl AuditConfig {
+    fn validate(&self) -> Result<()> {
+        if self.methods.is_empty() || self.victims.is_empty() || self.seeds.is_empty() {
+            return Err(Error::Config(
+                "an audit needs at least one method, victim architecture and seed".into(),
+            ));
+        }
+        let mut names: Vec<&str> = self.methods.iter().map(|m| m.name.as_str()).collect();
+        names.sort_unstable();
+        if names.windows(2).any(|w| w[0] == w[1]) || names.contains(&"clean") {
+            return Err(Error::Config(
+                "method names must be unique and not `clean`".into(),
+            ));
+        }
+        let known = |n: &str| self.methods.iter().any(|m| m.name == n);
+        if !known(&self.headline.salm) || self.headline.em.as_deref().is_some_and(|e| !known(e)) {
+            return Err(Error::Config(format!(
+                "headline names {:?} must be method names",
+                self.headline
+            )));
+        }
+        if let Some(r) = &self.robustness {
+            if r.arch >= self.victims.len() {
+                return Err(Error::Config("robustness.arch is out of range".into()));
+            }
+            if let Some(bad) = r.methods.iter().find(|n| !known(n)) {
+                return Err(Error::Config(format!("robustness method {bad} is unknown")));
+            }
+            for d in &r.defences {
+                d.validate()?;
+            }
+        }
+        for m in &self.methods {
+            m.params.validate()?;
+        }
+        self.victim.validate()
+    }
+}
+
+/// Runs the audit (see the module docs) and writes the report when
+/// `out_dir` is set.
+pub fn audit(cfg: &AuditConfig) -> Result<AuditReport> {
+    cfg.validate()?;
+    let t0 = Instant::now();
+    let device = cfg
+        .device
+        .parse::<lethe_model::DeviceSpec>()
+        .map_err(|e| Error::Config(e.to_string()))?
+        .open()?;
+    let data = formats::load(&cfg.source)?;
+    let (tr, te) = data.split(cfg.test_fraction, cfg.split_seed)?;
+    let train = data.subset(&tr)?;
+    let test = data.subset(&te)?;
+    let zeros = train.pixels().iter().filter(|&&v| v == 0.0).count();
+    let info = DatasetInfo {
+        name: data.name().to_string(),
+        shape: data.shape(),
+        classes: data.classes().to_vec(),
+        train: train.len(),
+        test: test.len(),
+        zero_fraction: zeros as f64 / train.pixels().len() as f64,
+    };
+    tracing::info!(dataset = %info.name, train = info.train, test = info.test, "audit");
+
+    let mut methods = Vec::new();
+    let mut releases: Vec<(String, Dataset)> = vec![("clean".into(), train.clone())];
+    for m in &cfg.methods {
+        tracing::info!(method = %m.name, "protecting the training split");
+        let control = RunControl {
+            progress: cfg.progress,
+            ..RunControl::default()
+        };
+        let p = protect::protect_dataset(&train, &m.params, &control)?;
+        methods.push(MethodResult {
+            name: m.name.clone(),
+            label: m.params.label(),
+            params: m.params.clone(),
+            rounds: p.rounds.len(),
+            stop_reason: p.stop_reason,
+            seconds: p.seconds,
+            image_steps: p.image_steps,
+            image_steps_per_second: p.image_steps as f64 / p.seconds.max(1e-9),
+            quality: p.quality.clone(),
+            round_log: p.rounds.clone(),
+        });
+        releases.push((m.name.clone(), p.protected));
+    }
+
+    let mut victims = Vec::new();
+    for (name, set) in &releases {
+        for arch in &cfg.victims {
+            for &seed in &cfg.seeds {
+                let run =
+                    train_victim(set, &test, arch, seed, &Defence::None, &cfg.victim, &device)?;
+                tracing::info!(data = %name, arch = %run.arch, seed, peak = run.test_acc_peak, "victim");
+                victims.push(VictimRow {
+                    data: name.clone(),
+                    run,
+                });
+            }
+        }
+    }
+
+    let mut robustness = Vec::new();
+    if let Some(rc) = &cfg.robustness {
+        let arch = &cfg.victims[rc.arch];
+        for d in &rc.defences {
+            if matches!(d, Defence::Grayscale) && data.shape().channels == 1 {
+                robustness.push(RobustnessRow {
+                    defence: d.label(),
+                    not_applicable: Some("the data is already grayscale".into()),
+                    results: Vec::new(),
+                });
+                continue;
+            }
+            let mut results = Vec::new();
+            for (name, set) in &releases {
+                if name != "clean" && !rc.methods.is_empty() && !rc.methods.contains(name) {
+                    continue;
+                }
+                let run = train_victim(set, &test, arch, rc.seed, d, &cfg.victim, &device)?;
+                tracing::info!(defence = %d.label(), data = %name, peak = run.test_acc_peak, "robustness");
+                results.push((name.clone(), run.test_acc_peak, run.test_acc_final));
+                victims.push(VictimRow {
+                    data: name.clone(),
+                    run,
+                });
+            }
+            robustness.push(RobustnessRow {
+                defence: d.label(),
+                not_applicable: None,
+                results,
+            });
+        }
+    }
+
+    let accuracy = accuracy_table(&victims, &releases, &cfg.victims);
+    let summary = summary(cfg, &info, &methods, &victims, &robustness)?;
+    let notes = notes(&summary, &methods, &accuracy, &info);
+    let mut report = AuditReport {
+        summary,
+        dataset: info,
+        config: cfg.clone(),
+        methods,
+        accuracy,
+        robustness,
+        victims,
+        files: Vec::new(),
+        notes,
+        wall_seconds: 0.0,
+        environment: Environment {
+            device: cfg.device.clone(),
+            cores: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            version: env!("CARGO_PKG_VERSION"),
+        },
+    };
+    report.wall_seconds = t0.elapsed().as_secs_f64();
+    if let Some(dir) = &cfg.out_dir {
+        report.files = write_report(&mut report, &train, &releases, dir)?;
+    }
+    Ok(report)
+}
+
+fn mean(xs: &[f64]) -> f64 {
+    if xs.is_empty() {
+        0.0
+    } else {
+        xs.iter().sum::<f64>() / xs.len() as f64
+    }
+}
+
+fn accuracy_table(
+    victims: &[VictimRow],
+    releases: &[(String, Dataset)],
+    archs: &[Arch],
+) -> Vec<AccuracyRow> {
+    let mut rows = Vec::new();
+    for (name, _) in releases {
+        for arch in archs {
+            let label = arch.label();
+            let runs: Vec<&VictimRun> = victims
+                .iter()
+                .filter(|v| &v.data == name && v.run.arch == label && v.run.defence == "none")
+                .map(|v| &v.run)
+                .collect();
+            if runs.is_empty() {
+                continue;
+            }
+            let peaks: Vec<f64> = runs.iter().map(|r| r.test_acc_peak).collect();
+            rows.push(AccuracyRow {
+                data: name.clone(),
+                arch: label,
+                runs: runs.len(),
+                peak_mean: mean(&peaks),
+                peak_range: (
+                    peaks.iter().copied().fold(f64::INFINITY, f64::min),
+                    peaks.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                ),
+                final_mean: mean(&runs.iter().map(|r| r.test_acc_final).collect::<Vec<_>>()),
+                train_mean: mean(&runs.iter().map(|r| r.train_acc_final).collect::<Vec<_>>()),
+            });
+        }
+    }
+    rows
+}
+
+/// Mean and max peak accuracy of the undefended victims trained on `data`.
+fn peak_stats(victims: &[VictimRow], data: &str) -> (f64, f64) {
+    let peaks: Vec<f64> = victims
+        .iter()
+        .filter(|v| v.data == data && v.run.defence == "none")
+        .map(|v| v.run.test_acc_peak)
+        .collect();
+    (mean(&peaks), peaks.iter().copied().fold(0.0, f64::max))
+}
+
+fn summary(
+    cfg: &AuditConfig,
+    info: &DatasetInfo,
+    methods: &[MethodResult],
+    victims: &[VictimRow],
+    robustness: &[RobustnessRow],
+) -> Result<Summary> {
+    let salm = methods
+        .iter()
+        .find(|m| m.name == cfg.headline.salm)
+        .ok_or_else(|| Error::Config(format!("no method named {}", cfg.headline.salm)))?;
+    let em = cfg
+        .headline
+        .em
+        .as_ref()
+        .and_then(|e| methods.iter().find(|m| &m.name == e));
+    let (clean_acc, _) = peak_stats(victims, "clean");
+    let (salm_acc, salm_worst) = peak_stats(victims, &salm.name);
+    let em_acc = em.map(|e| peak_stats(victims, &e.name).0);
+    let rho = match &salm.params.method {
+        Method::Salm { rho, .. } => *rho,
+        Method::Em { .. } => 1.0,
+    };
+    let chance = 1.0 / info.classes.len() as f64;
+    let denom = (clean_acc - chance).max(1e-9);
+    let worst = robustness
+        .iter()
+        .filter_map(|r| {
+            r.results
+                .iter()
+                .find(|(d, _, _)| d == &salm.name)
+                .map(|(_, p, _)| (r.defence.clone(), *p))
+        })
+        .max_by(|a, b| a.1.total_cmp(&b.1));
+    let psnr = salm.quality.psnr_mean_db;
+    Ok(Summary {
+        dataset: info.name.clone(),
+        clean_acc,
+        salm_acc,
+        em_acc,
+        salm_acc_worst: salm_worst,
+        salm_psnr_db: psnr,
+        em_psnr_db: em.and_then(|e| e.quality.psnr_mean_db),
+        eps: salm.params.eps,
+        rho,
+        salm_unlearnability: (clean_acc - salm_acc) / denom,
+        salm_acc_worst_defence: worst.as_ref().map(|w| w.1),
+        worst_defence: worst.map(|w| w.0),
+        meets_acceptance: clean_acc >= 0.9
+            && salm_acc <= 0.3
+            && salm.params.eps <= 8.0 / 255.0 + 1e-9
+            && rho <= 0.25
+            && psnr.is_some_and(|p| p >= 30.0),
+    })
+}
+
+fn notes(
+    s: &Summary,
+    methods: &[MethodResult],
+    accuracy: &[AccuracyRow],
+    info: &DatasetInfo,
+) -> Vec<String> {
+    let mut notes = Vec::new();
+    if s.clean_acc < 0.9 {
+        notes.push(format!(
+            "Clean victims reach only {:.1}% (< 90%): the victim recipe or the data is too hard; \
+             protection numbers on this dataset are weak evidence.",
+            100.0 * s.clean_acc
+        ));
+    }
+    if s.salm_acc > 0.3 {
+        notes.push(format!(
+            "SALM does NOT make {} unlearnable at eps={:.1}/255, rho={:.2}: victims still reach \
+             {:.1}% (mean peak) against {:.1}% clean.",
+            s.dataset,
+            s.eps * 255.0,
+            s.rho,
+            100.0 * s.salm_acc,
+            100.0 * s.clean_acc
+        ));
+    }
+    if let (Some(w), Some(d)) = (s.salm_acc_worst_defence, &s.worst_defence) {
+        if w > s.salm_acc + 0.2 {
+            notes.push(format!(
+                "Countermeasure `{d}` restores SALM victims to {:.1}%.",
+                100.0 * w
+            ));
+        }
+    }
+    for row in accuracy {
+        if row.data != "clean" && row.train_mean > 0.95 && row.peak_mean < 0.5 {
+            notes.push(format!(
+                "{} on {}: {:.0}% training vs {:.0}% test accuracy, the shortcut signature.",
+                row.data,
+                row.arch,
+                100.0 * row.train_mean,
+                100.0 * row.peak_mean
+            ));
+        }
+    }
+    for m in methods {
+        if m.stop_reason == Some(StopReason::MaxRounds) {
+            notes.push(format!(
+                "{} stopped at max_rounds ({}), not by its accuracy/loss rule.",
+                m.name, m.rounds
+            ));
+        }
+    }
+    if info.shape.channels == 1 {
+        notes.push("Grayscale conversion does not apply: the data is single-channel.".into());
+    }
+    notes
+}
+
+fn pct(x: f64) -> String {
+    format!("{:.1}", 100.0 * x)
+}
+
+fn opt_db(x: Option<f64>) -> String {
+    x.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into())
+}
+
+/// Writes `report.json`, `report.md` and the figures; returns the files.
+fn write_report(
+    report: &mut AuditReport,
+    train: &Dataset,
+    releases: &[(String, Dataset)],
+    dir: &Path,
+) -> Result<Vec<String>> {
+    std::fs::create_dir_all(dir.join("figures"))
+        .map_err(|e| Error::io(e, format!("creating {}", dir.display())))?;
+    let mut files = Vec::new();
+
+    // Examples: up to two images per class, at most 8 rows.
+    let shape = train.shape();
+    let mut picks = Vec::new();
+    for c in 0..train.classes().len() as u32 {
+        picks.extend(
+            (0..train.len())
+                .filter(|&i| train.labels()[i] == c)
+                .take(if train.classes().len() > 4 { 1 } else { 2 }),
+        );
+    }
+    picks.truncate(8);
+    let rows: Vec<(&[f32], Vec<&[f32]>)> = picks
+        .iter()
+        .map(|&i| {
+            (
+                train.image(i),
+                releases[1..].iter().map(|(_, d)| d.image(i)).collect(),
+            )
+        })
+        .collect();
+    let eps = report
+        .methods
+        .iter()
+        .map(|m| m.params.eps)
+        .fold(0.0, f64::max) as f32;
+    if releases.len() > 1 {
+        let grid = figures::examples_grid(&rows, shape, eps.max(1e-6))?;
+        figures::save(&grid, &dir.join("figures/examples.png"))?;
+        files.push("figures/examples.png".into());
+    }
+
+    // Accuracy against epsilon, per method family (kind, rho).
+    let mut families: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    for m in &report.methods {
+        let family = match &m.params.method {
+            Method::Salm { rho, .. } => format!("{} rho={rho:.2}", m.params.method.label()),
+            Method::Em { .. } => m.params.method.label().to_string(),
+        };
+        let (acc, _) = peak_stats(&report.victims, &m.name);
+        match families.iter_mut().find(|f| f.0 == family) {
+            Some(f) => f.1.push((m.params.eps * 255.0, acc)),
+            None => families.push((family, vec![(m.params.eps * 255.0, acc)])),
+        }
+    }
+    let sweeps: Vec<(String, Vec<(f64, f64)>)> = families
+        .into_iter()
+        .filter(|f| f.1.len() > 1)
+        .map(|(n, mut pts)| {
+            pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+            (n, pts)
+        })
+        .collect();
+    let mut sweep_caption = String::new();
+    if !sweeps.is_empty() {
+        let xmax = sweeps
+            .iter()
+            .flat_map(|s| s.1.iter().map(|p| p.0))
+            .fold(0.0, f64::max);
+        let (clean, _) = peak_stats(&report.victims, "clean");
+        let mut series: Vec<figures::Series> =
+            vec![(image::Rgb([0, 0, 0]), vec![(0.0, clean), (xmax, clean)])];
+        let mut names = vec!["black: clean".to_string()];
+        for (k, (name, pts)) in sweeps.iter().enumerate() {
+            let c = k % figures::PALETTE.len();
+            series.push((figures::PALETTE[c], pts.clone()));
+            names.push(format!("{}: {name}", figures::PALETTE_NAMES[c]));
+        }
+        let chart = figures::line_chart(
+            &series,
+            (0.0, xmax),
+            Some(1.0 / report.dataset.classes.len() as f64),
+        );
+        figures::save(&chart, &dir.join("figures/accuracy_vs_eps.png"))?;
+        files.push("figures/accuracy_vs_eps.png".into());
+        sweep_caption = format!(
+            "x: epsilon in 1/255 units (0 to {xmax:.0}); y: victim peak test accuracy (0 to 1, \
+             grid every 0.1); dashed: chance. {}.",
+            names.join("; ")
+        );
+    }
+
+    // Test accuracy per epoch, first architecture and seed.
+    let first_arch = report.config.victims[0].label();
+    let first_seed = report.config.seeds[0];
+    let mut series = Vec::new();
+    let mut curve_names = Vec::new();
+    let mut epochs = 1.0;
+    for (k, (name, _)) in releases.iter().enumerate() {
+        if let Some(v) = report.victims.iter().find(|v| {
+            &v.data == name
+                && v.run.arch == first_arch
+                && v.run.seed == first_seed
+                && v.run.defence == "none"
+        }) {
+            let c = k % figures::PALETTE.len();
+            epochs = v.run.curve.len() as f64;
+            series.push((
+                figures::PALETTE[c],
+                v.run
+                    .curve
+                    .iter()
+                    .enumerate()
+                    .map(|(e, a)| ((e + 1) as f64, *a))
+                    .collect(),
+            ));
+            curve_names.push(format!("{}: {name}", figures::PALETTE_NAMES[c]));
+        }
+    }
+    let chart = figures::line_chart(
+        &series,
+        (1.0, epochs.max(2.0)),
+        Some(1.0 / report.dataset.classes.len() as f64),
+    );
+    figures::save(&chart, &dir.join("figures/test_accuracy_curves.png"))?;
+    files.push("figures/test_accuracy_curves.png".into());
+
+    files.push("report.json".into());
+    files.push("report.md".into());
+    report.files = files.clone();
+    let md = markdown(report, &sweep_caption, &curve_names.join("; "));
+    std::fs::write(dir.join("report.md"), md)
+        .map_err(|e| Error::io(e, format!("writing {}", dir.display())))?;
+    let json = serde_json::to_vec_pretty(report)
+        .map_err(|e| Error::Unsupported(format!("serialising the report: {e}")))?;
+    std::fs::write(dir.join("report.json"), json)
+        .map_err(|e| Error::io(e, format!("writing {}", dir.display())))?;
+    Ok(files)
+}
+
+/// The Markdown report of one audit.
+pub fn markdown(r: &AuditReport, sweep_caption: &str, curve_caption: &str) -> String {
+    use std::fmt::Write;
+    let s = &r.summary;
+    let mut md = String::new();
+    let _ = writeln!(md, "# Protection audit: {}\n", r.dataset.name);
+    let _ = writeln!(
+        md,
+        "{} train images (protected) / {} test images (clean), shape {}x{}x{}, {} classes, \
+         {:.0}% of training pixel values exactly zero. Victims: {} x seeds {:?}, {} epochs. \
+         Accuracies are victim test accuracy in %, peak over epochs, mean over architectures \
+         and seeds unless stated.\n",
+        r.dataset.train,
+        r.dataset.test,
+        r.dataset.shape.channels,
+        r.dataset.shape.height,
+        r.dataset.shape.width,
+        r.dataset.classes.len(),
+        100.0 * r.dataset.zero_fraction,
+        r.config
+            .victims
+            .iter()
+            .map(|a| a.label())
+            .collect::<Vec<_>>()
+            .join(", "),
+        r.config.seeds,
+        r.config.victim.epochs
+    );
+    let _ = writeln!(md, "## Summary\n");
+    let _ = writeln!(md, "| | value |\n|---|---|");
+    let _ = writeln!(md, "| clean accuracy | {} |", pct(s.clean_acc));
+    let _ = writeln!(
+        md,
+        "| SALM accuracy (eps {:.1}/255, rho {:.2}) | {} (worst run {}) |",
+        s.eps * 255.0,
+        s.rho,
+        pct(s.salm_acc),
+        pct(s.salm_acc_worst)
+    );
+    if let Some(e) = s.em_acc {
+        let _ = writeln!(md, "| EM accuracy (same eps) | {} |", pct(e));
+    }
+    let _ = writeln!(md, "| SALM PSNR | {} dB |", opt_db(s.salm_psnr_db));
+    let _ = writeln!(
+        md,
+        "| SALM unlearnability U | {:.2} |",
+        s.salm_unlearnability
+    );
+    if let (Some(w), Some(d)) = (s.salm_acc_worst_defence, &s.worst_defence) {
+        let _ = writeln!(md, "| SALM worst countermeasure | {d}: {} |", pct(w));
+    }
+    let _ = writeln!(
+        md,
+        "| acceptance (clean >= 90, SALM <= 30, eps <= 8/255, rho <= 0.25, PSNR >= 30) | {} |\n",
+        if s.meets_acceptance { "met" } else { "NOT met" }
+    );
+
+    let _ = writeln!(md, "## Methods side by side\n");
+    let _ = writeln!(
+        md,
+        "| method | parameters | victim acc | PSNR mean / min dB | SSIM | L-inf (x255) | L0 mean | rounds (stop) | time s | image-steps/s |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
+    let (clean, _) = peak_stats(&r.victims, "clean");
+    let _ = writeln!(
+        md,
+        "| clean | - | {} | - | 1 | 0 | 0 | - | - | - |",
+        pct(clean)
+    );
+    for m in &r.methods {
+        let (acc, _) = peak_stats(&r.victims, &m.name);
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} / {} | {:.3} | {:.1} | {:.3} | {} ({:?}) | {:.0} | {:.0} |",
+            m.name,
+            m.label,
+            pct(acc),
+            opt_db(m.quality.psnr_mean_db),
+            opt_db(m.quality.psnr_min_db),
+            m.quality.ssim_mean,
+            m.quality.linf_max * 255.0,
+            m.quality.l0_mean,
+            m.rounds,
+            m.stop_reason,
+            m.seconds,
+            m.image_steps_per_second
+        );
+    }
+    let _ = writeln!(md, "\n## Victims per architecture\n");
+    let _ = writeln!(
+        md,
+        "| training data | architecture | runs | peak mean | peak range | final mean | train acc |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|");
+    for a in &r.accuracy {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {}-{} | {} | {} |",
+            a.data,
+            a.arch,
+            a.runs,
+            pct(a.peak_mean),
+            pct(a.peak_range.0),
+            pct(a.peak_range.1),
+            pct(a.final_mean),
+            pct(a.train_mean)
+        );
+    }
+    if !r.robustness.is_empty() {
+        let arch = r
+            .config
+            .robustness
+            .as_ref()
+            .map(|rc| r.config.victims[rc.arch].label())
+            .unwrap_or_default();
+        let _ = writeln!(
+            md,
+            "\n## Robustness (victim {arch}, one seed; peak / final accuracy)\n"
+        );
+        let cols: Vec<String> = r
+            .robustness
+            .iter()
+            .find(|row| !row.results.is_empty())
+            .map(|row| row.results.iter().map(|(d, _, _)| d.clone()).collect())
+            .unwrap_or_default();
+        let _ = writeln!(md, "| defence | {} |", cols.join(" | "));
+        let _ = writeln!(md, "|---|{}", "---|".repeat(cols.len()));
+        for row in &r.robustness {
+            match &row.not_applicable {
+                Some(why) => {
+                    let _ = writeln!(md, "| {} | n/a: {why} |", row.defence);
+                }
+                None => {
+                    let cells: Vec<String> = row
+                        .results
+                        .iter()
+                        .map(|(_, p, f)| format!("{} / {}", pct(*p), pct(*f)))
+                        .collect();
+                    let _ = writeln!(md, "| {} | {} |", row.defence, cells.join(" | "));
+                }
+            }
+        }
+    }
+    let _ = writeln!(md, "\n## Figures\n");
+    if r.files.iter().any(|f| f == "figures/examples.png") {
+        let _ = writeln!(
+            md,
+            "![examples](figures/examples.png)\n\nOne row per training image. Columns: original, \
+             then for each method ({}) the released image and |delta| / eps as a heat map \
+             (black 0, red, yellow, white = full budget).\n",
+            r.methods
+                .iter()
+                .map(|m| m.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    if !sweep_caption.is_empty() {
+        let _ = writeln!(
+            md,
+            "![accuracy vs eps](figures/accuracy_vs_eps.png)\n\n{sweep_caption}\n"
+        );
+    }
+    let _ = writeln!(
+        md,
+        "![curves](figures/test_accuracy_curves.png)\n\nTest accuracy per epoch ({}, seed {}); \
+         y from 0 to 1, dashed: chance. {curve_caption}.\n",
+        r.config.victims[0].label(),
+        r.config.seeds[0]
+    );
+    if !r.notes.is_empty() {
+        let _ = writeln!(md, "## Notes\n");
+        for n in &r.notes {
+            let _ = writeln!(md, "- {n}");
+        }
+    }
+    let _ = writeln!(
+        md,
+        "\nWall time {:.0} s on {} ({} cores).",
+        r.wall_seconds, r.environment.device, r.environment.cores
+    );
+    md
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,341 @@
+//! The in-memory dataset every method works on, and the split that the
+//! audit protocol needs.
+//!
+//! A [`Dataset`] is a stack of same-shaped images with values in `[0, 1]`
+//! (channel-first, row-major), one label per image, the class names, and,
+//! per image, where it came from ([`Item`]) so that the protected images
+//! can be written back in the format they were read from ([`Format`]).
+//! Pixel values are normalised on load (8-bit PNG: `v / 255`, 16-bit:
+//! `v / 65535`, DICOM: the stored value mapped from the dataset's stored
+//! range, see [`Format::Dicom`]); [`Dataset::quantize`] snaps them back onto
+//! the grid the release format can hold, because protection must be judged
+//! on what is actually published, never on float tensors.
+
+use std::path::PathBuf;
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// Shape of every image of a dataset (channel-first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageShape {
+    /// 1 (grayscale) or 3 (RGB).
+    pub channels: usize,
+    /// Rows.
+    pub height: usize,
+    /// Columns.
+    pub width: usize,
+}
+
+impl ImageShape {
+    /// Pixel locations per image (`height * width`).
+    pub fn pixels(&self) -> usize {
+        self.height * self.width
+    }
+
+    /// Values per image (`channels * height * width`).
+    pub fn values(&self) -> usize {
+        self.channels * self.height * self.width
+    }
+}
+
+/// How a dataset is stored on disk, so that protected images are written
+/// back the same way.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Format {
+    /// Made in memory (generated, or decoded from a bundled archive);
+    /// written as a folder of 8-bit PNGs with one sub-folder per class.
+    Generated,
+    /// A folder with one sub-folder of PNG files per class (8- or 16-bit,
+    /// grayscale or RGB; each [`Item`] keeps its own bit depth).
+    PngFolder {
+        /// The folder that was read.
+        root: PathBuf,
+    },
+    /// A NumPy `.npy` (images) or `.npz` (images and labels) file.
+    Npy(crate::formats::npy::NpySource),
+    /// A folder with one sub-folder of DICOM files per class. Pixel values
+    /// are normalised as `(stored - lo) / (hi - lo)` with `(lo, hi)` the
+    /// smallest and largest stored value over the whole dataset, so that
+    /// epsilon is a fraction of the data's actual dynamic range (a CT with
+    /// 16 bits allocated rarely uses more than 12).
+    Dicom {
+        /// The folder that was read.
+        root: PathBuf,
+        /// Smallest and largest stored value.
+        range: (f64, f64),
+    },
+}
+
+/// Where one image came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Item {
+    /// Path relative to the dataset root (`None` for images inside one
+    /// array file or generated ones).
+    pub path: Option<PathBuf>,
+    /// SHA-256 of the source file, lower-case hex (`None` when not a file
+    /// of its own).
+    pub sha256: Option<String>,
+    /// The release grid: values are multiples of `1 / levels` (255 for
+    /// 8-bit, 65535 for 16-bit, `hi - lo` for DICOM); `None` for
+    /// floating-point storage.
+    pub levels: Option<u32>,
+}
+
+impl Item {
+    /// An image without a file of its own, released on a `levels` grid.
+    pub fn in_memory(levels: Option<u32>) -> Item {
+        Item {
+            path: None,
+            sha256: None,
+            levels,
+        }
+    }
+}
+
+/// A labelled stack of same-shaped images with values in `[0, 1]`.
+///
+/// Invariant: `pixels.len() == len * shape.values()`, every value finite
+/// and in `[0, 1]`, every label `< classes.len()`, one [`Item`] per image,
+/// at least one image and two classes.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    name: String,
+    shape: ImageShape,
+    pixels: Vec<f32>,
+    labels: Vec<u32>,
+    classes: Vec<String>,
+    items: Vec<Item>,
+    format: Format,
+}
+
+impl Dataset {
+    /// Builds a dataset, checking its invariant.
+    pub fn new(
+        name: impl Into<String>,
+        shape: ImageShape,
+        pixels: Vec<f32>,
+        labels: Vec<u32>,
+        classes: Vec<String>,
+        items: Vec<Item>,
+        format: Format,
+    ) -> Result<Dataset> {
+        let n = labels.len();
+        if n == 0 {
+            return Err(Error::Unsupported("the dataset has no images".into()));
+        }
+        if shape.channels != 1 && shape.channels != 3 {
+            return Err(Error::Unsupported(format!(
+                "images must have 1 or 3 channels, got {}",
+                shape.channels
+            )));
+        }
+        if shape.height == 0 || shape.width == 0 {
+            return Err(Error::Unsupported("images must not be empty".into()));
+        }
+        if pixels.len() != n * shape.values() {
+            return Err(Error::Unsupported(format!(
+                "{} pixel values for {n} images of shape {shape:?}",
+                pixels.len()
+            )));
+        }
+        if classes.len() < 2 {
+            return Err(Error::Unsupported(format!(
+                "protection needs at least two classes, found {}",
+                classes.len()
+            )));
+        }
+        if let Some(bad) = labels.iter().find(|&&l| l as usize >= classes.len()) {
+            return Err(Error::Unsupported(format!(
+                "label {bad} but only {} classes",
+                classes.len()
+            )));
+        }
+        if items.len() != n {
+            return Err(Error::Unsupported(format!(
+                "{} item records for {n} images",
+                items.len()
+            )));
+        }
+        if let Some(v) = pixels.iter().find(|v| !(0.0..=1.0).contains(*v)) {
+            return Err(Error::Unsupported(format!(
+                "pixel value {v} outside [0, 1] after normalisation"
+            )));
+        }
+        Ok(Dataset {
+            name: name.into(),
+            shape,
+            pixels,
+            labels,
+            classes,
+            items,
+            format,
+        })
+    }
+
+    /// A short name (for reports).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Number of images.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// Always false (a dataset has at least one image); for clippy's sake.
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// The shape of every image.
+    pub fn shape(&self) -> ImageShape {
+        self.shape
+    }
+
+    /// All pixel values, image after image.
+    pub fn pixels(&self) -> &[f32] {
+        &self.pixels
+    }
+
+    /// The values of image `i` (panics if `i >= len`, a caller bug).
+    pub fn image(&self, i: usize) -> &[f32] {
+        let v = self.shape.values();
+        &self.pixels[i * v..(i + 1) * v]
+    }
+
+    /// Labels, one per image.
+    pub fn labels(&self) -> &[u32] {
+        &self.labels
+    }
+
+    /// Class names; label `k` is `classes()[k]`.
+    pub fn classes(&self) -> &[String] {
+        &self.classes
+    }
+
+    /// Per-image provenance.
+    pub fn items(&self) -> &[Item] {
+        &self.items
+    }
+
+    /// The storage format.
+    pub fn format(&self) -> &Format {
+        &self.format
+    }
+
+    /// Images per class.
+    pub fn class_counts(&self) -> Vec<usize> {
+        let mut counts = vec![0; self.classes.len()];
+        for &l in &self.labels {
+            counts[l as usize] += 1;
+        }
+        counts
+    }
+
+    /// The same images in the order of `indices` (each `< len`).
+    pub fn subset(&self, indices: &[usize]) -> Result<Dataset> {
+        let v = self.shape.values();
+        let mut pixels = Vec::with_capacity(indices.len() * v);
+        let mut labels = Vec::with_capacity(indices.len());
+        let mut items = Vec::with_capacity(indices.len());
+        for &i in indices {
+            if i >= self.len() {
+                return Err(Error::Config(format!(
+                    "index {i} out of range for {} images",
+                    self.len()
+                )));
+            }
+            pixels.extend_from_slice(self.image(i));
+            labels.push(self.labels[i]);
+            items.push(self.items[i].clone());
+        }
+        Dataset::new(
+            self.name.clone(),
+            self.shape,
+            pixels,
+            labels,
+            self.classes.clone(),
+            items,
+            self.format.clone(),
+        )
+    }
+
+    /// The same dataset with other pixel values (same length, in `[0, 1]`).
+    pub fn with_pixels(&self, pixels: Vec<f32>) -> Result<Dataset> {
+        Dataset::new(
+            self.name.clone(),
+            self.shape,
+            pixels,
+            self.labels.clone(),
+            self.classes.clone(),
+            self.items.clone(),
+            self.format.clone(),
+        )
+    }
+
+    /// The same dataset under another name.
+    pub fn renamed(mut self, name: impl Into<String>) -> Dataset {
+        self.name = name.into();
+        self
+    }
+
+    /// Every value snapped to its item's release grid (round to nearest
+    /// multiple of `1 / levels`); floating-point items are unchanged.
+    pub fn quantize(&self) -> Dataset {
+        let v = self.shape.values();
+        let mut pixels = self.pixels.clone();
+        for (i, item) in self.items.iter().enumerate() {
+            if let Some(levels) = item.levels {
+                let l = levels as f32;
+                for p in &mut pixels[i * v..(i + 1) * v] {
+                    *p = ((*p * l).round() / l).clamp(0.0, 1.0);
+                }
+            }
+        }
+        Dataset {
+            pixels,
+            ..self.clone()
+        }
+    }
+
+    /// A stratified split: per class, `round(test_fraction * count)` images
+    /// (at least one when the class has two or more) go to the test side,
+    /// chosen by a shuffle seeded with `seed`. Returns sorted
+    /// `(train, test)` indices.
+    pub fn split(&self, test_fraction: f64, seed: u64) -> Result<(Vec<usize>, Vec<usize>)> {
+        if !(test_fraction > 0.0 && test_fraction < 1.0) {
+            return Err(Error::Config(format!(
+                "test fraction must be in (0, 1), got {test_fraction}"
+            )));
+        }
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (mut train, mut test) = (Vec::new(), Vec::new());
+        for class in 0..self.classes.len() as u32 {
+            let mut idx: Vec<usize> = (0..self.len())
+                .filter(|&i| self.labels[i] == class)
+                .collect();
+            idx.shuffle(&mut rng);
+            let mut k = (test_fraction * idx.len() as f64).round() as usize;
+            if idx.len() >= 2 {
+                k = k.clamp(1, idx.len() - 1);
+            } else {
+                k = 0;
+            }
+            test.extend_from_slice(&idx[..k]);
+            train.extend_from_slice(&idx[k..]);
+        }
+        train.sort_unstable();
+        test.sort_unstable();
+        if train.is_empty() || test.is_empty() {
+            return Err(Error::Unsupported(
+                "too few images to split into train and test".into(),
+            ));
+        }
+        Ok((train, test))
+    }
+}

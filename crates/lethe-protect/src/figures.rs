@@ -1,0 +1,225 @@
+//! PNG figures for the audit report, drawn directly with the `image` crate
+//! (no font or system library needed; captions live in the Markdown).
+//!
+//! * [`examples_grid`]: one row per image; columns: the original, then per
+//!   method the protected image and a heat map of `|delta| / eps` (black =
+//!   unchanged, red -> yellow -> white = up to the full budget). Tiles are
+//!   enlarged with nearest-neighbour so that single pixels stay visible.
+//! * [`line_chart`]: lines with square markers on a `[x0, x1] x [0, 1]`
+//!   grid (horizontal grid lines every 0.1, dashed line at chance level).
+
+use std::path::Path;
+
+use image::{Rgb, RgbImage};
+
+use crate::dataset::ImageShape;
+use crate::{Error, Result};
+
+const GAP: u32 = 4;
+const WHITE: Rgb<u8> = Rgb([255, 255, 255]);
+
+/// The "hot" colour map on `[0, 1]`.
+pub fn hot(t: f32) -> Rgb<u8> {
+    let t = t.clamp(0.0, 1.0);
+    let c = |v: f32| (v.clamp(0.0, 1.0) * 255.0).round() as u8;
+    Rgb([c(3.0 * t), c(3.0 * t - 1.0), c(3.0 * t - 2.0)])
+}
+
+fn pixel(img: &[f32], s: ImageShape, y: usize, x: usize) -> Rgb<u8> {
+    let hw = s.pixels();
+    let q = |c: usize| (img[c * hw + y * s.width + x].clamp(0.0, 1.0) * 255.0).round() as u8;
+    if s.channels == 1 {
+        let v = q(0);
+        Rgb([v, v, v])
+    } else {
+        Rgb([q(0), q(1), q(2)])
+    }
+}
+
+/// One row per `(clean image, [protected image per method])`; see the
+/// module docs. All images share `shape`.
+pub fn examples_grid(
+    rows: &[(&[f32], Vec<&[f32]>)],
+    shape: ImageShape,
+    eps: f32,
+) -> Result<RgbImage> {
+    let methods = rows.first().map(|r| r.1.len()).unwrap_or(0);
+    if rows.is_empty() || rows.iter().any(|r| r.1.len() != methods) {
+        return Err(Error::Config(
+            "examples grid needs equal, non-empty rows".into(),
+        ));
+    }
+    let scale = (96 / shape.height.max(shape.width)).max(1) as u32;
+    let (tw, th) = (shape.width as u32 * scale, shape.height as u32 * scale);
+    let cols = 1 + 2 * methods as u32;
+    let mut out = RgbImage::from_pixel(
+        cols * (tw + GAP) + GAP,
+        rows.len() as u32 * (th + GAP) + GAP,
+        WHITE,
+    );
+    let hw = shape.pixels();
+    for (r, (clean, prots)) in rows.iter().enumerate() {
+        let oy = GAP + r as u32 * (th + GAP);
+        let mut tiles: Vec<Tile<'_>> = vec![Box::new(|y, x| pixel(clean, shape, y, x))];
+        for p in prots {
+            tiles.push(Box::new(move |y, x| pixel(p, shape, y, x)));
+            tiles.push(Box::new(move |y, x| {
+                let d = (0..shape.channels)
+                    .map(|c| {
+                        (p[c * hw + y * shape.width + x] - clean[c * hw + y * shape.width + x])
+                            .abs()
+                    })
+                    .fold(0f32, f32::max);
+                hot(d / eps)
+            }));
+        }
+        for (c, tile) in tiles.iter().enumerate() {
+            let ox = GAP + c as u32 * (tw + GAP);
+            for y in 0..th {
+                for x in 0..tw {
+                    let v = tile((y / scale) as usize, (x / scale) as usize);
+                    out.put_pixel(ox + x, oy + y, v);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// One line of a [`line_chart`]: its colour and its `(x, y)` points.
+pub type Series = (Rgb<u8>, Vec<(f64, f64)>);
+
+/// A tile renderer of [`examples_grid`]: colour at `(y, x)`.
+type Tile<'a> = Box<dyn Fn(usize, usize) -> Rgb<u8> + 'a>;
+
+/// A chart of `series` (colour, points `(x, y)` with `y` in `[0, 1]`).
+pub fn line_chart(series: &[Series], x_range: (f64, f64), chance: Option<f64>) -> RgbImage {
+    let (w, h) = (560u32, 360u32);
+    let (l, r, t, b) = (30i64, 15i64, 15i64, 30i64);
+    let mut img = RgbImage::from_pixel(w, h, WHITE);
+    let (x0, x1) = x_range;
+    let span = if x1 > x0 { x1 - x0 } else { 1.0 };
+    let px = |x: f64| l + ((x - x0) / span * (w as i64 - l - r) as f64).round() as i64;
+    let py = |y: f64| t + ((1.0 - y.clamp(0.0, 1.0)) * (h as i64 - t - b) as f64).round() as i64;
+    for k in 0..=10 {
+        let y = py(k as f64 / 10.0);
+        let c = if k % 5 == 0 { 170 } else { 225 };
+        line(
+            &mut img,
+            (l, y),
+            (w as i64 - r, y),
+            Rgb([c, c, c]),
+            1,
+            false,
+        );
+    }
+    line(
+        &mut img,
+        (l, t),
+        (l, h as i64 - b),
+        Rgb([0, 0, 0]),
+        1,
+        false,
+    );
+    line(
+        &mut img,
+        (l, h as i64 - b),
+        (w as i64 - r, h as i64 - b),
+        Rgb([0, 0, 0]),
+        1,
+        false,
+    );
+    if let Some(c) = chance {
+        line(
+            &mut img,
+            (l, py(c)),
+            (w as i64 - r, py(c)),
+            Rgb([120, 120, 120]),
+            1,
+            true,
+        );
+    }
+    for (color, pts) in series {
+        for win in pts.windows(2) {
+            line(
+                &mut img,
+                (px(win[0].0), py(win[0].1)),
+                (px(win[1].0), py(win[1].1)),
+                *color,
+                2,
+                false,
+            );
+        }
+        for &(x, y) in pts {
+            let (cx, cy) = (px(x), py(y));
+            for dy in -3..=3 {
+                for dx in -3..=3 {
+                    put(&mut img, cx + dx, cy + dy, *color);
+                }
+            }
+        }
+    }
+    img
+}
+
+fn put(img: &mut RgbImage, x: i64, y: i64, c: Rgb<u8>) {
+    if x >= 0 && y >= 0 && (x as u32) < img.width() && (y as u32) < img.height() {
+        img.put_pixel(x as u32, y as u32, c);
+    }
+}
+
+/// Bresenham line of `width` pixels (optionally dashed).
+fn line(img: &mut RgbImage, a: (i64, i64), b: (i64, i64), c: Rgb<u8>, width: i64, dashed: bool) {
+    let (mut x, mut y) = a;
+    let (dx, dy) = ((b.0 - a.0).abs(), -(b.1 - a.1).abs());
+    let (sx, sy) = (
+        if a.0 < b.0 { 1 } else { -1 },
+        if a.1 < b.1 { 1 } else { -1 },
+    );
+    let mut err = dx + dy;
+    let mut n = 0;
+    loop {
+        if !dashed || (n / 6) % 2 == 0 {
+            for o in 0..width {
+                put(img, x, y + o, c);
+                put(img, x + o, y, c);
+            }
+        }
+        n += 1;
+        if x == b.0 && y == b.1 {
+            break;
+        }
+        let e2 = 2 * err;
+        if e2 >= dy {
+            err += dy;
+            x += sx;
+        }
+        if e2 <= dx {
+            err += dx;
+            y += sy;
+        }
+    }
+}
+
+/// Saves a figure as PNG.
+pub fn save(img: &RgbImage, path: &Path) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| Error::io(e, format!("creating {}", parent.display())))?;
+    }
+    img.save(path)
+        .map_err(|e| Error::Unsupported(format!("writing {}: {e}", path.display())))
+}
+
+/// Distinct colours for chart series.
+pub const PALETTE: [Rgb<u8>; 6] = [
+    Rgb([31, 119, 180]),
+    Rgb([214, 39, 40]),
+    Rgb([44, 160, 44]),
+    Rgb([255, 127, 14]),
+    Rgb([148, 103, 189]),
+    Rgb([23, 190, 207]),
+];
+
+/// Names of [`PALETTE`] for captions.
+pub const PALETTE_NAMES: [&str; 6] = ["blue", "red", "green", "orange", "purple", "cyan"];

@@ -1,0 +1,253 @@
+//! Reading datasets from disk and writing protected copies in the same
+//! format.
+//!
+//! Three on-disk layouts are supported, each chosen by what the data is:
+//!
+//! * a folder with one sub-folder per class of PNG files ([`png`]: 8- and
+//!   16-bit, grayscale or RGB; every file keeps its own bit depth and
+//!   colour type when written back);
+//! * a NumPy `.npy` / `.npz` array ([`npy`]: `uint8`, `uint16`, `float32`,
+//!   `float64` images, `(N, H, W)`, `(N, H, W, C)` or `(N, C, H, W)`);
+//! * a folder with one sub-folder per class of DICOM files ([`dicom`]:
+//!   uncompressed pixel data, every other tag kept byte-for-byte when the
+//!   protected pixels are written back).
+//!
+//! plus the built-in datasets of [`crate::sources`]. Writing always puts
+//! the protected files under a fresh output folder next to a
+//! `manifest.json` (see [`crate::manifest`]); sources are never modified.
+
+pub mod dicom;
+pub mod npy;
+pub mod png;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::dataset::{Dataset, Format};
+use crate::sources::LesionSpec;
+use crate::{Error, Result};
+
+/// Where a dataset comes from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum DataSource {
+    /// A folder with one sub-folder per class, holding PNG or DICOM files
+    /// (not both).
+    Folder {
+        /// The folder.
+        path: PathBuf,
+    },
+    /// A `.npy` file of images (with labels in `labels_path`) or a `.npz`
+    /// archive holding images and labels.
+    Npy {
+        /// The `.npy` or `.npz` file.
+        path: PathBuf,
+        /// `.npz` only: the images entry (default: `images`, `x`, `X` or
+        /// `data`, whichever exists).
+        #[serde(default)]
+        images_key: Option<String>,
+        /// `.npz` only: the labels entry (default: `labels`, `y` or
+        /// `targets`, whichever exists).
+        #[serde(default)]
+        labels_key: Option<String>,
+        /// `.npy` only: a `.npy` file of integer labels, one per image.
+        #[serde(default)]
+        labels_path: Option<PathBuf>,
+    },
+    /// scikit-learn's 8x8 handwritten digits (1797 images, 10 classes),
+    /// fetched with `lethe-assets`.
+    Digits,
+    /// The generated sparse "lesion" dataset (deterministic per seed).
+    Lesions(LesionSpec),
+    /// scikit-image's LFW subset: 200 grayscale 25x25 images, faces vs
+    /// non-faces.
+    LfwSubset,
+    /// `patch`x`patch` tiles cut from pydicom's CT and MR test slices,
+    /// labelled by modality (a small real-DICOM classification task).
+    DicomPatches {
+        /// Tile side in pixels (8..=32).
+        patch: usize,
+    },
+}
+
+/// Loads a dataset.
+pub fn load(source: &DataSource) -> Result<Dataset> {
+    match source {
+        DataSource::Folder { path } => load_folder(path),
+        DataSource::Npy {
+            path,
+            images_key,
+            labels_key,
+            labels_path,
+        } => npy::load(
+            path,
+            images_key.as_deref(),
+            labels_key.as_deref(),
+            labels_path.as_deref(),
+        ),
+        DataSource::Digits => crate::sources::digits(),
+        DataSource::Lesions(spec) => crate::sources::lesions(spec),
+        DataSource::LfwSubset => crate::sources::lfw_subset(),
+        DataSource::DicomPatches { patch } => crate::sources::dicom_patches(*patch),
+    }
+}
+
+/// One file written by [`write`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WrittenFile {
+    /// Path relative to the output folder.
+    pub path: PathBuf,
+    /// SHA-256 of what was written.
+    pub sha256: String,
+}
+
+/// Writes `data` (already quantised, see [`Dataset::quantize`]) under
+/// `out` in the format it was read from. `out` must not be the source
+/// folder.
+pub fn write(data: &Dataset, out: &Path) -> Result<Vec<WrittenFile>> {
+    fs::create_dir_all(out).map_err(|e| Error::io(e, format!("creating {}", out.display())))?;
+    match data.format() {
+        Format::Generated | Format::PngFolder { .. } => png::write_folder(data, out),
+        Format::Npy(src) => npy::write(data, src, out),
+        Format::Dicom { root, range } => dicom::write_folder(data, root, *range, out),
+    }
+}
+
+/// What a file in a class folder holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FileKind {
+    Png,
+    Dicom,
+}
+
+/// Reads a folder of class sub-folders.
+fn load_folder(root: &Path) -> Result<Dataset> {
+    let mut classes = Vec::new();
+    for entry in read_dir_sorted(root)? {
+        let name = file_name(&entry);
+        if entry.is_dir() && !name.starts_with('.') {
+            classes.push((name, entry));
+        }
+    }
+    if classes.len() < 2 {
+        return Err(Error::Unsupported(format!(
+            "{} must hold one sub-folder per class (at least two), found {}",
+            root.display(),
+            classes.len()
+        )));
+    }
+    let mut files: Vec<(u32, PathBuf, FileKind)> = Vec::new();
+    for (label, (_, dir)) in classes.iter().enumerate() {
+        for path in read_dir_sorted(dir)? {
+            if !path.is_file() || file_name(&path).starts_with('.') {
+                continue;
+            }
+            match detect_kind(&path)? {
+                Some(kind) => files.push((label as u32, path, kind)),
+                None => tracing::warn!(path = %path.display(), "skipping: neither PNG nor DICOM"),
+            }
+        }
+    }
+    let Some(&(_, _, kind)) = files.first() else {
+        return Err(Error::Unsupported(format!(
+            "no PNG or DICOM files under {}",
+            root.display()
+        )));
+    };
+    if let Some((_, p, _)) = files.iter().find(|f| f.2 != kind) {
+        return Err(Error::Unsupported(format!(
+            "{} mixes PNG and DICOM files ({} differs from the first file)",
+            root.display(),
+            p.display()
+        )));
+    }
+    let names = classes.into_iter().map(|(n, _)| n).collect();
+    match kind {
+        FileKind::Png => png::load_files(root, &files_of(&files), names),
+        FileKind::Dicom => dicom::load_files(root, &files_of(&files), names),
+    }
+}
+
+fn files_of(files: &[(u32, PathBuf, FileKind)]) -> Vec<(u32, PathBuf)> {
+    files.iter().map(|(l, p, _)| (*l, p.clone())).collect()
+}
+
+/// PNG by signature, DICOM by the `DICM` preamble (extension-less DICOM
+/// files are common).
+fn detect_kind(path: &Path) -> Result<Option<FileKind>> {
+    use std::io::Read;
+    let mut head = [0u8; 132];
+    let mut f =
+        fs::File::open(path).map_err(|e| Error::io(e, format!("opening {}", path.display())))?;
+    let mut n = 0;
+    while n < head.len() {
+        let k = f
+            .read(&mut head[n..])
+            .map_err(|e| Error::io(e, format!("reading {}", path.display())))?;
+        if k == 0 {
+            break;
+        }
+        n += k;
+    }
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    if n >= 8 && head[..8] == *b"\x89PNG\r\n\x1a\n" {
+        return Ok(Some(FileKind::Png));
+    }
+    if n >= 132 && head[128..132] == *b"DICM" {
+        return Ok(Some(FileKind::Dicom));
+    }
+    // A file named like an image that is not one is corrupt, not ignorable.
+    match ext.as_str() {
+        "png" => Err(Error::decode(path, "not a PNG file (bad signature)")),
+        "dcm" | "dicom" => Err(Error::decode(path, "not a DICOM file (no DICM preamble)")),
+        _ => Ok(None),
+    }
+}
+
+pub(crate) fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>> {
+    let rd = fs::read_dir(dir).map_err(|e| Error::io(e, format!("listing {}", dir.display())))?;
+    let mut out = Vec::new();
+    for entry in rd {
+        let entry = entry.map_err(|e| Error::io(e, format!("listing {}", dir.display())))?;
+        out.push(entry.path());
+    }
+    out.sort();
+    Ok(out)
+}
+
+pub(crate) fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// SHA-256 of bytes, lower-case hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
+}
+
+pub(crate) fn read_file(path: &Path) -> Result<Vec<u8>> {
+    fs::read(path).map_err(|e| Error::io(e, format!("reading {}", path.display())))
+}
+
+/// Writes `bytes` to `out/rel` (creating folders) and returns its record.
+pub(crate) fn write_file(out: &Path, rel: &Path, bytes: &[u8]) -> Result<WrittenFile> {
+    let path = out.join(rel);
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent)
+            .map_err(|e| Error::io(e, format!("creating {}", parent.display())))?;
+    }
+    fs::write(&path, bytes).map_err(|e| Error::io(e, format!("writing {}", path.display())))?;
+    Ok(WrittenFile {
+        path: rel.to_path_buf(),
+        sha256: sha256_hex(bytes),
+    })
+}
+
+#[cfg(test)]
+mod tests;

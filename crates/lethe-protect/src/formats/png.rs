@@ -1,0 +1,247 @@
+//! Folder-per-class PNG datasets: 8- and 16-bit, grayscale and RGB.
+//!
+//! Each file keeps its bit depth on the way back out (an 8-bit file is
+//! quantised to 1/255, a 16-bit one to 1/65535). Images with an alpha
+//! channel are accepted only when fully opaque (the alpha is dropped and not
+//! written back); anything else with transparency is refused, because
+//! protecting invisible pixels is meaningless.
+
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+
+use image::{DynamicImage, ImageBuffer, ImageFormat, Luma, Rgb};
+
+use crate::dataset::{Dataset, Format, ImageShape, Item};
+use crate::formats::{read_file, sha256_hex, write_file, WrittenFile};
+use crate::{Error, Result};
+
+/// A decoded PNG: shape, values in `[0, 1]` (channel-first), grid.
+pub(crate) struct Decoded {
+    pub shape: ImageShape,
+    pub values: Vec<f32>,
+    pub levels: u32,
+}
+
+/// Decodes PNG bytes (`path` only names the file in errors).
+pub(crate) fn decode(bytes: &[u8], path: &Path) -> Result<Decoded> {
+    let img = image::load_from_memory_with_format(bytes, ImageFormat::Png)
+        .map_err(|e| Error::decode(path, format!("PNG decode failed: {e}")))?;
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let opaque_or_err = |alpha_ok: bool| {
+        if alpha_ok {
+            Ok(())
+        } else {
+            Err(Error::Unsupported(format!(
+                "{} has transparent pixels; flatten it first",
+                path.display()
+            )))
+        }
+    };
+    let (channels, levels, interleaved): (usize, u32, Vec<f32>) = match img {
+        DynamicImage::ImageLuma8(b) => (1, 255, b.into_raw().iter().map(|&v| v as f32).collect()),
+        DynamicImage::ImageLuma16(b) => {
+            (1, 65535, b.into_raw().iter().map(|&v| v as f32).collect())
+        }
+        DynamicImage::ImageRgb8(b) => (3, 255, b.into_raw().iter().map(|&v| v as f32).collect()),
+        DynamicImage::ImageRgb16(b) => (3, 65535, b.into_raw().iter().map(|&v| v as f32).collect()),
+        DynamicImage::ImageLumaA8(b) => {
+            let raw = b.into_raw();
+            opaque_or_err(raw.chunks(2).all(|p| p[1] == u8::MAX))?;
+            (1, 255, raw.chunks(2).map(|p| p[0] as f32).collect())
+        }
+        DynamicImage::ImageLumaA16(b) => {
+            let raw = b.into_raw();
+            opaque_or_err(raw.chunks(2).all(|p| p[1] == u16::MAX))?;
+            (1, 65535, raw.chunks(2).map(|p| p[0] as f32).collect())
+        }
+        DynamicImage::ImageRgba8(b) => {
+            let raw = b.into_raw();
+            opaque_or_err(raw.chunks(4).all(|p| p[3] == u8::MAX))?;
+            let v = raw
+                .chunks(4)
+                .flat_map(|p| [p[0] as f32, p[1] as f32, p[2] as f32])
+                .collect();
+            (3, 255, v)
+        }
+        DynamicImage::ImageRgba16(b) => {
+            let raw = b.into_raw();
+            opaque_or_err(raw.chunks(4).all(|p| p[3] == u16::MAX))?;
+            let v = raw
+                .chunks(4)
+                .flat_map(|p| [p[0] as f32, p[1] as f32, p[2] as f32])
+                .collect();
+            (3, 65535, v)
+        }
+        other => {
+            return Err(Error::Unsupported(format!(
+                "{}: PNG colour type {:?} is not supported",
+                path.display(),
+                other.color()
+            )))
+        }
+    };
+    let shape = ImageShape {
+        channels,
+        height: h,
+        width: w,
+    };
+    let values = hwc_to_chw(&interleaved, shape, levels as f32);
+    Ok(Decoded {
+        shape,
+        values,
+        levels,
+    })
+}
+
+/// Interleaved `(h, w, c)` to planar `(c, h, w)`, divided by `levels`.
+pub(crate) fn hwc_to_chw(src: &[f32], s: ImageShape, levels: f32) -> Vec<f32> {
+    let mut out = vec![0f32; s.values()];
+    for y in 0..s.height {
+        for x in 0..s.width {
+            for c in 0..s.channels {
+                out[(c * s.height + y) * s.width + x] =
+                    src[(y * s.width + x) * s.channels + c] / levels;
+            }
+        }
+    }
+    out
+}
+
+/// Planar `(c, h, w)` in `[0, 1]` to interleaved integers on a `levels` grid.
+fn chw_to_hwc_int(src: &[f32], s: ImageShape, levels: u32) -> Vec<u32> {
+    let mut out = vec![0u32; s.values()];
+    let l = levels as f32;
+    for y in 0..s.height {
+        for x in 0..s.width {
+            for c in 0..s.channels {
+                let v = src[(c * s.height + y) * s.width + x].clamp(0.0, 1.0);
+                out[(y * s.width + x) * s.channels + c] = (v * l).round() as u32;
+            }
+        }
+    }
+    out
+}
+
+/// Encodes one image (values in `[0, 1]`) as an 8-bit (`levels` 255 or
+/// less) or 16-bit PNG.
+pub(crate) fn encode(values: &[f32], s: ImageShape, sixteen_bit: bool) -> Result<Vec<u8>> {
+    let (w, h) = (s.width as u32, s.height as u32);
+    let img = if sixteen_bit {
+        let data: Vec<u16> = chw_to_hwc_int(values, s, 65535)
+            .into_iter()
+            .map(|v| v as u16)
+            .collect();
+        if s.channels == 1 {
+            ImageBuffer::<Luma<u16>, _>::from_raw(w, h, data).map(DynamicImage::ImageLuma16)
+        } else {
+            ImageBuffer::<Rgb<u16>, _>::from_raw(w, h, data).map(DynamicImage::ImageRgb16)
+        }
+    } else {
+        let data: Vec<u8> = chw_to_hwc_int(values, s, 255)
+            .into_iter()
+            .map(|v| v as u8)
+            .collect();
+        if s.channels == 1 {
+            ImageBuffer::<Luma<u8>, _>::from_raw(w, h, data).map(DynamicImage::ImageLuma8)
+        } else {
+            ImageBuffer::<Rgb<u8>, _>::from_raw(w, h, data).map(DynamicImage::ImageRgb8)
+        }
+    };
+    let img = img.ok_or_else(|| Error::Unsupported(format!("cannot encode shape {s:?}")))?;
+    let mut buf = Cursor::new(Vec::new());
+    img.write_to(&mut buf, ImageFormat::Png)
+        .map_err(|e| Error::Unsupported(format!("PNG encoding failed: {e}")))?;
+    Ok(buf.into_inner())
+}
+
+/// Reads the listed `(label, path)` PNG files of a class-folder dataset.
+pub(crate) fn load_files(
+    root: &Path,
+    files: &[(u32, PathBuf)],
+    classes: Vec<String>,
+) -> Result<Dataset> {
+    let mut shape: Option<(ImageShape, PathBuf)> = None;
+    let mut pixels = Vec::new();
+    let mut labels = Vec::with_capacity(files.len());
+    let mut items = Vec::with_capacity(files.len());
+    for (label, path) in files {
+        let bytes = read_file(path)?;
+        let d = decode(&bytes, path)?;
+        match &shape {
+            None => shape = Some((d.shape, path.clone())),
+            Some((s, first)) if *s != d.shape => {
+                return Err(Error::Unsupported(format!(
+                    "images differ in shape: {} is {}x{}x{} but {} is {}x{}x{} \
+                     (resize or crop them to one size first)",
+                    first.display(),
+                    s.channels,
+                    s.height,
+                    s.width,
+                    path.display(),
+                    d.shape.channels,
+                    d.shape.height,
+                    d.shape.width
+                )))
+            }
+            Some(_) => {}
+        }
+        pixels.extend_from_slice(&d.values);
+        labels.push(*label);
+        items.push(Item {
+            path: Some(path.strip_prefix(root).unwrap_or(path).to_path_buf()),
+            sha256: Some(sha256_hex(&bytes)),
+            levels: Some(d.levels),
+        });
+    }
+    let (shape, _) = shape.ok_or_else(|| Error::Unsupported("no PNG files".into()))?;
+    let name = crate::formats::file_name(root);
+    Dataset::new(
+        name,
+        shape,
+        pixels,
+        labels,
+        classes,
+        items,
+        Format::PngFolder {
+            root: root.to_path_buf(),
+        },
+    )
+}
+
+/// Writes every image as a PNG under `out` (same relative path and bit
+/// depth as its source; generated images go to `class/00000.png`).
+pub(crate) fn write_folder(data: &Dataset, out: &Path) -> Result<Vec<WrittenFile>> {
+    let mut written = Vec::with_capacity(data.len());
+    for (i, item) in data.items().iter().enumerate() {
+        let rel = match &item.path {
+            Some(p) => p.clone(),
+            None => {
+                let class = &data.classes()[data.labels()[i] as usize];
+                PathBuf::from(safe_component(class)).join(format!("{i:05}.png"))
+            }
+        };
+        let sixteen = item.levels.is_some_and(|l| l > 255);
+        let bytes = encode(data.image(i), data.shape(), sixteen)?;
+        written.push(write_file(out, &rel, &bytes)?);
+    }
+    Ok(written)
+}
+
+/// A class name usable as a folder name.
+pub(crate) fn safe_component(name: &str) -> String {
+    let s: String = name
+        .chars()
+        .map(|c| {
+            if c.is_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if s.is_empty() {
+        "_".into()
+    } else {
+        s
+    }
+}

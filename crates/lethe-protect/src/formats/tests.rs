@@ -1,0 +1,479 @@
+//! Round trips of every format and clear errors on bad input.
+
+use std::path::{Path, PathBuf};
+
+use dicom_core::value::Value;
+use dicom_dictionary_std::tags;
+
+use super::*;
+use crate::dataset::ImageShape;
+
+fn gray(h: usize, w: usize) -> ImageShape {
+    ImageShape {
+        channels: 1,
+        height: h,
+        width: w,
+    }
+}
+
+/// Writes `values` (planar, in [0, 1]) as a PNG at `dir/rel`.
+fn put_png(dir: &Path, rel: &str, values: &[f32], s: ImageShape, sixteen: bool) {
+    let bytes = png::encode(values, s, sixteen).unwrap();
+    let p = dir.join(rel);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(p, bytes).unwrap();
+}
+
+fn pattern(n: usize, levels: f32, offset: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| (((i * 37 + offset * 11) % (levels as usize + 1)) as f32) / levels)
+        .collect()
+}
+
+/// Adds +-`step` alternately, staying in [0, 1].
+fn nudge(v: &[f32], step: f32) -> Vec<f32> {
+    v.iter()
+        .enumerate()
+        .map(|(i, x)| {
+            let d = if i % 2 == 0 { step } else { -step };
+            (x + d).clamp(0.0, 1.0)
+        })
+        .collect()
+}
+
+fn check_roundtrip(data: &Dataset, out: &Path, max_err: f32) -> Dataset {
+    let changed = data.with_pixels(nudge(data.pixels(), 3.0 / 255.0)).unwrap();
+    let released = changed.quantize();
+    write(&released, out).unwrap();
+    let back = match data.format() {
+        Format::Npy(src) => {
+            let name = file_name(&src.path);
+            load(&DataSource::Npy {
+                path: out.join(name),
+                images_key: None,
+                labels_key: None,
+                labels_path: src.labels_path.as_ref().map(|p| out.join(file_name(p))),
+            })
+            .unwrap()
+        }
+        _ => load(&DataSource::Folder {
+            path: out.to_path_buf(),
+        })
+        .unwrap(),
+    };
+    assert_eq!(back.len(), data.len());
+    assert_eq!(back.shape(), data.shape());
+    assert_eq!(back.labels(), data.labels());
+    assert_eq!(back.classes(), data.classes());
+    for (a, b) in back.pixels().iter().zip(released.pixels()) {
+        assert!((a - b).abs() <= max_err, "{a} vs {b}");
+    }
+    back
+}
+
+#[test]
+fn png_8bit_gray_folder_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = gray(6, 5);
+    for (k, rel) in ["cat/a.png", "cat/b.png", "dog/c.png"].iter().enumerate() {
+        put_png(dir.path(), rel, &pattern(30, 255.0, k), s, false);
+    }
+    let data = load(&DataSource::Folder {
+        path: dir.path().to_path_buf(),
+    })
+    .unwrap();
+    assert_eq!(data.classes(), ["cat", "dog"]);
+    assert_eq!(data.labels(), [0, 0, 1]);
+    assert_eq!(
+        data.items()[2].path.as_deref(),
+        Some(Path::new("dog/c.png"))
+    );
+    assert_eq!(data.items()[0].levels, Some(255));
+    assert_eq!(data.image(1), pattern(30, 255.0, 1).as_slice());
+    let out = tempfile::tempdir().unwrap();
+    check_roundtrip(&data, out.path(), 1e-6);
+    assert!(out.path().join("dog/c.png").is_file());
+}
+
+#[test]
+fn png_16bit_gray_keeps_its_depth() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = gray(4, 4);
+    let vals = pattern(16, 65535.0, 3);
+    put_png(dir.path(), "a/x.png", &vals, s, true);
+    put_png(dir.path(), "b/y.png", &pattern(16, 65535.0, 4), s, true);
+    let data = load(&DataSource::Folder {
+        path: dir.path().to_path_buf(),
+    })
+    .unwrap();
+    assert_eq!(data.items()[0].levels, Some(65535));
+    for (a, b) in data.image(0).iter().zip(&vals) {
+        assert!((a - b).abs() < 1e-7);
+    }
+    let out = tempfile::tempdir().unwrap();
+    // A 3/255 nudge survives exactly on the 16-bit grid (error < 1/65535).
+    check_roundtrip(&data, out.path(), 1.0 / 65535.0);
+    let img = image::open(out.path().join("a/x.png")).unwrap();
+    assert!(matches!(img, image::DynamicImage::ImageLuma16(_)));
+}
+
+#[test]
+fn png_rgb_round_trips_channel_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = ImageShape {
+        channels: 3,
+        height: 3,
+        width: 4,
+    };
+    put_png(dir.path(), "r/0.png", &pattern(36, 255.0, 0), s, false);
+    put_png(dir.path(), "g/0.png", &pattern(36, 255.0, 5), s, false);
+    let data = load(&DataSource::Folder {
+        path: dir.path().to_path_buf(),
+    })
+    .unwrap();
+    assert_eq!(data.shape(), s);
+    // Pixel (y=1, x=2), green channel, is planar index 1*12 + 1*4 + 2.
+    let raw = image::open(dir.path().join("g/0.png")).unwrap().to_rgb8();
+    let g = raw.get_pixel(2, 1)[1] as f32 / 255.0;
+    assert!((data.image(0)[12 + 4 + 2] - g).abs() < 1e-6);
+    let out = tempfile::tempdir().unwrap();
+    check_roundtrip(&data, out.path(), 1e-6);
+}
+
+fn npy_bytes(descr: &str, shape: &[usize], data: Vec<u8>) -> Vec<u8> {
+    npy::Array {
+        descr: descr.into(),
+        shape: shape.to_vec(),
+        data,
+    }
+    .to_bytes()
+}
+
+#[test]
+fn npy_uint8_with_labels_file_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let imgs: Vec<u8> = (0..3 * 4 * 5).map(|i| (i * 7 % 256) as u8).collect();
+    std::fs::write(
+        dir.path().join("x.npy"),
+        npy_bytes("|u1", &[3, 4, 5], imgs.clone()),
+    )
+    .unwrap();
+    let labels: Vec<u8> = [7i64, 3, 7].iter().flat_map(|v| v.to_le_bytes()).collect();
+    std::fs::write(dir.path().join("y.npy"), npy_bytes("<i8", &[3], labels)).unwrap();
+    let data = load(&DataSource::Npy {
+        path: dir.path().join("x.npy"),
+        images_key: None,
+        labels_key: None,
+        labels_path: Some(dir.path().join("y.npy")),
+    })
+    .unwrap();
+    assert_eq!(data.shape(), gray(4, 5));
+    assert_eq!(data.classes(), ["3", "7"]);
+    assert_eq!(data.labels(), [1, 0, 1]);
+    assert!((data.image(2)[3] - imgs[43] as f32 / 255.0).abs() < 1e-7);
+    let out = tempfile::tempdir().unwrap();
+    check_roundtrip(&data, out.path(), 1e-6);
+    // The labels file is copied unchanged.
+    assert_eq!(
+        std::fs::read(out.path().join("y.npy")).unwrap(),
+        std::fs::read(dir.path().join("y.npy")).unwrap()
+    );
+}
+
+#[test]
+fn npz_float_channels_last_keeps_other_entries() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("set.npz");
+    let vals: Vec<f32> = (0..2 * 3 * 3 * 3).map(|i| (i as f32) / 60.0).collect();
+    let img_bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let lab: Vec<u8> = [0i32, 1].iter().flat_map(|v| v.to_le_bytes()).collect();
+    {
+        let f = std::fs::File::create(&path).unwrap();
+        let mut z = zip::ZipWriter::new(f);
+        let o = zip::write::SimpleFileOptions::default();
+        z.start_file("images.npy", o).unwrap();
+        z.write_all(&npy_bytes("<f4", &[2, 3, 3, 3], img_bytes))
+            .unwrap();
+        z.start_file("labels.npy", o).unwrap();
+        z.write_all(&npy_bytes("<i4", &[2], lab)).unwrap();
+        z.start_file("meta.npy", o).unwrap();
+        z.write_all(&npy_bytes("|u1", &[3], vec![1, 2, 3])).unwrap();
+        z.finish().unwrap();
+    }
+    let data = load(&DataSource::Npy {
+        path: path.clone(),
+        images_key: None,
+        labels_key: None,
+        labels_path: None,
+    })
+    .unwrap();
+    assert_eq!(
+        data.shape(),
+        ImageShape {
+            channels: 3,
+            height: 3,
+            width: 3
+        }
+    );
+    // Channels-last (y=0, x=1, c=2) is planar index 2*9 + 1.
+    assert!((data.image(0)[19] - vals[5]).abs() < 1e-7);
+    assert_eq!(data.items()[0].levels, None);
+    let out = tempfile::tempdir().unwrap();
+    check_roundtrip(&data, out.path(), 1e-7);
+    let mut z =
+        zip::ZipArchive::new(std::fs::File::open(out.path().join("set.npz")).unwrap()).unwrap();
+    let mut meta = Vec::new();
+    std::io::Read::read_to_end(&mut z.by_name("meta.npy").unwrap(), &mut meta).unwrap();
+    assert_eq!(meta, npy_bytes("|u1", &[3], vec![1, 2, 3]));
+}
+
+fn pydicom_dir() -> PathBuf {
+    lethe_assets::Cache::from_env()
+        .ensure(lethe_assets::Asset::PYDICOM_DATA)
+        .unwrap()
+}
+
+/// An element as comparable text: tag, VR and value; sequences item by
+/// item (their encoded lengths may legitimately change on rewrite).
+fn describe(e: &dicom_object::mem::InMemElement) -> String {
+    match e.value() {
+        Value::Sequence(seq) => {
+            let items: Vec<String> = seq
+                .items()
+                .iter()
+                .map(|item| item.iter().map(describe).collect::<Vec<_>>().join("; "))
+                .collect();
+            format!("{:?} {:?} [{}]", e.header().tag, e.vr(), items.join(" | "))
+        }
+        v => format!("{:?} {:?} {:?}", e.header().tag, e.vr(), v),
+    }
+}
+
+/// Every element except PixelData, as comparable text.
+fn non_pixel_elements(path: &Path) -> Vec<String> {
+    let obj = dicom_object::open_file(path).unwrap();
+    obj.iter()
+        .filter(|e| e.header().tag != tags::PIXEL_DATA)
+        .map(describe)
+        .collect()
+}
+
+#[test]
+fn dicom_folder_round_trip_keeps_every_tag() {
+    let src = pydicom_dir();
+    let dir = tempfile::tempdir().unwrap();
+    for (class, name) in [("ct", "a.dcm"), ("ct2", "b.dcm")] {
+        std::fs::create_dir_all(dir.path().join(class)).unwrap();
+        std::fs::copy(src.join("CT_small.dcm"), dir.path().join(class).join(name)).unwrap();
+    }
+    let data = load(&DataSource::Folder {
+        path: dir.path().to_path_buf(),
+    })
+    .unwrap();
+    assert_eq!(data.shape(), gray(128, 128));
+    let Format::Dicom { range, .. } = data.format().clone() else {
+        panic!("not DICOM: {:?}", data.format());
+    };
+    let (_, stored) = dicom::stored_values(&src.join("CT_small.dcm")).unwrap();
+    assert_eq!(range.0, *stored.iter().min().unwrap() as f64);
+    assert_eq!(range.1, *stored.iter().max().unwrap() as f64);
+    let out = tempfile::tempdir().unwrap();
+    let back = check_roundtrip(&data, out.path(), 0.5 / (range.1 - range.0) as f32 + 1e-6);
+    assert_eq!(back.len(), 2);
+    let written = out.path().join("ct/a.dcm");
+    let (new, old) = (
+        non_pixel_elements(&written),
+        non_pixel_elements(&src.join("CT_small.dcm")),
+    );
+    let diff: Vec<_> = new
+        .iter()
+        .zip(&old)
+        .filter(|(a, b)| a != b)
+        .map(|(a, b)| {
+            (
+                a.chars().take(200).collect::<String>(),
+                b.chars().take(200).collect::<String>(),
+            )
+        })
+        .collect();
+    assert!(
+        diff.is_empty() && new.len() == old.len(),
+        "{} vs {} elements, differing: {diff:?}",
+        new.len(),
+        old.len()
+    );
+    let (_, new_stored) = dicom::stored_values(&written).unwrap();
+    let changed = new_stored
+        .iter()
+        .zip(&stored)
+        .filter(|(a, b)| a != b)
+        .count();
+    assert!(
+        changed > stored.len() / 2,
+        "{changed} of {} changed",
+        stored.len()
+    );
+    let obj = dicom_object::open_file(&written).unwrap();
+    assert!(matches!(
+        obj.element(tags::PIXEL_DATA).unwrap().value(),
+        Value::Primitive(_)
+    ));
+}
+
+#[test]
+fn dicom_transfer_syntaxes_decode_to_the_same_pixels() {
+    let src = pydicom_dir();
+    let (s, le) = dicom::stored_values(&src.join("MR_small.dcm")).unwrap();
+    assert_eq!(s, gray(64, 64));
+    let (_, implicit) = dicom::stored_values(&src.join("MR_small_implicit.dcm")).unwrap();
+    let (_, big) = dicom::stored_values(&src.join("MR_small_bigendian.dcm")).unwrap();
+    assert_eq!(le, implicit);
+    assert_eq!(le, big);
+}
+
+fn expect_err(source: DataSource, needle: &str) {
+    let err = load(&source).unwrap_err().to_string();
+    assert!(err.contains(needle), "{err:?} lacks {needle:?}");
+}
+
+#[test]
+fn compressed_or_truncated_dicom_is_refused_clearly() {
+    let src = pydicom_dir();
+    for (file, needle) in [
+        ("MR_small_RLE.dcm", "compressed"),
+        ("MR_truncated.dcm", "MR_truncated.dcm"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        for class in ["a", "b"] {
+            std::fs::create_dir_all(dir.path().join(class)).unwrap();
+            std::fs::copy(src.join(file), dir.path().join(class).join(file)).unwrap();
+        }
+        expect_err(
+            DataSource::Folder {
+                path: dir.path().to_path_buf(),
+            },
+            needle,
+        );
+    }
+}
+
+#[test]
+fn bad_inputs_give_clear_errors() {
+    // Corrupt PNG.
+    let dir = tempfile::tempdir().unwrap();
+    put_png(
+        dir.path(),
+        "a/ok.png",
+        &pattern(16, 255.0, 0),
+        gray(4, 4),
+        false,
+    );
+    std::fs::create_dir_all(dir.path().join("b")).unwrap();
+    std::fs::write(
+        dir.path().join("b/broken.png"),
+        b"\x89PNG\r\n\x1a\nnot really",
+    )
+    .unwrap();
+    expect_err(
+        DataSource::Folder {
+            path: dir.path().to_path_buf(),
+        },
+        "broken.png",
+    );
+    // A .png that is not one at all.
+    std::fs::write(dir.path().join("b/broken.png"), b"hello").unwrap();
+    expect_err(
+        DataSource::Folder {
+            path: dir.path().to_path_buf(),
+        },
+        "bad signature",
+    );
+    // Mismatched shapes.
+    std::fs::remove_file(dir.path().join("b/broken.png")).unwrap();
+    put_png(
+        dir.path(),
+        "b/big.png",
+        &pattern(25, 255.0, 0),
+        gray(5, 5),
+        false,
+    );
+    expect_err(
+        DataSource::Folder {
+            path: dir.path().to_path_buf(),
+        },
+        "differ in shape",
+    );
+    // One class only.
+    let one = tempfile::tempdir().unwrap();
+    put_png(
+        one.path(),
+        "a/x.png",
+        &pattern(16, 255.0, 0),
+        gray(4, 4),
+        false,
+    );
+    expect_err(
+        DataSource::Folder {
+            path: one.path().to_path_buf(),
+        },
+        "at least two",
+    );
+    // Not an .npy.
+    let f = tempfile::tempdir().unwrap();
+    std::fs::write(f.path().join("x.npy"), b"garbage!!garbage").unwrap();
+    std::fs::write(f.path().join("y.npy"), b"garbage!!garbage").unwrap();
+    expect_err(
+        DataSource::Npy {
+            path: f.path().join("x.npy"),
+            images_key: None,
+            labels_key: None,
+            labels_path: Some(f.path().join("y.npy")),
+        },
+        "magic",
+    );
+    // Float images outside [0, 1].
+    let vals: Vec<u8> = [0.5f32, 2.0, 0.1, 0.2]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    std::fs::write(f.path().join("x.npy"), npy_bytes("<f4", &[1, 2, 2], vals)).unwrap();
+    std::fs::write(f.path().join("y.npy"), npy_bytes("|u1", &[1], vec![0])).unwrap();
+    expect_err(
+        DataSource::Npy {
+            path: f.path().join("x.npy"),
+            images_key: None,
+            labels_key: None,
+            labels_path: Some(f.path().join("y.npy")),
+        },
+        "[0, 1]",
+    );
+    // Labels that do not match the images.
+    std::fs::write(
+        f.path().join("x.npy"),
+        npy_bytes("|u1", &[2, 2, 2], vec![0; 8]),
+    )
+    .unwrap();
+    expect_err(
+        DataSource::Npy {
+            path: f.path().join("x.npy"),
+            images_key: None,
+            labels_key: None,
+            labels_path: Some(f.path().join("y.npy")),
+        },
+        "labels have shape",
+    );
+    // Truncated data.
+    let mut b = npy_bytes("|u1", &[2, 3, 3], vec![0; 18]);
+    b.truncate(b.len() - 5);
+    std::fs::write(f.path().join("x.npy"), b).unwrap();
+    expect_err(
+        DataSource::Npy {
+            path: f.path().join("x.npy"),
+            images_key: None,
+            labels_key: None,
+            labels_path: Some(f.path().join("y.npy")),
+        },
+        "needs 18",
+    );
+}

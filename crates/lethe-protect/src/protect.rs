@@ -1,0 +1,1010 @@
+//! Computing the protective noise: error-minimising noise (EM) and its
+//! sparse, local variant (SALM).
+//!
+//! Both solve Huang et al.'s min-min problem (ICLR 2021): alternately train
+//! a surrogate on the currently protected images (the theta-step, a few SGD
+//! steps) and move every image's noise *down* the surrogate's loss by
+//! projected sign-gradient steps (the delta-step), so that the noise
+//! becomes a shortcut a fresh model learns instead of the real features.
+//! SALM additionally confines each image's noise to a mask of
+//! `round(rho * H * W)` pixel locations chosen by [`mask`]; with `rho = 1`
+//! it is EM. The loop, in the notation of the research notes section 7:
+//!
+//! ```text
+//! round r = 1, 2, ...:
+//!   (a) train_steps_per_round SGD steps of the surrogate on clip(x + delta)
+//!   (b) for each batch (fixed order), pgd_steps times:
+//!         g = grad_x CE(f(x + delta), y)            (eval mode)
+//!         [SALM: refresh the mask from g, drop noise outside it]
+//!         delta = clamp(delta - step * sign(g), -eps, eps)
+//!         delta = clamp(x + delta, 0, 1) - x;  delta *= mask
+//!       class-wise: one noise per class, stepped along the sum of its
+//!       images' gradients
+//!   (c) surrogate accuracy and loss on the protected images; stop when
+//!       r >= max_rounds, or r >= min_rounds and (accuracy >= target or
+//!       loss < threshold)
+//! ```
+//!
+//! The minimum-rounds rule exists because on small, easy, sparse data the
+//! surrogate reaches 99% training accuracy on nearly clean images within a
+//! round or two, and Huang's accuracy rule alone then stops before any
+//! shortcut has formed (research notes, section 5.3).
+//!
+//! Runs are deterministic per seed (every random choice of round `r` comes
+//! from a generator seeded by `(seed, r)`), can checkpoint after every round
+//! and resume to the same result as an uninterrupted run
+//! ([`checkpoint`]), can pause after a number of rounds, be cancelled, and
+//! show a progress bar with an ETA.
+
+pub mod checkpoint;
+pub mod mask;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use lethe_model::nn::{self, Mode};
+use lethe_model::DeviceSpec;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::dataset::{Dataset, ImageShape};
+use crate::metrics::{dataset_quality, ImageQuality, QualitySummary};
+use crate::model::{Arch, MomentumSgd, Net, SgdParams};
+use crate::sources::mix;
+use crate::{Error, Result};
+use mask::{MaskRefresh, MaskStrategy};
+
+/// Which noise to compute.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "method", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Method {
+    /// Error-minimising noise on every pixel (Huang et al. 2021).
+    Em {
+        /// One noise per class instead of one per image.
+        #[serde(default)]
+        classwise: bool,
+    },
+    /// Sparsity-aware local masking: EM confined to a per-image (or
+    /// per-class) mask of a fraction `rho` of the pixel locations.
+    Salm {
+        /// Fraction of pixel locations that may change, in (0, 1].
+        rho: f64,
+        /// How mask pixels are ranked.
+        mask: MaskStrategy,
+        /// When masks are recomputed.
+        refresh: MaskRefresh,
+        /// One noise and one mask per class.
+        #[serde(default)]
+        classwise: bool,
+    },
+}
+
+impl Method {
+    /// `em`, `em-classwise`, `salm`, `salm-classwise`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Method::Em { classwise: false } => "em",
+            Method::Em { classwise: true } => "em-classwise",
+            Method::Salm {
+                classwise: false, ..
+            } => "salm",
+            Method::Salm {
+                classwise: true, ..
+            } => "salm-classwise",
+        }
+    }
+
+    fn classwise(&self) -> bool {
+        match self {
+            Method::Em { classwise } | Method::Salm { classwise, .. } => *classwise,
+        }
+    }
+}
+
+/// When the noise optimisation stops.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StopRule {
+    /// Never stop before this many rounds.
+    pub min_rounds: usize,
+    /// Always stop after this many rounds.
+    pub max_rounds: usize,
+    /// Stop (after `min_rounds`) once the surrogate's accuracy on the
+    /// protected images reaches this.
+    pub train_accuracy: Option<f64>,
+    /// Stop (after `min_rounds`) once its mean cross-entropy on them falls
+    /// below this.
+    pub loss_below: Option<f64>,
+}
+
+/// Why a run stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// `max_rounds` reached.
+    MaxRounds,
+    /// The accuracy target was met.
+    TrainAccuracy,
+    /// The loss threshold was met.
+    LossThreshold,
+}
+
+/// Everything that determines the noise (with the data and the seed, the
+/// result is a pure function of this).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProtectParams {
+    /// EM or SALM and their options.
+    pub method: Method,
+    /// L-inf budget as a fraction of full scale (8/255 = 0.0314), in
+    /// (0, 0.25].
+    pub eps: f64,
+    /// Sign-gradient step (default `eps / 10`).
+    #[serde(default)]
+    pub step_size: Option<f64>,
+    /// Noise steps per batch per round (20 sample-wise in Huang's code,
+    /// 1 class-wise).
+    pub pgd_steps: usize,
+    /// Images per noise batch.
+    pub pgd_batch: usize,
+    /// The surrogate architecture.
+    pub surrogate: Arch,
+    /// Surrogate optimiser.
+    pub sgd: SgdParams,
+    /// Surrogate SGD steps per round.
+    pub train_steps_per_round: usize,
+    /// Images per surrogate step.
+    pub train_batch: usize,
+    /// Stop rule.
+    pub stop: StopRule,
+    /// Forward passes (train mode, no weight update) over random batches
+    /// of protected images after each round's surrogate steps, so that the
+    /// batch-norm running statistics used by the eval-mode noise steps
+    /// match the current weights (0: none). Without it a fast-moving
+    /// surrogate's eval mode can be far off its train mode and the noise
+    /// follows a meaningless gradient.
+    #[serde(default)]
+    pub bn_recalibration: usize,
+    /// Start the noise uniformly in `[-eps, eps]` (inside the mask) instead
+    /// of at zero.
+    #[serde(default)]
+    pub random_start: bool,
+    /// One noise value per pixel location shared by all channels (a
+    /// grayscale conversion cannot average it away); RGB only.
+    #[serde(default)]
+    pub shared_channels: bool,
+    /// Seed of every random choice (surrogate init, batches, random masks).
+    pub seed: u64,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[serde(default = "default_device")]
+    pub device: String,
+}
+
+fn default_device() -> String {
+    "cpu".into()
+}
+
+impl ProtectParams {
+    /// Sample-wise EM with the research notes' CPU defaults: `eps`, step
+    /// `eps / 10`, 20 steps, batch 256, surrogate CNN 32-64-128 with batch
+    /// norm, SGD 0.1/0.9/5e-4/clip 5, 10 train steps of 128 per round,
+    /// 10 to 40 rounds, stop at 99% accuracy or loss < 1e-3, seed 0.
+    pub fn em(eps: f64) -> ProtectParams {
+        ProtectParams {
+            method: Method::Em { classwise: false },
+            eps,
+            step_size: None,
+            pgd_steps: 20,
+            pgd_batch: 256,
+            surrogate: Arch::Cnn {
+                channels: vec![32, 64, 128],
+                batch_norm: true,
+            },
+            sgd: SgdParams::unlearnable_examples(),
+            train_steps_per_round: 10,
+            train_batch: 128,
+            stop: StopRule {
+                min_rounds: 10,
+                max_rounds: 40,
+                train_accuracy: Some(0.99),
+                loss_below: Some(1e-3),
+            },
+            bn_recalibration: 20,
+            random_start: false,
+            shared_channels: false,
+            seed: 0,
+            device: default_device(),
+        }
+    }
+
+    /// SALM with the feasibility-aware mask refreshed every round, fraction
+    /// `rho`; other settings as [`ProtectParams::em`].
+    pub fn salm(eps: f64, rho: f64) -> ProtectParams {
+        ProtectParams {
+            method: Method::Salm {
+                rho,
+                mask: MaskStrategy::Feasible,
+                refresh: MaskRefresh::PerRound,
+                classwise: false,
+            },
+            ..ProtectParams::em(eps)
+        }
+    }
+
+    /// The step size in use.
+    pub fn step(&self) -> f64 {
+        self.step_size.unwrap_or(self.eps / 10.0)
+    }
+
+    /// Checks every parameter; the message names the bad one.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.eps > 0.0 && self.eps <= 0.25) {
+            return Err(Error::Config(format!(
+                "eps must be in (0, 0.25] as a fraction of full scale (8/255 = 0.0314), got {}",
+                self.eps
+            )));
+        }
+        let step = self.step();
+        if !(step > 0.0 && step <= self.eps) {
+            return Err(Error::Config(format!(
+                "step size must be in (0, eps], got {step}"
+            )));
+        }
+        if let Method::Salm { rho, .. } = &self.method {
+            if !(*rho > 0.0 && *rho <= 1.0) {
+                return Err(Error::Config(format!("rho must be in (0, 1], got {rho}")));
+            }
+        }
+        if self.pgd_steps == 0 || self.pgd_steps > 1000 {
+            return Err(Error::Config(format!(
+                "pgd_steps must be 1..=1000, got {}",
+                self.pgd_steps
+            )));
+        }
+        if self.pgd_batch == 0 || self.train_batch == 0 {
+            return Err(Error::Config("batch sizes must be positive".into()));
+        }
+        let s = &self.stop;
+        if s.min_rounds == 0 || s.min_rounds > s.max_rounds || s.max_rounds > 100_000 {
+            return Err(Error::Config(format!(
+                "need 1 <= min_rounds ({}) <= max_rounds ({}) <= 100000",
+                s.min_rounds, s.max_rounds
+            )));
+        }
+        if s.train_accuracy.is_some_and(|a| !(a > 0.0 && a <= 1.0)) {
+            return Err(Error::Config("train_accuracy must be in (0, 1]".into()));
+        }
+        if s.loss_below.is_some_and(|l| !(l > 0.0 && l.is_finite())) {
+            return Err(Error::Config("loss_below must be positive".into()));
+        }
+        self.sgd.validate()?;
+        self.device_spec()?;
+        Ok(())
+    }
+
+    pub(crate) fn device_spec(&self) -> Result<DeviceSpec> {
+        self.device
+            .parse::<DeviceSpec>()
+            .map_err(|e| Error::Config(e.to_string()))
+    }
+
+    /// A short label such as `salm eps=8/255 rho=0.10 (feasible, per_round)`.
+    pub fn label(&self) -> String {
+        let eps = format!("eps={:.1}/255", self.eps * 255.0);
+        match &self.method {
+            Method::Salm {
+                rho, mask, refresh, ..
+            } => format!(
+                "{} {eps} rho={rho:.2} ({mask:?}, {refresh:?})",
+                self.method.label()
+            ),
+            Method::Em { .. } => format!("{} {eps}", self.method.label()),
+        }
+    }
+}
+
+/// Checkpointing, pausing, cancelling and progress of one run.
+#[derive(Debug, Clone, Default)]
+pub struct RunControl {
+    /// Save the state here after every round (and resume from it).
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Continue from `checkpoint_dir` if it holds a checkpoint of the same
+    /// data and parameters (a different one is an error).
+    pub resume: bool,
+    /// Return (resumably) after this many rounds of this call.
+    pub pause_after_rounds: Option<usize>,
+    /// Set to true from another thread to stop at the next batch.
+    pub cancel: Option<Arc<AtomicBool>>,
+    /// Draw a progress bar with an ETA on stderr.
+    pub progress: bool,
+}
+
+/// One round of the optimisation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundLog {
+    /// 1-based round.
+    pub round: usize,
+    /// Mean surrogate training loss of the round's theta-steps.
+    pub train_loss: f64,
+    /// Surrogate accuracy on the protected images after the round.
+    pub accuracy: f64,
+    /// Surrogate mean cross-entropy on them.
+    pub loss: f64,
+    /// Fraction of noise values at the budget (`|delta| >= eps - 1e-6`).
+    pub saturated: f64,
+    /// Wall time of the round in seconds.
+    pub seconds: f64,
+}
+
+/// The result of [`protect_dataset`].
+#[derive(Debug, Clone)]
+pub struct Protection {
+    /// The protected images on the release grid.
+    pub protected: Dataset,
+    /// Per-image pixel masks (`H * W` each) of SALM (`None` for EM).
+    pub masks: Option<Vec<u8>>,
+    /// Whether the stop rule fired (false: paused).
+    pub finished: bool,
+    /// Why it stopped.
+    pub stop_reason: Option<StopReason>,
+    /// Every round so far.
+    pub rounds: Vec<RoundLog>,
+    /// Wall time of all rounds so far (across resumes).
+    pub seconds: f64,
+    /// Noise steps taken (images x steps), across resumes.
+    pub image_steps: u64,
+    /// Per-image quality of the released images.
+    pub per_image: Vec<ImageQuality>,
+    /// Its summary.
+    pub quality: QualitySummary,
+}
+
+/// The optimisation state that a checkpoint holds.
+#[derive(Debug, Clone)]
+pub(crate) struct State {
+    pub round: usize,
+    /// Sample-wise: `n * values`; class-wise: `classes * values`.
+    pub delta: Vec<f32>,
+    /// Per unit (image or class) `H * W` 0/1 mask; all ones for EM.
+    pub mask: Vec<u8>,
+    /// Whether each unit's mask has been chosen yet.
+    pub mask_ready: Vec<bool>,
+    pub log: Vec<RoundLog>,
+    pub seconds: f64,
+    pub image_steps: u64,
+    pub stop: Option<StopReason>,
+}
+
+/// Protects an in-memory dataset (all of it: split off the test images
+/// first). See the module docs.
+pub fn protect_dataset(
+    data: &Dataset,
+    params: &ProtectParams,
+    control: &RunControl,
+) -> Result<Protection> {
+    params.validate()?;
+    let device = params.device_spec()?.open()?;
+    let shape = data.shape();
+    let classes = data.classes().len();
+    let classwise = params.method.classwise();
+    let units = if classwise { classes } else { data.len() };
+    let fingerprint = checkpoint::fingerprint(data, params);
+
+    let loaded = match (&control.checkpoint_dir, control.resume) {
+        (Some(dir), true) => checkpoint::load(dir, &fingerprint, shape, &device)?,
+        _ => None,
+    };
+    let (mut state, net, momentum) = match loaded {
+        Some((state, net, momentum)) => {
+            tracing::info!(round = state.round, "resuming protection from checkpoint");
+            (state, net, Some(momentum))
+        }
+        None => {
+            let net = Net::new(
+                &params.surrogate,
+                shape,
+                classes,
+                &device,
+                mix(params.seed, 1, 0),
+            )?;
+            (initial_state(data, params, units)?, net, None)
+        }
+    };
+    let mut opt = MomentumSgd::new(net.named_trainable_vars(), params.sgd)?;
+    if let Some(m) = momentum {
+        opt.load_state(m)?;
+    }
+
+    let run = Run {
+        data,
+        params,
+        net: &net,
+        classwise,
+        eps: params.eps as f32,
+        step: params.step() as f32,
+    };
+    let per_round = (data.len() * params.pgd_steps) as u64;
+    let bar = progress_bar(control.progress, per_round * params.stop.max_rounds as u64);
+    bar.set_position(per_round * state.round.min(params.stop.max_rounds) as u64);
+    let mut rounds_this_call = 0;
+    while state.stop.is_none() {
+        if control
+            .pause_after_rounds
+            .is_some_and(|p| rounds_this_call >= p)
+        {
+            break;
+        }
+        let t0 = Instant::now();
+        let r = state.round + 1;
+        let train_loss = run.theta_step(&mut state, &mut opt, r)?;
+        run.delta_step(&mut state, r, control, &bar)?;
+        let perturbed = run.perturbed_all(&state);
+        let eval = net.evaluate(&perturbed, data.labels(), params.pgd_batch)?;
+        let saturated = state
+            .delta
+            .iter()
+            .filter(|d| d.abs() >= run.eps - 1e-6)
+            .count() as f64
+            / state.delta.len().max(1) as f64;
+        let seconds = t0.elapsed().as_secs_f64();
+        state.round = r;
+        state.seconds += seconds;
+        state.log.push(RoundLog {
+            round: r,
+            train_loss,
+            accuracy: eval.accuracy,
+            loss: eval.loss,
+            saturated,
+            seconds,
+        });
+        tracing::info!(
+            round = r,
+            accuracy = eval.accuracy,
+            loss = eval.loss,
+            saturated,
+            seconds,
+            "protection round"
+        );
+        bar.set_message(format!("acc {:.3} loss {:.4}", eval.accuracy, eval.loss));
+        state.stop = stop_reason(&params.stop, r, eval.accuracy, eval.loss);
+        if let Some(dir) = &control.checkpoint_dir {
+            checkpoint::save(dir, &fingerprint, &state, &net, &opt)?;
+        }
+        rounds_this_call += 1;
+    }
+    bar.finish_and_clear();
+
+    let released = data.with_pixels(run.perturbed_all(&state))?.quantize();
+    let (per_image, quality) = dataset_quality(data.pixels(), released.pixels(), shape);
+    let masks = match &params.method {
+        Method::Em { .. } => None,
+        Method::Salm { .. } => Some(run.expanded_masks(&state)),
+    };
+    Ok(Protection {
+        protected: released,
+        masks,
+        finished: state.stop.is_some(),
+        stop_reason: state.stop,
+        rounds: state.log,
+        seconds: state.seconds,
+        image_steps: state.image_steps,
+        per_image,
+        quality,
+    })
+}
+
+fn stop_reason(rule: &StopRule, round: usize, acc: f64, loss: f64) -> Option<StopReason> {
+    if round >= rule.min_rounds {
+        if rule.train_accuracy.is_some_and(|t| acc >= t) {
+            return Some(StopReason::TrainAccuracy);
+        }
+        if rule.loss_below.is_some_and(|l| loss < l) {
+            return Some(StopReason::LossThreshold);
+        }
+    }
+    (round >= rule.max_rounds).then_some(StopReason::MaxRounds)
+}
+
+fn progress_bar(show: bool, total: u64) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    if let Ok(style) = ProgressStyle::with_template(
+        "protect [{bar:30}] {percent:>3}% image-steps {human_pos}/{human_len} {msg} ETA {eta}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}
+
+/// Fresh state: zero (or random) noise, model-free masks chosen.
+fn initial_state(data: &Dataset, p: &ProtectParams, units: usize) -> Result<State> {
+    let shape = data.shape();
+    let (v, hw) = (shape.values(), shape.pixels());
+    let mut state = State {
+        round: 0,
+        delta: vec![0.0; units * v],
+        mask: vec![1; units * hw],
+        mask_ready: vec![true; units],
+        log: Vec::new(),
+        seconds: 0.0,
+        image_steps: 0,
+        stop: None,
+    };
+    if let Method::Salm {
+        rho,
+        mask: strategy,
+        classwise,
+        ..
+    } = &p.method
+    {
+        let k = mask::mask_size(*rho, hw);
+        state.mask.fill(0);
+        state.mask_ready.fill(false);
+        if !strategy.needs_gradient() {
+            for u in 0..units {
+                let scores: Vec<f32> = match strategy {
+                    MaskStrategy::Random => {
+                        let mut rng = StdRng::seed_from_u64(mix(p.seed, 3, u as u64));
+                        (0..hw).map(|_| rng.random::<f32>()).collect()
+                    }
+                    _ if *classwise => {
+                        let mut acc = vec![0f32; hw];
+                        for i in (0..data.len()).filter(|&i| data.labels()[i] as usize == u) {
+                            for (a, f) in acc.iter_mut().zip(mask::foreground(data.image(i), shape))
+                            {
+                                *a += f;
+                            }
+                        }
+                        acc
+                    }
+                    _ => mask::foreground(data.image(u), shape),
+                };
+                state.mask[u * hw..(u + 1) * hw].copy_from_slice(&mask::top_k(&scores, k));
+                state.mask_ready[u] = true;
+            }
+        }
+    }
+    if p.random_start {
+        let mut rng = StdRng::seed_from_u64(mix(p.seed, 4, 0));
+        let eps = p.eps as f32;
+        for u in 0..units {
+            for c in 0..shape.channels {
+                for q in 0..hw {
+                    let d: f32 = rng.random_range(-eps..=eps);
+                    if state.mask[u * hw + q] == 1 {
+                        state.delta[u * v + c * hw + q] = d;
+                    }
+                }
+            }
+        }
+        if units == data.len() {
+            for i in 0..units {
+                let x = data.image(i);
+                for (j, d) in state.delta[i * v..(i + 1) * v].iter_mut().enumerate() {
+                    *d = (x[j] + *d).clamp(0.0, 1.0) - x[j];
+                }
+            }
+        }
+    }
+    Ok(state)
+}
+
+/// Borrowed pieces of one run.
+struct Run<'a> {
+    data: &'a Dataset,
+    params: &'a ProtectParams,
+    net: &'a Net,
+    classwise: bool,
+    eps: f32,
+    step: f32,
+}
+
+impl Run<'_> {
+    fn shape(&self) -> ImageShape {
+        self.data.shape()
+    }
+
+    /// Protected (unquantised) values of image `i`, appended to `out`.
+    fn push_perturbed(&self, state: &State, i: usize, out: &mut Vec<f32>) {
+        let v = self.shape().values();
+        let x = self.data.image(i);
+        let u = if self.classwise {
+            self.data.labels()[i] as usize
+        } else {
+            i
+        };
+        let d = &state.delta[u * v..(u + 1) * v];
+        out.extend(x.iter().zip(d).map(|(a, b)| (a + b).clamp(0.0, 1.0)));
+    }
+
+    fn perturbed_all(&self, state: &State) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.data.pixels().len());
+        for i in 0..self.data.len() {
+            self.push_perturbed(state, i, &mut out);
+        }
+        out
+    }
+
+    /// Per-image masks (class masks repeated for class-wise runs).
+    fn expanded_masks(&self, state: &State) -> Vec<u8> {
+        if !self.classwise {
+            return state.mask.clone();
+        }
+        let hw = self.shape().pixels();
+        let mut out = Vec::with_capacity(self.data.len() * hw);
+        for &l in self.data.labels() {
+            let c = l as usize;
+            out.extend_from_slice(&state.mask[c * hw..(c + 1) * hw]);
+        }
+        out
+    }
+
+    /// (a): surrogate SGD steps on the protected images.
+    fn theta_step(&self, state: &mut State, opt: &mut MomentumSgd, round: usize) -> Result<f64> {
+        let n = self.data.len();
+        let bs = self.params.train_batch.min(n);
+        let mut rng = StdRng::seed_from_u64(mix(self.params.seed, 2, round as u64));
+        let mut total = 0f64;
+        let steps = self.params.train_steps_per_round;
+        for _ in 0..steps {
+            let idx = rand::seq::index::sample(&mut rng, n, bs).into_vec();
+            let mut px = Vec::with_capacity(bs * self.shape().values());
+            let mut labels = Vec::with_capacity(bs);
+            for &i in &idx {
+                self.push_perturbed(state, i, &mut px);
+                labels.push(self.data.labels()[i]);
+            }
+            let x = self.net.batch(&px)?;
+            let y = self.net.labels(&labels)?;
+            let logits = self.net.forward(&x, Mode::Train)?;
+            let loss = nn::cross_entropy(&logits, &y, None)?;
+            total += opt.step(&loss)? as f64;
+        }
+        if self.params.bn_recalibration > 0 && steps > 0 {
+            self.net.set_trainable(false);
+            let result = (|| -> Result<()> {
+                for _ in 0..self.params.bn_recalibration {
+                    let idx = rand::seq::index::sample(&mut rng, n, bs).into_vec();
+                    let mut px = Vec::with_capacity(bs * self.shape().values());
+                    for &i in &idx {
+                        self.push_perturbed(state, i, &mut px);
+                    }
+                    self.net.forward(&self.net.batch(&px)?, Mode::Train)?;
+                }
+                Ok(())
+            })();
+            self.net.set_trainable(true);
+            result?;
+        }
+        Ok(if steps == 0 {
+            0.0
+        } else {
+            total / steps as f64
+        })
+    }
+
+    /// Input gradients of CE at the protected images `idx`.
+    fn gradients(&self, state: &State, idx: std::ops::Range<usize>) -> Result<Vec<f32>> {
+        let mut px = Vec::with_capacity(idx.len() * self.shape().values());
+        for i in idx.clone() {
+            self.push_perturbed(state, i, &mut px);
+        }
+        let x = self.net.batch(&px)?;
+        let y = self.net.labels(&self.data.labels()[idx])?;
+        let (_, g) = self.net.input_gradient(&x, &y, Mode::Eval)?;
+        let mut g = g.flatten_all()?.to_vec1::<f32>()?;
+        if self.params.shared_channels && self.shape().channels > 1 {
+            let s = self.shape();
+            let (v, hw) = (s.values(), s.pixels());
+            for img in g.chunks_mut(v) {
+                for p in 0..hw {
+                    let sum: f32 = (0..s.channels).map(|c| img[c * hw + p]).sum();
+                    for c in 0..s.channels {
+                        img[c * hw + p] = sum;
+                    }
+                }
+            }
+        }
+        Ok(g)
+    }
+
+    fn salm(&self) -> Option<(f64, MaskStrategy, MaskRefresh)> {
+        match &self.params.method {
+            Method::Salm {
+                rho, mask, refresh, ..
+            } => Some((*rho, *mask, *refresh)),
+            Method::Em { .. } => None,
+        }
+    }
+
+    /// (b): the noise update over every batch.
+    fn delta_step(
+        &self,
+        state: &mut State,
+        round: usize,
+        control: &RunControl,
+        bar: &ProgressBar,
+    ) -> Result<()> {
+        let n = self.data.len();
+        let bs = self.params.pgd_batch;
+        if self.classwise {
+            self.refresh_class_masks(state)?;
+        }
+        let mut start = 0;
+        while start < n {
+            if control
+                .cancel
+                .as_ref()
+                .is_some_and(|c| c.load(Ordering::Relaxed))
+            {
+                return Err(Error::Cancelled);
+            }
+            let end = (start + bs).min(n);
+            for t in 0..self.params.pgd_steps {
+                let g = self.gradients(state, start..end)?;
+                if self.classwise {
+                    self.class_update(state, start..end, &g);
+                } else {
+                    if let Some((rho, strategy, refresh)) = self.salm() {
+                        self.refresh_image_masks(
+                            state,
+                            start..end,
+                            &g,
+                            (rho, strategy, refresh),
+                            t,
+                        );
+                    }
+                    self.sample_update(state, start..end, &g);
+                }
+                state.image_steps += (end - start) as u64;
+                bar.inc((end - start) as u64);
+            }
+            start = end;
+        }
+        tracing::debug!(round, "delta step done");
+        Ok(())
+    }
+
+    fn refresh_image_masks(
+        &self,
+        state: &mut State,
+        idx: std::ops::Range<usize>,
+        g: &[f32],
+        (rho, strategy, refresh): (f64, MaskStrategy, MaskRefresh),
+        t: usize,
+    ) {
+        if !strategy.needs_gradient() {
+            return;
+        }
+        let s = self.shape();
+        let (v, hw) = (s.values(), s.pixels());
+        let k = mask::mask_size(rho, hw);
+        for (b, i) in idx.enumerate() {
+            let due = match refresh {
+                MaskRefresh::PerStep => true,
+                MaskRefresh::PerRound => t == 0,
+                MaskRefresh::Fixed => !state.mask_ready[i],
+            };
+            if !due {
+                continue;
+            }
+            let scores = mask::gradient_scores(
+                strategy,
+                self.data.image(i),
+                &g[b * v..(b + 1) * v],
+                s,
+                self.eps,
+            );
+            let m = mask::top_k(&scores, k);
+            for c in 0..s.channels {
+                for (q, &keep) in m.iter().enumerate() {
+                    if keep == 0 {
+                        state.delta[i * v + c * hw + q] = 0.0;
+                    }
+                }
+            }
+            state.mask[i * hw..(i + 1) * hw].copy_from_slice(&m);
+            state.mask_ready[i] = true;
+        }
+    }
+
+    /// Sign-gradient descent with the three projections.
+    fn sample_update(&self, state: &mut State, idx: std::ops::Range<usize>, g: &[f32]) {
+        let s = self.shape();
+        let (v, hw) = (s.values(), s.pixels());
+        for (b, i) in idx.enumerate() {
+            let x = self.data.image(i);
+            for j in 0..v {
+                let k = i * v + j;
+                if state.mask[i * hw + j % hw] == 0 {
+                    state.delta[k] = 0.0;
+                    continue;
+                }
+                let d =
+                    (state.delta[k] - self.step * sign(g[b * v + j])).clamp(-self.eps, self.eps);
+                state.delta[k] = (x[j] + d).clamp(0.0, 1.0) - x[j];
+            }
+        }
+    }
+
+    /// Class-wise: a projected sign step of each class noise along the
+    /// summed input gradients of its images in the batch (the gradient of
+    /// the batch loss with respect to the shared noise). An image whose
+    /// pixel is already clipped at 0 or 1 in the step's direction adds
+    /// nothing there.
+    fn class_update(&self, state: &mut State, idx: std::ops::Range<usize>, g: &[f32]) {
+        let s = self.shape();
+        let (v, hw) = (s.values(), s.pixels());
+        let classes = self.data.classes().len();
+        let mut sum = vec![0f32; classes * v];
+        for (b, i) in idx.enumerate() {
+            let c = self.data.labels()[i] as usize;
+            let x = self.data.image(i);
+            for j in 0..v {
+                let gv = g[b * v + j];
+                let p = x[j] + state.delta[c * v + j];
+                // Descent moves the pixel by -sign(g): blocked at the box.
+                let blocked = (gv > 0.0 && p <= 0.0) || (gv < 0.0 && p >= 1.0);
+                if !blocked {
+                    sum[c * v + j] += gv;
+                }
+            }
+        }
+        for c in 0..classes {
+            for j in 0..v {
+                let d = &mut state.delta[c * v + j];
+                *d = if state.mask[c * hw + j % hw] == 1 {
+                    (*d - self.step * sign(sum[c * v + j])).clamp(-self.eps, self.eps)
+                } else {
+                    0.0
+                };
+            }
+        }
+    }
+
+    /// Class-wise SALM with a gradient strategy: class score = sum of its
+    /// images' scores, from one gradient pass (per round, or once when
+    /// fixed).
+    fn refresh_class_masks(&self, state: &mut State) -> Result<()> {
+        let Some((rho, strategy, refresh)) = self.salm() else {
+            return Ok(());
+        };
+        if !strategy.needs_gradient()
+            || (refresh == MaskRefresh::Fixed && state.mask_ready.iter().all(|&r| r))
+        {
+            return Ok(());
+        }
+        let s = self.shape();
+        let (v, hw) = (s.values(), s.pixels());
+        let classes = self.data.classes().len();
+        let mut scores = vec![0f32; classes * hw];
+        let n = self.data.len();
+        let mut start = 0;
+        while start < n {
+            let end = (start + self.params.pgd_batch).min(n);
+            let g = self.gradients(state, start..end)?;
+            for (b, i) in (start..end).enumerate() {
+                let c = self.data.labels()[i] as usize;
+                let sc = mask::gradient_scores(
+                    strategy,
+                    self.data.image(i),
+                    &g[b * v..(b + 1) * v],
+                    s,
+                    self.eps,
+                );
+                for (a, x) in scores[c * hw..(c + 1) * hw].iter_mut().zip(sc) {
+                    *a += x;
+                }
+            }
+            start = end;
+        }
+        let k = mask::mask_size(rho, hw);
+        for c in 0..classes {
+            let m = mask::top_k(&scores[c * hw..(c + 1) * hw], k);
+            for ch in 0..s.channels {
+                for (q, &keep) in m.iter().enumerate() {
+                    if keep == 0 {
+                        state.delta[c * v + ch * hw + q] = 0.0;
+                    }
+                }
+            }
+            state.mask[c * hw..(c + 1) * hw].copy_from_slice(&m);
+            state.mask_ready[c] = true;
+        }
+        Ok(())
+    }
+}
+
+fn sign(x: f32) -> f32 {
+    if x > 0.0 {
+        1.0
+    } else if x < 0.0 {
+        -1.0
+    } else {
+        0.0
+    }
+}
+
+/// A dry-run time estimate.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Estimate {
+    /// Images to protect.
+    pub images: usize,
+    /// Noise steps per round (images x pgd_steps).
+    pub image_steps_per_round: u64,
+    /// Measured noise-step throughput on this machine.
+    pub image_steps_per_second: f64,
+    /// Estimated seconds per round (noise steps, surrogate steps and the
+    /// accuracy pass).
+    pub seconds_per_round: f64,
+    /// Estimated total at `min_rounds`.
+    pub min_seconds: f64,
+    /// Estimated total at `max_rounds`.
+    pub max_seconds: f64,
+}
+
+/// Times a few surrogate and noise steps on `data` and extrapolates a full
+/// run (a few seconds; nothing is written).
+pub fn estimate_dataset(data: &Dataset, params: &ProtectParams) -> Result<Estimate> {
+    params.validate()?;
+    let device = params.device_spec()?.open()?;
+    let shape = data.shape();
+    let net = Net::new(
+        &params.surrogate,
+        shape,
+        data.classes().len(),
+        &device,
+        mix(params.seed, 1, 0),
+    )?;
+    let v = shape.values();
+    let n = data.len();
+    let pb = params.pgd_batch.min(n);
+    let tb = params.train_batch.min(n);
+    let x = net.batch(&data.pixels()[..pb * v])?;
+    let y = net.labels(&data.labels()[..pb])?;
+    // Warm-up, then time two noise steps.
+    net.input_gradient(&x, &y, Mode::Eval)?;
+    let t0 = Instant::now();
+    for _ in 0..2 {
+        net.input_gradient(&x, &y, Mode::Eval)?;
+    }
+    let per_image_step = t0.elapsed().as_secs_f64() / (2 * pb) as f64;
+    let mut opt = MomentumSgd::new(net.named_trainable_vars(), params.sgd)?;
+    let xt = net.batch(&data.pixels()[..tb * v])?;
+    let yt = net.labels(&data.labels()[..tb])?;
+    let t1 = Instant::now();
+    for _ in 0..2 {
+        let logits = net.forward(&xt, Mode::Train)?;
+        opt.step(&nn::cross_entropy(&logits, &yt, None)?)?;
+    }
+    let per_train_step = t1.elapsed().as_secs_f64() / 2.0;
+    let steps = (n * params.pgd_steps) as u64;
+    let mut round = steps as f64 * per_image_step
+        + params.train_steps_per_round as f64 * per_train_step
+        + n as f64 * per_image_step / 3.0;
+    let classwise_mask = matches!(
+        &params.method,
+        Method::Salm { classwise: true, mask, refresh, .. }
+            if mask.needs_gradient() && *refresh != MaskRefresh::Fixed
+    );
+    if classwise_mask {
+        round += n as f64 * per_image_step;
+    }
+    Ok(Estimate {
+        images: n,
+        image_steps_per_round: steps,
+        image_steps_per_second: 1.0 / per_image_step,
+        seconds_per_round: round,
+        min_seconds: round * params.stop.min_rounds as f64,
+        max_seconds: round * params.stop.max_rounds as f64,
+    })
+}
+
+#[cfg(test)]
+mod tests;

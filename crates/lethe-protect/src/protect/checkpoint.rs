@@ -1,0 +1,206 @@
+//! Saving and resuming a protection run.
+//!
+//! After every round the whole optimisation state is written to
+//! `<dir>/current/`: `state.json` (round, log, timers, stop reason, the
+//! run's fingerprint), `delta.bin` and `mask.bin` (raw little-endian), the
+//! surrogate (`surrogate/config.json` + `model.safetensors`, batch-norm
+//! statistics included) and the SGD momentum (`momentum.safetensors`).
+//! A round is first written to `<dir>/staging/` and then swapped in by
+//! renames, so an interrupted write leaves the previous round intact.
+//!
+//! The fingerprint is a SHA-256 over the parameters (except the stop rule,
+//! which may be extended on resume, and the device) and the data. Resuming
+//! with other data or parameters is refused rather than silently mixing
+//! two runs. Because each round draws its randomness from `(seed, round)`
+//! and every piece of state is restored bit-for-bit, a resumed run ends
+//! exactly where an uninterrupted one does (a test checks this).
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::{ProtectParams, RoundLog, State, StopReason};
+use crate::dataset::{Dataset, ImageShape};
+use crate::model::{MomentumSgd, Net};
+use crate::{Error, Result};
+
+const FORMAT_VERSION: u32 = 1;
+
+#[derive(Serialize, Deserialize)]
+struct StateFile {
+    format_version: u32,
+    fingerprint: String,
+    round: usize,
+    mask_ready: Vec<bool>,
+    log: Vec<RoundLog>,
+    seconds: f64,
+    image_steps: u64,
+    stop: Option<StopReason>,
+    delta_len: usize,
+    mask_len: usize,
+}
+
+/// SHA-256 of the run-defining parameters and the data.
+pub(crate) fn fingerprint(data: &Dataset, params: &ProtectParams) -> String {
+    let mut p = params.clone();
+    p.stop = super::StopRule {
+        min_rounds: 1,
+        max_rounds: 1,
+        train_accuracy: None,
+        loss_below: None,
+    };
+    p.device = String::new();
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(serde_json::to_string(&p).unwrap_or_default().as_bytes());
+    let s = data.shape();
+    for d in [s.channels, s.height, s.width, data.len()] {
+        ctx.update(&(d as u64).to_le_bytes());
+    }
+    for v in data.pixels() {
+        ctx.update(&v.to_le_bytes());
+    }
+    for l in data.labels() {
+        ctx.update(&l.to_le_bytes());
+    }
+    hex::encode(ctx.finish().as_ref())
+}
+
+fn ck_err(dir: &Path, detail: impl Into<String>) -> Error {
+    Error::Checkpoint {
+        path: dir.to_path_buf(),
+        detail: detail.into(),
+    }
+}
+
+fn io(e: std::io::Error, what: &Path) -> Error {
+    Error::io(e, format!("checkpoint {}", what.display()))
+}
+
+/// Writes the state after a round (see the module docs).
+pub(crate) fn save(
+    dir: &Path,
+    fingerprint: &str,
+    state: &State,
+    net: &Net,
+    opt: &MomentumSgd,
+) -> Result<()> {
+    let staging = dir.join("staging");
+    if staging.exists() {
+        fs::remove_dir_all(&staging).map_err(|e| io(e, &staging))?;
+    }
+    fs::create_dir_all(&staging).map_err(|e| io(e, &staging))?;
+    let delta: Vec<u8> = state.delta.iter().flat_map(|v| v.to_le_bytes()).collect();
+    fs::write(staging.join("delta.bin"), delta).map_err(|e| io(e, &staging))?;
+    fs::write(staging.join("mask.bin"), &state.mask).map_err(|e| io(e, &staging))?;
+    net.save(&staging.join("surrogate"))?;
+    let momentum = opt.state();
+    if !momentum.is_empty() {
+        candle_core::safetensors::save(&momentum, staging.join("momentum.safetensors"))?;
+    }
+    let file = StateFile {
+        format_version: FORMAT_VERSION,
+        fingerprint: fingerprint.to_string(),
+        round: state.round,
+        mask_ready: state.mask_ready.clone(),
+        log: state.log.clone(),
+        seconds: state.seconds,
+        image_steps: state.image_steps,
+        stop: state.stop,
+        delta_len: state.delta.len(),
+        mask_len: state.mask.len(),
+    };
+    let json = serde_json::to_vec_pretty(&file)
+        .map_err(|e| ck_err(dir, format!("serialising state: {e}")))?;
+    fs::write(staging.join("state.json"), json).map_err(|e| io(e, &staging))?;
+    let current = dir.join("current");
+    let old = dir.join("previous");
+    if old.exists() {
+        fs::remove_dir_all(&old).map_err(|e| io(e, &old))?;
+    }
+    if current.exists() {
+        fs::rename(&current, &old).map_err(|e| io(e, &current))?;
+    }
+    fs::rename(&staging, &current).map_err(|e| io(e, &current))?;
+    if old.exists() {
+        fs::remove_dir_all(&old).map_err(|e| io(e, &old))?;
+    }
+    Ok(())
+}
+
+/// The saved state, if `dir` holds one; an error if it belongs to another
+/// run or is damaged.
+/// What [`load`] restores: the state, the surrogate and its momentum.
+pub(crate) type Restored = (State, Net, HashMap<String, Tensor>);
+
+pub(crate) fn load(
+    dir: &Path,
+    fingerprint: &str,
+    shape: ImageShape,
+    device: &Device,
+) -> Result<Option<Restored>> {
+    let mut current = dir.join("current");
+    if !current.join("state.json").is_file() {
+        // Interrupted between the two renames of `save`.
+        current = dir.join("previous");
+        if !current.join("state.json").is_file() {
+            return Ok(None);
+        }
+    }
+    let text = fs::read(current.join("state.json")).map_err(|e| io(e, &current))?;
+    let file: StateFile = serde_json::from_slice(&text)
+        .map_err(|e| ck_err(dir, format!("state.json is damaged: {e}")))?;
+    if file.format_version != FORMAT_VERSION {
+        return Err(ck_err(
+            dir,
+            format!(
+                "format version {} (this build reads {FORMAT_VERSION})",
+                file.format_version
+            ),
+        ));
+    }
+    if file.fingerprint != fingerprint {
+        return Err(ck_err(
+            dir,
+            "it belongs to a run with other data or parameters; use another checkpoint folder \
+             or start without resume",
+        ));
+    }
+    let raw = fs::read(current.join("delta.bin")).map_err(|e| io(e, &current))?;
+    if raw.len() != file.delta_len * 4 {
+        return Err(ck_err(dir, "delta.bin has the wrong size"));
+    }
+    let delta = raw
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let mask = fs::read(current.join("mask.bin")).map_err(|e| io(e, &current))?;
+    if mask.len() != file.mask_len || file.mask_ready.len() * shape.pixels() != mask.len() {
+        return Err(ck_err(dir, "mask.bin has the wrong size"));
+    }
+    let net = Net::load(&current.join("surrogate"), shape, device)
+        .map_err(|e| ck_err(dir, format!("surrogate: {e}")))?;
+    let mpath = current.join("momentum.safetensors");
+    let momentum = if mpath.is_file() {
+        candle_core::safetensors::load(&mpath, device)
+            .map_err(|e| ck_err(dir, format!("momentum: {e}")))?
+    } else {
+        HashMap::new()
+    };
+    Ok(Some((
+        State {
+            round: file.round,
+            delta,
+            mask,
+            mask_ready: file.mask_ready,
+            log: file.log,
+            seconds: file.seconds,
+            image_steps: file.image_steps,
+            stop: file.stop,
+        },
+        net,
+        momentum,
+    )))
+}

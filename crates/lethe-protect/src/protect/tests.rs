@@ -1,0 +1,291 @@
+//! Budgets, determinism, resume, the EM/SALM relation and parameter errors.
+
+use super::mask::{feasible_saliency, mask_size, top_k};
+use super::*;
+use crate::sources::{lesions, LesionSpec};
+
+/// A tiny lesion set (16x16, `per_class` per class).
+fn tiny(per_class: usize) -> Dataset {
+    lesions(&LesionSpec {
+        seed: 5,
+        per_class,
+        size: 16,
+        texture: 0.04,
+    })
+    .unwrap()
+}
+
+/// Fast parameters: small surrogate, few steps and rounds.
+fn fast(mut p: ProtectParams) -> ProtectParams {
+    p.surrogate = Arch::Cnn {
+        channels: vec![8, 16],
+        batch_norm: true,
+    };
+    p.pgd_steps = 3;
+    p.pgd_batch = 16;
+    p.train_steps_per_round = 2;
+    p.train_batch = 16;
+    p.stop = StopRule {
+        min_rounds: 2,
+        max_rounds: 2,
+        train_accuracy: None,
+        loss_below: None,
+    };
+    p
+}
+
+fn quiet() -> RunControl {
+    RunControl::default()
+}
+
+#[test]
+fn salm_stays_within_eps_and_rho() {
+    let data = tiny(6);
+    let eps = 8.0 / 255.0;
+    let rho = 0.1;
+    let p = fast(ProtectParams::salm(eps, rho));
+    let out = protect_dataset(&data, &p, &quiet()).unwrap();
+    assert!(out.finished);
+    let s = data.shape();
+    let k = mask_size(rho, s.pixels());
+    let mut any = 0;
+    for i in 0..data.len() {
+        let (a, b) = (data.image(i), out.protected.image(i));
+        let changed = a.iter().zip(b).filter(|(x, y)| x != y).count();
+        assert!(changed <= k, "image {i}: {changed} > {k} pixels changed");
+        any += changed;
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() <= eps as f32 + 0.5 / 255.0 + 1e-6);
+            assert!((0.0..=1.0).contains(y));
+        }
+    }
+    assert!(
+        any > data.len(),
+        "SALM changed almost nothing ({any} values)"
+    );
+    assert!(out.quality.l0_max <= k as f64 / s.pixels() as f64 + 1e-12);
+    let masks = out.masks.unwrap();
+    for m in masks.chunks(s.pixels()) {
+        assert_eq!(m.iter().filter(|&&v| v == 1).count(), k);
+    }
+}
+
+#[test]
+fn em_stays_within_eps_and_changes_most_pixels() {
+    let data = tiny(4);
+    let eps = 4.0 / 255.0;
+    let out = protect_dataset(&data, &fast(ProtectParams::em(eps)), &quiet()).unwrap();
+    let mut changed = 0;
+    for (x, y) in data.pixels().iter().zip(out.protected.pixels()) {
+        assert!((x - y).abs() <= eps as f32 + 0.5 / 255.0 + 1e-6);
+        changed += usize::from(x != y);
+    }
+    assert!(changed > data.pixels().len() / 2, "{changed}");
+    assert!(out.masks.is_none());
+}
+
+#[test]
+fn salm_with_rho_one_is_em() {
+    let data = tiny(3);
+    let em = protect_dataset(&data, &fast(ProtectParams::em(8.0 / 255.0)), &quiet()).unwrap();
+    let salm = protect_dataset(
+        &data,
+        &fast(ProtectParams::salm(8.0 / 255.0, 1.0)),
+        &quiet(),
+    )
+    .unwrap();
+    assert_eq!(em.protected.pixels(), salm.protected.pixels());
+}
+
+#[test]
+fn runs_are_deterministic_per_seed() {
+    let data = tiny(3);
+    let p = fast(ProtectParams::salm(8.0 / 255.0, 0.2));
+    let a = protect_dataset(&data, &p, &quiet()).unwrap();
+    let b = protect_dataset(&data, &p, &quiet()).unwrap();
+    assert_eq!(a.protected.pixels(), b.protected.pixels());
+    assert_eq!(a.masks, b.masks);
+    let mut q = p.clone();
+    q.seed = 99;
+    let c = protect_dataset(&data, &q, &quiet()).unwrap();
+    assert_ne!(a.protected.pixels(), c.protected.pixels());
+}
+
+#[test]
+fn resume_equals_an_uninterrupted_run() {
+    let data = tiny(3);
+    for method in [
+        ProtectParams::salm(8.0 / 255.0, 0.2),
+        ProtectParams {
+            method: Method::Em { classwise: true },
+            ..ProtectParams::em(8.0 / 255.0)
+        },
+    ] {
+        let mut p = fast(method);
+        p.stop.min_rounds = 3;
+        p.stop.max_rounds = 3;
+        let full = protect_dataset(&data, &p, &quiet()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut ctl = RunControl {
+            checkpoint_dir: Some(dir.path().to_path_buf()),
+            resume: true,
+            pause_after_rounds: Some(1),
+            ..RunControl::default()
+        };
+        let first = protect_dataset(&data, &p, &ctl).unwrap();
+        assert!(!first.finished);
+        assert_eq!(first.rounds.len(), 1);
+        let second = protect_dataset(&data, &p, &ctl).unwrap();
+        assert_eq!(second.rounds.len(), 2);
+        ctl.pause_after_rounds = None;
+        let last = protect_dataset(&data, &p, &ctl).unwrap();
+        assert!(last.finished);
+        assert_eq!(last.rounds.len(), 3);
+        assert_eq!(last.protected.pixels(), full.protected.pixels());
+        assert_eq!(last.image_steps, full.image_steps);
+        // Accuracies match exactly; losses to the last bits of candle's
+        // CPU reductions.
+        for (a, b) in last.rounds.iter().zip(&full.rounds) {
+            assert_eq!(a.accuracy, b.accuracy);
+            assert!((a.loss - b.loss).abs() <= 1e-9 * b.loss.abs().max(1.0));
+        }
+    }
+}
+
+#[test]
+fn a_checkpoint_of_another_run_is_refused() {
+    let data = tiny(3);
+    let p = fast(ProtectParams::salm(8.0 / 255.0, 0.2));
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = RunControl {
+        checkpoint_dir: Some(dir.path().to_path_buf()),
+        resume: true,
+        pause_after_rounds: Some(1),
+        ..RunControl::default()
+    };
+    protect_dataset(&data, &p, &ctl).unwrap();
+    let mut other = p.clone();
+    other.eps = 4.0 / 255.0;
+    let err = protect_dataset(&data, &other, &ctl).unwrap_err();
+    assert!(matches!(err, Error::Checkpoint { .. }), "{err}");
+    // A damaged state file is reported, not ignored.
+    std::fs::write(dir.path().join("current/state.json"), b"{").unwrap();
+    let err = protect_dataset(&data, &p, &ctl).unwrap_err();
+    assert!(err.to_string().contains("damaged"), "{err}");
+}
+
+#[test]
+fn cancel_stops_the_run() {
+    let data = tiny(2);
+    let flag = Arc::new(AtomicBool::new(true));
+    let ctl = RunControl {
+        cancel: Some(flag),
+        ..RunControl::default()
+    };
+    let err = protect_dataset(&data, &fast(ProtectParams::em(0.03)), &ctl).unwrap_err();
+    assert!(matches!(err, Error::Cancelled));
+}
+
+#[test]
+fn bad_parameters_are_named() {
+    let data = tiny(1);
+    let cases: Vec<(ProtectParams, &str)> = vec![
+        (ProtectParams::em(0.0), "eps"),
+        (ProtectParams::em(0.5), "eps"),
+        (ProtectParams::em(f64::NAN), "eps"),
+        (ProtectParams::salm(0.03, 0.0), "rho"),
+        (ProtectParams::salm(0.03, 1.5), "rho"),
+        (
+            ProtectParams {
+                step_size: Some(0.1),
+                ..ProtectParams::em(0.03)
+            },
+            "step size",
+        ),
+        (
+            ProtectParams {
+                stop: StopRule {
+                    min_rounds: 5,
+                    max_rounds: 2,
+                    train_accuracy: None,
+                    loss_below: None,
+                },
+                ..ProtectParams::em(0.03)
+            },
+            "min_rounds",
+        ),
+        (
+            ProtectParams {
+                device: "tpu".into(),
+                ..ProtectParams::em(0.03)
+            },
+            "tpu",
+        ),
+    ];
+    for (p, needle) in cases {
+        let err = protect_dataset(&data, &p, &quiet())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(needle), "{err:?} lacks {needle:?}");
+    }
+}
+
+#[test]
+fn stop_rule_waits_for_min_rounds() {
+    let rule = StopRule {
+        min_rounds: 3,
+        max_rounds: 5,
+        train_accuracy: Some(0.99),
+        loss_below: Some(1e-3),
+    };
+    assert_eq!(stop_reason(&rule, 1, 1.0, 0.0), None);
+    assert_eq!(
+        stop_reason(&rule, 3, 1.0, 0.5),
+        Some(StopReason::TrainAccuracy)
+    );
+    assert_eq!(
+        stop_reason(&rule, 3, 0.5, 1e-4),
+        Some(StopReason::LossThreshold)
+    );
+    assert_eq!(stop_reason(&rule, 4, 0.5, 0.5), None);
+    assert_eq!(stop_reason(&rule, 5, 0.5, 0.5), Some(StopReason::MaxRounds));
+}
+
+#[test]
+fn feasible_saliency_ignores_steps_the_box_clips() {
+    let s = ImageShape {
+        channels: 1,
+        height: 1,
+        width: 4,
+    };
+    // Black pixels: darkening (g > 0) is impossible, brightening is not.
+    let x = [0.0, 0.0, 0.5, 1.0];
+    let g = [5.0, -1.0, 0.1, -5.0];
+    let sc = feasible_saliency(&x, &g, s, 0.03);
+    assert_eq!(sc[0], 0.0);
+    assert!((sc[1] - 0.03).abs() < 1e-7);
+    assert!((sc[2] - 0.003).abs() < 1e-7);
+    assert_eq!(sc[3], 0.0);
+    assert_eq!(top_k(&sc, 1), vec![0, 1, 0, 0]);
+}
+
+#[test]
+fn top_k_is_exact_and_breaks_ties_by_position() {
+    let m = top_k(&[1.0, 3.0, 3.0, 3.0, f32::NAN, 2.0], 3);
+    assert_eq!(m, vec![0, 1, 1, 1, 0, 0]);
+    let m = top_k(&[0.0; 5], 2);
+    assert_eq!(m, vec![1, 1, 0, 0, 0]);
+    assert_eq!(mask_size(0.1, 64), 6);
+    assert_eq!(mask_size(1e-9, 64), 1);
+}
+
+#[test]
+fn estimate_gives_positive_times() {
+    let data = tiny(2);
+    let p = fast(ProtectParams::salm(8.0 / 255.0, 0.1));
+    let e = estimate_dataset(&data, &p).unwrap();
+    assert_eq!(e.images, 8);
+    assert_eq!(e.image_steps_per_round, 24);
+    assert!(e.image_steps_per_second > 0.0);
+    assert!(e.max_seconds >= e.min_seconds && e.min_seconds > 0.0);
+}
