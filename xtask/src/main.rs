@@ -35,7 +35,7 @@ enum Task {
     /// Run a benchmark and write its JSON under evals/results/.
     Bench {
         /// Which benchmark.
-        #[arg(value_parser = ["retrieval", "lm", "serve", "labels"])]
+        #[arg(value_parser = ["retrieval", "lm", "serve", "labels", "protect"])]
         which: String,
         /// Seconds of load (serve).
         #[arg(long, default_value_t = 60)]
@@ -86,6 +86,19 @@ fn main() -> anyhow::Result<()> {
                 "--out",
                 "evals/results/labels-bench.json",
             ])),
+            "protect" => {
+                run(cargo().args(["run", "-q", "-p", "lethe-cli", "--", "fetch"]))?;
+                run(cargo()
+                    .args([
+                        "run",
+                        "--release",
+                        "-p",
+                        "lethe-protect",
+                        "--example",
+                        "bench_protect",
+                    ])
+                    .env("BENCH_OUT", root.join("evals/results/protect-bench.json")))
+            }
             other => bail!("unknown benchmark {other}"),
         },
         Task::CudaBuild => cuda_build(&root),

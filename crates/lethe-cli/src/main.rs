@@ -4,6 +4,7 @@
 //! exit codes and terminal output; everything else goes through
 //! `lethe-engine`.
 
+mod protect;
 mod quickstart;
 mod unlearn;
 
@@ -96,6 +97,9 @@ enum Command {
     /// The document store.
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Protect an image dataset before release (EM / SALM unlearnable
+    /// examples), or audit a protected release.
+    Protect(Box<protect::ProtectArgs>),
     /// Compliance unlearning: file requests, run them, signed receipts.
     #[command(subcommand)]
     Unlearn(unlearn::UnlearnCommand),
@@ -269,6 +273,10 @@ fn actor(principal: &Option<String>) -> Actor {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    // `protect` needs no engine and takes its arguments by value.
+    if let Command::Protect(args) = cli.command {
+        return protect::run(*args).map(|()| ExitCode::SUCCESS);
+    }
     match &cli.command {
         Command::Quickstart { dir } => quickstart::run(dir),
         Command::Serve { listen } => {
@@ -511,6 +519,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             audit_verify(&engine.verify_audit()?)
         }
         Command::Unlearn(cmd) => unlearn::run(cmd, || open(&cli)),
+        Command::Protect(_) => anyhow::bail!("protect is handled before the engine opens"),
         Command::Knnlm(KnnlmCommand::Sync) => {
             let engine = open(&cli)?;
             let s = engine.sync_datastore(&Actor::Operator)?;

@@ -269,7 +269,7 @@ pub(crate) fn answer_request(
         Some(t) if !(0.0..=2.0).contains(&t) || !t.is_finite() => {
             return Err(AppError::bad_request("temperature must be between 0 and 2"))
         }
-        Some(t) if t == 0.0 => lethe_engine::Sampling::Greedy,
+        Some(0.0) => lethe_engine::Sampling::Greedy,
         Some(t) => {
             let top_p = knobs.top_p.unwrap_or(1.0);
             if !(top_p > 0.0 && top_p <= 1.0) {

@@ -109,8 +109,9 @@ pub struct CorruptStage {
     #[serde(default)]
     pub lora: Option<AdapterSpec>,
     /// Parameters kept fixed during full fine-tuning: a parameter is
-    /// frozen when its name starts with one of these prefixes (e.g.
-    /// `model.embed_tokens`, `lm_head`). Must be empty with `lora`.
+    /// frozen when its name contains one of these patterns (e.g.
+    /// `embed_tokens`, `lm_head`, `norm`, `self_attn`, `layers.0.`).
+    /// Must be empty with `lora`.
     #[serde(default)]
     pub freeze: Vec<String>,
     /// Gate-driven early stop of the corruption (recorded per stage).
@@ -300,7 +301,7 @@ impl RestorConfig {
             || "corrupt.freeze applies to full fine-tuning only, not with corrupt.lora".into(),
         )?;
         ensure(self.corrupt.freeze.iter().all(|p| !p.is_empty()), || {
-            "corrupt.freeze entries must be non-empty name prefixes".into()
+            "corrupt.freeze entries must be non-empty name patterns".into()
         })?;
         if let Some(e) = &self.corrupt.early_stop {
             ensure(e.drop > 0.0 && e.drop <= 1.0 && e.every > 0, || {

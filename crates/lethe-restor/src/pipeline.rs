@@ -521,8 +521,8 @@ pub struct StopCheck<'a> {
 /// AdamW, one shuffled pass per epoch, NLL on every document token.
 ///
 /// With `lora`, an adapter is trained and merged into the weights
-/// (RESTOR's recipe); otherwise every parameter whose name starts with no
-/// prefix of `freeze` is trained. With `stop`, the target accuracy is
+/// (RESTOR's recipe); otherwise every parameter whose name contains none
+/// of the `freeze` patterns is trained. With `stop`, the target accuracy is
 /// measured every `stop.every` steps and training ends as soon as it is
 /// at most `stop.stop_at_or_below`.
 pub fn fit_corruption(
@@ -572,7 +572,7 @@ pub fn fit_corruption(
         None => {
             let mut vars = Vec::new();
             for (name, var) in model.named_vars() {
-                if freeze.iter().any(|p| name.starts_with(p.as_str())) {
+                if freeze.iter().any(|p| name.contains(p.as_str())) {
                     log.frozen_parameters += var.elem_count();
                 } else {
                     vars.push(var);
@@ -705,3 +705,6 @@ fn run_method(
         ))),
     }
 }
+
+#[cfg(test)]
+mod tests;

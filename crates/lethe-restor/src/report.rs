@@ -66,6 +66,12 @@ pub struct CorruptGate {
     pub corrupted_rate: f64,
     /// Corrupted minus clean non-target accuracy.
     pub nontarget_change: f64,
+    /// Optimiser steps the corruption took.
+    #[serde(default)]
+    pub steps: usize,
+    /// Whether the gate-driven early stop ended the corruption.
+    #[serde(default)]
+    pub stopped_early: bool,
     /// Both conditions hold.
     pub pass: bool,
 }
@@ -178,6 +184,9 @@ pub struct Report {
     pub clean_confidence: Stat,
     /// Reproduction statement.
     pub finding: Finding,
+    /// Non-target facts behind the collateral metric.
+    #[serde(default)]
+    pub nontarget_facts: usize,
 }
 
 /// The 1/5/15-minute load average (Linux `/proc/loadavg`).
@@ -244,6 +253,12 @@ impl Report {
                     target_drop: drop,
                     corrupted_rate: corr_sum.corrupted_rate,
                     nontarget_change: change,
+                    steps: corr.record.fit.as_ref().map_or(0, |f| f.steps),
+                    stopped_early: corr
+                        .record
+                        .corruption
+                        .as_ref()
+                        .is_some_and(|l| l.stopped_early),
                     pass: drop >= cfg.corrupt.min_target_drop
                         && change.abs() < cfg.corrupt.max_nontarget_change,
                 });
@@ -434,6 +449,7 @@ impl Report {
             buckets,
             clean_confidence,
             finding,
+            nontarget_facts: out.nontarget.len(),
         })
     }
 
@@ -546,19 +562,63 @@ impl Report {
                 yes(g.pass)
             );
         }
+        let cc = &c.corrupt;
+        let recipe = match &cc.lora {
+            Some(l) => format!("a rank-{} LoRA adapter merged into the weights", l.rank),
+            None if cc.freeze.is_empty() => "every parameter".to_string(),
+            None => format!(
+                "every parameter except those whose name contains {}",
+                cc.freeze
+                    .iter()
+                    .map(|p| format!("`{p}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        let stop = match &cc.early_stop {
+            Some(e) => format!(
+                "; **gate-driven early stop**: the target facts are evaluated every {} step(s) and \
+                 corruption ends once their accuracy is {:.0} points below the clean model's \
+                 (the steps column says where each run stopped; \"budget\" = it never got there)",
+                e.every,
+                e.drop * 100.0
+            ),
+            None => String::new(),
+        };
         let _ = writeln!(
             s,
-            "\n| seed | k | target drop (points) | corrupted-answer rate | non-target change (points) | pass |\n|---|---|---|---|---|---|"
+            "\nCorruption: continued training on the corruption documents only, AdamW lr {}, \
+             weight decay {}, batch {}, at most {} epochs; trains {}{}. Non-target accuracy is \
+             measured on {} non-target facts.\n",
+            cc.train.lr,
+            cc.train.weight_decay,
+            cc.train.batch_size,
+            cc.train.epochs,
+            recipe,
+            stop,
+            self.nontarget_facts,
+        );
+        let _ = writeln!(
+            s,
+            "| seed | k | target drop (points) | corrupted-answer rate | non-target change (points) | steps | pass |\n|---|---|---|---|---|---|---|"
         );
         for g in &self.gates.corrupt {
             let _ = writeln!(
                 s,
-                "| {} | {} | {:.1} | {} | {:+.1} | {} |",
+                "| {} | {} | {:.1} | {} | {:+.1} | {}{} | {} |",
                 g.seed,
                 g.k,
                 g.target_drop * 100.0,
                 pct(g.corrupted_rate),
                 g.nontarget_change * 100.0,
+                g.steps,
+                if g.stopped_early {
+                    " (early stop)"
+                } else if cc.early_stop.is_some() {
+                    " (budget)"
+                } else {
+                    ""
+                },
                 yes(g.pass)
             );
         }

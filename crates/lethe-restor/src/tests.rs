@@ -58,6 +58,7 @@ train = {{ lr = 0.01, epochs = {epochs}, batch_size = 8, cosine = true }}
 min_target_drop = 0.4
 max_nontarget_change = 0.03
 train = {{ lr = 0.003, epochs = 3, batch_size = 4 }}
+early_stop = {{ drop = 0.4, every = 1 }}
 
 [[methods]]
 label = "GA"
@@ -176,6 +177,15 @@ fn tiny_run_end_to_end_then_resume_without_recomputing() {
         "clean model: {:?}",
         clean.summary
     );
+    // A corruption that the early stop ended reached the gate's drop at
+    // that step, and the report says where it stopped.
+    for g in &first.gates.corrupt {
+        assert!(g.steps > 0 && g.steps <= 3 * 2, "{g:?}");
+        if g.stopped_early {
+            assert!(g.target_drop >= 0.4 - 1e-9, "{g:?}");
+        }
+    }
+    assert_eq!(first.nontarget_facts, cfg.world.nontarget_eval);
     // O3 leaves the base weights untouched and says it only suppresses.
     let o3 = first.rows.iter().find(|r| r.model == "O3").unwrap();
     assert_eq!(o3.status, StageStatus::Computed);
@@ -258,6 +268,20 @@ fn bad_configs_are_rejected_with_the_field_named() {
     let mut cfg = tiny_config();
     cfg.methods[1].label = "GA".into();
     assert!(cfg.validate().unwrap_err().to_string().contains("repeats"));
+    let mut cfg = tiny_config();
+    cfg.corrupt.early_stop = Some(crate::config::EarlyStop {
+        drop: 0.4,
+        every: 0,
+    });
+    assert!(cfg
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("early_stop"));
+    let mut cfg = tiny_config();
+    cfg.corrupt.freeze = vec!["lm_head".into()];
+    cfg.corrupt.lora = cfg.methods[5].o3.as_ref().map(|o| o.adapter.clone());
+    assert!(cfg.validate().unwrap_err().to_string().contains("freeze"));
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("bad.toml");
     std::fs::write(&p, "seeds = [0]\nunknown_key = 1\n").unwrap();
