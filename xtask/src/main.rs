@@ -158,17 +158,18 @@ fn bench_lm(root: &Path) -> anyhow::Result<()> {
         serde_json::from_str(infer.trim()).context("bench_infer output")?;
     let train: serde_json::Value =
         serde_json::from_str(train.trim()).context("bench_train output")?;
-    let pick = |v: &serde_json::Value, key: &str| -> serde_json::Value {
-        v.get("summary")
-            .and_then(|s| s.get(key))
-            .cloned()
-            .unwrap_or(serde_json::Value::Null)
-    };
+    // The headline is the engine's default in-memory format (Q8_0).
+    let smol = &infer["smollm2_135m_instruct"]["q8_0"];
     let summary = serde_json::json!({
-        "prompt_tokens_per_s": pick(&infer, "prompt_tokens_per_s"),
-        "gen_tokens_per_s": pick(&infer, "gen_tokens_per_s"),
-        "score_tokens_per_s": pick(&infer, "score_tokens_per_s"),
-        "train_tokens_per_s": pick(&train, "train_tokens_per_s"),
+        "format": "q8_0",
+        "prompt_tokens_per_s": smol["prompt_tokens_per_s"],
+        "gen_tokens_per_s": smol["generated_tokens_per_s"],
+        "score_tokens_per_s": smol["scoring"]["distinct_contexts"]["tokens_per_s"],
+        "score_tokens_per_s_shared_prefix": smol["scoring"]["shared_100_token_prefix"]["tokens_per_s"],
+        "train_tokens_per_s": train["decoder"]["train_tokens_per_s"],
+        "peer_llama_cpp_gen_tokens_per_s": infer["peer_llama_cpp_q4_1_2_threads"]["generated_tokens_per_s"]["llama_bench_tg128"],
+        "peer_llama_cpp_prompt_tokens_per_s": infer["peer_llama_cpp_q4_1_2_threads"]["prompt_tokens_per_s"]["llama_bench_pp424"],
+        "peer_pytorch_train_tokens_per_s": train["decoder"]["pytorch_eager_anchor"]["train_tokens_per_s"],
     });
     let doc = serde_json::json!({"summary": summary, "inference": infer, "training": train});
     let out = root.join("evals/results/lm.json");
