@@ -44,6 +44,26 @@ pub struct DatastoreSync {
 /// The datastore slot of an engine: `None` until first loaded.
 pub(crate) type Slot = std::sync::RwLock<Option<Datastore>>;
 
+fn versions_of(docs: &[lethe_store::DocumentInfo]) -> BTreeMap<String, String> {
+    docs.iter()
+        .map(|d| (d.id.clone(), d.content_sha256.clone()))
+        .collect()
+}
+
+/// Removes the entries of documents the store no longer holds, or holds
+/// in another version than the one they were added with; returns how many.
+fn drop_stale(ds: &mut Datastore, current: &BTreeMap<String, String>) -> usize {
+    let stale: Vec<String> = ds
+        .documents()
+        .filter(|d| current.get(*d).map(String::as_str) != ds.version(d))
+        .map(String::from)
+        .collect();
+    for d in &stale {
+        ds.remove_document(d);
+    }
+    stale.len()
+}
+
 fn knn_err(e: lethe_knnlm::Error) -> Error {
     match e {
         lethe_knnlm::Error::Model(e) => Error::Model(e),
@@ -64,11 +84,7 @@ impl Engine {
     /// The store's documents as (id, version) pairs.
     fn store_versions(&self) -> BTreeMap<String, String> {
         let store = self.store.read().unwrap_or_else(|p| p.into_inner());
-        store
-            .documents()
-            .into_iter()
-            .map(|d| (d.id, d.content_sha256))
-            .collect()
+        versions_of(&store.documents())
     }
 
     /// Loads the datastore into its slot if it is not there yet, removing
@@ -82,19 +98,11 @@ impl Engine {
             return Ok(false);
         }
         let (mut ds, _generation) = Datastore::load(&self.knn_dir()).map_err(knn_err)?;
-        let versions = self.store_versions();
-        let stale: Vec<String> = ds
-            .documents()
-            .filter(|d| versions.get(*d).map(String::as_str) != ds.version(d))
-            .map(String::from)
-            .collect();
-        if !stale.is_empty() {
-            for d in &stale {
-                ds.remove_document(d);
-            }
+        let stale = drop_stale(&mut ds, &self.store_versions());
+        if stale > 0 {
             self.knn_save(&ds)?;
             tracing::info!(
-                removed = stale.len(),
+                removed = stale,
                 "kNN-LM datastore: removed entries of documents the store no longer holds"
             );
         }
@@ -148,18 +156,7 @@ impl Engine {
         let (missing, removed) = {
             let store = self.store.read().unwrap_or_else(|p| p.into_inner());
             let docs = store.documents();
-            let versions: BTreeMap<&str, &str> = docs
-                .iter()
-                .map(|d| (d.id.as_str(), d.content_sha256.as_str()))
-                .collect();
-            let stale: Vec<String> = ds
-                .documents()
-                .filter(|d| versions.get(d).copied() != ds.version(d))
-                .map(String::from)
-                .collect();
-            for d in &stale {
-                ds.remove_document(d);
-            }
+            let stale = drop_stale(ds, &versions_of(&docs));
             let missing: Vec<(String, Label, String, String)> = docs
                 .iter()
                 .filter(|d| !ds.contains(&d.id))
@@ -169,7 +166,7 @@ impl Engine {
                         .map(|t| (d.id.clone(), d.label.clone(), t, d.content_sha256.clone()))
                 })
                 .collect();
-            (missing, stale.len())
+            (missing, stale)
         };
         for batch in missing.chunks(BUILD_BATCH) {
             let texts: Vec<DocText<'_>> = batch
