@@ -245,6 +245,24 @@ fn sources_of(item: &Item, policy: &Policy) -> Result<Vec<Source>> {
         .collect()
 }
 
+/// The codes an answer states although no document stating them flows to
+/// its label: soundness violations.
+fn leaked_facts(item: &Item, sources: &[Source], answer: &str, label: &Label) -> Vec<String> {
+    let lower = answer.to_lowercase();
+    item.facts
+        .iter()
+        .filter(|(code, _)| lower.contains(&code.to_lowercase()))
+        .filter(|(code, _)| {
+            !item
+                .facts
+                .iter()
+                .filter(|(c, _)| c == code)
+                .any(|(_, d)| sources[*d].label.flows_to(label))
+        })
+        .map(|(c, _)| c.clone())
+        .collect()
+}
+
 fn join(model: &Label, sources: &[Source], idx: impl IntoIterator<Item = usize>) -> Label {
     idx.into_iter()
         .fold(model.clone(), |acc, i| acc.join(&sources[i].label))
@@ -333,20 +351,7 @@ pub fn run(
                 (Decision::Released, Some(t)) => t.clone(),
                 _ => String::new(),
             };
-            // A fact leaks when no document stating it flows to the label.
-            let leaked_facts = item
-                .facts
-                .iter()
-                .filter(|(code, _)| answer.to_lowercase().contains(&code.to_lowercase()))
-                .filter(|(code, _)| {
-                    !item
-                        .facts
-                        .iter()
-                        .filter(|(c, _)| c == code)
-                        .any(|(_, d)| sources[*d].label.flows_to(&a.label))
-                })
-                .map(|(c, _)| c.clone())
-                .collect();
+            let leaked_facts = leaked_facts(item, &sources, &answer, &a.label);
             let lower = answer.to_lowercase();
             let mut used: std::collections::BTreeSet<usize> = item
                 .facts
@@ -491,19 +496,7 @@ fn knn_eval(
         .map_err(knn_err)?;
         let answer = p.text.clone().unwrap_or_default();
         let lower = answer.to_lowercase();
-        let leaked_facts: Vec<String> = item
-            .facts
-            .iter()
-            .filter(|(code, _)| lower.contains(&code.to_lowercase()))
-            .filter(|(code, _)| {
-                !item
-                    .facts
-                    .iter()
-                    .filter(|(c, _)| c == code)
-                    .any(|(_, d)| sources[*d].label.flows_to(&p.label))
-            })
-            .map(|(c, _)| c.clone())
-            .collect();
+        let leaked_facts = leaked_facts(item, &sources, &answer, &p.label);
         violations += leaked_facts.len();
         let distinct: std::collections::BTreeSet<&str> =
             item.docs.iter().map(|d| d.label.as_str()).collect();
