@@ -378,6 +378,42 @@ pub fn train_classifier(
     Ok(steps)
 }
 
+/// The frame every weight-changing classifier method shares: validate,
+/// check the sets, hash and measure before, run `train` (which returns the
+/// steps taken), hash and measure after, and report.
+pub(crate) fn run_method(
+    method: &dyn ClassifierMethod,
+    model: &dyn ImageClassifier,
+    forget: &ImageSet,
+    retain: &ImageSet,
+    train: impl FnOnce() -> Result<usize>,
+) -> Result<UnlearnReport> {
+    let started = std::time::Instant::now();
+    method.validate()?;
+    check_images(model, forget, "forget")?;
+    check_images(model, retain, "retain")?;
+    let weights_before = classifier_hash(model)?;
+    let mut metrics = BTreeMap::new();
+    measure(model, "before", forget, retain, &mut metrics)?;
+    let steps = train()?;
+    measure(model, "after", forget, retain, &mut metrics)?;
+    Ok(UnlearnReport {
+        method: method.name().into(),
+        hyperparameters: method.hyperparameters(),
+        weights_before,
+        weights_after: classifier_hash(model)?,
+        mask: None,
+        adapter: None,
+        detector_sha256: None,
+        suppression_only: false,
+        forget_examples: forget.len(),
+        retain_examples: retain.len(),
+        steps,
+        seconds: started.elapsed().as_secs_f64(),
+        metrics,
+    })
+}
+
 /// Forget/retain accuracy of `model`, for reports.
 pub(crate) fn measure(
     model: &dyn ImageClassifier,

@@ -2,15 +2,10 @@
 //! catastrophic forgetting of the forget set (the "FT" baseline of SalUn's
 //! tables).
 
-use std::collections::BTreeMap;
-use std::time::Instant;
-
 use lethe_model::vision::ImageClassifier;
 use serde::{Deserialize, Serialize};
 
-use crate::classifier::{
-    check_images, classifier_hash, measure, sgd_for, sgd_pass, validate_sgd, ClassifierMethod,
-};
+use crate::classifier::{run_method, sgd_for, sgd_pass, validate_sgd, ClassifierMethod};
 use crate::data::ImageSet;
 use crate::error::ensure_config;
 use crate::report::UnlearnReport;
@@ -55,34 +50,14 @@ impl ClassifierMethod for FinetuneConfig {
         forget: &ImageSet,
         retain: &ImageSet,
     ) -> Result<UnlearnReport> {
-        let started = Instant::now();
-        self.validate()?;
-        check_images(model, forget, "forget")?;
-        check_images(model, retain, "retain")?;
-        let weights_before = classifier_hash(model)?;
-        let mut metrics = BTreeMap::new();
-        measure(model, "before", forget, retain, &mut metrics)?;
-        let mut opt = sgd_for(model, self.lr, self.momentum, self.weight_decay)?;
-        let mut steps = 0;
-        for epoch in 0..self.epochs {
-            let seed = self.seed.wrapping_mul(7919).wrapping_add(epoch as u64);
-            steps += sgd_pass(model, &mut opt, retain, self.batch_size, seed, 1.0, None)?.0;
-        }
-        measure(model, "after", forget, retain, &mut metrics)?;
-        Ok(UnlearnReport {
-            method: self.name().into(),
-            hyperparameters: self.hyperparameters(),
-            weights_before,
-            weights_after: classifier_hash(model)?,
-            mask: None,
-            adapter: None,
-            detector_sha256: None,
-            suppression_only: false,
-            forget_examples: forget.len(),
-            retain_examples: retain.len(),
-            steps,
-            seconds: started.elapsed().as_secs_f64(),
-            metrics,
+        run_method(self, model, forget, retain, || {
+            let mut opt = sgd_for(model, self.lr, self.momentum, self.weight_decay)?;
+            let mut steps = 0;
+            for epoch in 0..self.epochs {
+                let seed = self.seed.wrapping_mul(7919).wrapping_add(epoch as u64);
+                steps += sgd_pass(model, &mut opt, retain, self.batch_size, seed, 1.0, None)?.0;
+            }
+            Ok(steps)
         })
     }
 }
