@@ -26,7 +26,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::chat::{ChatTemplate, Message};
-use crate::gguf_llama::{KvCache, LlamaModel, LoadOptions};
+use crate::gguf_llama::{KvCache, LlamaModel, LoadOptions, TokenScore};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
@@ -116,6 +116,9 @@ pub struct Generation {
     pub text: String,
     /// The generated tokens (stop token excluded).
     pub tokens: Vec<u32>,
+    /// `log p(token)` of each generated token under the model (before any
+    /// repeat penalty): the teacher-forced score of the answer, for free.
+    pub logprobs: Vec<f32>,
     /// Why it ended.
     pub finish: FinishReason,
     /// Tokens of prompt processed (not counting what the cache already held).
@@ -235,9 +238,12 @@ impl Llm {
 
         let mut recent: Vec<u32> = prompt.to_vec();
         let mut tokens = Vec::new();
+        let mut logprobs = Vec::new();
         let mut stream = TextStream::new(&stop_strings);
         let mut finish = FinishReason::MaxTokens;
         while tokens.len() < config.max_tokens {
+            let lse = log_sum_exp(&logits);
+            let raw = (config.repeat_penalty != 1.0).then(|| logits.clone());
             if config.repeat_penalty != 1.0 {
                 let from = recent.len().saturating_sub(config.repeat_last_n);
                 apply_repeat_penalty(&mut logits, &recent[from..], config.repeat_penalty);
@@ -258,6 +264,7 @@ impl Llm {
                 finish = FinishReason::StopToken(next);
                 break;
             }
+            logprobs.push(raw.as_deref().unwrap_or(&logits)[next as usize] - lse);
             tokens.push(next);
             recent.push(next);
             let bytes = if self.tokenizer.is_special(next) {
@@ -289,12 +296,125 @@ impl Llm {
         Ok(Generation {
             text,
             tokens,
+            logprobs,
             finish,
             prompt_tokens: prompt.len(),
             prompt_secs,
             generate_secs: started.elapsed().as_secs_f64(),
         })
     }
+}
+
+impl Llm {
+    /// Greedy answer to a conversation, taking as much as it can of a
+    /// `draft` continuation that was checked in one teacher-forced pass.
+    ///
+    /// `checked[i]` is the [`score_detailed`](LlamaModel::score_detailed)
+    /// entry of `draft[i]` with the rendered conversation as the prompt (so
+    /// `checked[i].argmax` is what greedy decoding picks after the prompt and
+    /// `draft[..i]`); score the draft followed by the end-of-turn token so
+    /// that its ending is checked too. Decoding follows the draft while greedy
+    /// decoding agrees with it, takes greedy's token at the first
+    /// disagreement, and generates the rest normally: the result is greedy
+    /// decoding of the conversation, whatever the draft said, at the cost of
+    /// the tokens after the disagreement only.
+    ///
+    /// Returns `None` when `config` is not plain greedy decoding (sampling, a
+    /// repeat penalty or stop strings), where a draft cannot be checked this
+    /// way; the caller then generates from scratch.
+    pub fn chat_from_draft(
+        &self,
+        messages: &[Message],
+        draft: &[u32],
+        checked: &[TokenScore],
+        config: &GenerateConfig,
+    ) -> Result<Option<Generation>> {
+        let plain = matches!(config.sampling, Sampling::Greedy)
+            && config.repeat_penalty == 1.0
+            && config.stop_strings.iter().all(String::is_empty);
+        if !plain {
+            return Ok(None);
+        }
+        if checked.len() != draft.len() {
+            return Err(Error::InvalidArgument(format!(
+                "chat_from_draft: {} checked positions for a draft of {} tokens",
+                checked.len(),
+                draft.len()
+            )));
+        }
+        let started = Instant::now();
+        let prompt = self.chat.encode(&self.tokenizer, messages)?;
+        let mut stops = config.stop_tokens.clone();
+        stops.push(self.chat.end_of_turn());
+        if config.stop_at_eos {
+            stops.push(self.tokenizer.special_tokens().eos);
+        }
+        let mut tokens: Vec<u32> = Vec::new();
+        let mut logprobs: Vec<f32> = Vec::new();
+        let mut finish = None;
+        for (&d, c) in draft.iter().zip(checked) {
+            if tokens.len() >= config.max_tokens {
+                finish = Some(FinishReason::MaxTokens);
+                break;
+            }
+            if stops.contains(&c.argmax) {
+                finish = Some(FinishReason::StopToken(c.argmax));
+                break;
+            }
+            tokens.push(c.argmax);
+            logprobs.push(c.argmax_logprob);
+            if c.argmax != d {
+                break;
+            }
+        }
+        let prompt_tokens = prompt.len();
+        let finish = match finish {
+            Some(f) => f,
+            None if tokens.len() >= config.max_tokens => FinishReason::MaxTokens,
+            None => {
+                // Past the checked part: decode the rest after everything
+                // accepted so far.
+                let mut cont = config.clone();
+                cont.max_tokens = config.max_tokens - tokens.len();
+                cont.stop_tokens = stops.clone();
+                let mut input = prompt.clone();
+                input.extend_from_slice(&tokens);
+                let g = self.generate(&input, &cont, |_| ControlFlow::Continue(()))?;
+                tokens.extend_from_slice(&g.tokens);
+                logprobs.extend_from_slice(&g.logprobs);
+                g.finish
+            }
+        };
+        let mut stream = TextStream::new(&[]);
+        let mut quiet = |_: &str| ControlFlow::Continue(());
+        for &t in &tokens {
+            let bytes = if self.tokenizer.is_special(t) {
+                &[][..]
+            } else {
+                self.tokenizer.token_bytes(t).unwrap_or(&[])
+            };
+            stream.push(bytes, &mut quiet);
+        }
+        let text = stream.finish(&finish, &mut quiet);
+        Ok(Some(Generation {
+            text,
+            tokens,
+            logprobs,
+            finish,
+            prompt_tokens,
+            prompt_secs: 0.0,
+            generate_secs: started.elapsed().as_secs_f64(),
+        }))
+    }
+}
+
+/// `ln Σ exp(l)`, computed stably.
+fn log_sum_exp(logits: &[f32]) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return max;
+    }
+    max + logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln()
 }
 
 /// The most likely token (lowest id on ties).

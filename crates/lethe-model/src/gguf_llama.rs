@@ -163,6 +163,18 @@ pub struct ScorePair<'a> {
     pub continuation: &'a [u32],
 }
 
+/// One teacher-forced continuation token, scored.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TokenScore {
+    /// `log p(token | everything before it)`.
+    pub logprob: f32,
+    /// The most likely token at this position (the lowest id on ties, as in
+    /// greedy decoding).
+    pub argmax: u32,
+    /// `log p(argmax)`.
+    pub argmax_logprob: f32,
+}
+
 /// Options for batched scoring and hidden states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchOptions {
@@ -1061,6 +1073,22 @@ impl LlamaModel {
     /// pairs sharing a prompt prefix compute it once, and logits are only
     /// computed at the positions that predict a continuation token.
     pub fn score(&self, pairs: &[ScorePair<'_>], options: &BatchOptions) -> Result<Vec<Vec<f32>>> {
+        Ok(self
+            .score_detailed(pairs, options)?
+            .into_iter()
+            .map(|s| s.into_iter().map(|t| t.logprob).collect())
+            .collect())
+    }
+
+    /// [`score`](Self::score) with, at every continuation position, the
+    /// token greedy decoding would have chosen there: what lets a caller
+    /// check a draft continuation against greedy decoding of the prompt in
+    /// one batched pass (see `Llm::chat_from_draft`).
+    pub fn score_detailed(
+        &self,
+        pairs: &[ScorePair<'_>],
+        options: &BatchOptions,
+    ) -> Result<Vec<Vec<TokenScore>>> {
         for (i, p) in pairs.iter().enumerate() {
             if p.prompt.is_empty() {
                 return Err(Error::InvalidArgument(format!(
@@ -1085,9 +1113,18 @@ impl LlamaModel {
             })
             .collect();
         let seq_refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
-        let mut out: Vec<Vec<f32>> = pairs
+        let mut out: Vec<Vec<TokenScore>> = pairs
             .iter()
-            .map(|p| vec![0.0; p.continuation.len()])
+            .map(|p| {
+                vec![
+                    TokenScore {
+                        logprob: 0.0,
+                        argmax: 0,
+                        argmax_logprob: 0.0,
+                    };
+                    p.continuation.len()
+                ]
+            })
             .collect();
         let budget = options.max_batch_tokens.max(1);
         for group in plan_groups(&seq_refs, budget, options.share_prefixes) {
@@ -1124,11 +1161,15 @@ impl LlamaModel {
             const ROWS_PER_SLICE: usize = 256;
             let vocab = self.config.vocab_size;
             let mut lse = Vec::with_capacity(rows.len());
+            let mut best: Vec<u32> = Vec::with_capacity(rows.len());
+            let mut top: Vec<f32> = Vec::with_capacity(rows.len());
             let mut picked = vec![0f32; wanted.len()];
             for start in (0..rows.len()).step_by(ROWS_PER_SLICE) {
                 let n = ROWS_PER_SLICE.min(rows.len() - start);
                 let logits = self.logits_from_hidden(&h.narrow(0, start, n)?)?;
                 lse.extend(logits.log_sum_exp(D::Minus1)?.to_vec1::<f32>()?);
+                best.extend(logits.argmax(D::Minus1)?.to_vec1::<u32>()?);
+                top.extend(logits.max(D::Minus1)?.to_vec1::<f32>()?);
                 let (idx, pos): (Vec<u32>, Vec<usize>) = wanted
                     .iter()
                     .enumerate()
@@ -1144,7 +1185,11 @@ impl LlamaModel {
                 }
             }
             for (j, &(i, k, r, _)) in wanted.iter().enumerate() {
-                out[i][k] = picked[j] - lse[r];
+                out[i][k] = TokenScore {
+                    logprob: picked[j] - lse[r],
+                    argmax: best[r],
+                    argmax_logprob: top[r] - lse[r],
+                };
             }
         }
         Ok(out)

@@ -303,6 +303,17 @@ impl LoraAdapter {
         &self.name
     }
 
+    /// The same adapter under another name (to attach adapters loaded from
+    /// separate folders that were saved under one name). Errors on an empty
+    /// name.
+    pub fn renamed(mut self, name: &str) -> Result<LoraAdapter> {
+        if name.is_empty() {
+            return Err(Error::InvalidArgument("adapter name is empty".into()));
+        }
+        self.name = name.to_string();
+        Ok(self)
+    }
+
     /// Its hyper-parameters.
     pub fn config(&self) -> &LoraConfig {
         &self.config

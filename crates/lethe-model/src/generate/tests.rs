@@ -230,3 +230,87 @@ fn sampling_limits_pick_the_top_token() {
     apply_repeat_penalty(&mut l, &[0, 1, 0], 2.0);
     assert_eq!(l, [1.0, -4.0, 1.0]);
 }
+
+#[test]
+fn a_checked_draft_gives_exactly_greedy_decoding() {
+    use crate::gguf_llama::{BatchOptions, ScorePair};
+    let llm = testutil::llm();
+    let cfg = GenerateConfig {
+        max_tokens: 24,
+        ..GenerateConfig::default()
+    };
+    let a = zubrowka();
+    let b = vec![Message::user(
+        "The canteen opens at noon. The access code for the Zubrowka office is 9902.\nWhat is the access code for the Zubrowka office?",
+    )];
+    let quiet = |_: &str| ControlFlow::Continue(());
+    let ga = llm.chat(&a, &cfg, quiet).unwrap();
+    let gb = llm.chat(&b, &cfg, quiet).unwrap();
+    assert_ne!(ga.tokens, gb.tokens, "the two contexts must disagree");
+    let eot = llm.chat.end_of_turn();
+    let mut draft = ga.tokens.clone();
+    draft.push(eot);
+    let check = |messages: &[Message]| {
+        let prompt = llm.chat.encode(&llm.tokenizer, messages).unwrap();
+        let pair = ScorePair {
+            prompt: &prompt,
+            continuation: &draft,
+        };
+        llm.model
+            .score_detailed(&[pair], &BatchOptions::default())
+            .unwrap()
+            .remove(0)
+    };
+
+    // The log-probabilities recorded while generating are the teacher-forced ones.
+    let sa = check(&a);
+    assert_eq!(ga.logprobs.len(), ga.tokens.len());
+    for (i, (g, s)) in ga.logprobs.iter().zip(&sa).enumerate() {
+        assert!(
+            (g - s.logprob).abs() < 2e-3,
+            "token {i}: {g} vs {}",
+            s.logprob
+        );
+        assert!(s.argmax_logprob >= s.logprob);
+    }
+    // Its own answer is accepted whole, ending included.
+    let same = llm.chat_from_draft(&a, &draft, &sa, &cfg).unwrap().unwrap();
+    assert_eq!(same.tokens, ga.tokens);
+    assert_eq!(same.text, ga.text);
+    assert_eq!(same.finish, ga.finish);
+
+    // Another context's answer as the draft: the result is that context's own
+    // greedy answer.
+    let sb = check(&b);
+    let fb = llm.chat_from_draft(&b, &draft, &sb, &cfg).unwrap().unwrap();
+    assert_eq!(fb.tokens, gb.tokens, "{:?} vs {:?}", fb.text, gb.text);
+    assert_eq!(fb.text, gb.text);
+    assert_eq!(fb.finish, gb.finish);
+    for (x, y) in fb.logprobs.iter().zip(&gb.logprobs) {
+        assert!((x - y).abs() < 2e-3);
+    }
+    // No draft at all is plain greedy decoding.
+    let empty = llm.chat_from_draft(&b, &[], &[], &cfg).unwrap().unwrap();
+    assert_eq!(empty.tokens, gb.tokens);
+    // The token limit holds inside the draft.
+    let short = GenerateConfig {
+        max_tokens: 3,
+        ..cfg.clone()
+    };
+    let cut = llm
+        .chat_from_draft(&a, &draft, &sa, &short)
+        .unwrap()
+        .unwrap();
+    assert_eq!(cut.tokens, ga.tokens[..3]);
+    assert_eq!(cut.finish, FinishReason::MaxTokens);
+    // Decoding a draft cannot check is declined, a mismatched check is an error.
+    let penalised = GenerateConfig {
+        repeat_penalty: 1.1,
+        ..cfg.clone()
+    };
+    assert!(llm
+        .chat_from_draft(&a, &draft, &sa, &penalised)
+        .unwrap()
+        .is_none());
+    assert!(llm.chat_from_draft(&a, &draft[1..], &sa, &cfg).is_err());
+}
