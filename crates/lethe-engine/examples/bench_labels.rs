@@ -162,6 +162,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "generations": p.answer.cost.generations,
                 "scored_contexts": p.answer.cost.scored_contexts,
                 "score_batches": p.answer.cost.score_batches,
+                "generated_tokens": p.answer.cost.generated_tokens,
+                "reused_tokens": p.answer.cost.reused_tokens,
+                "full_answer": p.answer.trace.full_answer,
+                "answer": p.answer.text,
                 "permissive_ms": ms,
             }));
         }

@@ -302,6 +302,7 @@ impl Engine {
                 scored_contexts: out.utility_passes,
                 score_batches: out.utility_passes,
                 generated_tokens: out.completion_tokens,
+                reused_tokens: 0,
             },
             trace: Trace {
                 route: out.route,

@@ -19,6 +19,7 @@
 //! * cost: generations, scored contexts, scoring batches, tokens, latency.
 
 pub mod dataset;
+mod figure;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -50,6 +51,10 @@ pub struct LabelsConfig {
     /// the restricted regeneration against the full-context answer).
     #[serde(default = "default_alignment")]
     pub min_alignment: Option<f32>,
+    /// How the permissive search compares a sub-context's support of the
+    /// answer with the full context's.
+    #[serde(default)]
+    pub utility: lethe_rag::Utility,
     /// The kNN-LM part of the run.
     #[serde(default)]
     pub knnlm: KnnEvalConfig,
@@ -204,8 +209,13 @@ pub struct ItemResult {
     pub score_batches: usize,
     /// Generated tokens.
     pub generated_tokens: usize,
+    /// Answer tokens reused from the full-context answer after a draft check.
+    pub reused_tokens: usize,
     /// How the label was found.
     pub route: String,
+    /// The full-context answer, when the released one was regenerated from
+    /// fewer sources.
+    pub full_answer: Option<String>,
 }
 
 /// The whole report.
@@ -309,6 +319,8 @@ fn propagators(config: &LabelsConfig) -> Vec<Propagator> {
             total_order_shortcut: true,
             exhaustive: false,
             min_alignment: config.min_alignment,
+            utility: config.utility,
+            ..PermissiveConfig::default()
         }),
         Propagator::Introspection,
     ]
@@ -382,7 +394,9 @@ pub fn run(
                 scored_contexts: a.cost.scored_contexts,
                 score_batches: a.cost.score_batches,
                 generated_tokens: a.cost.generated_tokens,
+                reused_tokens: a.cost.reused_tokens,
                 route: a.trace.route.to_string(),
+                full_answer: a.trace.full_answer.clone(),
             });
             progress(results.len(), total);
         }
@@ -629,10 +643,12 @@ impl Report {
     pub fn markdown(&self) -> String {
         let mut s = String::from("# Label propagation benchmark\n\n");
         s.push_str(&format!(
-            "Generator: SmolLM2-135M-Instruct (CPU), {} items, k = {}, λ = {}.\n\n",
+            "Generator: SmolLM2-135M-Instruct (CPU), {} items, k = {}, λ = {}, utility {:?}. \
+             Figure: `labels.svg`.\n\n",
             self.items.len() / 3,
             self.config.spec.k,
-            self.config.lambda
+            self.config.lambda,
+            self.config.utility
         ));
         s.push_str("| propagator | more permissive than conservative | minimal label exact | provenance label exact | soundness violations | answer EM | F1 | generations | scored contexts | p50 ms | p95 ms |\n");
         s.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
@@ -695,13 +711,13 @@ impl Report {
         s
     }
 
-    /// Writes `labels.json` and `labels.md` into `dir`.
+    /// Writes `labels.json`, `labels.md` and the figure `labels.svg` into `dir`.
     pub fn write(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(e, dir))?;
         let json = serde_json::to_string_pretty(self).map_err(|e| Error::Config(e.to_string()))?;
         std::fs::write(dir.join("labels.json"), json + "\n").map_err(|e| Error::io(e, dir))?;
         std::fs::write(dir.join("labels.md"), self.markdown()).map_err(|e| Error::io(e, dir))?;
-        Ok(())
+        figure::draw(self, &dir.join("labels.svg"))
     }
 }
 

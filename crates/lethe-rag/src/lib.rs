@@ -23,7 +23,7 @@ mod introspect;
 pub mod permissive;
 pub mod prompt;
 
-pub use permissive::PermissiveConfig;
+pub use permissive::{PermissiveConfig, Utility};
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
@@ -114,13 +114,18 @@ pub struct Cost {
     pub score_batches: usize,
     /// Tokens generated over all generations.
     pub generated_tokens: usize,
+    /// Tokens of the released answer taken from the full-context answer
+    /// after the restricted context's own greedy choice was checked to agree
+    /// (teacher-forced, in the scoring pass), rather than decoded again.
+    pub reused_tokens: usize,
 }
 
 /// How the label was found, for evaluation and audit.
 #[derive(Debug, Clone, Default)]
 pub struct Trace {
     /// Which path decided (`up-front`, `sink-directed`, `total-order`,
-    /// `search`, `budget-exhausted`, `introspection`, ...).
+    /// `search`, `widened`, `misaligned-fallback`, `budget-exhausted`,
+    /// `introspection`, ...).
     pub route: &'static str,
     /// The minimal λ-similar contexts the search found, as source indexes.
     pub minimal: Vec<Vec<usize>>,
@@ -229,6 +234,11 @@ pub fn answer(
     let mut cost = Cost::default();
     let mut trace = Trace::default();
 
+    // The scores of the full-context answer under the chosen context, when
+    // the search computed them: the draft check of the regeneration.
+    let mut checked: Option<(Vec<u32>, Vec<lethe_model::gguf_llama::TokenScore>)> = None;
+    // Larger contexts to fall back on when the restricted answer disagrees.
+    let mut widening: Vec<permissive::Mask> = Vec::new();
     // Decide which sources the released answer is generated from.
     let (chosen, pre_generated) = match config.propagator {
         Propagator::Conservative => {
@@ -245,15 +255,24 @@ pub fn answer(
                 &mut cost,
                 |_| ControlFlow::Continue(()),
             )?;
-            match permissive::search(
+            let mut scored_tokens = full_gen.tokens.clone();
+            if let FinishReason::StopToken(t) = full_gen.finish {
+                scored_tokens.push(t);
+            }
+            let draft = permissive::Draft {
+                tokens: &full_gen.tokens,
+                scored: &scored_tokens,
+                logprobs: &full_gen.logprobs,
+            };
+            match permissive::search(&permissive::Problem {
                 llm,
                 question,
                 sources,
-                &full_gen.tokens,
-                &config.model_label,
-                &p,
+                draft: &draft,
+                model_label: &config.model_label,
+                config: &p,
                 flow_check,
-            )? {
+            })? {
                 Some(found) => {
                     cost.scored_contexts = found.scored;
                     cost.score_batches = found.batches;
@@ -263,6 +282,8 @@ pub fn answer(
                         .iter()
                         .map(|m| (0..n).filter(|i| m & (1 << i) != 0).collect())
                         .collect();
+                    checked = found.checked.map(|c| (scored_tokens, c));
+                    widening = found.widening;
                     (found.chosen, Some(full_gen))
                 }
                 None => {
@@ -294,24 +315,47 @@ pub fn answer(
     // the conservative label.
     let (chosen, regenerated) = match (config.propagator, &pre_generated) {
         (Propagator::Permissive(p), Some(full_gen)) if chosen != full => {
-            let g = generate(
+            let g = regenerate(
                 llm,
                 question,
                 sources,
                 chosen,
+                checked.as_ref(),
                 &config.generation,
                 &mut cost,
-                |_| ControlFlow::Continue(()),
             )?;
             trace.full_answer = Some(full_gen.text.trim().to_string());
-            let aligned = p
-                .min_alignment
-                .is_none_or(|min| permissive::alignment(&g.text, &full_gen.text, question) >= min);
-            if aligned {
+            let aligned = |g: &Generation| {
+                p.min_alignment.is_none_or(|min| {
+                    permissive::alignment(&g.text, &full_gen.text, question) >= min
+                })
+            };
+            if aligned(&g) {
                 (chosen, Some(g))
             } else {
-                trace.route = "misaligned-fallback";
-                (full, None)
+                // Widen: add back the most influential left-out label
+                // classes one at a time until a regeneration agrees.
+                let mut released = None;
+                for &wider in widening.iter().take(p.max_widening) {
+                    let g = regenerate(
+                        llm,
+                        question,
+                        sources,
+                        wider,
+                        None,
+                        &config.generation,
+                        &mut cost,
+                    )?;
+                    if aligned(&g) {
+                        trace.route = "widened";
+                        released = Some((wider, Some(g)));
+                        break;
+                    }
+                }
+                released.unwrap_or_else(|| {
+                    trace.route = "misaligned-fallback";
+                    (full, None)
+                })
             }
         }
         _ => (chosen, None),
@@ -393,6 +437,40 @@ fn subset(sources: &[Source], mask: permissive::Mask) -> Vec<Source> {
         .filter(|(i, _)| mask & (1 << i) != 0)
         .map(|(_, s)| s.clone())
         .collect()
+}
+
+/// Generates the answer from the sources in `mask` (greedy decoding of the
+/// restricted prompt, exactly), reusing the full-context answer as far as
+/// the restricted context's own greedy choices agree with it when the
+/// search scored it there (`checked`: the scored tokens and their scores).
+#[allow(clippy::too_many_arguments)]
+fn regenerate(
+    llm: &Llm,
+    question: &str,
+    sources: &[Source],
+    mask: permissive::Mask,
+    checked: Option<&(Vec<u32>, Vec<lethe_model::gguf_llama::TokenScore>)>,
+    config: &GenerateConfig,
+    cost: &mut Cost,
+) -> Result<Generation> {
+    if let Some((draft, scores)) = checked {
+        let messages = prompt::messages(question, &subset(sources, mask));
+        if let Some(g) = llm.chat_from_draft(&messages, draft, scores, config)? {
+            let reused = g
+                .tokens
+                .iter()
+                .zip(draft)
+                .take_while(|(a, b)| a == b)
+                .count();
+            cost.generations += 1;
+            cost.reused_tokens += reused;
+            cost.generated_tokens += g.tokens.len() - reused;
+            return Ok(g);
+        }
+    }
+    generate(llm, question, sources, mask, config, cost, |_| {
+        ControlFlow::Continue(())
+    })
 }
 
 /// Generates an answer from the sources in `mask`.

@@ -11,9 +11,11 @@
 //!    identified by the set `C_L` they induce (many labels induce the same
 //!    set), from the full context down to the empty one.
 //! 3. `C_L` is *λ-similar* when the teacher-forced utility of `y` under it
-//!    (mean log-probability per token) is at least the utility under `C`
-//!    plus `ln λ`; equivalently its perplexity of `y` is at most `1/λ`
-//!    times the full-context one.
+//!    is at least the utility under `C` plus `ln λ`. By default the utility
+//!    is the sequence log-probability, `p(y | C_L) >= λ p(y | C)`; the
+//!    per-token mean (a perplexity ratio) and the worst single token are
+//!    options ([`Utility`]). The full context's utility comes from the
+//!    generation itself; only sub-contexts are scored.
 //! 4. Find a minimal λ-similar candidate. By default: *leave-one-out*
 //!    (score every "drop one label class" child in one batch; the classes
 //!    whose removal breaks similarity are the influential ones; keep only
@@ -35,9 +37,9 @@
 //! the full-context one with the conservative label.
 //!
 //! [R] The paper's exact λ and utility are reconstructions (see
-//! `shared/research/ifc-rag-knnlm.md` §5.1): here utility is the mean
-//! token log-probability and λ defaults to 0.5 (a perplexity at most twice
-//! the full-context one), tuned on the project's own label benchmark; the
+//! `shared/research/ifc-rag-knnlm.md` §5.1): here utility is the sequence
+//! log-probability (chosen on the benchmark's development seed, see
+//! [`Utility`]) and λ defaults to 0.25 (chosen the same way); the
 //! empty context is a candidate too, so an answer that needs no source gets
 //! only the model's own label.
 
@@ -45,7 +47,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use lethe_label::{Label, Violation};
 use lethe_model::generate::Llm;
-use lethe_model::gguf_llama::{BatchOptions, ScorePair};
+use lethe_model::gguf_llama::{BatchOptions, ScorePair, TokenScore};
 
 use crate::{prompt, Result, Source};
 
@@ -71,26 +73,84 @@ pub struct PermissiveConfig {
     /// conservative label instead (quality over permissiveness; both are
     /// sound). `None` releases the restricted answer whatever it says.
     pub min_alignment: Option<f32>,
+    /// When the restricted regeneration fails the alignment check, how many
+    /// larger contexts (the chosen one plus the most influential left-out
+    /// label classes, one at a time) are regenerated and checked before
+    /// falling back to the full context.
+    pub max_widening: usize,
+    /// How a sub-context's support of the answer is compared with the full
+    /// context's.
+    pub utility: Utility,
+}
+
+/// How the answer's teacher-forced log-probabilities under a sub-context
+/// are compared with those under the full context. A sub-context is
+/// λ-similar when the comparison is at least `ln λ`.
+///
+/// [R] The paper's exact utility is not known. The mean per-token
+/// log-probability (a perplexity ratio) dilutes the few tokens that carry a
+/// decision (which code, which name) among many that merely restate the
+/// question; the sequence log-probability and the worst single token do not.
+/// Measured on the label benchmark's development seed 99 (30 questions,
+/// λ 0.5, SmolLM2-135M, sources in retrieval order): ground-truth minimal
+/// label matched on 43 % with the
+/// sequence log-probability, 37 % with the worst token and 27 % with the
+/// mean (two-hop questions: 62 %, 50 %, 0 %), so the sequence
+/// log-probability is the default. With it and the relevance-ordered
+/// prompt, λ 0.25 matched 40 % (λ 0.5: 27 %, λ 0.1: 37 %): the default λ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Utility {
+    /// Mean per-token log-probability: `PPL(y | C_L) <= PPL(y | C) / λ`.
+    MeanLogProb,
+    /// Sequence log-probability: `p(y | C_L) >= λ p(y | C)`.
+    #[default]
+    SequenceLogProb,
+    /// The largest single-token drop: no token of `y` loses more than a
+    /// factor `1/λ` of its probability.
+    WorstToken,
+}
+
+impl Utility {
+    /// The comparison of `lp` (under a sub-context) with `full` (under the
+    /// full context), token for token (0 when they are equal).
+    pub fn relative(self, lp: &[f32], full: &[f32]) -> f32 {
+        let n = lp.len().min(full.len());
+        let diffs = lp[..n].iter().zip(&full[..n]).map(|(a, b)| a - b);
+        match self {
+            Utility::MeanLogProb => {
+                if n == 0 {
+                    0.0
+                } else {
+                    diffs.sum::<f32>() / n as f32
+                }
+            }
+            Utility::SequenceLogProb => diffs.sum(),
+            Utility::WorstToken => diffs.fold(0.0, f32::min),
+        }
+    }
 }
 
 impl Default for PermissiveConfig {
     fn default() -> Self {
         PermissiveConfig {
-            lambda: 0.5,
+            lambda: 0.25,
             max_scored: 32,
             sink_directed: true,
             total_order_shortcut: true,
             exhaustive: false,
             min_alignment: Some(0.5),
+            max_widening: 2,
+            utility: Utility::default(),
         }
     }
 }
 
 /// F1 between the sets of distinct words (lower-cased) two answers use
 /// beyond the question's words, so that restating the question does not
-/// count as agreement and wording or repetition matters little, while a
-/// different fact (another code, another number) does; 1.0 when neither says
-/// anything beyond the question.
+/// count as agreement and wording or repetition matters little; 0 when they
+/// differ in any word with a digit (a number, code, date or amount: another
+/// fact); 1.0 when neither says anything beyond the question.
 pub(crate) fn alignment(a: &str, b: &str, question: &str) -> f32 {
     let words = |s: &str| -> Vec<String> {
         s.split(|c: char| !c.is_alphanumeric() && c != '-')
@@ -109,6 +169,17 @@ pub(crate) fn alignment(a: &str, b: &str, question: &str) -> f32 {
     let (wa, wb) = (content(a), content(b));
     if wa.is_empty() && wb.is_empty() {
         return 1.0;
+    }
+    // Numbers, codes, dates and amounts are facts: the answers agree on
+    // all of them or not at all.
+    let facts = |ws: &[String]| -> BTreeSet<String> {
+        ws.iter()
+            .filter(|w| w.chars().any(|c| c.is_ascii_digit()))
+            .cloned()
+            .collect()
+    };
+    if facts(&wa) != facts(&wb) {
+        return 0.0;
     }
     let mut pool = wb.clone();
     let mut common = 0usize;
@@ -142,6 +213,25 @@ pub(crate) struct Search {
     pub batches: usize,
     /// How the choice was made.
     pub route: &'static str,
+    /// The teacher-forced scores of the answer under the chosen context,
+    /// when it was scored: the draft check for its regeneration.
+    pub checked: Option<Vec<TokenScore>>,
+    /// Larger contexts to try, in order, when the regeneration from the
+    /// chosen one does not agree with the full-context answer.
+    pub widening: Vec<Mask>,
+}
+
+/// The full-context answer the search explains.
+pub(crate) struct Draft<'a> {
+    /// Its tokens.
+    pub tokens: &'a [u32],
+    /// The tokens scored under each candidate: the answer, followed by the
+    /// stop token that ended it when one did (so that a candidate's check
+    /// covers the ending too).
+    pub scored: &'a [u32],
+    /// Its per-token log-probabilities under the full context (recorded by
+    /// the generation itself: no scoring pass needed).
+    pub logprobs: &'a [f32],
 }
 
 pub(crate) fn full_mask(n: usize) -> Mask {
@@ -175,8 +265,10 @@ struct Scorer<'a> {
     llm: &'a Llm,
     question: &'a str,
     sources: &'a [Source],
-    answer_tokens: &'a [u32],
+    draft: &'a Draft<'a>,
+    utility: Utility,
     memo: BTreeMap<Mask, f32>,
+    checked: BTreeMap<Mask, Vec<TokenScore>>,
     scored: usize,
     batches: usize,
     budget: usize,
@@ -211,12 +303,19 @@ impl Scorer<'_> {
                 .iter()
                 .map(|p| ScorePair {
                     prompt: p,
-                    continuation: self.answer_tokens,
+                    continuation: self.draft.scored,
                 })
                 .collect();
-            let scores = self.llm.model.score(&pairs, &BatchOptions::default())?;
+            let scores = self
+                .llm
+                .model
+                .score_detailed(&pairs, &BatchOptions::default())?;
+            let n = self.draft.tokens.len();
             for (m, s) in todo.iter().zip(scores) {
-                self.memo.insert(*m, mean(&s));
+                let lp: Vec<f32> = s.iter().take(n).map(|t| t.logprob).collect();
+                self.memo
+                    .insert(*m, self.utility.relative(&lp, self.draft.logprobs));
+                self.checked.insert(*m, s);
             }
             self.scored += todo.len();
             self.batches += 1;
@@ -225,25 +324,101 @@ impl Scorer<'_> {
     }
 }
 
-fn mean(xs: &[f32]) -> f32 {
-    if xs.is_empty() {
-        0.0
-    } else {
-        xs.iter().sum::<f32>() / xs.len() as f32
+impl Scorer<'_> {
+    fn into_parts(self) -> Scored {
+        (self.memo, self.checked)
     }
 }
 
-/// Runs the search. `answer_tokens` is the full-context answer; returns
-/// `None` when the budget ran out (the caller falls back to conservative).
-pub(crate) fn search(
-    llm: &Llm,
-    question: &str,
+/// What the search explains: a question, its sources and the full-context
+/// answer, with the model, the sink check and the settings.
+#[derive(Clone, Copy)]
+pub(crate) struct Problem<'a> {
+    pub llm: &'a Llm,
+    pub question: &'a str,
+    pub sources: &'a [Source],
+    pub draft: &'a Draft<'a>,
+    pub model_label: &'a Label,
+    pub config: &'a PermissiveConfig,
+    pub flow_check: &'a dyn Fn(&Label) -> Vec<Violation>,
+}
+
+/// Runs the search for the full-context answer `draft`; returns `None`
+/// when the budget ran out (the caller falls back to conservative).
+pub(crate) fn search(p: &Problem<'_>) -> Result<Option<Search>> {
+    Ok(search_contexts(p)?.map(|(mut found, (utility, checked))| {
+        found.checked = checked.get(&found.chosen).cloned();
+        found.widening = widening(
+            p.sources,
+            p.model_label,
+            found.chosen,
+            &utility,
+            p.flow_check,
+        );
+        found
+    }))
+}
+
+/// The contexts to fall back on, in order, when the answer regenerated from
+/// the chosen context does not say what the full-context answer said:
+/// add back one left-out label class at a time, the most influential first
+/// (the lowest utility when it alone was dropped from the full context;
+/// classes never scored that way come last), keeping only contexts whose
+/// label may flow to the sink and that are smaller than the full context.
+fn widening(
     sources: &[Source],
-    answer_tokens: &[u32],
     model_label: &Label,
-    config: &PermissiveConfig,
+    chosen: Mask,
+    utility: &BTreeMap<Mask, f32>,
     flow_check: &dyn Fn(&Label) -> Vec<Violation>,
-) -> Result<Option<Search>> {
+) -> Vec<Mask> {
+    let n = sources.len().min(64);
+    let sources = &sources[..n];
+    let full = full_mask(n);
+    let drops = children(sources, model_label, full);
+    let mut classes: Vec<(f32, Label)> = Vec::new();
+    for i in members(full & !chosen, n) {
+        let l = &sources[i].label;
+        if classes.iter().any(|(_, c)| c == l) {
+            continue;
+        }
+        let u = drops
+            .iter()
+            .find(|k| *k & (1 << i) == 0 && *k & chosen == chosen)
+            .and_then(|k| utility.get(k).copied())
+            .unwrap_or(f32::INFINITY);
+        classes.push((u, l.clone()));
+    }
+    classes.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut out = Vec::new();
+    let mut current = chosen;
+    for (_, l) in classes {
+        let label = mask_label(model_label, sources, current).join(&l);
+        let next = induced(sources, &label) | current;
+        if next == full || next == current {
+            continue;
+        }
+        current = next;
+        if flow_check(&mask_label(model_label, sources, current)).is_empty() {
+            out.push(current);
+        }
+    }
+    out
+}
+
+/// What the search scored: utilities and draft checks per context.
+type Scored = (BTreeMap<Mask, f32>, BTreeMap<Mask, Vec<TokenScore>>);
+
+fn search_contexts(p: &Problem<'_>) -> Result<Option<(Search, Scored)>> {
+    let Problem {
+        llm,
+        question,
+        sources,
+        draft,
+        model_label,
+        config,
+        flow_check,
+    } = *p;
     let n = sources.len().min(64);
     let sources = &sources[..n];
     let full = full_mask(n);
@@ -252,8 +427,10 @@ pub(crate) fn search(
         llm,
         question,
         sources,
-        answer_tokens,
-        memo: BTreeMap::new(),
+        draft,
+        utility: config.utility,
+        memo: BTreeMap::from([(full, 0.0)]),
+        checked: BTreeMap::new(),
         scored: 0,
         batches: 0,
         budget: config.max_scored.max(1),
@@ -262,13 +439,18 @@ pub(crate) fn search(
     // nothing needs scoring; otherwise score the full context and the
     // sources that may flow to the sink in one batch.
     if config.sink_directed && flows(full) {
-        return Ok(Some(Search {
-            chosen: full,
-            minimal: Vec::new(),
-            scored: 0,
-            batches: 0,
-            route: "conservative-label-flows",
-        }));
+        return Ok(Some((
+            Search {
+                chosen: full,
+                minimal: Vec::new(),
+                scored: 0,
+                batches: 0,
+                route: "conservative-label-flows",
+                checked: None,
+                widening: Vec::new(),
+            },
+            sc.into_parts(),
+        )));
     }
     let flowable = sources
         .iter()
@@ -293,13 +475,18 @@ pub(crate) fn search(
         } else {
             (full, "sink-directed-insufficient")
         };
-        return Ok(Some(Search {
-            chosen,
-            minimal: Vec::new(),
-            scored: sc.scored,
-            batches: sc.batches,
-            route,
-        }));
+        return Ok(Some((
+            Search {
+                chosen,
+                minimal: Vec::new(),
+                scored: sc.scored,
+                batches: sc.batches,
+                route,
+                checked: None,
+                widening: Vec::new(),
+            },
+            sc.into_parts(),
+        )));
     }
 
     // Distinct labels present.
@@ -341,13 +528,18 @@ pub(crate) fn search(
                 lo = mid + 1;
             }
         }
-        return Ok(Some(Search {
-            chosen: masks[lo],
-            minimal: vec![masks[lo]],
-            scored: sc.scored,
-            batches: sc.batches,
-            route: "total-order",
-        }));
+        return Ok(Some((
+            Search {
+                chosen: masks[lo],
+                minimal: vec![masks[lo]],
+                scored: sc.scored,
+                batches: sc.batches,
+                route: "total-order",
+                checked: None,
+                widening: Vec::new(),
+            },
+            sc.into_parts(),
+        )));
     }
 
     if !config.exhaustive {
@@ -369,13 +561,18 @@ pub(crate) fn search(
                 return Ok(None);
             };
             if u[0] >= threshold {
-                return Ok(Some(Search {
-                    chosen: candidate,
-                    minimal: vec![candidate],
-                    scored: sc.scored,
-                    batches: sc.batches,
-                    route: "leave-one-out",
-                }));
+                return Ok(Some((
+                    Search {
+                        chosen: candidate,
+                        minimal: vec![candidate],
+                        scored: sc.scored,
+                        batches: sc.batches,
+                        route: "leave-one-out",
+                        checked: None,
+                        widening: Vec::new(),
+                    },
+                    sc.into_parts(),
+                )));
             }
         }
         // Interactions between sources: descend greedily, one batch per level.
@@ -398,13 +595,18 @@ pub(crate) fn search(
                 None => break,
             }
         }
-        return Ok(Some(Search {
-            chosen: current,
-            minimal: vec![current],
-            scored: sc.scored,
-            batches: sc.batches,
-            route: "greedy",
-        }));
+        return Ok(Some((
+            Search {
+                chosen: current,
+                minimal: vec![current],
+                scored: sc.scored,
+                batches: sc.batches,
+                route: "greedy",
+                checked: None,
+                widening: Vec::new(),
+            },
+            sc.into_parts(),
+        )));
     }
 
     // Depth-first search for every minimal λ-similar context.
@@ -455,13 +657,18 @@ pub(crate) fn search(
                 .then(a.cmp(b))
         })
         .unwrap_or(full);
-    Ok(Some(Search {
-        chosen,
-        minimal,
-        scored: sc.scored,
-        batches: sc.batches,
-        route: "search",
-    }))
+    Ok(Some((
+        Search {
+            chosen,
+            minimal,
+            scored: sc.scored,
+            batches: sc.batches,
+            route: "search",
+            checked: None,
+            widening: Vec::new(),
+        },
+        sc.into_parts(),
+    )))
 }
 
 /// The smallest label-closed context containing the sources in `m`.
@@ -552,8 +759,45 @@ mod tests {
             0.0
         );
         assert!((alignment("a b c d", "a b", "") - 2.0 / 3.0).abs() < 1e-6);
+        // A code cut down to its number is another fact, even when the rest
+        // of the answer agrees.
+        assert_eq!(
+            alignment(
+                "The access code of the Ulul vault is 21.",
+                "The access code of the Ulul vault is stormy-ember-21.",
+                "What is the access code of the Tanzu vault?"
+            ),
+            0.0
+        );
+        assert!(alignment("It opens at 8:00 daily.", "The office opens at 8:00.", "") > 0.0);
         // Repetition does not count twice.
         assert_eq!(alignment("click click click link", "click link", ""), 1.0);
+    }
+
+    #[test]
+    fn widening_adds_back_the_most_influential_classes_first() {
+        let sources = vec![s(l("a")), s(l("b")), s(l("c")), s(l("d"))];
+        let bottom = l("");
+        let allow = |_: &Label| Vec::new();
+        // Dropping c hurt most, then b; d was never scored on its own.
+        let utility = BTreeMap::from([(0b1011, -3.0), (0b1101, -2.0), (0b1110, -1.0)]);
+        let w = widening(&sources, &bottom, 0b0001, &utility, &allow);
+        assert_eq!(
+            w,
+            vec![0b0101, 0b0111],
+            "the full context is never a widening"
+        );
+        // Contexts whose label may not reach the sink are skipped.
+        let no_c = |x: &Label| {
+            if l("c").flows_to(x) {
+                vec![Violation::Integrity {
+                    missing: Vec::new(),
+                }]
+            } else {
+                Vec::new()
+            }
+        };
+        assert!(widening(&sources, &bottom, 0b0001, &utility, &no_c).is_empty());
     }
 
     #[test]

@@ -209,6 +209,18 @@ fn permissive_label_lets_an_answer_flow_where_conservative_is_blocked() {
         "full answer, then the restricted regeneration"
     );
     assert!(p.trace.full_answer.is_some());
+    // The full context's utility comes from the generation itself: one
+    // context scored. The regeneration reused the checked full-context
+    // answer, and is exactly what greedy decoding from the public source
+    // alone says: the released text read nothing above its label.
+    assert_eq!(p.cost.scored_contexts, 1, "{:?}", p.cost);
+    assert!(p.cost.reused_tokens > 0, "{:?}", p.cost);
+    let alone = answer(&llm, q, &sources[1..2], &config(), &|_| vec![], |_| {
+        std::ops::ControlFlow::Continue(())
+    })
+    .unwrap();
+    assert_eq!(p.text, alone.text);
+    assert_eq!(p.completion_tokens, alone.completion_tokens);
     // Exhaustive search (no shortcuts) finds the same minimal context.
     let exhaustive = PermissiveConfig {
         sink_directed: false,

@@ -42,6 +42,7 @@ fn small_benchmark_is_sound_and_permissive_labels_stay_below_conservative() {
         max_tokens: 20,
         max_scored: 16,
         min_alignment: Some(0.5),
+        utility: lethe_rag::Utility::default(),
         knnlm: KnnEvalConfig {
             label_items: 2,
             ..KnnEvalConfig::default()
@@ -81,6 +82,8 @@ fn small_benchmark_is_sound_and_permissive_labels_stay_below_conservative() {
     }
     let dir = tempfile::tempdir().unwrap();
     report.write(dir.path()).unwrap();
+    let svg = std::fs::read_to_string(dir.path().join("labels.svg")).unwrap();
+    assert!(svg.contains("<svg") && svg.contains("minimal label exact"));
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("labels.json")).unwrap())
             .unwrap();
