@@ -506,6 +506,7 @@ impl Compliance {
                             generator,
                             generator_path: &generator_path,
                             generator_sha256,
+                            suppressions: &live.suppressions,
                         })?;
                         if let Some(decoder) = trained {
                             self.pending_model(id, decoder);

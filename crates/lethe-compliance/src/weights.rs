@@ -15,8 +15,11 @@
 //!   one OOD detector per request and leaves the base untouched
 //!   (suppression: O3 needs prompt/answer pairs, so each window is split
 //!   at six points into a prefix prompt and a continuation that the adapter
-//!   learns to refuse). Defaults are below; `[unlearning.methods.NAME]`
-//!   overrides any field.
+//!   learns to refuse). A new O3 adapter is trained with the orthogonality
+//!   penalty against every adapter in force (the live state's
+//!   suppressions, reloaded with their detectors), and its "after" metrics
+//!   are measured with all of them gated. Defaults are below;
+//!   `[unlearning.methods.NAME]` overrides any field.
 //! * **Versions.** Training writes to `models/.staging-ID`, fsyncs, and
 //!   renames to `models/ID`; only the ledger's `staged` record makes it
 //!   count. `live.json` (written atomically) names the live version; old
@@ -263,6 +266,9 @@ pub(crate) struct StageInput<'a> {
     pub generator: String,
     pub generator_path: &'a Path,
     pub generator_sha256: String,
+    /// O3 requests whose adapters are in force (their folders are under
+    /// `models_dir`): a new O3 adapter is trained orthogonal to them.
+    pub suppressions: &'a [String],
 }
 
 /// Runs the weights stage and writes its output under `models_dir`
@@ -301,6 +307,12 @@ pub(crate) fn stage(input: &StageInput<'_>) -> Result<(WeightsRecord, Option<Dec
         };
         nll_metrics(&model, &prompts, retain_eval, "before", &mut metrics)?;
         let mut o3 = O3Unlearner::new(o3cfg.clone())?;
+        for earlier in input.suppressions {
+            let dir = input.models_dir.join(earlier);
+            let adapter = lethe_model::lora::LoraAdapter::load(&dir, &device)?;
+            let detector = load_detector(&dir)?;
+            o3.restore(&mut model, earlier, adapter, detector)?;
+        }
         let report = o3.unlearn(&mut model, input.request_id, &prompts)?;
         nll_metrics(
             &o3.gated(&model),

@@ -360,7 +360,27 @@ fn weights_are_unlearned_versioned_and_hot_swapped() {
     assert_eq!(live.epoch, 2);
     assert_eq!(live.version.as_deref(), Some("ur-000001"));
     assert_eq!(live.suppressions, vec!["ur-000002".to_string()]);
-    for r in [&r1, &r2] {
+
+    // A second O3 request is trained against the adapter in force: the
+    // orthogonality penalty it starts from is reduced by training.
+    c.file(&olga(), request(&["finance/q3-results"], Some("o3")))
+        .unwrap();
+    let r3 = c
+        .run(&olga(), "ur-000003", None, &mut |_| {})
+        .unwrap()
+        .receipt;
+    let m3 = &r3.body()["metrics"];
+    assert_eq!(num(&m3["earlier_adapters"]), 1.0, "{m3}");
+    let (before, after) = (
+        num(&m3["orthogonality_penalty_before"]),
+        num(&m3["orthogonality_penalty_after"]),
+    );
+    assert!(before > 0.0 && after < before, "{before} -> {after}");
+    assert_eq!(
+        c.live().suppressions,
+        vec!["ur-000002".to_string(), "ur-000003".to_string()]
+    );
+    for r in [&r1, &r2, &r3] {
         r.verify(c.public_key()).unwrap();
     }
 }

@@ -283,6 +283,39 @@ impl O3Unlearner {
         &self.requests
     }
 
+    /// Takes back a request served earlier (its saved adapter and detector,
+    /// e.g. by an earlier run of the compliance workflow): the adapter is
+    /// attached to `model` gated off and frozen, so later requests are
+    /// trained orthogonal to it and gated decoding applies it. The adapter
+    /// is renamed `o3-N` by its position; a repeated request id or an
+    /// adapter that does not fit the model is an error, and nothing changes.
+    pub fn restore(
+        &mut self,
+        model: &mut Decoder,
+        id: &str,
+        adapter: LoraAdapter,
+        detector: OodDetector,
+    ) -> Result<()> {
+        if id.is_empty() {
+            return Err(Error::InvalidData("request id is empty".into()));
+        }
+        if self.requests.iter().any(|r| r.id == id) {
+            return Err(Error::InvalidData(format!(
+                "request {id} was already served"
+            )));
+        }
+        let adapter = adapter.renamed(&format!("o3-{}", self.requests.len()))?;
+        adapter.set_gate(0.0)?;
+        adapter.set_trainable(false);
+        model.attach_adapter(&adapter)?;
+        self.requests.push(O3Request {
+            id: id.to_string(),
+            adapter,
+            detector,
+        });
+        Ok(())
+    }
+
     /// Serves one request: trains its adapter (attached to `model`, left
     /// gated off) and fits its detector. The base weights are unchanged.
     pub fn unlearn(
