@@ -30,6 +30,11 @@ pub struct RestorConfig {
     pub eval_batch: usize,
     /// Inner edges of the clean-confidence buckets (increasing, in (0, 1)).
     pub confidence_edges: Vec<f64>,
+    /// Where models train and run: `cpu` (default), `cuda` or `cuda:N`
+    /// (needs a build with the `cuda` feature). Checkpoints do not depend
+    /// on it: a stage finished on one device is reused on another.
+    #[serde(default)]
+    pub device: Option<String>,
     /// Checkpoint folder (default: `<out_dir>/stages`).
     #[serde(default)]
     pub checkpoint_dir: Option<String>,
@@ -267,6 +272,10 @@ impl RestorConfig {
             "ks must be increasing and distinct".into()
         })?;
         ensure(self.eval_batch > 0, || "eval_batch must be > 0".into())?;
+        if let Some(d) = &self.device {
+            d.parse::<lethe_model::DeviceSpec>()
+                .map_err(|e| Error::InvalidConfig(format!("device: {e}")))?;
+        }
         ensure(
             self.confidence_edges.windows(2).all(|w| w[0] < w[1])
                 && self.confidence_edges.iter().all(|&e| e > 0.0 && e < 1.0),

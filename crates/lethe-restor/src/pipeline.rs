@@ -259,7 +259,13 @@ pub fn run_stages(
     checkpoints: &Path,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<PipelineOutput> {
-    let device = Device::Cpu;
+    let device: Device = cfg
+        .device
+        .as_deref()
+        .unwrap_or("cpu")
+        .parse::<lethe_model::DeviceSpec>()?
+        .open()?;
+    tracing::info!(device = ?device, "RESTOR device");
     let world = World::generate(&cfg.world)?;
     let summary = world.summary();
     tracing::info!(?summary, "world generated");

@@ -263,6 +263,15 @@ fn bad_configs_are_rejected_with_the_field_named() {
         .to_string()
         .contains("exactly one"));
     let mut cfg = tiny_config();
+    cfg.device = Some("tpu".into());
+    assert!(cfg.validate().unwrap_err().to_string().contains("device"));
+    // The shipped configs parse and validate.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../evals/restor");
+    for name in ["small.toml", "large.toml"] {
+        let c = crate::config::RestorConfig::from_file(&root.join(name)).unwrap();
+        c.validate().unwrap();
+    }
+    let mut cfg = tiny_config();
     cfg.finding.restorer = "nope".into();
     assert!(cfg.validate().unwrap_err().to_string().contains("nope"));
     let mut cfg = tiny_config();
