@@ -190,8 +190,8 @@ pub(crate) fn run(dir: &Path) -> anyhow::Result<ExitCode> {
 /// principals and as the support bot towards its public sink, then stops it.
 fn daemon_demo(engine: &std::sync::Arc<Engine>) -> anyhow::Result<()> {
     let config = lethe_daemon::ServerConfig {
-        default_max_tokens: 48,
-        default_k: 3,
+        default_max_tokens: 32,
+        default_k: 5,
         ..lethe_daemon::ServerConfig::default()
     };
     let state = lethe_daemon::AppState::new(engine.clone(), config);
