@@ -128,7 +128,7 @@ enum EvalCommand {
     /// Label quality and soundness of the propagators on the generated benchmark.
     Labels {
         /// Run configuration.
-        #[arg(long, default_value = "evals/labels/small.toml")]
+        #[arg(long, default_value = "evals/labels/full.toml")]
         config: PathBuf,
         /// Where the report goes.
         #[arg(long, default_value = "evals/results")]

@@ -164,6 +164,9 @@ pub struct Finding {
 /// The full report.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
+    /// Headline numbers (machine-readable).
+    #[serde(default)]
+    pub summary: ReportSummary,
     /// Config file.
     pub source: String,
     /// The configuration.
@@ -187,6 +190,44 @@ pub struct Report {
     /// Non-target facts behind the collateral metric.
     #[serde(default)]
     pub nontarget_facts: usize,
+}
+
+/// The headline numbers: target accuracy of the clean and corrupted models
+/// (fractions, mean over seeds and ks), and each method's recovery ratio
+/// ((unlearned - corrupted) / (clean - corrupted) target accuracy), mean over
+/// seeds, averaged over ks and per k, keyed by method (`ga`, `graddiff`,
+/// `kl`, `npo`, `salun`, `o3`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReportSummary {
+    /// Clean model's target accuracy.
+    pub clean_target_acc: f64,
+    /// Corrupted model's target accuracy.
+    pub corrupted_target_acc: f64,
+    /// Method -> recovery ratio (mean over seeds and ks).
+    pub recovery: BTreeMap<String, f64>,
+    /// Method -> k -> recovery ratio (mean over seeds).
+    pub recovery_by_k: BTreeMap<String, BTreeMap<usize, f64>>,
+    /// The reproduction verdict.
+    pub finding: String,
+}
+
+/// The method's key in the summary: `o3`, or the weight-level method's name.
+fn method_key(m: &crate::config::MethodEntry) -> String {
+    if m.o3.is_some() {
+        return "o3".into();
+    }
+    m.lm.as_ref()
+        .and_then(|lm| serde_json::to_value(lm).ok())
+        .and_then(|v| v.get("method").and_then(|x| x.as_str()).map(str::to_string))
+        .unwrap_or_else(|| m.label.to_lowercase())
+}
+
+fn mean_of(xs: &[f64]) -> f64 {
+    if xs.is_empty() {
+        f64::NAN
+    } else {
+        xs.iter().sum::<f64>() / xs.len() as f64
+    }
 }
 
 /// The 1/5/15-minute load average (Linux `/proc/loadavg`).
@@ -438,7 +479,8 @@ impl Report {
         };
         let clean_confidence = stat_of(&all_conf);
         let finding = finding(cfg, &aggregates, &buckets, &clean_confidence);
-        Ok(Report {
+        let mut report = Report {
+            summary: ReportSummary::default(),
             source: source.to_string(),
             config: cfg.clone(),
             world: out.world.summary(),
@@ -450,7 +492,39 @@ impl Report {
             clean_confidence,
             finding,
             nontarget_facts: out.nontarget.len(),
-        })
+        };
+        report.summary = report.summarise();
+        Ok(report)
+    }
+
+    /// The headline numbers from the aggregates.
+    pub fn summarise(&self) -> ReportSummary {
+        let ks = &self.config.ks;
+        let over_k = |model: &str, metric: &str| -> Vec<f64> {
+            ks.iter()
+                .filter_map(|&k| self.mean(k, model, metric))
+                .filter(|v| v.is_finite())
+                .collect()
+        };
+        let mut recovery = BTreeMap::new();
+        let mut recovery_by_k = BTreeMap::new();
+        for m in &self.config.methods {
+            let key = method_key(m);
+            let per_k: BTreeMap<usize, f64> = ks
+                .iter()
+                .filter_map(|&k| self.mean(k, &m.label, "recovery").map(|v| (k, v)))
+                .collect();
+            let finite: Vec<f64> = per_k.values().copied().filter(|v| v.is_finite()).collect();
+            recovery.insert(key.clone(), mean_of(&finite));
+            recovery_by_k.insert(key, per_k);
+        }
+        ReportSummary {
+            clean_target_acc: mean_of(&over_k("clean", "target_accuracy")),
+            corrupted_target_acc: mean_of(&over_k("corrupted", "target_accuracy")),
+            recovery,
+            recovery_by_k,
+            finding: self.finding.verdict.clone(),
+        }
     }
 
     /// The aggregate of `model` at `k`.

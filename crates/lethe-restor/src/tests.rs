@@ -160,6 +160,14 @@ fn tiny_run_end_to_end_then_resume_without_recomputing() {
             );
         }
     }
+    // The machine-readable headline: both accuracies and every method's
+    // recovery under its key.
+    let h = &first.summary;
+    assert!((0.0..=1.0).contains(&h.clean_target_acc), "{h:?}");
+    assert!((0.0..=1.0).contains(&h.corrupted_target_acc), "{h:?}");
+    let keys: Vec<&str> = h.recovery.keys().map(String::as_str).collect();
+    assert_eq!(keys, ["ga", "graddiff", "kl", "npo", "o3", "salun"]);
+    assert_eq!(h.finding, first.finding.verdict);
     for r in &first.rows {
         let s = &r.summary;
         let sum = s.target_accuracy + s.corrupted_rate + s.other_rate;
