@@ -216,10 +216,7 @@ impl Llm {
                 "repeat_penalty must be positive".into(),
             ));
         }
-        let mut stops = config.stop_tokens.clone();
-        if config.stop_at_eos {
-            stops.push(self.tokenizer.special_tokens().eos);
-        }
+        let stops = self.stop_tokens(config);
         let stop_strings: Vec<&str> = config
             .stop_strings
             .iter()
@@ -267,12 +264,7 @@ impl Llm {
             logprobs.push(raw.as_deref().unwrap_or(&logits)[next as usize] - lse);
             tokens.push(next);
             recent.push(next);
-            let bytes = if self.tokenizer.is_special(next) {
-                &[][..]
-            } else {
-                self.tokenizer.token_bytes(next).unwrap_or(&[])
-            };
-            match stream.push(bytes, &mut on_text) {
+            match stream.push(self.text_bytes(next), &mut on_text) {
                 StreamState::Go => {}
                 StreamState::StopString(s) => {
                     finish = FinishReason::StopString(s);
@@ -344,11 +336,9 @@ impl Llm {
         }
         let started = Instant::now();
         let prompt = self.chat.encode(&self.tokenizer, messages)?;
-        let mut stops = config.stop_tokens.clone();
-        stops.push(self.chat.end_of_turn());
-        if config.stop_at_eos {
-            stops.push(self.tokenizer.special_tokens().eos);
-        }
+        let mut config = config.clone();
+        config.stop_tokens.push(self.chat.end_of_turn());
+        let stops = self.stop_tokens(&config);
         let mut tokens: Vec<u32> = Vec::new();
         let mut logprobs: Vec<f32> = Vec::new();
         let mut finish = None;
@@ -374,9 +364,10 @@ impl Llm {
             None => {
                 // Past the checked part: decode the rest after everything
                 // accepted so far.
-                let mut cont = config.clone();
-                cont.max_tokens = config.max_tokens - tokens.len();
-                cont.stop_tokens = stops.clone();
+                let cont = GenerateConfig {
+                    max_tokens: config.max_tokens - tokens.len(),
+                    ..config.clone()
+                };
                 let mut input = prompt.clone();
                 input.extend_from_slice(&tokens);
                 let g = self.generate(&input, &cont, |_| ControlFlow::Continue(()))?;
@@ -388,12 +379,7 @@ impl Llm {
         let mut stream = TextStream::new(&[]);
         let mut quiet = |_: &str| ControlFlow::Continue(());
         for &t in &tokens {
-            let bytes = if self.tokenizer.is_special(t) {
-                &[][..]
-            } else {
-                self.tokenizer.token_bytes(t).unwrap_or(&[])
-            };
-            stream.push(bytes, &mut quiet);
+            stream.push(self.text_bytes(t), &mut quiet);
         }
         let text = stream.finish(&finish, &mut quiet);
         Ok(Some(Generation {
@@ -405,6 +391,27 @@ impl Llm {
             prompt_secs: 0.0,
             generate_secs: started.elapsed().as_secs_f64(),
         }))
+    }
+}
+
+impl Llm {
+    /// Every token that ends a generation under `config`: its stop tokens,
+    /// and end-of-sequence when `stop_at_eos`.
+    fn stop_tokens(&self, config: &GenerateConfig) -> Vec<u32> {
+        let mut stops = config.stop_tokens.clone();
+        if config.stop_at_eos {
+            stops.push(self.tokenizer.special_tokens().eos);
+        }
+        stops
+    }
+
+    /// The text bytes a generated token adds (none for special tokens).
+    fn text_bytes(&self, token: u32) -> &[u8] {
+        if self.tokenizer.is_special(token) {
+            &[]
+        } else {
+            self.tokenizer.token_bytes(token).unwrap_or(&[])
+        }
     }
 }
 

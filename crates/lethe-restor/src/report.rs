@@ -222,14 +222,6 @@ fn method_key(m: &crate::config::MethodEntry) -> String {
         .unwrap_or_else(|| m.label.to_lowercase())
 }
 
-fn mean_of(xs: &[f64]) -> f64 {
-    if xs.is_empty() {
-        f64::NAN
-    } else {
-        xs.iter().sum::<f64>() / xs.len() as f64
-    }
-}
-
 /// The 1/5/15-minute load average (Linux `/proc/loadavg`).
 pub fn load_average() -> Option<[f64; 3]> {
     let text = std::fs::read_to_string("/proc/loadavg").ok()?;
@@ -515,12 +507,12 @@ impl Report {
                 .filter_map(|&k| self.mean(k, &m.label, "recovery").map(|v| (k, v)))
                 .collect();
             let finite: Vec<f64> = per_k.values().copied().filter(|v| v.is_finite()).collect();
-            recovery.insert(key.clone(), mean_of(&finite));
+            recovery.insert(key.clone(), stat_of(&finite).mean);
             recovery_by_k.insert(key, per_k);
         }
         ReportSummary {
-            clean_target_acc: mean_of(&over_k("clean", "target_accuracy")),
-            corrupted_target_acc: mean_of(&over_k("corrupted", "target_accuracy")),
+            clean_target_acc: stat_of(&over_k("clean", "target_accuracy")).mean,
+            corrupted_target_acc: stat_of(&over_k("corrupted", "target_accuracy")).mean,
             recovery,
             recovery_by_k,
             finding: self.finding.verdict.clone(),
