@@ -59,10 +59,52 @@ pub struct ClassifierTrainConfig {
 impl ClassifierTrainConfig {
     /// Checks the ranges.
     pub fn validate(&self) -> Result<()> {
-        ensure_config(self.epochs > 0, || "epochs must be > 0".into())?;
-        ensure_config(self.batch_size > 0, || "batch_size must be > 0".into())?;
-        validate_sgd(self.lr, self.momentum, self.weight_decay)
+        validate_sgd_run(
+            self.epochs,
+            self.batch_size,
+            self.lr,
+            self.momentum,
+            self.weight_decay,
+        )
     }
+}
+
+/// Checks the ranges of an SGD run: epochs and batch size positive, then
+/// [`validate_sgd`].
+pub(crate) fn validate_sgd_run(
+    epochs: usize,
+    batch_size: usize,
+    lr: f64,
+    momentum: f64,
+    weight_decay: f64,
+) -> Result<()> {
+    ensure_config(epochs > 0, || "epochs must be > 0".into())?;
+    ensure_config(batch_size > 0, || "batch_size must be > 0".into())?;
+    validate_sgd(lr, momentum, weight_decay)
+}
+
+/// An unlearning baseline that is plain SGD over one set: fine-tuning on
+/// the retain set (`sign` 1) or gradient ascent on the forget set (`sign`
+/// -1). Returns the steps taken.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn sgd_epochs(
+    model: &dyn ImageClassifier,
+    set: &ImageSet,
+    sign: f64,
+    epochs: usize,
+    batch_size: usize,
+    lr: f64,
+    momentum: f64,
+    weight_decay: f64,
+    seed: u64,
+) -> Result<usize> {
+    let mut opt = sgd_for(model, lr, momentum, weight_decay)?;
+    let mut steps = 0;
+    for epoch in 0..epochs {
+        let seed = seed.wrapping_mul(7919).wrapping_add(epoch as u64);
+        steps += sgd_pass(model, &mut opt, set, batch_size, seed, sign, None)?.0;
+    }
+    Ok(steps)
 }
 
 pub(crate) fn validate_sgd(lr: f64, momentum: f64, weight_decay: f64) -> Result<()> {

@@ -5,9 +5,8 @@
 use lethe_model::vision::ImageClassifier;
 use serde::{Deserialize, Serialize};
 
-use crate::classifier::{run_method, sgd_for, sgd_pass, validate_sgd, ClassifierMethod};
+use crate::classifier::{run_method, sgd_epochs, validate_sgd_run, ClassifierMethod};
 use crate::data::ImageSet;
-use crate::error::ensure_config;
 use crate::report::UnlearnReport;
 use crate::Result;
 
@@ -35,9 +34,13 @@ impl ClassifierMethod for FinetuneConfig {
     }
 
     fn validate(&self) -> Result<()> {
-        ensure_config(self.epochs > 0, || "epochs must be > 0".into())?;
-        ensure_config(self.batch_size > 0, || "batch_size must be > 0".into())?;
-        validate_sgd(self.lr, self.momentum, self.weight_decay)
+        validate_sgd_run(
+            self.epochs,
+            self.batch_size,
+            self.lr,
+            self.momentum,
+            self.weight_decay,
+        )
     }
 
     fn hyperparameters(&self) -> serde_json::Value {
@@ -51,13 +54,17 @@ impl ClassifierMethod for FinetuneConfig {
         retain: &ImageSet,
     ) -> Result<UnlearnReport> {
         run_method(self, model, forget, retain, || {
-            let mut opt = sgd_for(model, self.lr, self.momentum, self.weight_decay)?;
-            let mut steps = 0;
-            for epoch in 0..self.epochs {
-                let seed = self.seed.wrapping_mul(7919).wrapping_add(epoch as u64);
-                steps += sgd_pass(model, &mut opt, retain, self.batch_size, seed, 1.0, None)?.0;
-            }
-            Ok(steps)
+            sgd_epochs(
+                model,
+                retain,
+                1.0,
+                self.epochs,
+                self.batch_size,
+                self.lr,
+                self.momentum,
+                self.weight_decay,
+                self.seed,
+            )
         })
     }
 }
