@@ -41,6 +41,7 @@
 
 pub mod ledger;
 pub mod receipt;
+pub mod serve;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
@@ -52,6 +53,7 @@ use serde_json::{json, Value};
 
 pub use ledger::{DocumentRef, ErasureRecord, Phase, Request, RequestStatus, State, WeightsRecord};
 pub use receipt::{verify_receipt_file, PublicKey, Receipt, SigningKey, RECEIPT_FORMAT};
+pub use serve::{Completion, CompletionRequest, SuppressionGate};
 pub use weights::{LiveModel, LiveState, METHODS};
 
 use ledger::{Event, Ledger};
@@ -386,10 +388,20 @@ impl Compliance {
         };
         let state = self.live();
         let mut slot = self.live_model.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(m) = slot.as_ref().filter(|m| m.version == state.version) {
+        if let Some(m) = slot.as_ref().filter(|m| m.matches(&state)) {
             return Ok(Some(m.clone()));
         }
-        let m = weights::load_live(&state, &base, &self.dir.join("models"))?;
+        let models_dir = self.dir.join("models");
+        let generator = || Ok(engine.generator_path()?);
+        let m = weights::load_live(
+            &state,
+            &weights::LiveSources {
+                base: &base,
+                models_dir: &models_dir,
+                o3_overrides: engine.config().unlearning.methods.get("o3"),
+                generator: &generator,
+            },
+        )?;
         *slot = Some(m.clone());
         Ok(Some(m))
     }
@@ -509,7 +521,7 @@ impl Compliance {
                             suppressions: &live.suppressions,
                         })?;
                         if let Some(decoder) = trained {
-                            self.pending_model(id, decoder);
+                            self.pending_model(&engine, model_dir, id, decoder, &live);
                         }
                         record
                     }
@@ -659,13 +671,33 @@ impl Compliance {
         Ok(out)
     }
 
-    /// Remembers a freshly trained decoder so activation can swap it in
-    /// without reloading it from disk.
-    fn pending_model(&self, id: &str, decoder: lethe_model::decoder::Decoder) {
-        *self.live_model.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(LiveModel {
-            version: Some(id.to_string()),
-            decoder,
-        }));
+    /// Remembers a freshly trained decoder (with the suppressions in force)
+    /// so activation can swap it in without reloading it from disk. When
+    /// that fails, `live_model` loads it lazily instead.
+    fn pending_model(
+        &self,
+        engine: &Engine,
+        base: &Path,
+        id: &str,
+        decoder: lethe_model::decoder::Decoder,
+        live: &LiveState,
+    ) {
+        let models_dir = self.dir.join("models");
+        let generator = || Ok(engine.generator_path()?);
+        let src = weights::LiveSources {
+            base,
+            models_dir: &models_dir,
+            o3_overrides: engine.config().unlearning.methods.get("o3"),
+            generator: &generator,
+        };
+        match LiveModel::build(Some(id.to_string()), decoder, &live.suppressions, &src) {
+            Ok(m) => {
+                *self.live_model.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(m));
+            }
+            Err(e) => {
+                tracing::warn!(request = id, error = %e, "new weights will load on first use")
+            }
+        }
     }
 
     /// Makes a staged request's weights live; idempotent.
@@ -697,7 +729,7 @@ impl Compliance {
         // anything else is reloaded lazily by `live_model`.
         {
             let mut slot = self.live_model.lock().unwrap_or_else(|p| p.into_inner());
-            let keep = slot.as_ref().is_some_and(|m| m.version == state.version);
+            let keep = slot.as_ref().is_some_and(|m| m.matches(&state));
             if !keep {
                 *slot = None;
             }
@@ -824,7 +856,7 @@ fn seed_of(id: &str) -> u64 {
     })
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
 }
 

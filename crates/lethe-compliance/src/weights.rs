@@ -81,13 +81,83 @@ pub struct LiveState {
     pub requests: Vec<String>,
 }
 
-/// A loaded live model: the decoder of one [`LiveState::version`].
-#[derive(Debug)]
+/// A loaded live model: the decoder of one [`LiveState::version`] with the
+/// O3 adapters and detectors in force, ready to serve
+/// ([`crate::Compliance::complete`]).
 pub struct LiveModel {
     /// The version folder it was loaded from (`None`: the configured base).
     pub version: Option<String>,
-    /// The decoder (base weights of that version).
+    /// The decoder (base weights of that version; the O3 adapters are
+    /// attached gated off, so plain forward passes see the base).
     pub decoder: Decoder,
+    /// The O3 requests in force, in order (their adapters are attached).
+    pub suppressions: Vec<String>,
+    pub(crate) o3: O3Unlearner,
+    pub(crate) tok: Tok,
+    pub(crate) tokenizer_name: String,
+    /// Held while a completion sets the adapters' gates.
+    pub(crate) serving: std::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for LiveModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveModel")
+            .field("version", &self.version)
+            .field("suppressions", &self.suppressions)
+            .field("tokenizer", &self.tokenizer_name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where a live model's parts come from.
+pub(crate) struct LiveSources<'a> {
+    /// The configured base folder (its tokenizer.json, if any, is used).
+    pub base: &'a Path,
+    /// `unlearning/models/`: versions and O3 adapters.
+    pub models_dir: &'a Path,
+    /// `[unlearning.methods.o3]` overrides (the gate thresholds in force).
+    pub o3_overrides: Option<&'a toml::Value>,
+    /// The generator's GGUF (for the SmolLM2 tokenizer), found on demand.
+    pub generator: &'a dyn Fn() -> Result<PathBuf>,
+}
+
+impl LiveModel {
+    /// Wraps `decoder` (of `version`) with the O3 `suppressions` in force,
+    /// each reloaded from `models_dir/<id>` with its detector; gates follow
+    /// the current O3 settings.
+    pub(crate) fn build(
+        version: Option<String>,
+        mut decoder: Decoder,
+        suppressions: &[String],
+        src: &LiveSources<'_>,
+    ) -> Result<LiveModel> {
+        let cfg = decoder.config().clone();
+        let (tok, tokenizer_name) = Tok::pick(src.base, cfg.vocab_size, src.generator)?;
+        let refusal = tok.encode(REFUSAL)?;
+        let params = method_config("o3", src.o3_overrides, refusal)?;
+        let o3cfg: O3Config = serde_json::from_value(strip_method(&params))
+            .map_err(|e| Error::BadRequest(format!("o3 settings: {e}")))?;
+        let mut o3 = O3Unlearner::new(o3cfg)?;
+        for id in suppressions {
+            let dir = src.models_dir.join(id);
+            let adapter = lethe_model::lora::LoraAdapter::load(&dir, decoder.device())?;
+            o3.restore(&mut decoder, id, adapter, load_detector(&dir)?)?;
+        }
+        Ok(LiveModel {
+            version,
+            decoder,
+            suppressions: suppressions.to_vec(),
+            o3,
+            tok,
+            tokenizer_name,
+            serving: std::sync::Mutex::new(()),
+        })
+    }
+
+    /// Whether this model is what `state` says is live.
+    pub(crate) fn matches(&self, state: &LiveState) -> bool {
+        self.version == state.version && self.suppressions == state.suppressions
+    }
 }
 
 /// Tokenizer for the forget and retain sets.
@@ -98,7 +168,11 @@ pub(crate) enum Tok {
 }
 
 impl Tok {
-    pub(crate) fn pick(model_dir: &Path, vocab: usize, generator: &Path) -> Result<(Tok, String)> {
+    pub(crate) fn pick(
+        model_dir: &Path,
+        vocab: usize,
+        generator: &dyn Fn() -> Result<PathBuf>,
+    ) -> Result<(Tok, String)> {
         let file = model_dir.join("tokenizer.json");
         if file.is_file() {
             let t = tokenizers::Tokenizer::from_file(&file)
@@ -106,7 +180,7 @@ impl Tok {
             return Ok((Tok::Hf(Box::new(t)), "tokenizer.json".into()));
         }
         if vocab == lethe_model_smol_vocab() {
-            let t = lethe_model::tokenizer::Tokenizer::from_gguf_file(generator)?;
+            let t = lethe_model::tokenizer::Tokenizer::from_gguf_file(&generator()?)?;
             if t.vocab_size() == vocab {
                 return Ok((Tok::Smol(Box::new(t)), "smollm2".into()));
             }
@@ -119,7 +193,22 @@ impl Tok {
         )))
     }
 
-    fn encode(&self, text: &str) -> Result<Vec<u32>> {
+    /// Text of generated ids (control tokens left out; bytes that are not
+    /// UTF-8 become U+FFFD; byte-level ids above 255 are dropped).
+    pub(crate) fn decode(&self, ids: &[u32]) -> Result<String> {
+        match self {
+            Tok::Hf(t) => t
+                .decode(ids, true)
+                .map_err(|e| Error::Weights(format!("tokenizer: {e}"))),
+            Tok::Smol(t) => Ok(t.decode(ids, true)?),
+            Tok::Bytes => {
+                let bytes: Vec<u8> = ids.iter().filter_map(|&i| u8::try_from(i).ok()).collect();
+                Ok(String::from_utf8_lossy(&bytes).into_owned())
+            }
+        }
+    }
+
+    pub(crate) fn encode(&self, text: &str) -> Result<Vec<u32>> {
         match self {
             Tok::Hf(t) => Ok(t
                 .encode(text, false)
@@ -278,7 +367,8 @@ pub(crate) fn stage(input: &StageInput<'_>) -> Result<(WeightsRecord, Option<Dec
     let device = candle_core::Device::Cpu;
     let mut model = Decoder::load(&input.base_dir, &device)?;
     let cfg = model.config().clone();
-    let (tok, tok_name) = Tok::pick(&input.base_dir, cfg.vocab_size, input.generator_path)?;
+    let generator = || Ok(input.generator_path.to_path_buf());
+    let (tok, tok_name) = Tok::pick(&input.base_dir, cfg.vocab_size, &generator)?;
     let max_len = input.max_seq_len.min(cfg.max_position_embeddings).max(2);
     let forget_w = windows(&tok, input.forget, max_len, cfg.vocab_size)?;
     let retain_w = windows(&tok, input.retain, max_len, cfg.vocab_size)?;
@@ -504,21 +594,19 @@ pub(crate) fn write_live(path: &Path, state: &LiveState) -> Result<()> {
     write_json(path, state)
 }
 
-/// Loads the decoder of a live state.
-pub(crate) fn load_live(
-    state: &LiveState,
-    base: &Path,
-    models_dir: &Path,
-) -> Result<Arc<LiveModel>> {
+/// Loads the decoder of a live state with its suppressions.
+pub(crate) fn load_live(state: &LiveState, src: &LiveSources<'_>) -> Result<Arc<LiveModel>> {
     let dir = match &state.version {
-        Some(v) => models_dir.join(v),
-        None => base.to_path_buf(),
+        Some(v) => src.models_dir.join(v),
+        None => src.base.to_path_buf(),
     };
     let decoder = Decoder::load(&dir, &candle_core::Device::Cpu)?;
-    Ok(Arc::new(LiveModel {
-        version: state.version.clone(),
+    Ok(Arc::new(LiveModel::build(
+        state.version.clone(),
         decoder,
-    }))
+        &state.suppressions,
+        src,
+    )?))
 }
 
 /// An O3 detector saved with a request's adapter.

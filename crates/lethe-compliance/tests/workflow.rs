@@ -385,6 +385,129 @@ fn weights_are_unlearned_versioned_and_hot_swapped() {
     }
 }
 
+/// Another text the served decoder learns, never forgotten.
+const OTHER_TEXT: &str = "The cafeteria opens at eight and closes at three on weekdays.";
+
+/// A byte-level decoder that memorised the canary and two other texts,
+/// saved as the deployment's model.
+fn canary_decoder(dir: &Path) {
+    use lethe_unlearn::data::{TextExample, TextSet};
+    let cfg = lethe_model::decoder::Config::new(260, 64, 128, 2, 4, 128);
+    let d = lethe_model::decoder::Decoder::new(cfg, &candle_core::Device::Cpu, 5).unwrap();
+    let texts = [
+        CANARY_TEXT,
+        OTHER_TEXT,
+        "Expense reports are due on the fifth of every month.",
+    ];
+    let set = TextSet::new(
+        texts
+            .iter()
+            .map(|t| TextExample::document(t.bytes().map(u32::from).collect()).unwrap())
+            .collect(),
+    );
+    let fit = lethe_unlearn::lm::fit(
+        &d,
+        &set,
+        &lethe_unlearn::lm::LmTrainConfig::new(1e-2, 400, 3),
+    )
+    .unwrap();
+    assert!(fit.last_loss < 0.05, "memorised: loss {}", fit.last_loss);
+    d.save(dir).unwrap();
+}
+
+fn complete(
+    c: &Compliance,
+    who: &str,
+    prompt: &str,
+    sink: Option<&str>,
+) -> lethe_compliance::Result<lethe_compliance::Completion> {
+    c.complete(&lethe_compliance::CompletionRequest {
+        principal: who.into(),
+        prompt: prompt.into(),
+        max_tokens: 16,
+        sink: sink.map(str::to_string),
+    })
+}
+
+#[test]
+fn the_served_decoder_stops_revealing_a_canary_once_o3_suppresses_it() {
+    let setup = Setup::new(
+        "[unlearning]\nmodel = \"decoder\"\nlabel = \"hr-confidential\"\nmethod = \"o3\"\n\
+         retain_sample = 6\nmax_seq_len = 48\n\
+         [unlearning.methods.o3]\ntrain = { lr = 0.01, epochs = 30, batch_size = 8 }\n",
+    );
+    canary_decoder(&setup.dir.path().join("decoder"));
+    let engine = setup.engine();
+    let c = Compliance::shared(&engine).unwrap();
+    let vault = "The vault passphrase is";
+    let others = [
+        "Expense reports are due",
+        "The cafeteria opens at eight and closes",
+    ];
+
+    // Before: the decoder reveals the canary to a principal cleared for its label.
+    let before = complete(&c, "alice", vault, None).unwrap();
+    assert!(before.released());
+    assert!(before.text.contains(CANARY), "{:?}", before.text);
+    assert_eq!(before.label_name, "hr-confidential");
+    assert!(before.gates.is_empty());
+    let others_before: Vec<String> = others
+        .iter()
+        .map(|p| complete(&c, "alice", p, None).unwrap().text)
+        .collect();
+    // Not cleared for the label: forbidden; a sink the label may not reach:
+    // refused before anything is generated; bad input: clear errors.
+    let e = complete(&c, "ed", vault, None).unwrap_err();
+    assert!(e.to_string().contains("may not read"), "{e}");
+    let refused = complete(&c, "alice", vault, Some("email:external")).unwrap();
+    assert!(!refused.released() && refused.text.is_empty() && refused.completion_tokens == 0);
+    assert!(matches!(
+        complete(&c, "alice", "  ", None),
+        Err(lethe_compliance::Error::BadRequest(_))
+    ));
+    let long = "x".repeat(200);
+    assert!(matches!(
+        complete(&c, "alice", &long, None),
+        Err(lethe_compliance::Error::BadRequest(_))
+    ));
+
+    // O3 on the canary document, then the same question.
+    c.file(&olga(), request(&["hr/vault"], None)).unwrap();
+    c.run(&olga(), "ur-000001", None, &mut |_| {}).unwrap();
+    let after = complete(&c, "alice", vault, None).unwrap();
+    assert!(!after.text.contains(CANARY), "{:?}", after.text);
+    assert_eq!(after.gates.len(), 1);
+    assert_eq!(after.gates[0].request, "ur-000001");
+    assert!(after.gates[0].gate > 0.0, "{:?}", after.gates);
+    assert_eq!((after.version.as_deref(), after.epoch), (None, 1));
+    // Other documents' prompts: the gate stays off and the decoder answers
+    // exactly as before (memorised continuations).
+    for (p, before) in others.iter().zip(&others_before) {
+        let now = complete(&c, "alice", p, None).unwrap();
+        assert_eq!(now.gates[0].gate, 0.0, "{p}: {:?}", now.gates);
+        assert_eq!(&now.text, before, "{p}");
+    }
+    assert!(
+        OTHER_TEXT.contains(others_before[1].trim_end()),
+        "{others_before:?}"
+    );
+
+    // Without a label the decoder is not served.
+    drop((c, engine));
+    let text = std::fs::read_to_string(&setup.config).unwrap();
+    std::fs::write(
+        &setup.config,
+        text.replace("label = \"hr-confidential\"\n", ""),
+    )
+    .unwrap();
+    let engine = setup.engine();
+    let c = Compliance::shared(&engine).unwrap();
+    assert!(matches!(
+        complete(&c, "alice", vault, None),
+        Err(lethe_compliance::Error::Conflict(_))
+    ));
+}
+
 /// Spawns the child on `id`, waits for it to announce `step`, SIGKILLs it.
 /// Returns whether the announcement came (a `go` child may finish first).
 fn kill_child_at(setup: &Setup, id: &str, step: &str, stop: bool) -> bool {

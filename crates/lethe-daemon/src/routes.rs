@@ -3,6 +3,7 @@
 
 mod admin;
 mod documents;
+mod model;
 mod openai;
 mod query;
 mod unlearn;
@@ -29,6 +30,7 @@ pub(crate) fn router() -> Router<AppState> {
     Router::new()
         .merge(admin::router())
         .merge(documents::router())
+        .merge(model::router())
         .merge(query::router())
         .merge(openai::router())
         .merge(unlearn::router())

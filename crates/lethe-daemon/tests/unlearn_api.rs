@@ -3,7 +3,9 @@
 //! gets 202 and a request id, the request completes in the background with
 //! a receipt that verifies, and a query that used to retrieve the canary no
 //! longer does (the real pipeline: MiniLM retrieval and SmolLM2, with one
-//! generated token since the answer is not the point).
+//! generated token since the answer is not the point). With a deployment
+//! decoder that memorised the canary, `/v1/model/complete` reveals it until
+//! an O3 request runs, and no longer after, in the same running daemon.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -183,6 +185,17 @@ async fn unlearning_over_http_erases_the_canary() {
     let parsed = lethe_compliance::Receipt::parse(&receipt.to_string()).unwrap();
     parsed.verify(&key).unwrap();
 
+    // No deployment decoder is configured: nothing to complete with.
+    let (s, b) = call(
+        &router,
+        "POST",
+        "/v1/model/complete",
+        Some(&alice),
+        Some(json!({"prompt": "The vault passphrase is"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{b}");
+
     // The live epoch moved; the list shows the request.
     let (s, m) = call(&router, "GET", "/v1/unlearn/model", Some(&alice), None).await;
     assert_eq!(s, StatusCode::OK);
@@ -197,4 +210,127 @@ async fn unlearning_over_http_erases_the_canary() {
         !canary_surfaces(&router, &alice).await,
         "the canary still surfaces after unlearning"
     );
+}
+
+/// Polls `GET /v1/unlearn/{id}` until the request completes.
+async fn wait_completed(router: &axum::Router, key: &str, id: &str) -> Value {
+    let started = Instant::now();
+    loop {
+        let (s, b) = call(router, "GET", &format!("/v1/unlearn/{id}"), Some(key), None).await;
+        assert_eq!(s, StatusCode::OK, "{b}");
+        match b["state"].as_str() {
+            Some("completed") => return b,
+            Some("pending" | "running") => {}
+            other => panic!("unexpected state {other:?}: {b}"),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "the run did not finish: {b}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_served_decoder_forgets_the_canary_without_a_restart() {
+    use lethe_unlearn::data::{TextExample, TextSet};
+    let dir = tempfile::tempdir().unwrap();
+    let root = lethe_engine::project_root();
+    let vault_text =
+        format!("The vault passphrase is {CANARY}. Only HR may know the vault passphrase.");
+    // The deployment's decoder (byte-level) memorised the vault document.
+    let decoder_dir = dir.path().join("decoder");
+    let cfg = lethe_model::decoder::Config::new(260, 64, 128, 2, 4, 128);
+    let d = lethe_model::decoder::Decoder::new(cfg, &candle_core::Device::Cpu, 5).unwrap();
+    let texts = [
+        vault_text.as_str(),
+        "Expense reports are due on the fifth of every month.",
+    ];
+    let set = TextSet::new(
+        texts
+            .iter()
+            .map(|t| TextExample::document(t.bytes().map(u32::from).collect()).unwrap())
+            .collect(),
+    );
+    let train = lethe_unlearn::lm::LmTrainConfig::new(1e-2, 400, 2);
+    lethe_unlearn::lm::fit(&d, &set, &train).unwrap();
+    d.save(&decoder_dir).unwrap();
+
+    let mut config = Config::new(
+        dir.path().join("data"),
+        root.join("policies/example-org.toml"),
+    );
+    config.unlearning.model = Some(decoder_dir);
+    config.unlearning.label = Some("hr-confidential".into());
+    config.unlearning.method = "o3".into();
+    config.unlearning.retain_sample = 4;
+    config.unlearning.max_seq_len = 48;
+    config.unlearning.methods.insert(
+        "o3".into(),
+        toml::from_str("train = { lr = 0.01, epochs = 30, batch_size = 8 }").unwrap(),
+    );
+    let engine = Engine::open(config, "http").unwrap();
+    let mut docs = lethe_engine::read_jsonl(&root.join("datasets/acme/corpus.jsonl")).unwrap();
+    docs.push(SourceDocument {
+        id: "hr/vault".into(),
+        label: LabelSpec::Named("hr-confidential".into()),
+        text: vault_text.clone(),
+        meta: Default::default(),
+        origin: "test".into(),
+    });
+    engine.ingest(&Actor::Operator, docs, false).unwrap();
+    let key = |p: &str| engine.create_key(&Actor::Operator, p).unwrap().key;
+    let (alice, olga, ed) = (key("alice"), key("olga"), key("ed"));
+    let router = app(AppState::new(Arc::new(engine), ServerConfig::default()));
+    let ask = |k: &str, body: Value| {
+        let (router, k) = (router.clone(), k.to_string());
+        async move { call(&router, "POST", "/v1/model/complete", Some(&k), Some(body)).await }
+    };
+    let vault = json!({"prompt": "The vault passphrase is", "max_tokens": 16});
+
+    let (s, before) = ask(&alice, vault.clone()).await;
+    assert_eq!(s, StatusCode::OK, "{before}");
+    assert!(
+        before["text"].as_str().unwrap().contains(CANARY),
+        "{before}"
+    );
+    assert_eq!(before["label"]["name"], "hr-confidential", "{before}");
+    assert_eq!(before["suppressions"], json!([]));
+    // Not cleared for the decoder's label; a sink it may not reach; bad input.
+    let (s, b) = ask(&ed, vault.clone()).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{b}");
+    let (s, b) = ask(
+        &alice,
+        json!({"prompt": "The vault passphrase is", "sink": "email:external"}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{b}");
+    assert_eq!(b["error"]["decision"], "refused", "{b}");
+    assert!(!b.to_string().contains(CANARY));
+    for bad in [
+        json!({"prompt": ""}),
+        json!({"prompt": "x", "max_tokens": 0}),
+        json!({"prompt": 3}),
+    ] {
+        let (s, b) = ask(&alice, bad).await;
+        assert!(
+            s == StatusCode::BAD_REQUEST || s == StatusCode::UNPROCESSABLE_ENTITY,
+            "{s} {b}"
+        );
+    }
+
+    let body = json!({"documents": ["hr/vault"], "reason": "GDPR art. 17", "requester": "Jane Doe", "method": "o3"});
+    let (s, b) = call(&router, "POST", "/v1/unlearn", Some(&olga), Some(body)).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{b}");
+    let id = b["id"].as_str().unwrap().to_string();
+    let done = wait_completed(&router, &olga, &id).await;
+    assert_eq!(done["receipt"]["receipt"]["weights"]["kind"], "suppression");
+
+    // Same daemon, same question: the suppression adapter is gated on.
+    let (s, after) = ask(&alice, vault).await;
+    assert_eq!(s, StatusCode::OK, "{after}");
+    assert!(!after["text"].as_str().unwrap().contains(CANARY), "{after}");
+    assert_eq!(after["model"]["epoch"], 1);
+    assert_eq!(after["suppressions"][0]["request"], id.as_str());
+    assert_eq!(after["suppressions"][0]["applied"], true, "{after}");
 }

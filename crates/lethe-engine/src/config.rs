@@ -14,6 +14,7 @@
 //! method = "npo"           # default method: npo, salun, ga, graddiff, kl, o3
 //! retain_sample = 32       # retained documents sampled for the retain set
 //! max_seq_len = 128        # tokens per forget/retain example
+//! label = "internal"       # policy label of its training data: serves it (POST /v1/model/complete)
 //! [unlearning.methods.npo] # optional overrides of a method's defaults
 //! beta = 0.1
 //!
@@ -106,6 +107,11 @@ pub struct UnlearningConfig {
     pub max_seq_len: usize,
     /// Per-method overrides of the defaults, by method name.
     pub methods: std::collections::BTreeMap<String, toml::Value>,
+    /// The policy label (by name) of the data `model` was trained on: every
+    /// completion the daemon serves from the decoder carries it, so only
+    /// principals cleared for it may ask, and only sinks it may flow to
+    /// receive. Without it the decoder is unlearned but not served.
+    pub label: Option<String>,
 }
 
 impl Default for UnlearningConfig {
@@ -116,6 +122,7 @@ impl Default for UnlearningConfig {
             retain_sample: 32,
             max_seq_len: 128,
             methods: Default::default(),
+            label: None,
         }
     }
 }

@@ -457,6 +457,22 @@ impl Engine {
         })
     }
 
+    /// Appends the `model.complete` audit record of a completion served
+    /// from the deployment's own decoder (by `lethe-compliance`, which
+    /// holds it). `details` must hold labels, hashes and gate decisions,
+    /// never prompt or completion text.
+    pub fn audit_model_completion(
+        &self,
+        principal: &str,
+        details: serde_json::Value,
+    ) -> Result<u64> {
+        self.record(
+            &Actor::Principal(principal.to_string()),
+            "model.complete",
+            details,
+        )
+    }
+
     fn require(&self, actor: &Actor, role: Role) -> Result<()> {
         match actor {
             Actor::Operator => Ok(()),

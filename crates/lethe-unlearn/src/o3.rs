@@ -228,6 +228,15 @@ pub struct GateDecision {
     pub gate: f64,
 }
 
+/// One completion served through O3's gates ([`O3Unlearner::complete`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GatedCompletion {
+    /// The generated tokens (the prompt excluded).
+    pub tokens: Vec<u32>,
+    /// Each request's gate decision for the prompt, in request order.
+    pub gates: Vec<GateDecision>,
+}
+
 /// O3's state across requests.
 #[derive(Debug)]
 pub struct O3Unlearner {
@@ -472,6 +481,39 @@ impl O3Unlearner {
             }
         }
         Ok(out)
+    }
+
+    /// Greedy completion of `prompt` as O3 serves it: every detector scores
+    /// the prompt on the base model, each adapter runs with its gate for the
+    /// whole completion, then all gates go back to 0. Returns the new tokens
+    /// (at most `max_new_tokens`, stopping after any id in `stop`) and the
+    /// gate decisions, one per request in order. Gates are shared state of
+    /// `model` (see the module docs): callers serialise completions.
+    pub fn complete(
+        &self,
+        model: &Decoder,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        stop: &[u32],
+    ) -> Result<GatedCompletion> {
+        if prompt.is_empty() {
+            return Err(Error::InvalidData("empty prompt".into()));
+        }
+        let gates = self.decide(model, &[prompt])?.pop().unwrap_or_default();
+        let was = model.is_base_trainable();
+        model.set_base_trainable(false);
+        let result = (|| -> Result<Vec<u32>> {
+            for (r, g) in self.requests.iter().zip(&gates) {
+                r.adapter.set_gate(g.gate)?;
+            }
+            Ok(model.greedy(prompt, max_new_tokens, stop)?)
+        })();
+        model.set_base_trainable(was);
+        self.zero_gates()?;
+        Ok(GatedCompletion {
+            tokens: result?,
+            gates,
+        })
     }
 
     /// A [`Scorer`] that gates each row by its query.

@@ -47,7 +47,7 @@ struct FileRequest {
 
 const MAX_DOCUMENTS: usize = 1000;
 
-fn app_error(e: lethe_compliance::Error) -> AppError {
+pub(super) fn app_error(e: lethe_compliance::Error) -> AppError {
     use lethe_compliance::Error as E;
     match e {
         E::Engine(e) => AppError::from(e),
@@ -63,7 +63,7 @@ fn app_error(e: lethe_compliance::Error) -> AppError {
 }
 
 /// The engine's workflow, opened off the async runtime.
-async fn compliance(state: &AppState) -> Result<Arc<Compliance>, AppError> {
+pub(super) async fn compliance(state: &AppState) -> Result<Arc<Compliance>, AppError> {
     let engine = state.engine.clone();
     tokio::task::spawn_blocking(move || Compliance::shared(&engine))
         .await

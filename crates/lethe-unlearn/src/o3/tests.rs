@@ -96,9 +96,34 @@ fn o3_suppresses_each_request_and_gates_only_its_domain() {
     assert_eq!(reports[0].metrics["orthogonality_penalty_before"], 0.0);
     let total = o3.total_orthogonality_penalty().unwrap();
     assert!((total - m["orthogonality_penalty_after"]).abs() < 1e-6);
+    // Served completions: forgotten queries get the refusal through the
+    // gates; retain queries whose gates stay off decode exactly as the base.
+    let (_, plain) = tiny_decoder();
+    let refusal = corpus.refusal();
+    let forget = corpus.qa(&[0]);
+    let mut refused = 0;
+    for q in queries(&forget) {
+        let c = o3.complete(&model, q, refusal.len(), &[]).unwrap();
+        assert_eq!(c.gates.len(), 2);
+        refused += usize::from(c.gates[0].gate > 0.0 && c.tokens == refusal);
+    }
+    assert!(
+        refused as f64 >= 0.75 * forget.len() as f64,
+        "{refused} of {} forgotten queries refused",
+        forget.len()
+    );
+    let mut off = 0;
+    for q in queries(&retain) {
+        let c = o3.complete(&model, q, 3, &[]).unwrap();
+        if c.gates.iter().all(|g| g.gate == 0.0) {
+            off += 1;
+            assert_eq!(c.tokens, plain.greedy(q, 3, &[]).unwrap());
+        }
+    }
+    assert!(off as f64 >= 0.85 * retain.len() as f64, "{off} gates off");
+    assert!(o3.complete(&model, &[], 3, &[]).is_err());
     // Without any gate on, the model is exactly the base model.
     o3.decide(&model, &queries(&retain)).unwrap();
-    let (_, plain) = tiny_decoder();
     let b = retain.batch(&[0, 1, 2], model.device()).unwrap();
     let l1 = plain.forward(&b.ids, lethe_model::nn::Mode::Eval).unwrap();
     let l2 = model.forward(&b.ids, lethe_model::nn::Mode::Eval).unwrap();
