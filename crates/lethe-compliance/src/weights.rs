@@ -18,7 +18,9 @@
 //!   learns to refuse). A new O3 adapter is trained with the orthogonality
 //!   penalty against every adapter in force (the live state's
 //!   suppressions, reloaded with their detectors), and its "after" metrics
-//!   are measured with all of them gated. Defaults are below;
+//!   are measured with all of them gated. Its detector is also calibrated
+//!   against the retain sample's prompts (a score floor that at most 1 % of
+//!   them pass), so kept documents rarely open the gate. Defaults are below;
 //!   `[unlearning.methods.NAME]` overrides any field.
 //! * **Versions.** Training writes to `models/.staging-ID`, fsyncs, and
 //!   renames to `models/ID`; only the ledger's `staged` record makes it
@@ -403,7 +405,11 @@ pub(crate) fn stage(input: &StageInput<'_>) -> Result<(WeightsRecord, Option<Dec
             let detector = load_detector(&dir)?;
             o3.restore(&mut model, earlier, adapter, detector)?;
         }
-        let report = o3.unlearn(&mut model, input.request_id, &prompts)?;
+        // Kept documents' prompts calibrate the new detector's floor.
+        let kept = prompt_set(&retain_w)?;
+        let negatives: Vec<&[u32]> = kept.examples().iter().map(|e| e.query()).collect();
+        let report =
+            o3.unlearn_with_negatives(&mut model, input.request_id, &prompts, &negatives)?;
         nll_metrics(
             &o3.gated(&model),
             &prompts,

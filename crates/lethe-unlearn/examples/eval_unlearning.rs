@@ -82,6 +82,10 @@ struct DigitsConfig {
     scenarios: Vec<String>,
 }
 
+fn yes() -> bool {
+    true
+}
+
 fn all_scenarios() -> Vec<String> {
     vec!["random".into(), "classwise".into()]
 }
@@ -108,6 +112,14 @@ struct O3Eval {
     holdout_fraction: f64,
     requests: Vec<usize>,
     retain_domains: Vec<usize>,
+    /// Share of the retain domains' facts held out as detector negatives
+    /// (kept data the detector may see; never in the retain evaluation).
+    #[serde(default)]
+    negative_fraction: f64,
+    /// Calibrate detector floors on those negatives (`false`: hold them out
+    /// anyway, for an ablation on the same retain evaluation set).
+    #[serde(default = "yes")]
+    calibrate_negatives: bool,
     method: O3Config,
 }
 
@@ -638,7 +650,13 @@ fn run_o3(cfg: &EvalConfig) -> Result<(Value, Value), BoxError> {
             let req: Vec<_> = order[n_hold..].iter().map(|&i| facts[i]).collect();
             request_sets.push((domain, examples_of(&req), examples_of(&hold)));
         }
-        let retain = corpus.qa(&o.retain_domains);
+        // Retain facts: a held-out share calibrates the detectors (kept
+        // data the workflow would sample), the rest measures retain utility.
+        let kept = corpus.facts_of(&o.retain_domains);
+        let order = shuffled(kept.len(), seed.wrapping_mul(97).wrapping_add(7));
+        let n_neg = (kept.len() as f64 * o.negative_fraction).round() as usize;
+        let negatives = examples_of(&order[..n_neg].iter().map(|&i| kept[i]).collect::<Vec<_>>());
+        let retain = examples_of(&order[n_neg..].iter().map(|&i| kept[i]).collect::<Vec<_>>());
         let all = corpus.qa(&(0..corpus.domains()).collect::<Vec<_>>());
         let mut mc = DecoderConfig::new(
             corpus.vocab().len(),
@@ -697,7 +715,17 @@ fn run_o3(cfg: &EvalConfig) -> Result<(Value, Value), BoxError> {
         let mut unlearner = O3Unlearner::new(o3cfg)?;
         let mut steps = Vec::new();
         for (t, (domain, req, _hold)) in request_sets.iter().enumerate() {
-            let report = unlearner.unlearn(&mut model, &format!("domain-{domain}"), req)?;
+            let report = unlearner.unlearn_with_negatives(
+                &mut model,
+                &format!("domain-{domain}"),
+                req,
+                if o.calibrate_negatives {
+                    queries(&negatives)
+                } else {
+                    Vec::new()
+                }
+                .as_slice(),
+            )?;
             let gated = unlearner.gated(&model);
             let mut forgotten = Vec::new();
             for (i, (d_i, req_i, hold_i)) in request_sets.iter().enumerate().take(t + 1) {
@@ -744,6 +772,8 @@ fn run_o3(cfg: &EvalConfig) -> Result<(Value, Value), BoxError> {
                 "orthogonality_penalty_before": round(report.metrics["orthogonality_penalty_before"], 6),
                 "orthogonality_penalty_after": round(report.metrics["orthogonality_penalty_after"], 6),
                 "orthogonality_penalty_total": round(unlearner.total_orthogonality_penalty()?, 6),
+                "detector_negatives": negatives.len(),
+                "detector_negative_floor": report.metrics.get("detector_negative_floor").map(|f| round(*f, 4)),
                 "forgotten": forgotten,
                 "retain_acc_before": round(retain_before, 4),
                 "retain_acc_after": round(retain_after, 4),
@@ -856,6 +886,9 @@ fn run_o3(cfg: &EvalConfig) -> Result<(Value, Value), BoxError> {
         "corpus": {"domains": corpus.domains(), "facts": corpus.facts().len(), "vocab": corpus.vocab().len(), "chance_accuracy": round(chance, 4)},
         "requests_domains": o.requests,
         "retain_domains": o.retain_domains,
+        "negative_fraction": o.negative_fraction,
+        "calibrate_negatives": o.calibrate_negatives,
+        "max_false_positive": o.method.detector.max_false_positive,
         "detector_encoder": "the decoder's own hidden states (embeddings + every block), mean-pooled; see lethe_unlearn::o3::detector",
         "aggregate": {
             "detector_auroc_heldout": stat(&aurocs),
@@ -944,6 +977,11 @@ fn markdown(out: &Value) -> String {
         out["config_file"].as_str().unwrap_or("?"),
         out["cores"], out["CANDLE_NUM_THREADS"], out["RAYON_NUM_THREADS"], out["total_seconds"], out["load_average_1min"]
     ));
+    if let Some(p) = out["sections_provenance"].as_object() {
+        for (section, how) in p {
+            s.push_str(&format!("Section {section}: {}.\n\n", how.as_str().unwrap_or("?")));
+        }
+    }
     s.push_str(
         "## Summary (targets in parentheses)\n\n| figure | value | target |\n|---|---|---|\n",
     );
@@ -1033,6 +1071,30 @@ fn markdown(out: &Value) -> String {
             "- detector AUROC (held-out same-domain queries vs all other domains): {}\n- retain utility drop, worst request per seed (points): {}\n- gated accuracy on every forgotten request set after each request: {}\n- gated refusal rate on the same: {}\n\n",
             a["detector_auroc_heldout"], a["retain_drop_worst_request"], a["forget_acc_all_forgotten_sets"], a["forget_refusal_all_forgotten_sets"]
         ));
+        if o3["negative_fraction"].as_f64().unwrap_or(0.0) > 0.0 {
+            s.push_str(&format!(
+                "Detector negatives: {} of the retain domains' facts are held out of the retain evaluation; detectors {} calibrated on them (score floor passed by at most {} of them, kept below every score of the request's own queries).\n\n",
+                o3["negative_fraction"],
+                if o3["calibrate_negatives"].as_bool().unwrap_or(false) { "are" } else { "are not" },
+                o3["max_false_positive"],
+            ));
+        }
+        if let Some(ab) = out["o3_negatives_ablation"].as_object() {
+            s.push_str("Negative-floor ablation (same retain evaluation set, mean / worst seed of each seed's worst request):\n\n| seeds | detectors | retain drop mean | retain drop worst | held-out forget refusal |\n|---|---|---|---|---|\n");
+            for (name, v) in ab {
+                if let Some(rows) = v.as_object() {
+                    for (variant, r) in rows {
+                        s.push_str(&format!(
+                            "| {name} | {variant} | {} | {} | {} |\n",
+                            r["retain_drop_mean"],
+                            r["retain_drop_worst"],
+                            r["heldout_refusal_mean"]
+                        ));
+                    }
+                }
+            }
+            s.push('\n');
+        }
         s.push_str("Per request (mean ± std over seeds):\n\n| request | domain | forget acc (all forgotten sets) | refusal (all forgotten sets) | retain drop (points) | detector AUROC | orth. penalty before | orth. penalty after |\n|---|---|---|---|---|---|---|---|\n");
         for r in o3["per_request"].as_array().into_iter().flatten() {
             s.push_str(&format!(

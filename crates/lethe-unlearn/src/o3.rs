@@ -333,6 +333,20 @@ impl O3Unlearner {
         request_id: &str,
         forget: &TextSet,
     ) -> Result<UnlearnReport> {
+        self.unlearn_with_negatives(model, request_id, forget, &[])
+    }
+
+    /// [`O3Unlearner::unlearn`], then calibrates the new detector against
+    /// `negatives`, queries of data that is kept
+    /// ([`OodDetector::calibrate_negatives`]): at most the configured
+    /// `max_false_positive` share of them opens the new adapter's gate.
+    pub fn unlearn_with_negatives(
+        &mut self,
+        model: &mut Decoder,
+        request_id: &str,
+        forget: &TextSet,
+        negatives: &[&[u32]],
+    ) -> Result<UnlearnReport> {
         let started = Instant::now();
         if request_id.is_empty() {
             return Err(Error::InvalidData("request id is empty".into()));
@@ -400,7 +414,10 @@ impl O3Unlearner {
         let queries: Vec<&[u32]> = forget.examples().iter().map(|e| e.query()).collect();
         let mut det_cfg = cfg.detector.clone();
         det_cfg.seed = det_cfg.seed.wrapping_add(t as u64);
-        let detector = match OodDetector::fit(model, &queries, &det_cfg) {
+        let detector = match OodDetector::fit(model, &queries, &det_cfg).and_then(|mut d| {
+            d.calibrate_negatives(model, negatives)?;
+            Ok(d)
+        }) {
             Ok(d) => d,
             Err(e) => {
                 model.detach_adapter(&name)?;
@@ -423,6 +440,10 @@ impl O3Unlearner {
         metrics.insert("detector_fit_mean".into(), m1);
         metrics.insert("detector_calibration_mean".into(), m2);
         metrics.insert("detector_calibration_sd".into(), s2);
+        metrics.insert("detector_negatives".into(), negatives.len() as f64);
+        if let Some(f) = detector.floor() {
+            metrics.insert("detector_negative_floor".into(), f);
+        }
         let report = UnlearnReport {
             method: "o3".into(),
             hyperparameters: serde_json::to_value(cfg).unwrap_or(serde_json::Value::Null),

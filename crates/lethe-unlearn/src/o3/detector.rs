@@ -44,6 +44,13 @@
 //!   `x >= x0`: a query *more* typical than the forget data is not
 //!   out-of-distribution); [`Calibration::Tail`] is a logistic step
 //!   centred `z` spreads below `m2`.
+//! * **Negative floor** [R, beyond O3, whose calibration sees only forget
+//!   data]: given queries of data that is *kept* (the compliance workflow's
+//!   retain sample), scores at or below the `1 - max_false_positive`
+//!   quantile of theirs get weight 0, capped just below the lowest score of
+//!   the request's own queries. The calibration above is fitted to the
+//!   forget data alone, so it cannot tell how high kept data scores; the
+//!   floor closes the gate for what is known to be kept.
 //!
 //! Statistics are stored in plain vectors and serialise with serde (JSON
 //! parsing may round the last bit of an f64, so a reloaded detector can
@@ -131,6 +138,15 @@ pub struct DetectorConfig {
     /// Seed of the fit/calibration split.
     #[serde(default)]
     pub seed: u64,
+    /// Largest share of *negative* queries (not the request's data: a
+    /// sample of what is kept) whose gate may open, when negatives are
+    /// given to [`OodDetector::calibrate_negatives`]; in `[0, 1)`.
+    #[serde(default = "default_max_false_positive")]
+    pub max_false_positive: f64,
+}
+
+fn default_max_false_positive() -> f64 {
+    0.01
 }
 
 fn yes() -> bool {
@@ -155,6 +171,7 @@ impl DetectorConfig {
             calibration: Calibration::o3(),
             batch_size: default_batch(),
             seed: 0,
+            max_false_positive: default_max_false_positive(),
         }
     }
 
@@ -175,6 +192,12 @@ impl DetectorConfig {
         })?;
         ensure_config(self.batch_size > 0, || {
             "detector batch_size must be > 0".into()
+        })?;
+        ensure_config((0.0..1.0).contains(&self.max_false_positive), || {
+            format!(
+                "detector max_false_positive must be in [0, 1), got {}",
+                self.max_false_positive
+            )
         })?;
         if let Some(layers) = &self.layers {
             ensure_config(!layers.is_empty(), || "detector layers are empty".into())?;
@@ -223,6 +246,15 @@ pub struct OodDetector {
     cal_mean: f64,
     cal_sd: f64,
     n_queries: usize,
+    /// Scores at or below it get weight 0 (from negatives; `None`: none
+    /// given). Older detector files have none.
+    #[serde(default)]
+    floor: Option<f64>,
+    /// The lowest in-sample score of the request's own queries: a negative
+    /// floor stays below it. Older detector files have none (`m2 - 2 s2`
+    /// stands in).
+    #[serde(default)]
+    fit_min: Option<f64>,
 }
 
 /// Mean-pooled hidden states: `out[l][q]` is the feature of query `q` at
@@ -357,6 +389,8 @@ impl OodDetector {
             cal_mean: 0.0,
             cal_sd: 1.0,
             n_queries: n,
+            floor: None,
+            fit_min: None,
         };
         let in_sample = det.scores_of_features(&feats);
         let out_of_fold: Vec<f64> = (0..n)
@@ -370,6 +404,7 @@ impl OodDetector {
         det.fit_mean = m1;
         det.cal_mean = m2;
         det.cal_sd = s2.max(1e-6);
+        det.fit_min = in_sample.iter().copied().min_by(f64::total_cmp);
         tracing::debug!(queries = n, m1, m2, s2, "fitted OOD detector");
         Ok(det)
     }
@@ -388,6 +423,61 @@ impl OodDetector {
     /// score: O3's `m1`, `m2`, `s2`.
     pub fn calibration_stats(&self) -> (f64, f64, f64) {
         (self.fit_mean, self.cal_mean, self.cal_sd)
+    }
+
+    /// Calibrates against `negatives`, queries known *not* to be the
+    /// request's data (a sample of what is kept) [R, beyond O3, whose
+    /// calibration sees only forget data]: scores at or below the floor get
+    /// weight 0, the floor being the `1 - max_false_positive` quantile of
+    /// the negatives' scores, so at most that share of them can open the
+    /// gate. The floor always stays below every score of the request's own
+    /// queries, so negatives that look like the forget data can never
+    /// close the gate on what the request named. No negatives: no floor.
+    /// Returns the floor.
+    pub fn calibrate_negatives(
+        &mut self,
+        model: &Decoder,
+        negatives: &[&[u32]],
+    ) -> Result<Option<f64>> {
+        if negatives.iter().any(|q| q.is_empty()) {
+            return Err(Error::InvalidData("empty negative query".into()));
+        }
+        if negatives.is_empty() {
+            self.floor = None;
+            return Ok(None);
+        }
+        let mut scores = self.scores(model, negatives)?;
+        scores.sort_by(f64::total_cmp);
+        // At most floor(n * max_fp) negatives may lie above the floor.
+        let allowed = (scores.len() as f64 * self.config.max_false_positive).floor() as usize;
+        let quantile = scores[scores.len() - 1 - allowed.min(scores.len() - 1)];
+        let cap = self.floor_cap();
+        let floor = quantile.min(cap);
+        tracing::debug!(
+            negatives = scores.len(),
+            quantile,
+            cap,
+            floor,
+            "negative floor"
+        );
+        self.floor = Some(floor);
+        Ok(Some(floor))
+    }
+
+    /// The highest a negative floor may go: just below the lowest score of
+    /// the request's own queries (`m2 - 2 s2` for detectors saved without
+    /// it).
+    pub fn floor_cap(&self) -> f64 {
+        // A margin for batch-dependent rounding of the same query's score.
+        self.fit_min.map_or(self.cal_mean - 2.0 * self.cal_sd, |m| {
+            m - 1e-6 * m.abs().max(1.0)
+        })
+    }
+
+    /// The negative floor, if calibrated (see
+    /// [`OodDetector::calibrate_negatives`]).
+    pub fn floor(&self) -> Option<f64> {
+        self.floor
     }
 
     /// Scores of `queries` (higher = more like the forget data).
@@ -443,8 +533,12 @@ impl OodDetector {
         total / self.layers.len() as f64
     }
 
-    /// The calibrated weight in `(0, 1)` of a score.
+    /// The calibrated weight in `(0, 1)` of a score; 0 at or below the
+    /// negative floor.
     pub fn weight(&self, score: f64) -> f64 {
+        if self.floor.is_some_and(|f| score <= f) {
+            return 0.0;
+        }
         let (m1, m2, s2) = (self.fit_mean, self.cal_mean, self.cal_sd);
         match self.config.calibration {
             Calibration::O3 { sharpness, offset } => {
@@ -470,6 +564,9 @@ impl OodDetector {
         put(self.fit_mean);
         put(self.cal_mean);
         put(self.cal_sd);
+        for v in self.floor.iter().chain(&self.fit_min) {
+            put(*v);
+        }
         for l in &self.layers {
             put(l.layer as f64);
             for v in l.mean.iter().chain(&l.chol).chain(&l.bank) {

@@ -159,6 +159,63 @@ fn the_penalty_weight_drives_adapters_apart() {
 }
 
 #[test]
+fn negatives_set_a_floor_that_closes_the_gate_on_kept_data() {
+    let (corpus, mut model) = tiny_decoder();
+    let mut cfg = config(corpus.refusal(), Calibration::o3());
+    cfg.train.epochs = 3;
+    cfg.detector.max_false_positive = 0.0;
+    let mut o3 = O3Unlearner::new(cfg).unwrap();
+    let (forget, kept) = (corpus.qa(&[0]), corpus.qa(&[2]));
+    let negatives = queries(&kept);
+    let r = o3
+        .unlearn_with_negatives(&mut model, "a", &forget, &negatives)
+        .unwrap();
+    let det = &o3.requests()[0].detector;
+    let floor = det.floor().expect("negatives give a floor");
+    assert_eq!(r.metrics["detector_negative_floor"], floor);
+    assert_eq!(r.metrics["detector_negatives"], negatives.len() as f64);
+    let cap = det.floor_cap();
+    assert!(floor <= cap);
+    assert_eq!(det.weight(floor), 0.0);
+    assert!(det.weight(floor + 10.0 * det.calibration_stats().2) > 0.0);
+    // With max_false_positive 0 the floor is the highest negative score
+    // (unless capped): no negative opens the gate.
+    let neg_scores = det.scores(&model, &negatives).unwrap();
+    let above = neg_scores.iter().filter(|&&x| x > floor).count();
+    assert!(
+        above == 0 || floor == cap,
+        "{above} above an uncapped floor"
+    );
+    let decisions = o3.decide(&model, &negatives).unwrap();
+    for (s, d) in neg_scores.iter().zip(&decisions) {
+        if *s <= floor {
+            assert_eq!(d[0].gate, 0.0);
+        }
+    }
+    assert!(gate_on_rate(&o3, &model, &kept, 0) <= above as f64 / negatives.len() as f64);
+    assert!(gate_on_rate(&o3, &model, &forget, 0) >= 0.8);
+    // Negatives that look like the forget data cannot raise the floor past
+    // the cap: every query of the request keeps a score above it.
+    let mut alike = det.clone();
+    let f = alike
+        .calibrate_negatives(&model, &queries(&forget))
+        .unwrap();
+    assert_eq!(f, Some(alike.floor_cap()));
+    let fs = alike.scores(&model, &queries(&forget)).unwrap();
+    assert!(fs.iter().all(|&x| x > alike.floor_cap()));
+    // Without negatives there is no floor; bad negatives are an error.
+    let mut plain = O3Unlearner::new(config(corpus.refusal(), Calibration::o3())).unwrap();
+    let (_, mut model2) = tiny_decoder();
+    plain.unlearn(&mut model2, "a", &forget).unwrap();
+    assert_eq!(plain.requests()[0].detector.floor(), None);
+    let mut det = plain.requests()[0].detector.clone();
+    assert!(det.calibrate_negatives(&model2, &[&[]]).is_err());
+    let mut bad = config(corpus.refusal(), Calibration::o3());
+    bad.detector.max_false_positive = 1.0;
+    assert!(O3Unlearner::new(bad).is_err());
+}
+
+#[test]
 fn o3_is_deterministic_per_seed() {
     let run = || {
         let (corpus, mut model) = tiny_decoder();
