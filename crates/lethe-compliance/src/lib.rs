@@ -671,6 +671,26 @@ impl Compliance {
         Ok(out)
     }
 
+    /// Resumes every run a crash interrupted (nothing pending), as the
+    /// operator of this process: what a daemon does when it starts, so an
+    /// interrupted request finishes without anyone asking again.
+    pub fn resume_interrupted(
+        &self,
+        progress: &mut dyn FnMut(Progress<'_>),
+    ) -> Result<Vec<RunOutcome>> {
+        let interrupted: Vec<String> = self
+            .ledger()
+            .all()
+            .filter(|r| matches!(r.state, State::Running(_)))
+            .map(|r| r.request.id.clone())
+            .collect();
+        let mut out = Vec::new();
+        for id in interrupted {
+            out.push(self.run(&Actor::Operator, &id, None, progress)?);
+        }
+        Ok(out)
+    }
+
     /// Remembers a freshly trained decoder (with the suppressions in force)
     /// so activation can swap it in without reloading it from disk. When
     /// that fails, `live_model` loads it lazily instead.

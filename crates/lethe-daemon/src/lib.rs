@@ -173,6 +173,7 @@ pub async fn serve(
             }
         }
     });
+    resume_unlearning(&state);
     let result = axum::serve(listener, app(state))
         .with_graceful_shutdown(shutdown)
         .await;
@@ -180,6 +181,34 @@ pub async fn serve(
     reloader.abort();
     pool.shutdown(Duration::from_secs(30));
     result
+}
+
+/// Finishes, in the background, any unlearning run a crash interrupted
+/// (only when this data directory has an unlearning ledger: a daemon
+/// without one never takes the workflow's lock).
+fn resume_unlearning(state: &AppState) {
+    let engine = state.engine.clone();
+    let ledger = engine.config().data_dir.join("unlearning/ledger.log");
+    if !ledger.is_file() {
+        return;
+    }
+    tokio::task::spawn_blocking(move || {
+        let c = match lethe_compliance::Compliance::shared(&engine) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "unlearning ledger not opened; interrupted runs wait for the next run");
+                return;
+            }
+        };
+        match c.resume_interrupted(&mut |_| {}) {
+            Ok(done) => {
+                for r in done {
+                    tracing::info!(request = %r.id, "interrupted unlearning run resumed and completed");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "resuming an interrupted unlearning run failed"),
+        }
+    });
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
