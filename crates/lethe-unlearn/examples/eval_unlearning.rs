@@ -979,7 +979,10 @@ fn markdown(out: &Value) -> String {
     ));
     if let Some(p) = out["sections_provenance"].as_object() {
         for (section, how) in p {
-            s.push_str(&format!("Section {section}: {}.\n\n", how.as_str().unwrap_or("?")));
+            s.push_str(&format!(
+                "Section {section}: {}.\n\n",
+                how.as_str().unwrap_or("?")
+            ));
         }
     }
     s.push_str(
