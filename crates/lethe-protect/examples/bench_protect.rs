@@ -145,6 +145,8 @@ fn pgd_only(
         max_rounds: 1,
         train_accuracy: None,
         loss_below: None,
+        patience: 1,
+        shortcut_accuracy: None,
     };
     let r = protect_dataset(data, &p, &RunControl::default())?;
     let s = data.shape();
@@ -179,6 +181,8 @@ fn round(
         max_rounds: 1,
         train_accuracy: None,
         loss_below: None,
+        patience: 1,
+        shortcut_accuracy: None,
     };
     let t0 = Instant::now();
     let r = protect_dataset(data, &p, &RunControl::default())?;

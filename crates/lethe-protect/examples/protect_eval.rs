@@ -86,9 +86,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                         section 7 (tagged [R]): EM restricted to a feasibility-aware top-k \
                         pixel mask. The headline `salm` run of each dataset is the variant named \
                         in its config (class-wise: one mask and one noise per class); \
-                        `salm-samplewise` / `em` are the per-image variants. Accuracies are \
-                        victim test accuracy on the clean test split, peak over epochs, mean \
-                        over architectures and seeds (final-epoch values are in the per-dataset \
+                        `salm-samplewise` / `em` are the per-image variants. Crafting options \
+                        are in each method's `params`: `ensemble` (further surrogates whose \
+                        input gradients are summed), `cross_pairs` (fraction of surrogate and \
+                        noise steps on an image carrying another class's noise and label), \
+                        `stop.patience` / `stop.shortcut_accuracy` (the accuracy or loss rule \
+                        must hold for that many consecutive rounds, and only counts once the \
+                        noise decides the label on mismatched pairs). Where a config uses them, \
+                        those settings were chosen on another draw of the \
+                        data (lesions: source seed 1, split seed 1), never on the reported \
+                        split (supplementary-selection-seed1/README.md). Accuracies are victim test \
+                        accuracy on the clean test split, peak over epochs, mean over \
+                        architectures and seeds (final-epoch values are in the per-dataset \
                         `accuracy` tables).",
     });
     std::fs::create_dir_all(&out_root)?;
@@ -105,7 +114,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
          equations are not public): EM confined to a feasibility-aware top-k pixel mask; the \
          headline `salm` run is the class-wise variant (one mask and noise per class), the \
          per-image variant is `salm-samplewise` where it was run. EM in the headline column \
-         is class-wise EM at the same epsilon.\n\n",
+         is class-wise EM at the same epsilon. Each method's crafting parameters (surrogate \
+         ensemble, cross pairs, stop rule) are in the dataset's `report.json` under \
+         `methods[].params`; `shortcut acc` is the surrogates' accuracy towards the noise's \
+         label on mismatched pairs at the last round. Crafting settings chosen by \
+         experiment were chosen on another draw of the data, never on the reported split \
+         (lesions: `supplementary-selection-seed1/README.md`, which also says where the \
+         victim epoch count comes from).\n\n",
     );
     md.push_str("| dataset | clean | SALM | EM | SALM PSNR dB | eps | rho | acceptance |\n");
     md.push_str("|---|---|---|---|---|---|---|---|\n");

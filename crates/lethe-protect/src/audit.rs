@@ -804,20 +804,20 @@ pub fn markdown(r: &AuditReport, sweep_caption: &str, curve_caption: &str) -> St
     let _ = writeln!(md, "## Methods side by side\n");
     let _ = writeln!(
         md,
-        "| method | parameters | victim acc | PSNR mean / min dB | SSIM | L-inf (x255) | L0 mean | rounds (stop) | time s | image-steps/s |"
+        "| method | parameters | victim acc | PSNR mean / min dB | SSIM | L-inf (x255) | L0 mean | rounds (stop) | shortcut acc | time s | image-steps/s |"
     );
-    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|");
     let (clean, _) = peak_stats(&r.victims, "clean");
     let _ = writeln!(
         md,
-        "| clean | - | {} | - | 1 | 0 | 0 | - | - | - |",
+        "| clean | - | {} | - | 1 | 0 | 0 | - | - | - | - |",
         pct(clean)
     );
     for m in &r.methods {
         let (acc, _) = peak_stats(&r.victims, &m.name);
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} / {} | {:.3} | {:.1} | {:.3} | {} ({:?}) | {:.0} | {:.0} |",
+            "| {} | {} | {} | {} / {} | {:.3} | {:.1} | {:.3} | {} ({:?}) | {} | {:.0} | {:.0} |",
             m.name,
             m.label,
             pct(acc),
@@ -828,6 +828,11 @@ pub fn markdown(r: &AuditReport, sweep_caption: &str, curve_caption: &str) -> St
             m.quality.l0_mean,
             m.rounds,
             m.stop_reason,
+            m.round_log
+                .last()
+                .and_then(|l| l.shortcut_accuracy)
+                .map(pct)
+                .unwrap_or_else(|| "-".into()),
             m.seconds,
             m.image_steps_per_second
         );

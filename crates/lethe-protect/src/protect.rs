@@ -20,15 +20,29 @@
 //!         delta = clamp(x + delta, 0, 1) - x;  delta *= mask
 //!       class-wise: one noise per class, stepped along the sum of its
 //!       images' gradients
-//!   (c) surrogate accuracy and loss on the protected images; stop when
+//!   (c) surrogate accuracy and loss on the protected images, and the
+//!       shortcut accuracy (mismatched pairs: image of one class, noise of
+//!       another, scored against the noise's class); stop when
 //!       r >= max_rounds, or r >= min_rounds and (accuracy >= target or
-//!       loss < threshold)
+//!       loss < threshold) [and shortcut accuracy >= its target] for the
+//!       last `patience` rounds
 //! ```
 //!
 //! The minimum-rounds rule exists because on small, easy, sparse data the
 //! surrogate reaches 99% training accuracy on nearly clean images within a
 //! round or two, and Huang's accuracy rule alone then stops before any
-//! shortcut has formed (research notes, section 5.3).
+//! shortcut has formed (research notes, section 5.3). Patience and the
+//! shortcut condition go further: the surrogate fitting the protected
+//! images says nothing about *what* it fits; the shortcut accuracy says
+//! whether the noise, not the content, decides its label.
+//!
+//! Two options aim the noise at more than one surrogate's quirks:
+//! `ensemble` trains further surrogates on the same batches and steps the
+//! noise along the sum of their input gradients (noise made against a
+//! flatten-head CNN alone is read by a CNN victim but not by a
+//! global-pooling ResNet, and the reverse); class-wise `cross_pairs` train
+//! and step on images carrying another class's noise and label, so that
+//! the noise decides the label whatever the image.
 //!
 //! Runs are deterministic per seed (every random choice of round `r` comes
 //! from a generator seeded by `(seed, r)`), can checkpoint after every round
@@ -119,6 +133,44 @@ pub struct StopRule {
     /// Stop (after `min_rounds`) once its mean cross-entropy on them falls
     /// below this.
     pub loss_below: Option<f64>,
+    /// The accuracy or loss condition must hold for this many consecutive
+    /// rounds (1: the first round it holds; 0 is read as 1). A surrogate
+    /// that fits nearly clean images reaches the accuracy target long before
+    /// a shortcut has formed; asking for the condition over several rounds
+    /// keeps optimising the noise against a surrogate that has converged.
+    #[serde(default = "one")]
+    pub patience: usize,
+    /// Besides, the accuracy or loss condition only counts once the noise
+    /// decides the label: the surrogate's accuracy *towards the noise's
+    /// label* on mismatched pairs (image of one class, noise of another,
+    /// [`RoundLog::shortcut_accuracy`]) is at least this.
+    #[serde(default)]
+    pub shortcut_accuracy: Option<f64>,
+}
+
+fn one() -> usize {
+    1
+}
+
+impl StopRule {
+    /// `min_rounds..=max_rounds` rounds, stop at `train_accuracy` or a
+    /// loss below `loss_below` on the first round it holds, no shortcut
+    /// condition.
+    pub fn new(
+        min_rounds: usize,
+        max_rounds: usize,
+        train_accuracy: Option<f64>,
+        loss_below: Option<f64>,
+    ) -> StopRule {
+        StopRule {
+            min_rounds,
+            max_rounds,
+            train_accuracy,
+            loss_below,
+            patience: 1,
+            shortcut_accuracy: None,
+        }
+    }
 }
 
 /// Why a run stopped.
@@ -153,6 +205,16 @@ pub struct ProtectParams {
     pub pgd_batch: usize,
     /// The surrogate architecture.
     pub surrogate: Arch,
+    /// Further surrogates trained alongside `surrogate` (each with its own
+    /// weights and optimiser state, on the same batches; at most 7). The
+    /// noise steps follow the sum of all surrogates' input gradients, so
+    /// the noise has to be a shortcut for every architecture, not only for
+    /// one (noise made against a flatten-head CNN alone transfers poorly to
+    /// a global-pooling ResNet, and the reverse). A round's accuracy and
+    /// shortcut accuracy are the lowest, its loss the highest, over the
+    /// surrogates.
+    #[serde(default)]
+    pub ensemble: Vec<Arch>,
     /// Surrogate optimiser.
     pub sgd: SgdParams,
     /// Surrogate SGD steps per round.
@@ -177,6 +239,16 @@ pub struct ProtectParams {
     /// grayscale conversion cannot average it away); RGB only.
     #[serde(default)]
     pub shared_channels: bool,
+    /// Class-wise only, in `[0, 1)`: the fraction of surrogate-step and
+    /// noise-step samples that carry the noise of *another* class and that
+    /// class's label ("cross pairs": image of class `a`, noise and label of
+    /// class `b`). The min-min objective alone lets the surrogate fit the
+    /// image content and the noise together; cross pairs ask the noise to
+    /// decide the label whatever the image, i.e. to be a shortcut that a
+    /// fresh model picks up before the content. The released images are
+    /// unchanged in kind (each image still gets its own class's noise).
+    #[serde(default)]
+    pub cross_pairs: f64,
     /// Seed of every random choice (surrogate init, batches, random masks).
     pub seed: u64,
     /// `cpu`, `cuda` or `cuda:N`.
@@ -204,6 +276,7 @@ impl ProtectParams {
                 channels: vec![32, 64, 128],
                 batch_norm: true,
             },
+            ensemble: Vec::new(),
             sgd: SgdParams::unlearnable_examples(),
             train_steps_per_round: 10,
             train_batch: 128,
@@ -212,10 +285,13 @@ impl ProtectParams {
                 max_rounds: 40,
                 train_accuracy: Some(0.99),
                 loss_below: Some(1e-3),
+                patience: 1,
+                shortcut_accuracy: None,
             },
             bn_recalibration: 20,
             random_start: false,
             shared_channels: false,
+            cross_pairs: 0.0,
             seed: 0,
             device: default_device(),
         }
@@ -265,6 +341,12 @@ impl ProtectParams {
                 self.pgd_steps
             )));
         }
+        if self.ensemble.len() > 7 {
+            return Err(Error::Config(format!(
+                "ensemble takes at most 7 further surrogates, got {}",
+                self.ensemble.len()
+            )));
+        }
         if self.pgd_batch == 0 || self.train_batch == 0 {
             return Err(Error::Config("batch sizes must be positive".into()));
         }
@@ -281,6 +363,26 @@ impl ProtectParams {
         if s.loss_below.is_some_and(|l| !(l > 0.0 && l.is_finite())) {
             return Err(Error::Config("loss_below must be positive".into()));
         }
+        if s.patience > s.max_rounds {
+            return Err(Error::Config(format!(
+                "stop patience ({}) exceeds max_rounds ({})",
+                s.patience, s.max_rounds
+            )));
+        }
+        if s.shortcut_accuracy.is_some_and(|a| !(a > 0.0 && a <= 1.0)) {
+            return Err(Error::Config("shortcut_accuracy must be in (0, 1]".into()));
+        }
+        if !(self.cross_pairs >= 0.0 && self.cross_pairs < 1.0) {
+            return Err(Error::Config(format!(
+                "cross_pairs must be in [0, 1), got {}",
+                self.cross_pairs
+            )));
+        }
+        if self.cross_pairs > 0.0 && !self.method.classwise() {
+            return Err(Error::Config(
+                "cross_pairs needs a class-wise method (one noise per class)".into(),
+            ));
+        }
         self.sgd.validate()?;
         self.device_spec()?;
         Ok(())
@@ -294,7 +396,10 @@ impl ProtectParams {
 
     /// A short label such as `salm eps=8/255 rho=0.10 (feasible, per_round)`.
     pub fn label(&self) -> String {
-        let eps = format!("eps={:.1}/255", self.eps * 255.0);
+        let mut eps = format!("eps={:.1}/255", self.eps * 255.0);
+        if self.cross_pairs > 0.0 {
+            eps.push_str(&format!(" cross={:.2}", self.cross_pairs));
+        }
         match &self.method {
             Method::Salm {
                 rho, mask, refresh, ..
@@ -336,6 +441,14 @@ pub struct RoundLog {
     pub loss: f64,
     /// Fraction of noise values at the budget (`|delta| >= eps - 1e-6`).
     pub saturated: f64,
+    /// How far the noise alone decides the label: the surrogate's accuracy
+    /// towards the noise's label on mismatched pairs (every image with the
+    /// noise of the next class, class-wise; with the noise of an image of
+    /// another class, sample-wise). Near chance: the surrogate reads the
+    /// content; near 1: the noise is the shortcut. `None` with one class,
+    /// or in checkpoints written before it was measured.
+    #[serde(default)]
+    pub shortcut_accuracy: Option<f64>,
     /// Wall time of the round in seconds.
     pub seconds: f64,
 }
@@ -395,34 +508,47 @@ pub fn protect_dataset(
     let fingerprint = checkpoint::fingerprint(data, params);
 
     let loaded = match (&control.checkpoint_dir, control.resume) {
-        (Some(dir), true) => checkpoint::load(dir, &fingerprint, shape, &device)?,
+        (Some(dir), true) => {
+            checkpoint::load(dir, &fingerprint, shape, 1 + params.ensemble.len(), &device)?
+        }
         _ => None,
     };
-    let (mut state, net, momentum) = match loaded {
-        Some((state, net, momentum)) => {
+    let (mut state, nets, momentum) = match loaded {
+        Some((state, nets, momentum)) => {
             tracing::info!(round = state.round, "resuming protection from checkpoint");
-            (state, net, Some(momentum))
+            (state, nets, Some(momentum))
         }
         None => {
-            let net = Net::new(
-                &params.surrogate,
-                shape,
-                classes,
-                &device,
-                mix(params.seed, 1, 0),
-            )?;
-            (initial_state(data, params, units)?, net, None)
+            let mut nets = Vec::with_capacity(1 + params.ensemble.len());
+            for (k, arch) in std::iter::once(&params.surrogate)
+                .chain(&params.ensemble)
+                .enumerate()
+            {
+                nets.push(Net::new(
+                    arch,
+                    shape,
+                    classes,
+                    &device,
+                    mix(params.seed, 1, k as u64),
+                )?);
+            }
+            (initial_state(data, params, units)?, nets, None)
         }
     };
-    let mut opt = MomentumSgd::new(net.named_trainable_vars(), params.sgd)?;
-    if let Some(m) = momentum {
-        opt.load_state(m)?;
+    let mut opts = Vec::with_capacity(nets.len());
+    for net in &nets {
+        opts.push(MomentumSgd::new(net.named_trainable_vars(), params.sgd)?);
+    }
+    if let Some(momentum) = momentum {
+        for (opt, m) in opts.iter_mut().zip(momentum) {
+            opt.load_state(m)?;
+        }
     }
 
     let run = Run {
         data,
         params,
-        net: &net,
+        nets: &nets,
         classwise,
         eps: params.eps as f32,
         step: params.step() as f32,
@@ -440,16 +566,20 @@ pub fn protect_dataset(
         }
         let t0 = Instant::now();
         let r = state.round + 1;
-        let train_loss = run.theta_step(&mut state, &mut opt, r)?;
+        let train_loss = run.theta_step(&mut state, &mut opts, r)?;
         run.delta_step(&mut state, r, control, &bar)?;
         let perturbed = run.perturbed_all(&state);
-        let eval = net.evaluate(&perturbed, data.labels(), params.pgd_batch)?;
+        let eval = run.evaluate(&perturbed, data.labels())?;
         let saturated = state
             .delta
             .iter()
             .filter(|d| d.abs() >= run.eps - 1e-6)
             .count() as f64
             / state.delta.len().max(1) as f64;
+        let shortcut_accuracy = match run.shortcut_pairs(&state) {
+            Some((px, labels)) => Some(run.evaluate(&px, &labels)?.accuracy),
+            None => None,
+        };
         let seconds = t0.elapsed().as_secs_f64();
         state.round = r;
         state.seconds += seconds;
@@ -459,6 +589,7 @@ pub fn protect_dataset(
             accuracy: eval.accuracy,
             loss: eval.loss,
             saturated,
+            shortcut_accuracy,
             seconds,
         });
         tracing::info!(
@@ -466,13 +597,14 @@ pub fn protect_dataset(
             accuracy = eval.accuracy,
             loss = eval.loss,
             saturated,
+            shortcut_accuracy,
             seconds,
             "protection round"
         );
         bar.set_message(format!("acc {:.3} loss {:.4}", eval.accuracy, eval.loss));
-        state.stop = stop_reason(&params.stop, r, eval.accuracy, eval.loss);
+        state.stop = stop_reason(&params.stop, &state.log);
         if let Some(dir) = &control.checkpoint_dir {
-            checkpoint::save(dir, &fingerprint, &state, &net, &opt)?;
+            checkpoint::save(dir, &fingerprint, &state, &nets, &opts)?;
         }
         rounds_this_call += 1;
     }
@@ -497,13 +629,34 @@ pub fn protect_dataset(
     })
 }
 
-fn stop_reason(rule: &StopRule, round: usize, acc: f64, loss: f64) -> Option<StopReason> {
-    if round >= rule.min_rounds {
-        if rule.train_accuracy.is_some_and(|t| acc >= t) {
-            return Some(StopReason::TrainAccuracy);
+/// Whether one round satisfies the accuracy or loss condition (and the
+/// shortcut condition, when set); which one, accuracy first.
+fn round_condition(rule: &StopRule, log: &RoundLog) -> Option<StopReason> {
+    if let Some(target) = rule.shortcut_accuracy {
+        if log.shortcut_accuracy.is_none_or(|a| a < target) {
+            return None;
         }
-        if rule.loss_below.is_some_and(|l| loss < l) {
-            return Some(StopReason::LossThreshold);
+    }
+    if rule.train_accuracy.is_some_and(|t| log.accuracy >= t) {
+        return Some(StopReason::TrainAccuracy);
+    }
+    if rule.loss_below.is_some_and(|l| log.loss < l) {
+        return Some(StopReason::LossThreshold);
+    }
+    None
+}
+
+/// The stop decision after the last round of `log`: never before
+/// `min_rounds`; then when the accuracy or loss condition has held for the
+/// last `patience` rounds; always at `max_rounds`.
+fn stop_reason(rule: &StopRule, log: &[RoundLog]) -> Option<StopReason> {
+    let last = log.last()?;
+    let round = last.round;
+    let patience = rule.patience.max(1);
+    if round >= rule.min_rounds && log.len() >= patience {
+        let recent = &log[log.len() - patience..];
+        if recent.iter().all(|l| round_condition(rule, l).is_some()) {
+            return round_condition(rule, last);
         }
     }
     (round >= rule.max_rounds).then_some(StopReason::MaxRounds)
@@ -599,7 +752,8 @@ fn initial_state(data: &Dataset, p: &ProtectParams, units: usize) -> Result<Stat
 struct Run<'a> {
     data: &'a Dataset,
     params: &'a ProtectParams,
-    net: &'a Net,
+    /// The surrogate, then the ensemble.
+    nets: &'a [Net],
     classwise: bool,
     eps: f32,
     step: f32,
@@ -621,6 +775,62 @@ impl Run<'_> {
         };
         let d = &state.delta[u * v..(u + 1) * v];
         out.extend(x.iter().zip(d).map(|(a, b)| (a + b).clamp(0.0, 1.0)));
+    }
+
+    /// Image `i` with the noise of unit `u` (a class, class-wise; an
+    /// image, sample-wise), clipped to the box, appended to `out`.
+    fn push_with_unit(&self, state: &State, i: usize, u: usize, out: &mut Vec<f32>) {
+        let v = self.shape().values();
+        let x = self.data.image(i);
+        let d = &state.delta[u * v..(u + 1) * v];
+        out.extend(x.iter().zip(d).map(|(a, b)| (a + b).clamp(0.0, 1.0)));
+    }
+
+    /// Mismatched pairs for [`RoundLog::shortcut_accuracy`]: every image
+    /// with the noise of the next class (class-wise) or of the next image
+    /// of another class (sample-wise), labelled with the noise's class.
+    /// `None` when there is no other class.
+    fn shortcut_pairs(&self, state: &State) -> Option<(Vec<f32>, Vec<u32>)> {
+        let classes = self.data.classes().len();
+        let labels = self.data.labels();
+        let n = self.data.len();
+        if classes < 2 || n == 0 {
+            return None;
+        }
+        let mut px = Vec::with_capacity(self.data.pixels().len());
+        let mut targets = Vec::with_capacity(n);
+        for (i, &y) in labels.iter().enumerate() {
+            if self.classwise {
+                let c = (y as usize + 1) % classes;
+                self.push_with_unit(state, i, c, &mut px);
+                targets.push(c as u32);
+            } else {
+                let j = (1..n).map(|k| (i + k) % n).find(|&j| labels[j] != y)?;
+                self.push_with_unit(state, i, j, &mut px);
+                targets.push(labels[j]);
+            }
+        }
+        Some((px, targets))
+    }
+
+    /// Class-wise cross pairs: for each image of `idx`, the class whose
+    /// noise (and label) it carries in this step: its own, or with
+    /// probability `cross_pairs` another class drawn uniformly.
+    fn pair_classes(&self, idx: &[usize], rng: &mut StdRng) -> Vec<usize> {
+        let classes = self.data.classes().len();
+        idx.iter()
+            .map(|&i| {
+                let y = self.data.labels()[i] as usize;
+                if classes > 1
+                    && self.params.cross_pairs > 0.0
+                    && rng.random::<f64>() < self.params.cross_pairs
+                {
+                    (y + 1 + rng.random_range(0..classes - 1)) % classes
+                } else {
+                    y
+                }
+            })
+            .collect()
     }
 
     fn perturbed_all(&self, state: &State) -> Vec<f32> {
@@ -645,29 +855,59 @@ impl Run<'_> {
         out
     }
 
-    /// (a): surrogate SGD steps on the protected images.
-    fn theta_step(&self, state: &mut State, opt: &mut MomentumSgd, round: usize) -> Result<f64> {
+    /// Accuracy and loss of every surrogate on `pixels`: the lowest
+    /// accuracy and the highest loss.
+    fn evaluate(&self, pixels: &[f32], labels: &[u32]) -> Result<crate::model::Eval> {
+        let mut out: Option<crate::model::Eval> = None;
+        for net in self.nets {
+            let e = net.evaluate(pixels, labels, self.params.pgd_batch)?;
+            out = Some(match out {
+                None => e,
+                Some(o) => crate::model::Eval {
+                    accuracy: o.accuracy.min(e.accuracy),
+                    loss: o.loss.max(e.loss),
+                },
+            });
+        }
+        out.ok_or_else(|| Error::Config("no surrogate".into()))
+    }
+
+    /// (a): surrogate SGD steps on the protected images (every surrogate
+    /// on the same batches); the mean loss.
+    fn theta_step(&self, state: &mut State, opts: &mut [MomentumSgd], round: usize) -> Result<f64> {
         let n = self.data.len();
         let bs = self.params.train_batch.min(n);
         let mut rng = StdRng::seed_from_u64(mix(self.params.seed, 2, round as u64));
         let mut total = 0f64;
         let steps = self.params.train_steps_per_round;
+        let mut prng = StdRng::seed_from_u64(mix(self.params.seed, 6, round as u64));
         for _ in 0..steps {
             let idx = rand::seq::index::sample(&mut rng, n, bs).into_vec();
             let mut px = Vec::with_capacity(bs * self.shape().values());
             let mut labels = Vec::with_capacity(bs);
-            for &i in &idx {
-                self.push_perturbed(state, i, &mut px);
-                labels.push(self.data.labels()[i]);
+            if self.classwise && self.params.cross_pairs > 0.0 {
+                for (&i, c) in idx.iter().zip(self.pair_classes(&idx, &mut prng)) {
+                    self.push_with_unit(state, i, c, &mut px);
+                    labels.push(c as u32);
+                }
+            } else {
+                for &i in &idx {
+                    self.push_perturbed(state, i, &mut px);
+                    labels.push(self.data.labels()[i]);
+                }
             }
-            let x = self.net.batch(&px)?;
-            let y = self.net.labels(&labels)?;
-            let logits = self.net.forward(&x, Mode::Train)?;
-            let loss = nn::cross_entropy(&logits, &y, None)?;
-            total += opt.step(&loss)? as f64;
+            for (net, opt) in self.nets.iter().zip(opts.iter_mut()) {
+                let x = net.batch(&px)?;
+                let y = net.labels(&labels)?;
+                let logits = net.forward(&x, Mode::Train)?;
+                let loss = nn::cross_entropy(&logits, &y, None)?;
+                total += opt.step(&loss)? as f64 / self.nets.len() as f64;
+            }
         }
         if self.params.bn_recalibration > 0 && steps > 0 {
-            self.net.set_trainable(false);
+            for net in self.nets {
+                net.set_trainable(false);
+            }
             let result = (|| -> Result<()> {
                 for _ in 0..self.params.bn_recalibration {
                     let idx = rand::seq::index::sample(&mut rng, n, bs).into_vec();
@@ -675,11 +915,15 @@ impl Run<'_> {
                     for &i in &idx {
                         self.push_perturbed(state, i, &mut px);
                     }
-                    self.net.forward(&self.net.batch(&px)?, Mode::Train)?;
+                    for net in self.nets {
+                        net.forward(&net.batch(&px)?, Mode::Train)?;
+                    }
                 }
                 Ok(())
             })();
-            self.net.set_trainable(true);
+            for net in self.nets {
+                net.set_trainable(true);
+            }
             result?;
         }
         Ok(if steps == 0 {
@@ -689,16 +933,44 @@ impl Run<'_> {
         })
     }
 
-    /// Input gradients of CE at the protected images `idx`.
-    fn gradients(&self, state: &State, idx: std::ops::Range<usize>) -> Result<Vec<f32>> {
+    /// Input gradients of CE at the protected images `idx`; class-wise
+    /// with `pairs`, image `idx[b]` carries the noise and label of class
+    /// `pairs[b]` instead of its own.
+    fn gradients(
+        &self,
+        state: &State,
+        idx: std::ops::Range<usize>,
+        pairs: Option<&[usize]>,
+    ) -> Result<Vec<f32>> {
         let mut px = Vec::with_capacity(idx.len() * self.shape().values());
-        for i in idx.clone() {
-            self.push_perturbed(state, i, &mut px);
+        let labels: Vec<u32> = match pairs {
+            Some(pairs) => {
+                for (i, &c) in idx.clone().zip(pairs) {
+                    self.push_with_unit(state, i, c, &mut px);
+                }
+                pairs.iter().map(|&c| c as u32).collect()
+            }
+            None => {
+                for i in idx.clone() {
+                    self.push_perturbed(state, i, &mut px);
+                }
+                self.data.labels()[idx].to_vec()
+            }
+        };
+        let mut g: Vec<f32> = Vec::new();
+        for net in self.nets {
+            let x = net.batch(&px)?;
+            let y = net.labels(&labels)?;
+            let (_, gk) = net.input_gradient(&x, &y, Mode::Eval)?;
+            let gk = gk.flatten_all()?.to_vec1::<f32>()?;
+            if g.is_empty() {
+                g = gk;
+            } else {
+                for (a, b) in g.iter_mut().zip(gk) {
+                    *a += b;
+                }
+            }
         }
-        let x = self.net.batch(&px)?;
-        let y = self.net.labels(&self.data.labels()[idx])?;
-        let (_, g) = self.net.input_gradient(&x, &y, Mode::Eval)?;
-        let mut g = g.flatten_all()?.to_vec1::<f32>()?;
         if self.params.shared_channels && self.shape().channels > 1 {
             let s = self.shape();
             let (v, hw) = (s.values(), s.pixels());
@@ -747,10 +1019,24 @@ impl Run<'_> {
             }
             let end = (start + bs).min(n);
             for t in 0..self.params.pgd_steps {
-                let g = self.gradients(state, start..end)?;
                 if self.classwise {
-                    self.class_update(state, start..end, &g);
+                    let pairs = if self.params.cross_pairs > 0.0 {
+                        let mut prng = StdRng::seed_from_u64(mix(
+                            self.params.seed,
+                            7,
+                            ((round as u64) << 32) ^ ((start as u64) << 10) ^ t as u64,
+                        ));
+                        let idx: Vec<usize> = (start..end).collect();
+                        self.pair_classes(&idx, &mut prng)
+                    } else {
+                        (start..end)
+                            .map(|i| self.data.labels()[i] as usize)
+                            .collect()
+                    };
+                    let g = self.gradients(state, start..end, Some(&pairs))?;
+                    self.class_update(state, start..end, &pairs, &g);
                 } else {
+                    let g = self.gradients(state, start..end, None)?;
                     if let Some((rho, strategy, refresh)) = self.salm() {
                         self.refresh_image_masks(
                             state,
@@ -838,13 +1124,19 @@ impl Run<'_> {
     /// the batch loss with respect to the shared noise). An image whose
     /// pixel is already clipped at 0 or 1 in the step's direction adds
     /// nothing there.
-    fn class_update(&self, state: &mut State, idx: std::ops::Range<usize>, g: &[f32]) {
+    fn class_update(
+        &self,
+        state: &mut State,
+        idx: std::ops::Range<usize>,
+        pairs: &[usize],
+        g: &[f32],
+    ) {
         let s = self.shape();
         let (v, hw) = (s.values(), s.pixels());
         let classes = self.data.classes().len();
         let mut sum = vec![0f32; classes * v];
         for (b, i) in idx.enumerate() {
-            let c = self.data.labels()[i] as usize;
+            let c = pairs[b];
             let x = self.data.image(i);
             for j in 0..v {
                 let gv = g[b * v + j];
@@ -888,7 +1180,7 @@ impl Run<'_> {
         let mut start = 0;
         while start < n {
             let end = (start + self.params.pgd_batch).min(n);
-            let g = self.gradients(state, start..end)?;
+            let g = self.gradients(state, start..end, None)?;
             for (b, i) in (start..end).enumerate() {
                 let c = self.data.labels()[i] as usize;
                 let sc = mask::gradient_scores(
@@ -955,35 +1247,42 @@ pub fn estimate_dataset(data: &Dataset, params: &ProtectParams) -> Result<Estima
     params.validate()?;
     let device = params.device_spec()?.open()?;
     let shape = data.shape();
-    let net = Net::new(
-        &params.surrogate,
-        shape,
-        data.classes().len(),
-        &device,
-        mix(params.seed, 1, 0),
-    )?;
     let v = shape.values();
     let n = data.len();
     let pb = params.pgd_batch.min(n);
     let tb = params.train_batch.min(n);
-    let x = net.batch(&data.pixels()[..pb * v])?;
-    let y = net.labels(&data.labels()[..pb])?;
-    // Warm-up, then time two noise steps.
-    net.input_gradient(&x, &y, Mode::Eval)?;
-    let t0 = Instant::now();
-    for _ in 0..2 {
+    // Every surrogate's time adds up: each one takes every step.
+    let (mut per_image_step, mut per_train_step) = (0f64, 0f64);
+    for (k, arch) in std::iter::once(&params.surrogate)
+        .chain(&params.ensemble)
+        .enumerate()
+    {
+        let net = Net::new(
+            arch,
+            shape,
+            data.classes().len(),
+            &device,
+            mix(params.seed, 1, k as u64),
+        )?;
+        let x = net.batch(&data.pixels()[..pb * v])?;
+        let y = net.labels(&data.labels()[..pb])?;
+        // Warm-up, then time two noise steps.
         net.input_gradient(&x, &y, Mode::Eval)?;
+        let t0 = Instant::now();
+        for _ in 0..2 {
+            net.input_gradient(&x, &y, Mode::Eval)?;
+        }
+        per_image_step += t0.elapsed().as_secs_f64() / (2 * pb) as f64;
+        let mut opt = MomentumSgd::new(net.named_trainable_vars(), params.sgd)?;
+        let xt = net.batch(&data.pixels()[..tb * v])?;
+        let yt = net.labels(&data.labels()[..tb])?;
+        let t1 = Instant::now();
+        for _ in 0..2 {
+            let logits = net.forward(&xt, Mode::Train)?;
+            opt.step(&nn::cross_entropy(&logits, &yt, None)?)?;
+        }
+        per_train_step += t1.elapsed().as_secs_f64() / 2.0;
     }
-    let per_image_step = t0.elapsed().as_secs_f64() / (2 * pb) as f64;
-    let mut opt = MomentumSgd::new(net.named_trainable_vars(), params.sgd)?;
-    let xt = net.batch(&data.pixels()[..tb * v])?;
-    let yt = net.labels(&data.labels()[..tb])?;
-    let t1 = Instant::now();
-    for _ in 0..2 {
-        let logits = net.forward(&xt, Mode::Train)?;
-        opt.step(&nn::cross_entropy(&logits, &yt, None)?)?;
-    }
-    let per_train_step = t1.elapsed().as_secs_f64() / 2.0;
     let steps = (n * params.pgd_steps) as u64;
     let mut round = steps as f64 * per_image_step
         + params.train_steps_per_round as f64 * per_train_step

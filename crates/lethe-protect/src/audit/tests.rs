@@ -29,6 +29,8 @@ fn fast(mut p: ProtectParams, rounds: usize) -> ProtectParams {
         max_rounds: rounds,
         train_accuracy: None,
         loss_below: None,
+        patience: 1,
+        shortcut_accuracy: None,
     };
     p
 }

@@ -51,6 +51,8 @@ pub(crate) fn fingerprint(data: &Dataset, params: &ProtectParams) -> String {
         max_rounds: 1,
         train_accuracy: None,
         loss_below: None,
+        patience: 1,
+        shortcut_accuracy: None,
     };
     p.device = String::new();
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
@@ -84,8 +86,8 @@ pub(crate) fn save(
     dir: &Path,
     fingerprint: &str,
     state: &State,
-    net: &Net,
-    opt: &MomentumSgd,
+    nets: &[Net],
+    opts: &[MomentumSgd],
 ) -> Result<()> {
     let staging = dir.join("staging");
     if staging.exists() {
@@ -95,10 +97,12 @@ pub(crate) fn save(
     let delta: Vec<u8> = state.delta.iter().flat_map(|v| v.to_le_bytes()).collect();
     fs::write(staging.join("delta.bin"), delta).map_err(|e| io(e, &staging))?;
     fs::write(staging.join("mask.bin"), &state.mask).map_err(|e| io(e, &staging))?;
-    net.save(&staging.join("surrogate"))?;
-    let momentum = opt.state();
-    if !momentum.is_empty() {
-        candle_core::safetensors::save(&momentum, staging.join("momentum.safetensors"))?;
+    for (k, (net, opt)) in nets.iter().zip(opts).enumerate() {
+        net.save(&staging.join(surrogate_dir(k)))?;
+        let momentum = opt.state();
+        if !momentum.is_empty() {
+            candle_core::safetensors::save(&momentum, staging.join(momentum_file(k)))?;
+        }
     }
     let file = StateFile {
         format_version: FORMAT_VERSION,
@@ -130,15 +134,34 @@ pub(crate) fn save(
     Ok(())
 }
 
-/// The saved state, if `dir` holds one; an error if it belongs to another
-/// run or is damaged.
-/// What [`load`] restores: the state, the surrogate and its momentum.
-pub(crate) type Restored = (State, Net, HashMap<String, Tensor>);
+/// Folder of surrogate `k` (0: the main one, then the ensemble).
+fn surrogate_dir(k: usize) -> String {
+    if k == 0 {
+        "surrogate".into()
+    } else {
+        format!("surrogate-{k}")
+    }
+}
 
+/// Momentum file of surrogate `k`.
+fn momentum_file(k: usize) -> String {
+    if k == 0 {
+        "momentum.safetensors".into()
+    } else {
+        format!("momentum-{k}.safetensors")
+    }
+}
+
+/// What [`load`] restores: the state, the surrogates and their momentum.
+pub(crate) type Restored = (State, Vec<Net>, Vec<HashMap<String, Tensor>>);
+
+/// The saved state with its `surrogates` networks, if `dir` holds one; an
+/// error if it belongs to another run or is damaged.
 pub(crate) fn load(
     dir: &Path,
     fingerprint: &str,
     shape: ImageShape,
+    surrogates: usize,
     device: &Device,
 ) -> Result<Option<Restored>> {
     let mut current = dir.join("current");
@@ -180,15 +203,21 @@ pub(crate) fn load(
     if mask.len() != file.mask_len || file.mask_ready.len() * shape.pixels() != mask.len() {
         return Err(ck_err(dir, "mask.bin has the wrong size"));
     }
-    let net = Net::load(&current.join("surrogate"), shape, device)
-        .map_err(|e| ck_err(dir, format!("surrogate: {e}")))?;
-    let mpath = current.join("momentum.safetensors");
-    let momentum = if mpath.is_file() {
-        candle_core::safetensors::load(&mpath, device)
-            .map_err(|e| ck_err(dir, format!("momentum: {e}")))?
-    } else {
-        HashMap::new()
-    };
+    let mut nets = Vec::with_capacity(surrogates);
+    let mut momentum = Vec::with_capacity(surrogates);
+    for k in 0..surrogates {
+        nets.push(
+            Net::load(&current.join(surrogate_dir(k)), shape, device)
+                .map_err(|e| ck_err(dir, format!("{}: {e}", surrogate_dir(k))))?,
+        );
+        let mpath = current.join(momentum_file(k));
+        momentum.push(if mpath.is_file() {
+            candle_core::safetensors::load(&mpath, device)
+                .map_err(|e| ck_err(dir, format!("momentum: {e}")))?
+        } else {
+            HashMap::new()
+        });
+    }
     Ok(Some((
         State {
             round: file.round,
@@ -200,7 +229,7 @@ pub(crate) fn load(
             image_steps: file.image_steps,
             stop: file.stop,
         },
-        net,
+        nets,
         momentum,
     )))
 }

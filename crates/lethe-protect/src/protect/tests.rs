@@ -30,6 +30,8 @@ fn fast(mut p: ProtectParams) -> ProtectParams {
         max_rounds: 2,
         train_accuracy: None,
         loss_below: None,
+        patience: 1,
+        shortcut_accuracy: None,
     };
     p
 }
@@ -114,14 +116,19 @@ fn runs_are_deterministic_per_seed() {
 #[test]
 fn resume_equals_an_uninterrupted_run() {
     let data = tiny(3);
-    for method in [
-        ProtectParams::salm(8.0 / 255.0, 0.2),
-        ProtectParams {
+    let mut ensemble = classwise_salm(0.5);
+    ensemble.ensemble = vec![Arch::Cnn {
+        channels: vec![4, 8, 8],
+        batch_norm: false,
+    }];
+    for mut p in [
+        fast(ProtectParams::salm(8.0 / 255.0, 0.2)),
+        fast(ProtectParams {
             method: Method::Em { classwise: true },
             ..ProtectParams::em(8.0 / 255.0)
-        },
+        }),
+        ensemble,
     ] {
-        let mut p = fast(method);
         p.stop.min_rounds = 3;
         p.stop.max_rounds = 3;
         let full = protect_dataset(&data, &p, &quiet()).unwrap();
@@ -209,6 +216,8 @@ fn bad_parameters_are_named() {
                     max_rounds: 2,
                     train_accuracy: None,
                     loss_below: None,
+                    patience: 1,
+                    shortcut_accuracy: None,
                 },
                 ..ProtectParams::em(0.03)
             },
@@ -221,6 +230,41 @@ fn bad_parameters_are_named() {
             },
             "tpu",
         ),
+        (
+            ProtectParams {
+                stop: StopRule {
+                    patience: 50,
+                    ..StopRule::new(1, 10, Some(0.99), None)
+                },
+                ..ProtectParams::em(0.03)
+            },
+            "patience",
+        ),
+        (
+            ProtectParams {
+                stop: StopRule {
+                    shortcut_accuracy: Some(1.5),
+                    ..StopRule::new(1, 10, Some(0.99), None)
+                },
+                ..ProtectParams::em(0.03)
+            },
+            "shortcut_accuracy",
+        ),
+        (
+            ProtectParams {
+                cross_pairs: 1.0,
+                method: Method::Em { classwise: true },
+                ..ProtectParams::em(0.03)
+            },
+            "cross_pairs",
+        ),
+        (
+            ProtectParams {
+                cross_pairs: 0.5,
+                ..ProtectParams::em(0.03)
+            },
+            "class-wise",
+        ),
     ];
     for (p, needle) in cases {
         let err = protect_dataset(&data, &p, &quiet())
@@ -230,25 +274,101 @@ fn bad_parameters_are_named() {
     }
 }
 
+/// A round log of `(accuracy, loss, shortcut accuracy)` per round.
+fn log_of(rounds: &[(f64, f64, Option<f64>)]) -> Vec<RoundLog> {
+    rounds
+        .iter()
+        .enumerate()
+        .map(|(i, &(accuracy, loss, shortcut_accuracy))| RoundLog {
+            round: i + 1,
+            train_loss: loss,
+            accuracy,
+            loss,
+            saturated: 0.0,
+            shortcut_accuracy,
+            seconds: 0.0,
+        })
+        .collect()
+}
+
 #[test]
 fn stop_rule_waits_for_min_rounds() {
-    let rule = StopRule {
-        min_rounds: 3,
-        max_rounds: 5,
-        train_accuracy: Some(0.99),
-        loss_below: Some(1e-3),
-    };
-    assert_eq!(stop_reason(&rule, 1, 1.0, 0.0), None);
+    let rule = StopRule::new(3, 5, Some(0.99), Some(1e-3));
+    let stop = |r: &[(f64, f64, Option<f64>)]| stop_reason(&rule, &log_of(r));
+    assert_eq!(stop(&[]), None);
+    assert_eq!(stop(&[(1.0, 0.0, None)]), None);
     assert_eq!(
-        stop_reason(&rule, 3, 1.0, 0.5),
+        stop(&[(0.5, 0.5, None), (0.5, 0.5, None), (1.0, 0.5, None)]),
         Some(StopReason::TrainAccuracy)
     );
     assert_eq!(
-        stop_reason(&rule, 3, 0.5, 1e-4),
+        stop(&[(0.5, 0.5, None), (0.5, 0.5, None), (0.5, 1e-4, None)]),
         Some(StopReason::LossThreshold)
     );
-    assert_eq!(stop_reason(&rule, 4, 0.5, 0.5), None);
-    assert_eq!(stop_reason(&rule, 5, 0.5, 0.5), Some(StopReason::MaxRounds));
+    assert_eq!(stop(&[(0.5, 0.5, None); 4]), None);
+    assert_eq!(stop(&[(0.5, 0.5, None); 5]), Some(StopReason::MaxRounds));
+}
+
+#[test]
+fn stop_rule_patience_needs_consecutive_rounds() {
+    let rule = StopRule {
+        patience: 3,
+        ..StopRule::new(2, 10, Some(0.99), None)
+    };
+    let stop = |r: &[(f64, f64, Option<f64>)]| stop_reason(&rule, &log_of(r));
+    let hit = (1.0, 0.1, None);
+    let miss = (0.9, 0.1, None);
+    // Two rounds past min_rounds at target: not yet.
+    assert_eq!(stop(&[miss, hit, hit]), None);
+    // Interrupted streak: the count starts again.
+    assert_eq!(stop(&[hit, hit, miss, hit, hit]), None);
+    assert_eq!(
+        stop(&[hit, hit, miss, hit, hit, hit]),
+        Some(StopReason::TrainAccuracy)
+    );
+    // max_rounds still wins over an unfinished streak.
+    let mut r = vec![miss; 9];
+    r.push(hit);
+    assert_eq!(stop(&r), Some(StopReason::MaxRounds));
+    // patience 0 is read as 1.
+    let rule0 = StopRule {
+        patience: 0,
+        ..StopRule::new(1, 10, Some(0.99), None)
+    };
+    assert_eq!(
+        stop_reason(&rule0, &log_of(&[hit])),
+        Some(StopReason::TrainAccuracy)
+    );
+}
+
+#[test]
+fn stop_rule_shortcut_condition_blocks_accuracy_and_loss() {
+    let rule = StopRule {
+        shortcut_accuracy: Some(0.9),
+        ..StopRule::new(1, 10, Some(0.99), Some(1e-3))
+    };
+    let stop = |r: &[(f64, f64, Option<f64>)]| stop_reason(&rule, &log_of(r));
+    // Fits the protected images but the noise does not decide the label.
+    assert_eq!(stop(&[(1.0, 1e-5, Some(0.3))]), None);
+    // Not measured: never counts.
+    assert_eq!(stop(&[(1.0, 1e-5, None)]), None);
+    assert_eq!(
+        stop(&[(1.0, 1e-5, Some(0.95))]),
+        Some(StopReason::TrainAccuracy)
+    );
+    assert_eq!(
+        stop(&[(0.5, 1e-5, Some(0.95))]),
+        Some(StopReason::LossThreshold)
+    );
+}
+
+#[test]
+fn stop_rule_fields_default_in_json() {
+    let rule: StopRule = serde_json::from_str(
+        r#"{"min_rounds": 2, "max_rounds": 4, "train_accuracy": 0.99, "loss_below": null}"#,
+    )
+    .unwrap();
+    assert_eq!(rule, StopRule::new(2, 4, Some(0.99), None));
 }
 
 #[test]
@@ -288,4 +408,114 @@ fn estimate_gives_positive_times() {
     assert_eq!(e.image_steps_per_round, 24);
     assert!(e.image_steps_per_second > 0.0);
     assert!(e.max_seconds >= e.min_seconds && e.min_seconds > 0.0);
+}
+
+/// Class-wise SALM with fast settings.
+fn classwise_salm(cross_pairs: f64) -> ProtectParams {
+    let mut p = fast(ProtectParams::salm(8.0 / 255.0, 0.25));
+    if let Method::Salm { classwise, .. } = &mut p.method {
+        *classwise = true;
+    }
+    p.cross_pairs = cross_pairs;
+    p
+}
+
+#[test]
+fn shortcut_accuracy_is_logged_every_round() {
+    let data = tiny(3);
+    let out = protect_dataset(&data, &classwise_salm(0.0), &quiet()).unwrap();
+    assert_eq!(out.rounds.len(), 2);
+    for r in &out.rounds {
+        let a = r.shortcut_accuracy.expect("measured with several classes");
+        assert!((0.0..=1.0).contains(&a), "{a}");
+    }
+    let samplewise = protect_dataset(
+        &data,
+        &fast(ProtectParams::salm(8.0 / 255.0, 0.25)),
+        &quiet(),
+    )
+    .unwrap();
+    assert!(samplewise
+        .rounds
+        .iter()
+        .all(|r| r.shortcut_accuracy.is_some()));
+}
+
+#[test]
+fn cross_pairs_change_the_noise_but_keep_the_budgets() {
+    let data = tiny(4);
+    let eps = 8.0 / 255.0;
+    let plain = protect_dataset(&data, &classwise_salm(0.0), &quiet()).unwrap();
+    let cross = protect_dataset(&data, &classwise_salm(0.5), &quiet()).unwrap();
+    let again = protect_dataset(&data, &classwise_salm(0.5), &quiet()).unwrap();
+    assert_ne!(plain.protected.pixels(), cross.protected.pixels());
+    assert_eq!(cross.protected.pixels(), again.protected.pixels());
+    let hw = data.shape().pixels();
+    let k = mask_size(0.25, hw);
+    let masks = cross.masks.as_ref().unwrap();
+    for (i, (a, b)) in data
+        .pixels()
+        .chunks(hw)
+        .zip(cross.protected.pixels().chunks(hw))
+        .enumerate()
+    {
+        let m = &masks[i * hw..(i + 1) * hw];
+        assert_eq!(m.iter().filter(|&&x| x == 1).count(), k);
+        for (q, (x, y)) in a.iter().zip(b).enumerate() {
+            // Released on the 8-bit grid: within eps plus half a level.
+            assert!((x - y).abs() <= eps as f32 + 0.5 / 255.0 + 1e-6);
+            if m[q] == 0 {
+                assert!(
+                    (x - y).abs() <= 0.5 / 255.0 + 1e-6,
+                    "moved outside the mask"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn cross_pairs_make_the_noise_decide_the_label() {
+    // With cross pairs the surrogate is trained to read the noise whatever
+    // the image, so the noise of another class flips most predictions; the
+    // plain min-min run does not ask for this.
+    let data = tiny(8);
+    let mut plain = classwise_salm(0.0);
+    plain.stop = StopRule::new(12, 12, None, None);
+    plain.train_steps_per_round = 15;
+    plain.sgd.lr = 0.02;
+    let mut cross = plain.clone();
+    cross.cross_pairs = 0.5;
+    let a = protect_dataset(&data, &plain, &quiet()).unwrap();
+    let b = protect_dataset(&data, &cross, &quiet()).unwrap();
+    let last = |p: &Protection| p.rounds.last().unwrap().shortcut_accuracy.unwrap();
+    assert!(
+        last(&b) >= last(&a) + 0.3 && last(&b) >= 0.6,
+        "shortcut accuracy plain {} cross {}",
+        last(&a),
+        last(&b)
+    );
+}
+
+#[test]
+fn an_ensemble_shapes_the_noise_within_the_budgets() {
+    let data = tiny(4);
+    let eps = 8.0 / 255.0;
+    let single = classwise_salm(0.5);
+    let mut ens = single.clone();
+    ens.ensemble = vec![Arch::Resnet18 { width: 2 }];
+    let a = protect_dataset(&data, &single, &quiet()).unwrap();
+    let b = protect_dataset(&data, &ens, &quiet()).unwrap();
+    assert_ne!(a.protected.pixels(), b.protected.pixels());
+    assert!(b.quality.linf_max <= eps + 0.5 / 255.0 + 1e-6);
+    assert!(b.quality.l0_mean <= 0.25 + 1e-6);
+    assert_eq!(b.rounds.len(), 2);
+    let e = estimate_dataset(&data, &ens).unwrap();
+    assert!(e.seconds_per_round > 0.0 && e.max_seconds >= e.min_seconds);
+    let mut bad = ens.clone();
+    bad.ensemble = vec![Arch::Resnet18 { width: 2 }; 8];
+    let err = protect_dataset(&data, &bad, &quiet())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("ensemble"), "{err}");
 }

@@ -21,6 +21,8 @@ fn params() -> ProtectParams {
         max_rounds: 2,
         train_accuracy: None,
         loss_below: None,
+        patience: 1,
+        shortcut_accuracy: None,
     };
     p
 }
