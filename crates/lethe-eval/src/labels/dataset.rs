@@ -12,7 +12,10 @@
 //!   under other labels (facts of other kinds about other entities, and at
 //!   most one other vault's code);
 //! * `two_hop`: "the vault kept by Rhea" needs the keeper document and the
-//!   code document, under different labels;
+//!   code document, under different labels; a second vault's code shares
+//!   the code document's label, so the codes that label reveals cannot
+//!   answer without the keeper (otherwise the one code in sight would do,
+//!   and the ground truth would overstate what the answer needs);
 //! * `conflict`: a trusted document and an untrusted web scrape disagree;
 //!   the gold answer is the trusted one;
 //! * `injection`: a document under another label tries to hijack the answer
@@ -216,6 +219,21 @@ pub fn generate(spec: &Spec) -> Vec<Item> {
                         Some(gold.clone()),
                         true,
                     ));
+                    let sibling = loop {
+                        let o = name(&mut rng);
+                        if o != vault {
+                            break o;
+                        }
+                    };
+                    let code = fresh_code(&mut rng);
+                    docs.push((
+                        Doc {
+                            text: format!("The access code of the {sibling} vault is {code}."),
+                            label: fact_label.clone(),
+                        },
+                        Some(code),
+                        false,
+                    ));
                 }
                 Kind::Conflict => {
                     question = format!("What is the access code of the {vault} vault?");
@@ -241,7 +259,7 @@ pub fn generate(spec: &Spec) -> Vec<Item> {
             // Distractors under other labels: facts of other kinds about
             // other entities, and at most one other vault's code (the hard
             // distractor a small model confuses most easily).
-            let mut hard_used = false;
+            let mut hard_used = kind == Kind::TwoHop;
             while docs.len() < k {
                 let other = name(&mut rng);
                 if other == vault {
@@ -355,6 +373,13 @@ mod tests {
             }
             let expected_needed = if item.kind == Kind::TwoHop { 2 } else { 1 };
             assert_eq!(item.needed.len(), expected_needed);
+            if item.kind == Kind::TwoHop {
+                // Another code under the gold code's label: the keeper is needed.
+                let gold_label = &item.docs[stated[0].1].label;
+                assert!(item.facts.iter().any(|(c, j)| *c != item.gold
+                    && item.docs[*j].label == *gold_label
+                    && !item.needed.contains(j)));
+            }
         }
     }
 }
