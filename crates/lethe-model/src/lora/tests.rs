@@ -53,7 +53,10 @@ fn bits(t: &Tensor) -> Vec<u32> {
 fn randomise_b(adapter: &LoraAdapter, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     let data = adapter.varmap().data().lock().unwrap();
-    for (name, var) in data.iter() {
+    // Sorted by name: the map's own order changes from run to run.
+    let mut vars: Vec<_> = data.iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(b.0));
+    for (name, var) in vars {
         if name.ends_with("lora_B.weight") {
             let n = var.elem_count();
             let v: Vec<f32> = (0..n).map(|_| rng.random_range(-0.05f32..0.05)).collect();
