@@ -391,7 +391,7 @@ const OTHER_TEXT: &str = "The cafeteria opens at eight and closes at three on we
 /// A byte-level decoder that memorised the canary and two other texts,
 /// saved as the deployment's model.
 fn canary_decoder(dir: &Path) {
-    use lethe_unlearn::data::{TextExample, TextSet};
+    use lethe_unlearn::data::TextSet;
     let cfg = lethe_model::decoder::Config::new(260, 64, 128, 2, 4, 128);
     let d = lethe_model::decoder::Decoder::new(cfg, &candle_core::Device::Cpu, 5).unwrap();
     let texts = [
@@ -399,12 +399,11 @@ fn canary_decoder(dir: &Path) {
         OTHER_TEXT,
         "Expense reports are due on the fifth of every month.",
     ];
-    let set = TextSet::new(
-        texts
-            .iter()
-            .map(|t| TextExample::document(t.bytes().map(u32::from).collect()).unwrap())
-            .collect(),
-    );
+    let bytes: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| t.bytes().map(u32::from).collect())
+        .collect();
+    let set = TextSet::documents(&bytes).unwrap();
     let fit = lethe_unlearn::lm::fit(
         &d,
         &set,

@@ -149,28 +149,7 @@ async fn unlearning_over_http_erases_the_canary() {
     assert_eq!(s, StatusCode::NOT_FOUND);
 
     // Poll until the background run completes.
-    let started = Instant::now();
-    let done = loop {
-        let (s, b) = call(
-            &router,
-            "GET",
-            &format!("/v1/unlearn/{id}"),
-            Some(&olga),
-            None,
-        )
-        .await;
-        assert_eq!(s, StatusCode::OK, "{b}");
-        match b["state"].as_str() {
-            Some("completed") => break b,
-            Some("pending" | "running") => {}
-            other => panic!("unexpected state {other:?}: {b}"),
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "the run did not finish: {b}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let done = wait_completed(&router, &olga, &id, Duration::from_secs(120)).await;
     let receipt = &done["receipt"];
     assert_eq!(receipt["receipt"]["request"]["id"], id.as_str());
     assert_eq!(receipt["receipt"]["removed"][0]["id"], "hr/vault");
@@ -213,7 +192,7 @@ async fn unlearning_over_http_erases_the_canary() {
 }
 
 /// Polls `GET /v1/unlearn/{id}` until the request completes.
-async fn wait_completed(router: &axum::Router, key: &str, id: &str) -> Value {
+async fn wait_completed(router: &axum::Router, key: &str, id: &str, limit: Duration) -> Value {
     let started = Instant::now();
     loop {
         let (s, b) = call(router, "GET", &format!("/v1/unlearn/{id}"), Some(key), None).await;
@@ -223,17 +202,14 @@ async fn wait_completed(router: &axum::Router, key: &str, id: &str) -> Value {
             Some("pending" | "running") => {}
             other => panic!("unexpected state {other:?}: {b}"),
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(300),
-            "the run did not finish: {b}"
-        );
+        assert!(started.elapsed() < limit, "the run did not finish: {b}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_served_decoder_forgets_the_canary_without_a_restart() {
-    use lethe_unlearn::data::{TextExample, TextSet};
+    use lethe_unlearn::data::TextSet;
     let dir = tempfile::tempdir().unwrap();
     let root = lethe_engine::project_root();
     let vault_text =
@@ -246,12 +222,11 @@ async fn the_served_decoder_forgets_the_canary_without_a_restart() {
         vault_text.as_str(),
         "Expense reports are due on the fifth of every month.",
     ];
-    let set = TextSet::new(
-        texts
-            .iter()
-            .map(|t| TextExample::document(t.bytes().map(u32::from).collect()).unwrap())
-            .collect(),
-    );
+    let bytes: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| t.bytes().map(u32::from).collect())
+        .collect();
+    let set = TextSet::documents(&bytes).unwrap();
     let train = lethe_unlearn::lm::LmTrainConfig::new(1e-2, 400, 2);
     lethe_unlearn::lm::fit(&d, &set, &train).unwrap();
     d.save(&decoder_dir).unwrap();
@@ -323,7 +298,7 @@ async fn the_served_decoder_forgets_the_canary_without_a_restart() {
     let (s, b) = call(&router, "POST", "/v1/unlearn", Some(&olga), Some(body)).await;
     assert_eq!(s, StatusCode::ACCEPTED, "{b}");
     let id = b["id"].as_str().unwrap().to_string();
-    let done = wait_completed(&router, &olga, &id).await;
+    let done = wait_completed(&router, &olga, &id, Duration::from_secs(300)).await;
     assert_eq!(done["receipt"]["receipt"]["weights"]["kind"], "suppression");
 
     // Same daemon, same question: the suppression adapter is gated on.

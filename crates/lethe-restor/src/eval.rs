@@ -251,13 +251,7 @@ pub fn evaluate(
     }
     let locality = answer_correctness(scorer, world, &world.locality_facts(), batch_size)?;
     let other = answer_correctness(scorer, world, other_facts, batch_size)?;
-    let heldout = TextSet::new(
-        world
-            .heldout_docs()
-            .iter()
-            .map(|d| TextExample::document(d.clone()))
-            .collect::<std::result::Result<_, _>>()?,
-    );
+    let heldout = TextSet::documents(world.heldout_docs())?;
     Ok(ModelEval {
         targets,
         locality_correct: locality.iter().filter(|(_, o)| *o == Outcome::Gold).count(),

@@ -186,11 +186,7 @@ pub struct PipelineOutput {
 }
 
 fn docs_set(docs: &[Vec<u32>]) -> Result<TextSet> {
-    Ok(TextSet::new(
-        docs.iter()
-            .map(|d| TextExample::document(d.clone()))
-            .collect::<std::result::Result<_, _>>()?,
-    ))
+    Ok(TextSet::documents(docs)?)
 }
 
 /// Seed of a stage derived from the run seed and a label.

@@ -59,14 +59,6 @@ fn windows(tok: &Tokenizer, texts: &[String]) -> Result<Vec<Vec<u32>>, BoxError>
     Ok(out)
 }
 
-fn documents(ws: &[Vec<u32>]) -> Result<TextSet, BoxError> {
-    Ok(TextSet::new(
-        ws.iter()
-            .map(|w| TextExample::document(w.clone()))
-            .collect::<Result<_, _>>()?,
-    ))
-}
-
 /// Prompt/continuation pairs: each window cut at three points.
 fn prompts(ws: &[Vec<u32>]) -> Result<TextSet, BoxError> {
     let mut ex = Vec::new();
@@ -119,8 +111,8 @@ fn main() -> Result<(), BoxError> {
     let tok = Tokenizer::from_gguf_file(&gguf)?;
     let forget_w = windows(&tok, &FORGET.map(String::from))?;
     let retain_w = windows(&tok, &acme_texts(&root, 6)?)?;
-    let forget = documents(&forget_w)?;
-    let retain = documents(&retain_w)?;
+    let forget = TextSet::documents(&forget_w)?;
+    let retain = TextSet::documents(&retain_w)?;
     let started = Instant::now();
     let t0 = Instant::now();
     let base = Decoder::from_gguf(&gguf, &Device::Cpu)?;

@@ -135,6 +135,19 @@ impl TextSet {
         TextSet { examples }
     }
 
+    /// Plain documents ([`TextExample::document`]), one per token
+    /// sequence; a sequence that cannot be one is an error naming its index.
+    pub fn documents(seqs: &[Vec<u32>]) -> Result<TextSet> {
+        let mut out = Vec::with_capacity(seqs.len());
+        for (i, ids) in seqs.iter().enumerate() {
+            out.push(
+                TextExample::document(ids.clone())
+                    .map_err(|e| Error::InvalidData(format!("document {i}: {e}")))?,
+            );
+        }
+        Ok(TextSet::new(out))
+    }
+
     /// Number of examples.
     pub fn len(&self) -> usize {
         self.examples.len()

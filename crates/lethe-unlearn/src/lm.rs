@@ -216,14 +216,10 @@ pub fn unlearn_texts(
     config: &LmMethodConfig,
 ) -> Result<UnlearnReport> {
     let docs = |seqs: &[Vec<u32>], what: &str| -> Result<TextSet> {
-        let mut out = Vec::with_capacity(seqs.len());
-        for (i, ids) in seqs.iter().enumerate() {
-            out.push(
-                TextExample::document(ids.clone())
-                    .map_err(|e| Error::InvalidData(format!("{what} document {i}: {e}")))?,
-            );
-        }
-        Ok(TextSet::new(out))
+        TextSet::documents(seqs).map_err(|e| match e {
+            Error::InvalidData(m) => Error::InvalidData(format!("{what} {m}")),
+            other => other,
+        })
     };
     let forget = docs(forget, "forget")?;
     let retain = if retain.is_empty() {
