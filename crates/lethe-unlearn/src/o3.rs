@@ -521,20 +521,25 @@ impl O3Unlearner {
             return Err(Error::InvalidData("empty prompt".into()));
         }
         let gates = self.decide(model, &[prompt])?.pop().unwrap_or_default();
-        let was = model.is_base_trainable();
-        model.set_base_trainable(false);
-        let result = (|| -> Result<Vec<u32>> {
+        let tokens = self.under_gates(model, || {
             for (r, g) in self.requests.iter().zip(&gates) {
                 r.adapter.set_gate(g.gate)?;
             }
             Ok(model.greedy(prompt, max_new_tokens, stop)?)
-        })();
+        })?;
+        Ok(GatedCompletion { tokens, gates })
+    }
+
+    /// Runs `f` (which sets adapter gates) with the base weights frozen,
+    /// then restores their trainability and turns every gate off again,
+    /// whatever `f` returned.
+    fn under_gates<R>(&self, model: &Decoder, f: impl FnOnce() -> Result<R>) -> Result<R> {
+        let was = model.is_base_trainable();
+        model.set_base_trainable(false);
+        let result = f();
         model.set_base_trainable(was);
         self.zero_gates()?;
-        Ok(GatedCompletion {
-            tokens: result?,
-            gates,
-        })
+        result
     }
 
     /// A [`Scorer`] that gates each row by its query.
@@ -588,9 +593,7 @@ impl Scorer for GatedDecoder<'_> {
             let key: Vec<u64> = d.iter().map(|g| g.gate.to_bits()).collect();
             groups.entry(key).or_default().push(row as u32);
         }
-        let was = self.model.is_base_trainable();
-        self.model.set_base_trainable(false);
-        let result = (|| -> Result<Tensor> {
+        self.o3.under_gates(self.model, || {
             let mut parts = Vec::with_capacity(groups.len());
             let mut order = Vec::with_capacity(b);
             for (key, rows) in &groups {
@@ -610,10 +613,7 @@ impl Scorer for GatedDecoder<'_> {
             }
             let inv = Tensor::from_vec(inverse, b, self.model.device())?;
             Ok(all.index_select(&inv, 0)?)
-        })();
-        self.model.set_base_trainable(was);
-        self.o3.zero_gates()?;
-        result
+        })
     }
 }
 
