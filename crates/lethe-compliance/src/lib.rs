@@ -391,17 +391,7 @@ impl Compliance {
         if let Some(m) = slot.as_ref().filter(|m| m.matches(&state)) {
             return Ok(Some(m.clone()));
         }
-        let models_dir = self.dir.join("models");
-        let generator = || Ok(engine.generator_path()?);
-        let m = weights::load_live(
-            &state,
-            &weights::LiveSources {
-                base: &base,
-                models_dir: &models_dir,
-                o3_overrides: engine.config().unlearning.methods.get("o3"),
-                generator: &generator,
-            },
-        )?;
+        let m = weights::load_live(&state, &self.live_sources(&engine, base))?;
         *slot = Some(m.clone());
         Ok(Some(m))
     }
@@ -691,25 +681,30 @@ impl Compliance {
         Ok(out)
     }
 
+    /// Where live models of this workflow come from (`base`: the configured
+    /// decoder folder).
+    fn live_sources(&self, engine: &Arc<Engine>, base: PathBuf) -> weights::LiveSources {
+        let engine = engine.clone();
+        weights::LiveSources {
+            base,
+            models_dir: self.dir.join("models"),
+            o3_overrides: engine.config().unlearning.methods.get("o3").cloned(),
+            generator: Box::new(move || Ok(engine.generator_path()?)),
+        }
+    }
+
     /// Remembers a freshly trained decoder (with the suppressions in force)
     /// so activation can swap it in without reloading it from disk. When
     /// that fails, `live_model` loads it lazily instead.
     fn pending_model(
         &self,
-        engine: &Engine,
+        engine: &Arc<Engine>,
         base: &Path,
         id: &str,
         decoder: lethe_model::decoder::Decoder,
         live: &LiveState,
     ) {
-        let models_dir = self.dir.join("models");
-        let generator = || Ok(engine.generator_path()?);
-        let src = weights::LiveSources {
-            base,
-            models_dir: &models_dir,
-            o3_overrides: engine.config().unlearning.methods.get("o3"),
-            generator: &generator,
-        };
+        let src = self.live_sources(engine, base.to_path_buf());
         match LiveModel::build(Some(id.to_string()), decoder, &live.suppressions, &src) {
             Ok(m) => {
                 *self.live_model.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(m));

@@ -105,29 +105,18 @@ impl Compliance {
                     .into(),
             ));
         };
-        let policy = engine.policy();
+        let (policy, clearance, sink) =
+            engine.output_context(&req.principal, req.sink.as_deref())?;
         let label = policy
             .label(&label_name)
             .map_err(|e| Error::Conflict(format!("[unlearning] label: {e}")))?
             .clone();
-        let forbidden = |m: String| Error::Engine(lethe_engine::Error::Forbidden(m));
-        let clearance = policy
-            .clearance(&req.principal)
-            .map_err(|e| forbidden(e.to_string()))?;
         if !clearance.may_read(&label.readers) {
-            return Err(forbidden(format!(
+            return Err(Error::Engine(lethe_engine::Error::Forbidden(format!(
                 "principal {:?} may not read the deployment decoder's label {label_name:?}",
                 req.principal
-            )));
+            ))));
         }
-        let sink = policy
-            .resolve_sink(&req.principal, req.sink.as_deref())
-            .map_err(|e| match e {
-                lethe_engine::label::LookupError::UnknownSink(s) => {
-                    Error::BadRequest(format!("unknown sink {s:?}"))
-                }
-                e => forbidden(e.to_string()),
-            })?;
         if req.prompt.trim().is_empty() {
             return Err(Error::BadRequest("empty prompt".into()));
         }

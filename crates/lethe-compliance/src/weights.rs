@@ -112,15 +112,15 @@ impl std::fmt::Debug for LiveModel {
 }
 
 /// Where a live model's parts come from.
-pub(crate) struct LiveSources<'a> {
+pub(crate) struct LiveSources {
     /// The configured base folder (its tokenizer.json, if any, is used).
-    pub base: &'a Path,
+    pub base: PathBuf,
     /// `unlearning/models/`: versions and O3 adapters.
-    pub models_dir: &'a Path,
+    pub models_dir: PathBuf,
     /// `[unlearning.methods.o3]` overrides (the gate thresholds in force).
-    pub o3_overrides: Option<&'a toml::Value>,
+    pub o3_overrides: Option<toml::Value>,
     /// The generator's GGUF (for the SmolLM2 tokenizer), found on demand.
-    pub generator: &'a dyn Fn() -> Result<PathBuf>,
+    pub generator: Box<dyn Fn() -> Result<PathBuf>>,
 }
 
 impl LiveModel {
@@ -131,12 +131,12 @@ impl LiveModel {
         version: Option<String>,
         mut decoder: Decoder,
         suppressions: &[String],
-        src: &LiveSources<'_>,
+        src: &LiveSources,
     ) -> Result<LiveModel> {
         let cfg = decoder.config().clone();
-        let (tok, tokenizer_name) = Tok::pick(src.base, cfg.vocab_size, src.generator)?;
+        let (tok, tokenizer_name) = Tok::pick(&src.base, cfg.vocab_size, &*src.generator)?;
         let refusal = tok.encode(REFUSAL)?;
-        let params = method_config("o3", src.o3_overrides, refusal)?;
+        let params = method_config("o3", src.o3_overrides.as_ref(), refusal)?;
         let o3cfg: O3Config = serde_json::from_value(strip_method(&params))
             .map_err(|e| Error::BadRequest(format!("o3 settings: {e}")))?;
         let mut o3 = O3Unlearner::new(o3cfg)?;
@@ -250,14 +250,6 @@ fn windows(
         }
     }
     Ok(out)
-}
-
-fn document_set(windows: &[Vec<u32>]) -> Result<TextSet> {
-    let ex: Vec<TextExample> = windows
-        .iter()
-        .map(|w| TextExample::document(w.clone()))
-        .collect::<lethe_unlearn::Result<_>>()?;
-    Ok(TextSet::new(ex))
 }
 
 /// O3's prompt/answer form: each window split at up to six points.
@@ -379,8 +371,8 @@ pub(crate) fn stage(input: &StageInput<'_>) -> Result<(WeightsRecord, Option<Dec
             "the forget set is empty (the documents' text gives no tokens)".into(),
         ));
     }
-    let forget = document_set(&forget_w)?;
-    let retain = document_set(&retain_w)?;
+    let forget = TextSet::documents(&forget_w)?;
+    let retain = TextSet::documents(&retain_w)?;
     let refusal = tok.encode(REFUSAL)?;
     let params = method_config(input.method, input.overrides, refusal)?;
     let mut metrics: BTreeMap<String, String> = BTreeMap::new();
@@ -601,10 +593,10 @@ pub(crate) fn write_live(path: &Path, state: &LiveState) -> Result<()> {
 }
 
 /// Loads the decoder of a live state with its suppressions.
-pub(crate) fn load_live(state: &LiveState, src: &LiveSources<'_>) -> Result<Arc<LiveModel>> {
+pub(crate) fn load_live(state: &LiveState, src: &LiveSources) -> Result<Arc<LiveModel>> {
     let dir = match &state.version {
         Some(v) => src.models_dir.join(v),
-        None => src.base.to_path_buf(),
+        None => src.base.clone(),
     };
     let decoder = Decoder::load(&dir, &candle_core::Device::Cpu)?;
     Ok(Arc::new(LiveModel::build(

@@ -349,23 +349,34 @@ impl Engine {
         }
     }
 
+    /// A principal's policy, clearance and the sink its output goes to
+    /// (`None`: itself): unknown principals and sinks they may not use are
+    /// `Forbidden`, unknown sinks `BadRequest`. Every answering path (RAG,
+    /// kNN-LM, the deployment's decoder) starts here.
+    pub fn output_context(
+        &self,
+        principal: &str,
+        sink: Option<&str>,
+    ) -> Result<(Arc<Policy>, lethe_label::Clearance, lethe_label::SinkRef)> {
+        let policy = self.policy();
+        let clearance = policy
+            .clearance(principal)
+            .map_err(|e| Error::Forbidden(e.to_string()))?;
+        let sink = policy.resolve_sink(principal, sink).map_err(|e| match e {
+            lethe_label::LookupError::UnknownSink(s) => {
+                Error::BadRequest(format!("unknown sink {s:?}"))
+            }
+            e => Error::Forbidden(e.to_string()),
+        })?;
+        Ok((policy, clearance, sink))
+    }
+
     /// The caller's policy, clearance and resolved sink.
     fn caller(
         &self,
         req: &AnswerRequest,
     ) -> Result<(Arc<Policy>, lethe_label::Clearance, lethe_label::SinkRef)> {
-        let policy = self.policy();
-        let clearance = policy
-            .clearance(&req.principal)
-            .map_err(|e| Error::Forbidden(e.to_string()))?;
-        let sink = policy
-            .resolve_sink(&req.principal, req.sink.as_deref())
-            .map_err(|e| match e {
-                lethe_label::LookupError::UnknownSink(s) => {
-                    Error::BadRequest(format!("unknown sink {s:?}"))
-                }
-                e => Error::Forbidden(e.to_string()),
-            })?;
+        let (policy, clearance, sink) = self.output_context(&req.principal, req.sink.as_deref())?;
         if req.query.trim().is_empty() {
             return Err(Error::BadRequest("empty query".into()));
         }
