@@ -174,6 +174,8 @@ pub struct MethodResult {
     pub rounds: usize,
     /// Why it stopped.
     pub stop_reason: Option<StopReason>,
+    /// The round whose noise was released (see `ProtectParams::release`).
+    pub released_round: usize,
     /// Wall time of the protection.
     pub seconds: f64,
     /// Noise steps (images x steps).
@@ -343,6 +345,7 @@ pub fn audit(cfg: &AuditConfig) -> Result<AuditReport> {
             params: m.params.clone(),
             rounds: p.rounds.len(),
             stop_reason: p.stop_reason,
+            released_round: p.released_round,
             seconds: p.seconds,
             image_steps: p.image_steps,
             image_steps_per_second: p.image_steps as f64 / p.seconds.max(1e-9),
@@ -804,20 +807,20 @@ pub fn markdown(r: &AuditReport, sweep_caption: &str, curve_caption: &str) -> St
     let _ = writeln!(md, "## Methods side by side\n");
     let _ = writeln!(
         md,
-        "| method | parameters | victim acc | PSNR mean / min dB | SSIM | L-inf (x255) | L0 mean | rounds (stop) | shortcut acc | time s | image-steps/s |"
+        "| method | parameters | victim acc | PSNR mean / min dB | SSIM | L-inf (x255) | L0 mean | rounds (stop) | released round | shortcut acc (released) | time s | image-steps/s |"
     );
-    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|");
     let (clean, _) = peak_stats(&r.victims, "clean");
     let _ = writeln!(
         md,
-        "| clean | - | {} | - | 1 | 0 | 0 | - | - | - | - |",
+        "| clean | - | {} | - | 1 | 0 | 0 | - | - | - | - | - |",
         pct(clean)
     );
     for m in &r.methods {
         let (acc, _) = peak_stats(&r.victims, &m.name);
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} / {} | {:.3} | {:.1} | {:.3} | {} ({:?}) | {} | {:.0} | {:.0} |",
+            "| {} | {} | {} | {} / {} | {:.3} | {:.1} | {:.3} | {} ({:?}) | {} | {} | {:.0} | {:.0} |",
             m.name,
             m.label,
             pct(acc),
@@ -828,8 +831,10 @@ pub fn markdown(r: &AuditReport, sweep_caption: &str, curve_caption: &str) -> St
             m.quality.l0_mean,
             m.rounds,
             m.stop_reason,
+            m.released_round,
             m.round_log
-                .last()
+                .iter()
+                .find(|l| l.round == m.released_round)
                 .and_then(|l| l.shortcut_accuracy)
                 .map(pct)
                 .unwrap_or_else(|| "-".into()),

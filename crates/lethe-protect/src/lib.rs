@@ -23,8 +23,9 @@
 //!   (scikit-learn digits, scikit-image LFW subset, pydicom CT/MR tiles, a
 //!   generated sparse "lesion" set).
 //! * [`protect`]: the min-min optimisation with stop rules that do not fire
-//!   too early, checkpoint/resume, determinism per seed, progress and a
-//!   dry-run [`estimate`]; the surrogate and victims are `lethe-model`'s
+//!   too early, checkpoint/resume, determinism per seed, progress, a
+//!   dry-run [`estimate`] and the release of the best round's noise
+//!   ([`Release`]); the surrogate and victims are `lethe-model`'s
 //!   CNN and ResNet-18 (`model`, crate-private).
 //! * [`release`]: [`protect()`] on files: load, protect, write the release
 //!   and a `manifest.json` with hashes, method, parameters and seed.
@@ -79,7 +80,7 @@ pub use error::{Error, Result};
 pub use formats::DataSource;
 pub use model::{Arch, SgdParams};
 pub use protect::mask::{MaskRefresh, MaskStrategy};
-pub use protect::{Estimate, Method, ProtectParams, RunControl, StopRule};
+pub use protect::{Estimate, Method, ProtectParams, Release, RunControl, StopRule};
 pub use release::{estimate, protect, protect_with, ProtectConfig, ProtectReport};
 pub use sources::LesionSpec;
 pub use victim::VictimConfig;

@@ -44,6 +44,18 @@
 //! and step on images carrying another class's noise and label, so that
 //! the noise decides the label whatever the image.
 //!
+//! Which round's noise is released is [`Release`]: by default the noise of
+//! the last round; `best_round` releases the round with the highest
+//! shortcut accuracy (ties to the lower surrogate loss), because the round
+//! log of a min-min run need not improve monotonically (an ensemble
+//! surrogate can collapse in one round and recover in the next, and
+//! `max_rounds` can stop the run in a bad one). Measured on the lesions
+//! selection draw (seed 1) it protected *worse* (fresh victims' mean peak
+//! accuracy 50.2 % against 43.7 % for the final round; 52.8 against 43.0
+//! over two victim seeds): the surrogates' shortcut accuracy does not
+//! predict how well a round's noise protects, so it is not the default. Ensemble members can train with their own learning rate
+//! ([`ProtectParams::ensemble_lr`]).
+//!
 //! Runs are deterministic per seed (every random choice of round `r` comes
 //! from a generator seeded by `(seed, r)`), can checkpoint after every round
 //! and resume to the same result as an uninterrupted run
@@ -185,6 +197,44 @@ pub enum StopReason {
     LossThreshold,
 }
 
+/// Which round's noise a run releases.
+///
+/// `best_round` keeps a copy of the noise (and mask) of the
+/// best round so far and releases that one. The best round is the one
+/// with the highest [`RoundLog::shortcut_accuracy`] (the mismatched-pairs
+/// accuracy that the stop rule's `shortcut_accuracy` condition reads; for
+/// an ensemble, the lowest over the surrogates); among rounds with equal
+/// shortcut accuracy, the one with the lower surrogate loss
+/// ([`RoundLog::loss`]); then the earlier one. A round whose shortcut
+/// accuracy was not measured (one class) ranks below every measured one,
+/// so with a single class the lowest loss decides. The round is chosen
+/// among all rounds run, the stop rule decides only how many there are.
+/// `final_round` (the default) releases the noise of the last round, as
+/// every run did before this option existed; see the module docs for why
+/// `best_round` is not the default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Release {
+    /// The noise of the best round (see the type docs).
+    BestRound,
+    /// The noise of the last round.
+    #[default]
+    FinalRound,
+}
+
+impl Release {
+    /// Whether round `b` is strictly better than round `a` under the
+    /// `best_round` rule (the earlier round wins full ties; NaN never wins).
+    pub(crate) fn better(b: &RoundLog, a: &RoundLog) -> bool {
+        let key = |l: &RoundLog| l.shortcut_accuracy.filter(|x| !x.is_nan()).unwrap_or(-1.0);
+        let (kb, ka) = (key(b), key(a));
+        if kb != ka {
+            return kb > ka;
+        }
+        b.loss < a.loss || (a.loss.is_nan() && !b.loss.is_nan())
+    }
+}
+
 /// Everything that determines the noise (with the data and the seed, the
 /// result is a pure function of this).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -215,7 +265,15 @@ pub struct ProtectParams {
     /// surrogates.
     #[serde(default)]
     pub ensemble: Vec<Arch>,
-    /// Surrogate optimiser.
+    /// Learning rate of each `ensemble` member, in the same order (empty,
+    /// the default: every member uses `sgd.lr`). Momentum, weight decay and
+    /// clipping stay those of `sgd`. A global-pooling ResNet member can
+    /// need a lower rate than the main CNN surrogate to train stably on
+    /// the same batches.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ensemble_lr: Vec<f64>,
+    /// Surrogate optimiser (of `surrogate`, and of every ensemble member
+    /// except for the learning rate where `ensemble_lr` sets one).
     pub sgd: SgdParams,
     /// Surrogate SGD steps per round.
     pub train_steps_per_round: usize,
@@ -249,6 +307,10 @@ pub struct ProtectParams {
     /// unchanged in kind (each image still gets its own class's noise).
     #[serde(default)]
     pub cross_pairs: f64,
+    /// Which round's noise is released (default `final_round`; see
+    /// [`Release`]).
+    #[serde(default)]
+    pub release: Release,
     /// Seed of every random choice (surrogate init, batches, random masks).
     pub seed: u64,
     /// `cpu`, `cuda` or `cuda:N`.
@@ -277,6 +339,7 @@ impl ProtectParams {
                 batch_norm: true,
             },
             ensemble: Vec::new(),
+            ensemble_lr: Vec::new(),
             sgd: SgdParams::unlearnable_examples(),
             train_steps_per_round: 10,
             train_batch: 128,
@@ -292,6 +355,7 @@ impl ProtectParams {
             random_start: false,
             shared_channels: false,
             cross_pairs: 0.0,
+            release: Release::default(),
             seed: 0,
             device: default_device(),
         }
@@ -347,6 +411,22 @@ impl ProtectParams {
                 self.ensemble.len()
             )));
         }
+        if !self.ensemble_lr.is_empty() && self.ensemble_lr.len() != self.ensemble.len() {
+            return Err(Error::Config(format!(
+                "ensemble_lr needs one learning rate per ensemble member ({}), got {}",
+                self.ensemble.len(),
+                self.ensemble_lr.len()
+            )));
+        }
+        if let Some(lr) = self
+            .ensemble_lr
+            .iter()
+            .find(|lr| !(lr.is_finite() && **lr > 0.0))
+        {
+            return Err(Error::Config(format!(
+                "ensemble_lr values must be positive, got {lr}"
+            )));
+        }
         if self.pgd_batch == 0 || self.train_batch == 0 {
             return Err(Error::Config("batch sizes must be positive".into()));
         }
@@ -386,6 +466,16 @@ impl ProtectParams {
         self.sgd.validate()?;
         self.device_spec()?;
         Ok(())
+    }
+
+    /// The optimiser settings of surrogate `k` (0: `surrogate`, then the
+    /// ensemble members).
+    pub(crate) fn sgd_of(&self, k: usize) -> SgdParams {
+        let mut sgd = self.sgd;
+        if let Some(&lr) = k.checked_sub(1).and_then(|m| self.ensemble_lr.get(m)) {
+            sgd.lr = lr;
+        }
+        sgd
     }
 
     pub(crate) fn device_spec(&self) -> Result<DeviceSpec> {
@@ -466,6 +556,10 @@ pub struct Protection {
     pub stop_reason: Option<StopReason>,
     /// Every round so far.
     pub rounds: Vec<RoundLog>,
+    /// The 1-based round whose noise `protected` carries (the last round
+    /// with [`Release::FinalRound`], the best one with
+    /// [`Release::BestRound`]; 0 before any round).
+    pub released_round: usize,
     /// Wall time of all rounds so far (across resumes).
     pub seconds: f64,
     /// Noise steps taken (images x steps), across resumes.
@@ -490,6 +584,68 @@ pub(crate) struct State {
     pub seconds: f64,
     pub image_steps: u64,
     pub stop: Option<StopReason>,
+    /// With [`Release::BestRound`]: a copy of the noise and masks of the
+    /// best round so far.
+    pub best: Option<BestRound>,
+}
+
+/// The noise of the best round so far (see [`Release`]).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct BestRound {
+    /// 1-based round.
+    pub round: usize,
+    /// `State::delta` after that round.
+    pub delta: Vec<f32>,
+    /// `State::mask` after that round.
+    pub mask: Vec<u8>,
+}
+
+impl State {
+    /// After round `state.round` has been logged: keep its noise if it is
+    /// the best so far (only with [`Release::BestRound`]).
+    pub(crate) fn track_best(&mut self, release: Release) {
+        if release != Release::BestRound {
+            return;
+        }
+        let Some(last) = self.log.last() else {
+            return;
+        };
+        let improves = match &self.best {
+            None => true,
+            Some(b) => self
+                .log
+                .iter()
+                .find(|l| l.round == b.round)
+                .is_none_or(|prev| Release::better(last, prev)),
+        };
+        if improves {
+            self.best = Some(BestRound {
+                round: last.round,
+                delta: self.delta.clone(),
+                mask: self.mask.clone(),
+            });
+        }
+    }
+
+    /// The state whose noise is released: the best round's noise and masks
+    /// in place of the current ones where one is kept.
+    pub(crate) fn released(&self) -> std::borrow::Cow<'_, State> {
+        match &self.best {
+            Some(b) if b.round != self.round => {
+                let mut s = self.clone();
+                s.delta.clone_from(&b.delta);
+                s.mask.clone_from(&b.mask);
+                s.best = None;
+                std::borrow::Cow::Owned(s)
+            }
+            _ => std::borrow::Cow::Borrowed(self),
+        }
+    }
+
+    /// The 1-based round of the released noise (0 before any round).
+    pub(crate) fn released_round(&self) -> usize {
+        self.best.as_ref().map_or(self.round, |b| b.round)
+    }
 }
 
 /// Protects an in-memory dataset (all of it: split off the test images
@@ -536,8 +692,11 @@ pub fn protect_dataset(
         }
     };
     let mut opts = Vec::with_capacity(nets.len());
-    for net in &nets {
-        opts.push(MomentumSgd::new(net.named_trainable_vars(), params.sgd)?);
+    for (k, net) in nets.iter().enumerate() {
+        opts.push(MomentumSgd::new(
+            net.named_trainable_vars(),
+            params.sgd_of(k),
+        )?);
     }
     if let Some(momentum) = momentum {
         for (opt, m) in opts.iter_mut().zip(momentum) {
@@ -602,6 +761,7 @@ pub fn protect_dataset(
             "protection round"
         );
         bar.set_message(format!("acc {:.3} loss {:.4}", eval.accuracy, eval.loss));
+        state.track_best(params.release);
         state.stop = stop_reason(&params.stop, &state.log);
         if let Some(dir) = &control.checkpoint_dir {
             checkpoint::save(dir, &fingerprint, &state, &nets, &opts)?;
@@ -610,18 +770,31 @@ pub fn protect_dataset(
     }
     bar.finish_and_clear();
 
-    let released = data.with_pixels(run.perturbed_all(&state))?.quantize();
+    let released_round = state.released_round();
+    if released_round != state.round {
+        tracing::info!(
+            released_round,
+            last_round = state.round,
+            "releasing the noise of the best round"
+        );
+    }
+    let release_state = state.released();
+    let released = data
+        .with_pixels(run.perturbed_all(&release_state))?
+        .quantize();
     let (per_image, quality) = dataset_quality(data.pixels(), released.pixels(), shape);
     let masks = match &params.method {
         Method::Em { .. } => None,
-        Method::Salm { .. } => Some(run.expanded_masks(&state)),
+        Method::Salm { .. } => Some(run.expanded_masks(&release_state)),
     };
+    drop(release_state);
     Ok(Protection {
         protected: released,
         masks,
         finished: state.stop.is_some(),
         stop_reason: state.stop,
         rounds: state.log,
+        released_round,
         seconds: state.seconds,
         image_steps: state.image_steps,
         per_image,
@@ -688,6 +861,7 @@ fn initial_state(data: &Dataset, p: &ProtectParams, units: usize) -> Result<Stat
         seconds: 0.0,
         image_steps: 0,
         stop: None,
+        best: None,
     };
     if let Method::Salm {
         rho,

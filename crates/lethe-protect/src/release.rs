@@ -58,6 +58,8 @@ pub struct ProtectReport {
     pub stop_reason: Option<StopReason>,
     /// Rounds run.
     pub rounds: usize,
+    /// The round whose noise was released (see `ProtectParams::release`).
+    pub released_round: usize,
     /// Wall time of the optimisation (seconds, across resumes).
     pub seconds: f64,
     /// Noise steps taken (images x steps).
@@ -189,6 +191,7 @@ pub fn protect_with(
         finished: result.finished,
         stop_reason: result.stop_reason,
         rounds: result.rounds.len(),
+        released_round: result.released_round,
         seconds: result.seconds,
         image_steps: result.image_steps,
         image_steps_per_second: result.image_steps as f64 / result.seconds.max(1e-9),

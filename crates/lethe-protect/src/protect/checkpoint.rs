@@ -5,11 +5,18 @@
 //! run's fingerprint), `delta.bin` and `mask.bin` (raw little-endian), the
 //! surrogate (`surrogate/config.json` + `model.safetensors`, batch-norm
 //! statistics included) and the SGD momentum (`momentum.safetensors`).
+//! With the `best_round` release the noise and masks of the best round so
+//! far go to `best_delta.bin` and `best_mask.bin` (their round in
+//! `state.json`), so a resumed run releases the same round as an
+//! uninterrupted one.
 //! A round is first written to `<dir>/staging/` and then swapped in by
 //! renames, so an interrupted write leaves the previous round intact.
 //!
 //! The fingerprint is a SHA-256 over the parameters (except the stop rule,
-//! which may be extended on resume, and the device) and the data. Resuming
+//! which may be extended on resume, and the device) and the data; a
+//! `final_round` release is left out of it, so checkpoints written before
+//! the release option existed (which release the final round) still
+//! resume. Resuming
 //! with other data or parameters is refused rather than silently mixing
 //! two runs. Because each round draws its randomness from `(seed, round)`
 //! and every piece of state is restored bit-for-bit, a resumed run ends
@@ -22,7 +29,7 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::{ProtectParams, RoundLog, State, StopReason};
+use super::{BestRound, ProtectParams, Release, RoundLog, State, StopReason};
 use crate::dataset::{Dataset, ImageShape};
 use crate::model::{MomentumSgd, Net};
 use crate::{Error, Result};
@@ -41,6 +48,9 @@ struct StateFile {
     stop: Option<StopReason>,
     delta_len: usize,
     mask_len: usize,
+    /// Round of `best_delta.bin` / `best_mask.bin` (absent: none kept).
+    #[serde(default)]
+    best_round: Option<usize>,
 }
 
 /// SHA-256 of the run-defining parameters and the data.
@@ -55,8 +65,14 @@ pub(crate) fn fingerprint(data: &Dataset, params: &ProtectParams) -> String {
         shortcut_accuracy: None,
     };
     p.device = String::new();
+    let mut json = serde_json::to_value(&p).unwrap_or_default();
+    if p.release == Release::FinalRound {
+        if let Some(obj) = json.as_object_mut() {
+            obj.remove("release");
+        }
+    }
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    ctx.update(serde_json::to_string(&p).unwrap_or_default().as_bytes());
+    ctx.update(json.to_string().as_bytes());
     let s = data.shape();
     for d in [s.channels, s.height, s.width, data.len()] {
         ctx.update(&(d as u64).to_le_bytes());
@@ -97,6 +113,11 @@ pub(crate) fn save(
     let delta: Vec<u8> = state.delta.iter().flat_map(|v| v.to_le_bytes()).collect();
     fs::write(staging.join("delta.bin"), delta).map_err(|e| io(e, &staging))?;
     fs::write(staging.join("mask.bin"), &state.mask).map_err(|e| io(e, &staging))?;
+    if let Some(best) = &state.best {
+        let bytes: Vec<u8> = best.delta.iter().flat_map(|v| v.to_le_bytes()).collect();
+        fs::write(staging.join("best_delta.bin"), bytes).map_err(|e| io(e, &staging))?;
+        fs::write(staging.join("best_mask.bin"), &best.mask).map_err(|e| io(e, &staging))?;
+    }
     for (k, (net, opt)) in nets.iter().zip(opts).enumerate() {
         net.save(&staging.join(surrogate_dir(k)))?;
         let momentum = opt.state();
@@ -115,6 +136,7 @@ pub(crate) fn save(
         stop: state.stop,
         delta_len: state.delta.len(),
         mask_len: state.mask.len(),
+        best_round: state.best.as_ref().map(|b| b.round),
     };
     let json = serde_json::to_vec_pretty(&file)
         .map_err(|e| ck_err(dir, format!("serialising state: {e}")))?;
@@ -191,18 +213,39 @@ pub(crate) fn load(
              or start without resume",
         ));
     }
-    let raw = fs::read(current.join("delta.bin")).map_err(|e| io(e, &current))?;
-    if raw.len() != file.delta_len * 4 {
-        return Err(ck_err(dir, "delta.bin has the wrong size"));
-    }
-    let delta = raw
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    let mask = fs::read(current.join("mask.bin")).map_err(|e| io(e, &current))?;
-    if mask.len() != file.mask_len || file.mask_ready.len() * shape.pixels() != mask.len() {
-        return Err(ck_err(dir, "mask.bin has the wrong size"));
-    }
+    let read_delta = |name: &str| -> Result<Vec<f32>> {
+        let raw = fs::read(current.join(name)).map_err(|e| io(e, &current))?;
+        if raw.len() != file.delta_len * 4 {
+            return Err(ck_err(dir, format!("{name} has the wrong size")));
+        }
+        Ok(raw
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    };
+    let read_mask = |name: &str| -> Result<Vec<u8>> {
+        let mask = fs::read(current.join(name)).map_err(|e| io(e, &current))?;
+        if mask.len() != file.mask_len || file.mask_ready.len() * shape.pixels() != mask.len() {
+            return Err(ck_err(dir, format!("{name} has the wrong size")));
+        }
+        Ok(mask)
+    };
+    let delta = read_delta("delta.bin")?;
+    let mask = read_mask("mask.bin")?;
+    let best = match file.best_round {
+        Some(round) if round >= 1 && round <= file.round => Some(BestRound {
+            round,
+            delta: read_delta("best_delta.bin")?,
+            mask: read_mask("best_mask.bin")?,
+        }),
+        Some(round) => {
+            return Err(ck_err(
+                dir,
+                format!("best round {round} is not one of its {} rounds", file.round),
+            ))
+        }
+        None => None,
+    };
     let mut nets = Vec::with_capacity(surrogates);
     let mut momentum = Vec::with_capacity(surrogates);
     for k in 0..surrogates {
@@ -228,6 +271,7 @@ pub(crate) fn load(
             seconds: file.seconds,
             image_steps: file.image_steps,
             stop: file.stop,
+            best,
         },
         nets,
         momentum,

@@ -121,6 +121,8 @@ fn resume_equals_an_uninterrupted_run() {
         channels: vec![4, 8, 8],
         batch_norm: false,
     }];
+    let mut best_round = fast(ProtectParams::salm(8.0 / 255.0, 0.2));
+    best_round.release = Release::BestRound;
     for mut p in [
         fast(ProtectParams::salm(8.0 / 255.0, 0.2)),
         fast(ProtectParams {
@@ -128,6 +130,7 @@ fn resume_equals_an_uninterrupted_run() {
             ..ProtectParams::em(8.0 / 255.0)
         }),
         ensemble,
+        best_round,
     ] {
         p.stop.min_rounds = 3;
         p.stop.max_rounds = 3;
@@ -149,6 +152,8 @@ fn resume_equals_an_uninterrupted_run() {
         assert!(last.finished);
         assert_eq!(last.rounds.len(), 3);
         assert_eq!(last.protected.pixels(), full.protected.pixels());
+        assert_eq!(last.released_round, full.released_round);
+        assert_eq!(last.masks, full.masks);
         assert_eq!(last.image_steps, full.image_steps);
         // Accuracies match exactly; losses to the last bits of candle's
         // CPU reductions.
@@ -264,6 +269,21 @@ fn bad_parameters_are_named() {
                 ..ProtectParams::em(0.03)
             },
             "class-wise",
+        ),
+        (
+            ProtectParams {
+                ensemble_lr: vec![0.01],
+                ..ProtectParams::em(0.03)
+            },
+            "ensemble_lr",
+        ),
+        (
+            ProtectParams {
+                ensemble: vec![Arch::Resnet18 { width: 2 }],
+                ensemble_lr: vec![0.0],
+                ..ProtectParams::em(0.03)
+            },
+            "ensemble_lr",
         ),
     ];
     for (p, needle) in cases {
@@ -518,4 +538,228 @@ fn an_ensemble_shapes_the_noise_within_the_budgets() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("ensemble"), "{err}");
+}
+
+/// A state with one class-wise unit of `v` values after `round` rounds.
+fn state_with(v: usize) -> State {
+    State {
+        round: 0,
+        delta: vec![0.0; v],
+        mask: vec![1; v],
+        mask_ready: vec![true],
+        log: Vec::new(),
+        seconds: 0.0,
+        image_steps: 0,
+        stop: None,
+        best: None,
+    }
+}
+
+/// Logs round `state.round + 1` with noise `fill` and the given metrics,
+/// then applies the release rule.
+fn push_round(state: &mut State, fill: f32, shortcut: Option<f64>, loss: f64, release: Release) {
+    state.delta.fill(fill);
+    state.mask.fill(u8::from(fill != 0.0));
+    state.round += 1;
+    state.log.push(RoundLog {
+        round: state.round,
+        train_loss: loss,
+        accuracy: 1.0,
+        loss,
+        saturated: 0.0,
+        shortcut_accuracy: shortcut,
+        seconds: 0.0,
+    });
+    state.track_best(release);
+}
+
+#[test]
+fn best_round_rule_prefers_shortcut_accuracy_then_lower_loss() {
+    let mut s = state_with(4);
+    let best = Release::BestRound;
+    push_round(&mut s, 0.01, Some(0.5), 0.4, best);
+    assert_eq!(s.released_round(), 1);
+    // Higher shortcut accuracy wins even with a higher loss.
+    push_round(&mut s, 0.02, Some(0.9), 0.8, best);
+    assert_eq!(s.released_round(), 2);
+    // A worse later round is not released.
+    push_round(&mut s, 0.03, Some(0.6), 0.01, best);
+    assert_eq!(s.released_round(), 2);
+    assert_eq!(s.released().delta, vec![0.02; 4]);
+    // Equal shortcut accuracy: the lower loss wins.
+    push_round(&mut s, 0.04, Some(0.9), 0.5, best);
+    assert_eq!(s.released_round(), 4);
+    // A full tie keeps the earlier round; NaN and unmeasured never win.
+    push_round(&mut s, 0.05, Some(0.9), 0.5, best);
+    push_round(&mut s, 0.06, Some(f64::NAN), 0.0, best);
+    push_round(&mut s, 0.07, None, 0.0, best);
+    assert_eq!(s.released_round(), 4);
+    let released = s.released();
+    assert_eq!(released.delta, vec![0.04; 4]);
+    assert_eq!(released.mask, vec![1; 4]);
+    // The current noise itself is untouched.
+    assert_eq!(s.delta, vec![0.07; 4]);
+    // Without any measured shortcut accuracy, the lowest loss decides.
+    let mut single = state_with(2);
+    push_round(&mut single, 0.01, None, 0.3, best);
+    push_round(&mut single, 0.02, None, 0.1, best);
+    push_round(&mut single, 0.03, None, 0.2, best);
+    assert_eq!(single.released_round(), 2);
+    // The final-round release keeps no copy.
+    let mut last = state_with(2);
+    push_round(&mut last, 0.01, Some(0.9), 0.1, Release::FinalRound);
+    push_round(&mut last, 0.02, Some(0.1), 0.9, Release::FinalRound);
+    assert!(last.best.is_none());
+    assert_eq!(last.released_round(), 2);
+    assert_eq!(last.released().delta, vec![0.02; 2]);
+}
+
+/// Class-wise SALM with an ensemble member whose learning rate makes the
+/// round log oscillate on the tiny set (checked by the test that uses it).
+fn oscillating(rounds: usize) -> ProtectParams {
+    let mut p = classwise_salm(0.5);
+    p.ensemble = vec![Arch::Cnn {
+        channels: vec![4, 8],
+        batch_norm: true,
+    }];
+    p.sgd.lr = 0.5;
+    p.stop = StopRule::new(rounds, rounds, None, None);
+    p.release = Release::BestRound;
+    p
+}
+
+#[test]
+fn best_round_release_is_the_best_rounds_noise_when_a_later_round_is_worse() {
+    let data = tiny(4);
+    let rounds = 5;
+    let p = oscillating(rounds);
+    assert_eq!(p.release, Release::BestRound);
+    let out = protect_dataset(&data, &p, &quiet()).unwrap();
+    assert_eq!(out.rounds.len(), rounds);
+    let b = out.released_round;
+    // The case this test is about: the last round is worse than the best.
+    assert!(
+        b < rounds,
+        "best round is the last one; log {:?}",
+        out.rounds
+    );
+    let best_log = &out.rounds[b - 1];
+    let last_log = out.rounds.last().unwrap();
+    assert!(
+        Release::better(best_log, last_log),
+        "{best_log:?} {last_log:?}"
+    );
+    for l in &out.rounds {
+        assert!(!Release::better(l, best_log), "round {} beats {b}", l.round);
+    }
+    // The same run stopped after round b releases that round's noise (a
+    // run is deterministic per round): the best-round release must equal it.
+    let mut upto_b = p.clone();
+    upto_b.release = Release::FinalRound;
+    upto_b.stop = StopRule::new(b, b, None, None);
+    let at_b = protect_dataset(&data, &upto_b, &quiet()).unwrap();
+    assert_eq!(at_b.released_round, b);
+    assert!(
+        out.protected.pixels() == at_b.protected.pixels(),
+        "released pixels differ from round {b}'s"
+    );
+    assert!(
+        out.masks == at_b.masks,
+        "released masks differ from round {b}'s"
+    );
+    // And differs from the final round's noise, which the old behaviour
+    // released.
+    let mut last = p.clone();
+    last.release = Release::FinalRound;
+    let at_last = protect_dataset(&data, &last, &quiet()).unwrap();
+    assert_eq!(at_last.released_round, rounds);
+    // The release choice does not change the optimisation itself.
+    for (a, o) in at_last.rounds.iter().zip(&out.rounds) {
+        assert_eq!(a.accuracy, o.accuracy);
+        assert_eq!(a.shortcut_accuracy, o.shortcut_accuracy);
+    }
+    assert!(
+        out.protected.pixels() != at_last.protected.pixels(),
+        "best and final round released the same pixels"
+    );
+}
+
+#[test]
+fn ensemble_lr_sets_each_members_rate() {
+    let data = tiny(3);
+    let mut p = classwise_salm(0.5);
+    p.ensemble = vec![Arch::Cnn {
+        channels: vec![4, 8],
+        batch_norm: true,
+    }];
+    assert_eq!(p.sgd_of(1).lr, p.sgd.lr);
+    let base = protect_dataset(&data, &p, &quiet()).unwrap();
+    let mut same = p.clone();
+    same.ensemble_lr = vec![p.sgd.lr];
+    let same_out = protect_dataset(&data, &same, &quiet()).unwrap();
+    assert_eq!(base.protected.pixels(), same_out.protected.pixels());
+    let mut low = p.clone();
+    low.ensemble_lr = vec![0.001];
+    assert_eq!(low.sgd_of(0).lr, p.sgd.lr);
+    assert_eq!(low.sgd_of(1).lr, 0.001);
+    assert_eq!(low.sgd_of(1).momentum, p.sgd.momentum);
+    let low_out = protect_dataset(&data, &low, &quiet()).unwrap();
+    assert_ne!(base.protected.pixels(), low_out.protected.pixels());
+}
+
+#[test]
+fn release_and_ensemble_lr_default_in_json() {
+    let p = ProtectParams::salm(8.0 / 255.0, 0.25);
+    let mut json = serde_json::to_value(&p).unwrap();
+    assert_eq!(json["release"], "final_round");
+    assert!(json.get("ensemble_lr").is_none());
+    let obj = json.as_object_mut().unwrap();
+    obj.remove("release");
+    let back: ProtectParams = serde_json::from_value(json.clone()).unwrap();
+    assert_eq!(back, p);
+    json["release"] = "best_round".into();
+    json["ensemble_lr"] = serde_json::json!([0.02]);
+    let q: ProtectParams = serde_json::from_value(json).unwrap();
+    assert_eq!(q.release, Release::BestRound);
+    assert_eq!(q.ensemble_lr, vec![0.02]);
+    // Best-round and final-round runs do not share checkpoints.
+    let data = tiny(1);
+    let mut best = p.clone();
+    best.release = Release::BestRound;
+    assert_ne!(
+        checkpoint::fingerprint(&data, &best),
+        checkpoint::fingerprint(&data, &p)
+    );
+}
+
+#[test]
+fn the_best_round_survives_checkpoints() {
+    // Resumed one round at a time, the run must still release the best
+    // round's noise, which by then lives only in the checkpoint.
+    let data = tiny(4);
+    let rounds = 5;
+    let p = oscillating(rounds);
+    let full = protect_dataset(&data, &p, &quiet()).unwrap();
+    assert!(full.released_round < rounds);
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = RunControl {
+        checkpoint_dir: Some(dir.path().to_path_buf()),
+        resume: true,
+        pause_after_rounds: Some(1),
+        ..RunControl::default()
+    };
+    let mut out = protect_dataset(&data, &p, &ctl).unwrap();
+    let mut calls = 1;
+    while !out.finished {
+        out = protect_dataset(&data, &p, &ctl).unwrap();
+        calls += 1;
+    }
+    assert_eq!(calls, rounds);
+    assert!(dir.path().join("current/best_delta.bin").is_file());
+    assert_eq!(out.released_round, full.released_round);
+    assert!(
+        out.protected.pixels() == full.protected.pixels(),
+        "resumed run released other pixels"
+    );
+    assert_eq!(out.masks, full.masks);
 }
