@@ -842,6 +842,23 @@ pub fn markdown(r: &AuditReport, sweep_caption: &str, curve_caption: &str) -> St
             m.image_steps_per_second
         );
     }
+    for m in &r.methods {
+        let proxy: Vec<String> = m
+            .round_log
+            .iter()
+            .filter_map(|l| l.proxy_accuracy.map(|a| format!("{} {}", l.round, pct(a))))
+            .collect();
+        if !proxy.is_empty() {
+            let _ = writeln!(
+                md,
+                "\n{}: proxy-victim peak accuracy on the clean holdout of the crafting data, \
+                 by round (round accuracy): {}; released round {}.",
+                m.name,
+                proxy.join(", "),
+                m.released_round
+            );
+        }
+    }
     let _ = writeln!(md, "\n## Victims per architecture\n");
     let _ = writeln!(
         md,

@@ -14,7 +14,7 @@
 //!
 //! plus the built-in datasets of [`crate::sources`]. Writing always puts
 //! the protected files under a fresh output folder next to a
-//! `manifest.json` (see [`crate::manifest`]); sources are never modified.
+//! `manifest.json` (see [`crate::release`]); sources are never modified.
 
 pub mod dicom;
 pub mod npy;
@@ -94,7 +94,7 @@ pub fn load(source: &DataSource) -> Result<Dataset> {
     }
 }
 
-/// One file written by [`write`].
+/// One file written by [`write()`].
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct WrittenFile {
     /// Path relative to the output folder.

@@ -9,10 +9,10 @@
 //! SALM (Sun et al., arXiv 2403.10573) confines that noise to the most
 //! salient pixels, which suits sparse medical images. SALM's equations are
 //! not public: this crate implements the reconstruction written down in
-//! `shared/research/protection-salm.md` (tagged [R] there), including the
+//! `shared/research/protection-salm.md` (tagged \[R\] there), including the
 //! fix its failed mini-replication called for (rank only pixels where a
 //! step is actually possible; see [`protect::mask`]). Claims about it are
-//! only as good as the [`audit`] numbers.
+//! only as good as the [`audit()`] numbers.
 //!
 //! The pieces:
 //!
@@ -22,10 +22,12 @@
 //!   `.npy`/`.npz`, DICOM with every tag kept) or comes from [`sources`]
 //!   (scikit-learn digits, scikit-image LFW subset, pydicom CT/MR tiles, a
 //!   generated sparse "lesion" set).
-//! * [`protect`]: the min-min optimisation with stop rules that do not fire
+//! * [`mod@protect`]: the min-min optimisation with stop rules that do not fire
 //!   too early, checkpoint/resume, determinism per seed, progress, a
-//!   dry-run [`estimate`] and the release of the best round's noise
-//!   ([`Release`]); the surrogate and victims are `lethe-model`'s
+//!   dry-run [`estimate`] and the choice of the released round's noise
+//!   ([`Release`]: final round, best surrogate round, or the round whose
+//!   proxy victim generalises worst to a clean holdout, [`ProxyVictim`]);
+//!   the surrogate and victims are `lethe-model`'s
 //!   CNN and ResNet-18 (`model`, crate-private).
 //! * [`release`]: [`protect()`] on files: load, protect, write the release
 //!   and a `manifest.json` with hashes, method, parameters and seed.
@@ -80,7 +82,7 @@ pub use error::{Error, Result};
 pub use formats::DataSource;
 pub use model::{Arch, SgdParams};
 pub use protect::mask::{MaskRefresh, MaskStrategy};
-pub use protect::{Estimate, Method, ProtectParams, Release, RunControl, StopRule};
+pub use protect::{Estimate, Method, ProtectParams, ProxyVictim, Release, RunControl, StopRule};
 pub use release::{estimate, protect, protect_with, ProtectConfig, ProtectReport};
 pub use sources::LesionSpec;
 pub use victim::VictimConfig;

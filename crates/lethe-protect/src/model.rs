@@ -309,7 +309,7 @@ impl Net {
     }
 }
 
-/// Hyper-parameters of [`MomentumSgd`].
+/// Hyper-parameters of the crate-private momentum SGD optimiser.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SgdParams {

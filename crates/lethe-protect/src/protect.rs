@@ -53,7 +53,18 @@
 //! selection draw (seed 1) it protected *worse* (fresh victims' mean peak
 //! accuracy 50.2 % against 43.7 % for the final round; 52.8 against 43.0
 //! over two victim seeds): the surrogates' shortcut accuracy does not
-//! predict how well a round's noise protects, so it is not the default. Ensemble members can train with their own learning rate
+//! //! predict how well a round's noise protects, so it is not the default.
+//! `proxy_victim` ([`proxy`]) ranks rounds instead by what a defender can
+//! measure without the test split: after each (or every N-th) round a
+//! small fresh model trains for a few epochs on the round's protected
+//! images, minus a clean holdout carved from the crafting data, and the
+//! round whose proxy reaches the lowest peak holdout accuracy is released.
+//! On the lesions selection draw (seed 1) it chose the final round, as the
+//! fresh victims would have (proxy 38.3 % for round 12 against 56.7 % for
+//! the best-shortcut round 10), but its per-round values are noisy (a
+//! 5-epoch CNN proxy on a 180-image holdout ranged 38-64 % across rounds),
+//! so it is not the default either.
+//! Ensemble members can train with their own learning rate
 //! ([`ProtectParams::ensemble_lr`]).
 //!
 //! Runs are deterministic per seed (every random choice of round `r` comes
@@ -64,6 +75,7 @@
 
 pub mod checkpoint;
 pub mod mask;
+pub mod proxy;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -83,6 +95,7 @@ use crate::model::{Arch, MomentumSgd, Net, SgdParams};
 use crate::sources::mix;
 use crate::{Error, Result};
 use mask::{MaskRefresh, MaskStrategy};
+pub use proxy::ProxyVictim;
 
 /// Which noise to compute.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -199,27 +212,39 @@ pub enum StopReason {
 
 /// Which round's noise a run releases.
 ///
-/// `best_round` keeps a copy of the noise (and mask) of the
-/// best round so far and releases that one. The best round is the one
-/// with the highest [`RoundLog::shortcut_accuracy`] (the mismatched-pairs
-/// accuracy that the stop rule's `shortcut_accuracy` condition reads; for
-/// an ensemble, the lowest over the surrogates); among rounds with equal
-/// shortcut accuracy, the one with the lower surrogate loss
-/// ([`RoundLog::loss`]); then the earlier one. A round whose shortcut
-/// accuracy was not measured (one class) ranks below every measured one,
-/// so with a single class the lowest loss decides. The round is chosen
-/// among all rounds run, the stop rule decides only how many there are.
-/// `final_round` (the default) releases the noise of the last round, as
-/// every run did before this option existed; see the module docs for why
-/// `best_round` is not the default.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+/// `best_round` and `proxy_victim` keep a copy of the noise (and mask) of
+/// the best round so far and release that one; the round is chosen among
+/// all rounds run, the stop rule decides only how many there are.
+///
+/// - `best_round`: the best round is the one with the highest
+///   [`RoundLog::shortcut_accuracy`] (the mismatched-pairs accuracy that
+///   the stop rule's `shortcut_accuracy` condition reads; for an ensemble,
+///   the lowest over the surrogates); among rounds with equal shortcut
+///   accuracy, the one with the lower surrogate loss ([`RoundLog::loss`]);
+///   then the earlier one. A round whose shortcut accuracy was not
+///   measured (one class) ranks below every measured one, so with a single
+///   class the lowest loss decides.
+/// - `proxy_victim` ([`ProxyVictim`]): the best round is the measured one
+///   with the lowest [`RoundLog::proxy_accuracy`], the peak accuracy on a
+///   clean holdout of the crafting data of a fresh small model trained on
+///   the round's protected images (see [`proxy`]); on equal accuracy the
+///   later round. Unmeasured rounds are never released (if none was
+///   measured, the final round is).
+/// - `final_round` (the default) releases the noise of the last round, as
+///   every run did before this option existed; see the module docs for why
+///   `best_round` is not the default.
+///
+/// In JSON: `"final_round"`, `"best_round"`, or `{"proxy_victim": {...}}`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Release {
-    /// The noise of the best round (see the type docs).
+    /// The noise of the round with the best surrogate shortcut accuracy.
     BestRound,
     /// The noise of the last round.
     #[default]
     FinalRound,
+    /// The noise of the round whose proxy victim generalised worst.
+    ProxyVictim(ProxyVictim),
 }
 
 impl Release {
@@ -232,6 +257,41 @@ impl Release {
             return kb > ka;
         }
         b.loss < a.loss || (a.loss.is_nan() && !b.loss.is_nan())
+    }
+
+    /// Whether `later` replaces `earlier` as the kept round under this
+    /// rule (false for `final_round`, which keeps none).
+    pub(crate) fn replaces(&self, later: &RoundLog, earlier: &RoundLog) -> bool {
+        match self {
+            Release::FinalRound => false,
+            Release::BestRound => Release::better(later, earlier),
+            Release::ProxyVictim(_) => {
+                let Some(b) = later.proxy_accuracy.filter(|x| !x.is_nan()) else {
+                    return false;
+                };
+                earlier
+                    .proxy_accuracy
+                    .filter(|x| !x.is_nan())
+                    .is_none_or(|a| b <= a)
+            }
+        }
+    }
+
+    /// Whether `log` may be kept as the first candidate.
+    fn candidate(&self, log: &RoundLog) -> bool {
+        match self {
+            Release::FinalRound => false,
+            Release::BestRound => true,
+            Release::ProxyVictim(_) => log.proxy_accuracy.is_some_and(|x| !x.is_nan()),
+        }
+    }
+
+    /// The proxy settings of a `proxy_victim` release.
+    pub fn proxy(&self) -> Option<&ProxyVictim> {
+        match self {
+            Release::ProxyVictim(p) => Some(p),
+            _ => None,
+        }
     }
 }
 
@@ -463,6 +523,9 @@ impl ProtectParams {
                 "cross_pairs needs a class-wise method (one noise per class)".into(),
             ));
         }
+        if let Some(proxy) = self.release.proxy() {
+            proxy.validate()?;
+        }
         self.sgd.validate()?;
         self.device_spec()?;
         Ok(())
@@ -539,7 +602,12 @@ pub struct RoundLog {
     /// or in checkpoints written before it was measured.
     #[serde(default)]
     pub shortcut_accuracy: Option<f64>,
-    /// Wall time of the round in seconds.
+    /// With the `proxy_victim` release, on measured rounds: the peak
+    /// accuracy on the clean holdout of a fresh proxy victim trained on
+    /// this round's protected images (see [`proxy`]); `None` otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_accuracy: Option<f64>,
+    /// Wall time of the round in seconds (the proxy victim included).
     pub seconds: f64,
 }
 
@@ -558,7 +626,8 @@ pub struct Protection {
     pub rounds: Vec<RoundLog>,
     /// The 1-based round whose noise `protected` carries (the last round
     /// with [`Release::FinalRound`], the best one with
-    /// [`Release::BestRound`]; 0 before any round).
+    /// [`Release::BestRound`] or [`Release::ProxyVictim`]; 0 before any
+    /// round).
     pub released_round: usize,
     /// Wall time of all rounds so far (across resumes).
     pub seconds: f64,
@@ -584,8 +653,8 @@ pub(crate) struct State {
     pub seconds: f64,
     pub image_steps: u64,
     pub stop: Option<StopReason>,
-    /// With [`Release::BestRound`]: a copy of the noise and masks of the
-    /// best round so far.
+    /// With [`Release::BestRound`] or [`Release::ProxyVictim`]: a copy of
+    /// the noise and masks of the best round so far.
     pub best: Option<BestRound>,
 }
 
@@ -602,21 +671,17 @@ pub(crate) struct BestRound {
 
 impl State {
     /// After round `state.round` has been logged: keep its noise if it is
-    /// the best so far (only with [`Release::BestRound`]).
-    pub(crate) fn track_best(&mut self, release: Release) {
-        if release != Release::BestRound {
-            return;
-        }
+    /// the best so far under `release` (never with `final_round`).
+    pub(crate) fn track_best(&mut self, release: &Release) {
         let Some(last) = self.log.last() else {
             return;
         };
         let improves = match &self.best {
-            None => true,
-            Some(b) => self
-                .log
-                .iter()
-                .find(|l| l.round == b.round)
-                .is_none_or(|prev| Release::better(last, prev)),
+            None => release.candidate(last),
+            Some(b) => match self.log.iter().find(|l| l.round == b.round) {
+                Some(prev) => release.replaces(last, prev),
+                None => release.candidate(last),
+            },
         };
         if improves {
             self.best = Some(BestRound {
@@ -712,6 +777,10 @@ pub fn protect_dataset(
         eps: params.eps as f32,
         step: params.step() as f32,
     };
+    let proxy = match params.release.proxy() {
+        Some(cfg) => Some((cfg, proxy::Proxy::new(cfg, data, params.seed)?)),
+        None => None,
+    };
     let per_round = (data.len() * params.pgd_steps) as u64;
     let bar = progress_bar(control.progress, per_round * params.stop.max_rounds as u64);
     bar.set_position(per_round * state.round.min(params.stop.max_rounds) as u64);
@@ -739,9 +808,7 @@ pub fn protect_dataset(
             Some((px, labels)) => Some(run.evaluate(&px, &labels)?.accuracy),
             None => None,
         };
-        let seconds = t0.elapsed().as_secs_f64();
         state.round = r;
-        state.seconds += seconds;
         state.log.push(RoundLog {
             round: r,
             train_loss,
@@ -749,20 +816,35 @@ pub fn protect_dataset(
             loss: eval.loss,
             saturated,
             shortcut_accuracy,
-            seconds,
+            proxy_accuracy: None,
+            seconds: 0.0,
         });
+        state.stop = stop_reason(&params.stop, &state.log);
+        let proxy_accuracy = match &proxy {
+            Some((cfg, px)) if cfg.due(r, state.stop.is_some()) => {
+                let protected = data.with_pixels(perturbed)?.quantize();
+                Some(px.measure(&protected, &device)?)
+            }
+            _ => None,
+        };
+        let seconds = t0.elapsed().as_secs_f64();
+        state.seconds += seconds;
+        if let Some(last) = state.log.last_mut() {
+            last.proxy_accuracy = proxy_accuracy;
+            last.seconds = seconds;
+        }
         tracing::info!(
             round = r,
             accuracy = eval.accuracy,
             loss = eval.loss,
             saturated,
             shortcut_accuracy,
+            proxy_accuracy,
             seconds,
             "protection round"
         );
         bar.set_message(format!("acc {:.3} loss {:.4}", eval.accuracy, eval.loss));
-        state.track_best(params.release);
-        state.stop = stop_reason(&params.stop, &state.log);
+        state.track_best(&params.release);
         if let Some(dir) = &control.checkpoint_dir {
             checkpoint::save(dir, &fingerprint, &state, &nets, &opts)?;
         }
@@ -1468,6 +1550,29 @@ pub fn estimate_dataset(data: &Dataset, params: &ProtectParams) -> Result<Estima
     );
     if classwise_mask {
         round += n as f64 * per_image_step;
+    }
+    if let Some(proxy) = params.release.proxy() {
+        // A proxy victim's training, spread over the rounds it measures.
+        let net = Net::new(
+            &proxy.arch,
+            shape,
+            data.classes().len(),
+            &device,
+            mix(params.seed, 21, 0),
+        )?;
+        let pb = proxy.batch.min(n);
+        let mut opt = MomentumSgd::new(net.named_trainable_vars(), proxy.sgd)?;
+        let xt = net.batch(&data.pixels()[..pb * v])?;
+        let yt = net.labels(&data.labels()[..pb])?;
+        let t = Instant::now();
+        for _ in 0..2 {
+            let logits = net.forward(&xt, Mode::Train)?;
+            opt.step(&nn::cross_entropy(&logits, &yt, None)?)?;
+        }
+        let per_step = t.elapsed().as_secs_f64() / 2.0;
+        let train = n as f64 * (1.0 - proxy.holdout_fraction);
+        let per_measure = proxy.epochs as f64 * (train / pb as f64).ceil() * per_step;
+        round += per_measure / proxy.every as f64;
     }
     Ok(Estimate {
         images: n,

@@ -163,7 +163,7 @@ pub fn protect(cfg: &ProtectConfig) -> Result<ProtectReport> {
     protect_with(cfg, None, None)
 }
 
-/// [`protect`] that may pause after `pause_after_rounds` rounds (nothing is
+/// [`protect()`] that may pause after `pause_after_rounds` rounds (nothing is
 /// written then; resume with `resume: true`) and can be cancelled.
 pub fn protect_with(
     cfg: &ProtectConfig,

@@ -110,7 +110,17 @@ fn config(out: Option<PathBuf>) -> AuditConfig {
 fn audit_writes_report_tables_summary_and_figures() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("audit");
-    let report = audit(&config(Some(out.clone()))).unwrap();
+    let mut cfg = config(Some(out.clone()));
+    // One method releases by proxy victim (its log and report line below).
+    cfg.methods[1].params.release = crate::Release::ProxyVictim(crate::ProxyVictim {
+        epochs: 1,
+        batch: 16,
+        ..crate::ProxyVictim::new(Arch::Cnn {
+            channels: vec![4, 8],
+            batch_norm: true,
+        })
+    });
+    let report = audit(&cfg).unwrap();
 
     // Victim grid: (clean + 2 methods) x 2 architectures, 2 seeds each.
     assert_eq!(report.accuracy.len(), 6);
@@ -157,6 +167,21 @@ fn audit_writes_report_tables_summary_and_figures() {
     assert!(md.contains("## Robustness"), "{md}");
     assert!(md.contains("| jpeg-q10 |"), "{md}");
     assert!(md.contains("| em-cw |"), "{md}");
+    assert!(
+        md.contains("em-cw: proxy-victim peak accuracy on the clean holdout"),
+        "{md}"
+    );
+    let em = &report.methods[1];
+    assert!(em.round_log.iter().all(|l| l.proxy_accuracy.is_some()));
+    assert!(report.methods[0]
+        .round_log
+        .iter()
+        .all(|l| l.proxy_accuracy.is_none()));
+    let logged = &json["methods"][1]["round_log"][0]["proxy_accuracy"];
+    assert!(logged.is_f64(), "{logged}");
+    assert!(json["methods"][0]["round_log"][0]
+        .get("proxy_accuracy")
+        .is_none());
     for f in ["figures/examples.png", "figures/test_accuracy_curves.png"] {
         let img = image::open(out.join(f)).unwrap();
         assert!(img.width() > 16 && img.height() > 16, "{f}");

@@ -5,8 +5,8 @@
 //! run's fingerprint), `delta.bin` and `mask.bin` (raw little-endian), the
 //! surrogate (`surrogate/config.json` + `model.safetensors`, batch-norm
 //! statistics included) and the SGD momentum (`momentum.safetensors`).
-//! With the `best_round` release the noise and masks of the best round so
-//! far go to `best_delta.bin` and `best_mask.bin` (their round in
+//! With the `best_round` and `proxy_victim` releases the noise and masks of
+//! the best round so far go to `best_delta.bin` and `best_mask.bin` (their round in
 //! `state.json`), so a resumed run releases the same round as an
 //! uninterrupted one.
 //! A round is first written to `<dir>/staging/` and then swapped in by
@@ -16,9 +16,12 @@
 //! which may be extended on resume, and the device) and the data; a
 //! `final_round` release is left out of it, so checkpoints written before
 //! the release option existed (which release the final round) still
-//! resume. Resuming
-//! with other data or parameters is refused rather than silently mixing
-//! two runs. Because each round draws its randomness from `(seed, round)`
+//! resume; the other releases (with every proxy-victim setting) are in it.
+//! The proxy accuracies are part of the saved round log, and the proxy's
+//! holdout and seed are functions of the data and the run's seed, so a
+//! resumed `proxy_victim` run ranks and releases as an uninterrupted one.
+//! Resuming with other data or parameters is refused rather than silently
+//! mixing two runs. Because each round draws its randomness from `(seed, round)`
 //! and every piece of state is restored bit-for-bit, a resumed run ends
 //! exactly where an uninterrupted one does (a test checks this).
 

@@ -123,6 +123,8 @@ fn resume_equals_an_uninterrupted_run() {
     }];
     let mut best_round = fast(ProtectParams::salm(8.0 / 255.0, 0.2));
     best_round.release = Release::BestRound;
+    let mut proxy_round = classwise_salm(0.5);
+    proxy_round.release = Release::ProxyVictim(tiny_proxy());
     for mut p in [
         fast(ProtectParams::salm(8.0 / 255.0, 0.2)),
         fast(ProtectParams {
@@ -131,6 +133,7 @@ fn resume_equals_an_uninterrupted_run() {
         }),
         ensemble,
         best_round,
+        proxy_round,
     ] {
         p.stop.min_rounds = 3;
         p.stop.max_rounds = 3;
@@ -159,6 +162,7 @@ fn resume_equals_an_uninterrupted_run() {
         // CPU reductions.
         for (a, b) in last.rounds.iter().zip(&full.rounds) {
             assert_eq!(a.accuracy, b.accuracy);
+            assert_eq!(a.proxy_accuracy, b.proxy_accuracy);
             assert!((a.loss - b.loss).abs() <= 1e-9 * b.loss.abs().max(1.0));
         }
     }
@@ -306,6 +310,7 @@ fn log_of(rounds: &[(f64, f64, Option<f64>)]) -> Vec<RoundLog> {
             loss,
             saturated: 0.0,
             shortcut_accuracy,
+            proxy_accuracy: None,
             seconds: 0.0,
         })
         .collect()
@@ -428,6 +433,19 @@ fn estimate_gives_positive_times() {
     assert_eq!(e.image_steps_per_round, 24);
     assert!(e.image_steps_per_second > 0.0);
     assert!(e.max_seconds >= e.min_seconds && e.min_seconds > 0.0);
+    // A proxy-victim release adds its training (here 200 epochs of a
+    // ResNet, far more than the round itself) to the estimate.
+    let mut q = p.clone();
+    q.release = Release::ProxyVictim(ProxyVictim {
+        epochs: 200,
+        ..ProxyVictim::new(Arch::Resnet18 { width: 4 })
+    });
+    let eq = estimate_dataset(&data, &q).unwrap();
+    assert_eq!(eq.image_steps_per_round, e.image_steps_per_round);
+    assert!(
+        eq.seconds_per_round > 2.0 * e.seconds_per_round,
+        "{eq:?} vs {e:?}"
+    );
 }
 
 /// Class-wise SALM with fast settings.
@@ -557,7 +575,7 @@ fn state_with(v: usize) -> State {
 
 /// Logs round `state.round + 1` with noise `fill` and the given metrics,
 /// then applies the release rule.
-fn push_round(state: &mut State, fill: f32, shortcut: Option<f64>, loss: f64, release: Release) {
+fn push_round(state: &mut State, fill: f32, shortcut: Option<f64>, loss: f64, release: &Release) {
     state.delta.fill(fill);
     state.mask.fill(u8::from(fill != 0.0));
     state.round += 1;
@@ -568,6 +586,7 @@ fn push_round(state: &mut State, fill: f32, shortcut: Option<f64>, loss: f64, re
         loss,
         saturated: 0.0,
         shortcut_accuracy: shortcut,
+        proxy_accuracy: None,
         seconds: 0.0,
     });
     state.track_best(release);
@@ -577,22 +596,22 @@ fn push_round(state: &mut State, fill: f32, shortcut: Option<f64>, loss: f64, re
 fn best_round_rule_prefers_shortcut_accuracy_then_lower_loss() {
     let mut s = state_with(4);
     let best = Release::BestRound;
-    push_round(&mut s, 0.01, Some(0.5), 0.4, best);
+    push_round(&mut s, 0.01, Some(0.5), 0.4, &best);
     assert_eq!(s.released_round(), 1);
     // Higher shortcut accuracy wins even with a higher loss.
-    push_round(&mut s, 0.02, Some(0.9), 0.8, best);
+    push_round(&mut s, 0.02, Some(0.9), 0.8, &best);
     assert_eq!(s.released_round(), 2);
     // A worse later round is not released.
-    push_round(&mut s, 0.03, Some(0.6), 0.01, best);
+    push_round(&mut s, 0.03, Some(0.6), 0.01, &best);
     assert_eq!(s.released_round(), 2);
     assert_eq!(s.released().delta, vec![0.02; 4]);
     // Equal shortcut accuracy: the lower loss wins.
-    push_round(&mut s, 0.04, Some(0.9), 0.5, best);
+    push_round(&mut s, 0.04, Some(0.9), 0.5, &best);
     assert_eq!(s.released_round(), 4);
     // A full tie keeps the earlier round; NaN and unmeasured never win.
-    push_round(&mut s, 0.05, Some(0.9), 0.5, best);
-    push_round(&mut s, 0.06, Some(f64::NAN), 0.0, best);
-    push_round(&mut s, 0.07, None, 0.0, best);
+    push_round(&mut s, 0.05, Some(0.9), 0.5, &best);
+    push_round(&mut s, 0.06, Some(f64::NAN), 0.0, &best);
+    push_round(&mut s, 0.07, None, 0.0, &best);
     assert_eq!(s.released_round(), 4);
     let released = s.released();
     assert_eq!(released.delta, vec![0.04; 4]);
@@ -601,14 +620,14 @@ fn best_round_rule_prefers_shortcut_accuracy_then_lower_loss() {
     assert_eq!(s.delta, vec![0.07; 4]);
     // Without any measured shortcut accuracy, the lowest loss decides.
     let mut single = state_with(2);
-    push_round(&mut single, 0.01, None, 0.3, best);
-    push_round(&mut single, 0.02, None, 0.1, best);
-    push_round(&mut single, 0.03, None, 0.2, best);
+    push_round(&mut single, 0.01, None, 0.3, &best);
+    push_round(&mut single, 0.02, None, 0.1, &best);
+    push_round(&mut single, 0.03, None, 0.2, &best);
     assert_eq!(single.released_round(), 2);
     // The final-round release keeps no copy.
     let mut last = state_with(2);
-    push_round(&mut last, 0.01, Some(0.9), 0.1, Release::FinalRound);
-    push_round(&mut last, 0.02, Some(0.1), 0.9, Release::FinalRound);
+    push_round(&mut last, 0.01, Some(0.9), 0.1, &Release::FinalRound);
+    push_round(&mut last, 0.02, Some(0.1), 0.9, &Release::FinalRound);
     assert!(last.best.is_none());
     assert_eq!(last.released_round(), 2);
     assert_eq!(last.released().delta, vec![0.02; 2]);
@@ -762,4 +781,274 @@ fn the_best_round_survives_checkpoints() {
         "resumed run released other pixels"
     );
     assert_eq!(out.masks, full.masks);
+}
+
+/// A `proxy_victim` release with a tiny CNN proxy (2 epochs, every round).
+fn tiny_proxy() -> ProxyVictim {
+    ProxyVictim {
+        epochs: 10,
+        batch: 8,
+        holdout_fraction: 0.25,
+        ..ProxyVictim::new(Arch::Cnn {
+            channels: vec![4, 8],
+            batch_norm: true,
+        })
+    }
+}
+
+/// Logs round `state.round + 1` with noise `fill` and proxy accuracy
+/// `proxy`, then applies the release rule.
+fn push_proxy_round(state: &mut State, fill: f32, proxy: Option<f64>, release: &Release) {
+    state.delta.fill(fill);
+    state.round += 1;
+    state.log.push(RoundLog {
+        round: state.round,
+        train_loss: 0.1,
+        accuracy: 1.0,
+        loss: 0.1,
+        saturated: 0.0,
+        shortcut_accuracy: Some(1.0),
+        proxy_accuracy: proxy,
+        seconds: 0.0,
+    });
+    state.track_best(release);
+}
+
+#[test]
+fn proxy_rule_keeps_the_lowest_proxy_accuracy_ties_to_the_later_round() {
+    let rel = Release::ProxyVictim(tiny_proxy());
+    let mut s = state_with(3);
+    // An unmeasured first round is no candidate.
+    push_proxy_round(&mut s, 0.01, None, &rel);
+    assert!(s.best.is_none());
+    assert_eq!(s.released_round(), 1, "nothing measured: the final round");
+    push_proxy_round(&mut s, 0.02, Some(0.6), &rel);
+    assert_eq!(s.released_round(), 2);
+    push_proxy_round(&mut s, 0.03, Some(0.4), &rel);
+    assert_eq!(s.released_round(), 3);
+    // Higher, unmeasured and NaN rounds do not replace it.
+    push_proxy_round(&mut s, 0.04, Some(0.7), &rel);
+    push_proxy_round(&mut s, 0.05, None, &rel);
+    push_proxy_round(&mut s, 0.06, Some(f64::NAN), &rel);
+    assert_eq!(s.released_round(), 3);
+    assert_eq!(s.released().delta, vec![0.03; 3]);
+    // An equal accuracy goes to the later round.
+    push_proxy_round(&mut s, 0.07, Some(0.4), &rel);
+    assert_eq!(s.released_round(), 7);
+    assert_eq!(s.released().delta, vec![0.07; 3]);
+    assert_eq!(s.delta, vec![0.07; 3]);
+}
+
+#[test]
+fn proxy_victim_release_is_the_round_with_the_lowest_proxy_accuracy() {
+    let data = tiny(12);
+    let rounds = 4;
+    let mut p = oscillating(rounds);
+    p.release = Release::ProxyVictim(tiny_proxy());
+    // A seed whose proxy ranks an earlier round below the last one (checked
+    // below), so the test tells this rule from `final_round`.
+    p.seed = 2;
+    let out = protect_dataset(&data, &p, &quiet()).unwrap();
+    assert_eq!(out.rounds.len(), rounds);
+    let acc: Vec<f64> = out
+        .rounds
+        .iter()
+        .map(|l| l.proxy_accuracy.expect("every round is measured"))
+        .collect();
+    for a in &acc {
+        assert!((0.0..=1.0).contains(a), "{acc:?}");
+    }
+    // The lowest proxy accuracy, ties to the later round.
+    let lowest = acc.iter().copied().fold(f64::INFINITY, f64::min);
+    let expected = acc.iter().rposition(|&a| a == lowest).unwrap() + 1;
+    assert_eq!(out.released_round, expected, "proxy accuracies {acc:?}");
+    assert!(expected < rounds, "the last round is the best: {acc:?}");
+    assert!(acc[rounds - 1] > lowest, "{acc:?}");
+    // The release choice does not change the optimisation: a final-round
+    // run logs the same rounds (without proxy accuracies).
+    let mut fin = p.clone();
+    fin.release = Release::FinalRound;
+    let at_last = protect_dataset(&data, &fin, &quiet()).unwrap();
+    for (a, o) in at_last.rounds.iter().zip(&out.rounds) {
+        assert_eq!(a.accuracy, o.accuracy);
+        assert_eq!(a.shortcut_accuracy, o.shortcut_accuracy);
+        assert_eq!(a.proxy_accuracy, None);
+    }
+    assert_eq!(at_last.released_round, rounds);
+    assert!(at_last.protected.pixels() != out.protected.pixels());
+    // The released pixels are that round's: a run stopped there releases
+    // the same images, and the proxy measures the same on it.
+    let mut upto = p.clone();
+    upto.stop = StopRule::new(expected, expected, None, None);
+    let at_b = protect_dataset(&data, &upto, &quiet()).unwrap();
+    assert_eq!(at_b.released_round, expected);
+    assert_eq!(at_b.rounds[expected - 1].proxy_accuracy, Some(lowest));
+    assert!(out.protected.pixels() == at_b.protected.pixels());
+    assert_eq!(out.masks, at_b.masks);
+    // Deterministic per seed.
+    let again = protect_dataset(&data, &p, &quiet()).unwrap();
+    let proxies = |o: &Protection| {
+        o.rounds
+            .iter()
+            .map(|l| l.proxy_accuracy)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(proxies(&again), proxies(&out));
+    assert_eq!(again.released_round, out.released_round);
+    assert!(again.protected.pixels() == out.protected.pixels());
+}
+
+#[test]
+fn proxy_release_survives_checkpoints() {
+    // Resumed one round at a time (a new process each time, in effect),
+    // the run must log the same proxy accuracies and release the same
+    // round's noise as an uninterrupted run.
+    let data = tiny(12);
+    let rounds = 4;
+    let mut p = oscillating(rounds);
+    p.release = Release::ProxyVictim(tiny_proxy());
+    p.seed = 2;
+    let full = protect_dataset(&data, &p, &quiet()).unwrap();
+    // The kept round is an earlier one, so it lives in the checkpoint.
+    assert!(full.released_round < rounds);
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = RunControl {
+        checkpoint_dir: Some(dir.path().to_path_buf()),
+        resume: true,
+        pause_after_rounds: Some(1),
+        ..RunControl::default()
+    };
+    let mut out = protect_dataset(&data, &p, &ctl).unwrap();
+    let mut calls = 1;
+    while !out.finished {
+        out = protect_dataset(&data, &p, &ctl).unwrap();
+        calls += 1;
+    }
+    assert_eq!(calls, rounds);
+    assert!(dir.path().join("current/best_delta.bin").is_file());
+    let proxies = |o: &Protection| {
+        o.rounds
+            .iter()
+            .map(|l| l.proxy_accuracy)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(proxies(&out), proxies(&full));
+    assert_eq!(out.released_round, full.released_round);
+    assert!(
+        out.protected.pixels() == full.protected.pixels(),
+        "resumed run released other pixels"
+    );
+    assert_eq!(out.masks, full.masks);
+    // A proxy run does not resume from a final-round run's checkpoint.
+    let mut fin = p.clone();
+    fin.release = Release::FinalRound;
+    assert!(matches!(
+        protect_dataset(&data, &fin, &ctl),
+        Err(Error::Checkpoint { .. })
+    ));
+}
+
+#[test]
+fn proxy_measures_every_nth_round_and_the_stop_round() {
+    let data = tiny(3);
+    let mut p = classwise_salm(0.0);
+    p.stop = StopRule::new(5, 5, None, None);
+    p.release = Release::ProxyVictim(ProxyVictim {
+        every: 2,
+        epochs: 1,
+        ..tiny_proxy()
+    });
+    let out = protect_dataset(&data, &p, &quiet()).unwrap();
+    let measured: Vec<usize> = out
+        .rounds
+        .iter()
+        .filter(|l| l.proxy_accuracy.is_some())
+        .map(|l| l.round)
+        .collect();
+    assert_eq!(measured, vec![2, 4, 5]);
+    assert!(measured.contains(&out.released_round));
+}
+
+#[test]
+fn proxy_holdout_is_a_stratified_part_of_the_crafting_data_only() {
+    // The audit's flow: split the test images off, protect the rest.
+    let all = tiny(8);
+    let (tr, te) = all.split(0.25, 3).unwrap();
+    let train = all.subset(&tr).unwrap();
+    let split = proxy::ProxySplit::new(&train, 0.25, 7).unwrap();
+    // A partition of the crafting data's indices.
+    let mut union: Vec<usize> = split.train.iter().chain(&split.holdout).copied().collect();
+    union.sort_unstable();
+    assert_eq!(union, (0..train.len()).collect::<Vec<_>>());
+    assert!(split.holdout.iter().all(|i| !split.train.contains(i)));
+    // Stratified: every class has holdout and proxy-training images.
+    for c in 0..train.classes().len() as u32 {
+        assert!(split.holdout.iter().any(|&i| train.labels()[i] == c));
+        assert!(split.train.iter().any(|&i| train.labels()[i] == c));
+    }
+    // No holdout image is a test image (by content).
+    for &h in &split.holdout {
+        let x = train.image(h);
+        assert!(
+            te.iter().all(|&t| all.image(t) != x),
+            "holdout {h} is a test image"
+        );
+    }
+    // Deterministic per seed, different across seeds.
+    assert_eq!(proxy::ProxySplit::new(&train, 0.25, 7).unwrap(), split);
+    assert_ne!(proxy::ProxySplit::new(&train, 0.25, 8).unwrap(), split);
+    // The holdout is still protected and released like every other image.
+    let mut p = classwise_salm(0.0);
+    p.seed = 7;
+    p.release = Release::ProxyVictim(tiny_proxy());
+    let out = protect_dataset(&train, &p, &quiet()).unwrap();
+    assert_eq!(out.protected.len(), train.len());
+    for &h in &split.holdout {
+        assert_ne!(
+            out.protected.image(h),
+            train.image(h),
+            "holdout {h} unprotected"
+        );
+    }
+}
+
+#[test]
+fn proxy_settings_are_validated_and_default_in_json() {
+    let mut p = classwise_salm(0.0);
+    for bad in [
+        ProxyVictim {
+            every: 0,
+            ..tiny_proxy()
+        },
+        ProxyVictim {
+            holdout_fraction: 0.0,
+            ..tiny_proxy()
+        },
+        ProxyVictim {
+            holdout_fraction: 0.6,
+            ..tiny_proxy()
+        },
+        ProxyVictim {
+            epochs: 0,
+            ..tiny_proxy()
+        },
+    ] {
+        p.release = Release::ProxyVictim(bad.clone());
+        assert!(matches!(p.validate(), Err(Error::Config(_))), "{bad:?}");
+    }
+    let mut json = serde_json::to_value(classwise_salm(0.0)).unwrap();
+    json["release"] =
+        serde_json::json!({"proxy_victim": {"arch": {"arch": "resnet18", "width": 8}}});
+    let q: ProtectParams = serde_json::from_value(json.clone()).unwrap();
+    let expected = ProxyVictim::new(Arch::Resnet18 { width: 8 });
+    assert_eq!(q.release, Release::ProxyVictim(expected.clone()));
+    assert_eq!(
+        (expected.every, expected.epochs, expected.holdout_fraction),
+        (1, 5, 0.2)
+    );
+    json["release"]["proxy_victim"]["holdout"] = 0.1.into();
+    assert!(serde_json::from_value::<ProtectParams>(json).is_err());
+    // With one image per class there is nothing to hold out.
+    let one = tiny(1);
+    assert!(proxy::ProxySplit::new(&one, 0.2, 0).is_err());
 }
