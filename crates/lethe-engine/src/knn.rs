@@ -310,6 +310,7 @@ impl Engine {
                 full_answer: (out.text.as_deref() != Some(out.full_answer.as_str()))
                     .then(|| out.full_answer.clone()),
                 introspection_parsed: None,
+                rejected: Vec::new(),
             },
         };
         let audit_seq = self.record(

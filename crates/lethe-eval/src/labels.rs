@@ -216,6 +216,10 @@ pub struct ItemResult {
     /// The full-context answer, when the released one was regenerated from
     /// fewer sources.
     pub full_answer: Option<String>,
+    /// Restricted regenerations rejected by the alignment check: the
+    /// sources (indexes into the item's documents) and the text.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rejected: Vec<(Vec<usize>, String)>,
 }
 
 /// The whole report.
@@ -397,6 +401,7 @@ pub fn run(
                 reused_tokens: a.cost.reused_tokens,
                 route: a.trace.route.to_string(),
                 full_answer: a.trace.full_answer.clone(),
+                rejected: a.trace.rejected.clone(),
             });
             progress(results.len(), total);
         }

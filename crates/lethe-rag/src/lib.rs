@@ -131,6 +131,11 @@ pub struct Trace {
     pub minimal: Vec<Vec<usize>>,
     /// The full-context answer, when it differs from the released one.
     pub full_answer: Option<String>,
+    /// Restricted regenerations the alignment check rejected, in order: the
+    /// sources each was generated from and what it said. Diagnostics for
+    /// evaluations; like `full_answer` it may say more than the released
+    /// label allows, so it never leaves the process.
+    pub rejected: Vec<(Vec<usize>, String)>,
     /// For introspection: whether the model's reply parsed.
     pub introspection_parsed: Option<bool>,
 }
@@ -330,9 +335,13 @@ pub fn answer(
                     permissive::alignment(&g.text, &full_gen.text, question) >= min
                 })
             };
+            let indexes = |m: permissive::Mask| (0..n).filter(|i| m & (1 << i) != 0).collect();
             if aligned(&g) {
                 (chosen, Some(g))
             } else {
+                trace
+                    .rejected
+                    .push((indexes(chosen), g.text.trim().to_string()));
                 // Widen: add back the most influential left-out label
                 // classes one at a time until a regeneration agrees.
                 let mut released = None;
@@ -351,6 +360,9 @@ pub fn answer(
                         released = Some((wider, Some(g)));
                         break;
                     }
+                    trace
+                        .rejected
+                        .push((indexes(wider), g.text.trim().to_string()));
                 }
                 released.unwrap_or_else(|| {
                     trace.route = "misaligned-fallback";

@@ -19,8 +19,11 @@
 //! 4. Find a minimal λ-similar candidate. By default: *leave-one-out*
 //!    (score every "drop one label class" child in one batch; the classes
 //!    whose removal breaks similarity are the influential ones; keep only
-//!    those and check the result in one more pass), falling back to a
-//!    greedy descent (one batch per level) when sources interact. With
+//!    those and check the result in one more pass). When sources interact
+//!    (redundant ones, none influential alone; or ones that help only
+//!    together) that candidate is not similar: grow it one label class at a
+//!    time, the most helpful first, until it is, then prune what the growth
+//!    no longer needs (one batch per level each way). With
 //!    `exhaustive`, the paper's depth-first walk collects every minimal
 //!    λ-similar candidate (siblings scored in one batch, sharing their
 //!    common prompt prefix).
@@ -67,8 +70,9 @@ pub struct PermissiveConfig {
     /// similar context (the paper's Algorithm 1) instead of the
     /// leave-one-out step with a greedy fallback. Costs more scoring.
     pub exhaustive: bool,
-    /// Output alignment: when the restricted regeneration's token F1 against
-    /// the full-context answer falls below this, the restricted answer is
+    /// Output alignment: when the restricted regeneration's agreement with
+    /// the full-context answer (word F1 beyond the question, facts must
+    /// agree; see `alignment`) falls below this, the restricted answer is
     /// discarded and the full-context answer is released with the
     /// conservative label instead (quality over permissiveness; both are
     /// sound). `None` releases the restricted answer whatever it says.
@@ -152,11 +156,21 @@ impl Default for PermissiveConfig {
     }
 }
 
-/// F1 between the sets of distinct words (lower-cased) two answers use
+/// How well a restricted regeneration `a` says what the full-context answer
+/// `b` said: F1 between the sets of distinct words (lower-cased) the two use
 /// beyond the question's words, so that restating the question does not
-/// count as agreement and wording or repetition matters little; 0 when they
-/// differ in any word with a digit (a number, code, date or amount: another
-/// fact); 1.0 when neither says anything beyond the question.
+/// count as agreement and wording or repetition matters little; 1.0 when
+/// neither says anything beyond the question.
+///
+/// Words with a digit are facts (a number, code, date or amount): the
+/// answers must agree on all of them, or the result is 0. A fact of `a`
+/// agrees with one of `b` when they are equal or when `a`'s completes `b`'s:
+/// `silent-orchid-53` completes `53` (it ends with `-53`). The check is
+/// asymmetric on purpose: a restricted answer that quotes in full a code the
+/// full-context answer cut down to its number says the same thing, better
+/// (measured on the label benchmark's development seed: the full context
+/// cut codes, the restricted context quoted them); one that cuts a code the
+/// full-context answer quoted says less, and is rejected.
 pub(crate) fn alignment(a: &str, b: &str, question: &str) -> f32 {
     let words = |s: &str| -> Vec<String> {
         s.split(|c: char| !c.is_alphanumeric() && c != '-')
@@ -176,21 +190,23 @@ pub(crate) fn alignment(a: &str, b: &str, question: &str) -> f32 {
     if wa.is_empty() && wb.is_empty() {
         return 1.0;
     }
+    let is_fact = |w: &String| w.chars().any(|c| c.is_ascii_digit());
+    let agree = |x: &String, y: &String| {
+        x == y || (is_fact(y) && x.strip_suffix(y.as_str()).is_some_and(|r| r.ends_with('-')))
+    };
     // Numbers, codes, dates and amounts are facts: the answers agree on
     // all of them or not at all.
-    let facts = |ws: &[String]| -> BTreeSet<String> {
-        ws.iter()
-            .filter(|w| w.chars().any(|c| c.is_ascii_digit()))
-            .cloned()
-            .collect()
-    };
-    if facts(&wa) != facts(&wb) {
+    let facts_a: Vec<&String> = wa.iter().filter(|w| is_fact(w)).collect();
+    let facts_b: Vec<&String> = wb.iter().filter(|w| is_fact(w)).collect();
+    let covered = facts_a.iter().all(|x| facts_b.iter().any(|y| agree(x, y)))
+        && facts_b.iter().all(|y| facts_a.iter().any(|x| agree(x, y)));
+    if !covered {
         return 0.0;
     }
     let mut pool = wb.clone();
     let mut common = 0usize;
     for w in &wa {
-        if let Some(p) = pool.iter().position(|x| x == w) {
+        if let Some(p) = pool.iter().position(|x| agree(w, x)) {
             pool.swap_remove(p);
             common += 1;
         }
@@ -581,26 +597,18 @@ fn search_contexts(p: &Problem<'_>) -> Result<Option<(Search, Scored)>> {
                 )));
             }
         }
-        // Interactions between sources: descend greedily, one batch per level.
-        let mut current = full;
-        loop {
-            let kids = children(sources, model_label, current);
-            let Some(us) = sc.utilities(&kids)? else {
-                return Ok(None);
-            };
-            let best = kids
-                .iter()
-                .zip(us)
-                .filter(|(_, u)| *u >= threshold)
-                .max_by(|a, b| {
-                    a.1.total_cmp(&b.1)
-                        .then(b.0.count_ones().cmp(&a.0.count_ones()))
-                });
-            match best {
-                Some((k, _)) => current = *k,
-                None => break,
-            }
-        }
+        // Interactions between sources (redundant ones, none influential
+        // alone; or sources that only help together): grow the
+        // leave-one-out candidate one label class at a time (one batch per
+        // level, the best utility first) until it is similar, then prune
+        // what the growth no longer needs, one batch per level.
+        let mut score = |m: &[Mask]| sc.utilities(m);
+        let Some(grown) = grow(&mut score, sources, model_label, candidate, threshold)? else {
+            return Ok(None);
+        };
+        let Some(current) = prune(&mut score, sources, model_label, grown, threshold)? else {
+            return Ok(None);
+        };
         return Ok(Some((
             Search {
                 chosen: current,
@@ -675,6 +683,90 @@ fn search_contexts(p: &Problem<'_>) -> Result<Option<(Search, Scored)>> {
         },
         sc.into_parts(),
     )))
+}
+
+/// Adds one left-out label class at a time to `start` (the class whose
+/// addition gives the best utility, fewer sources on ties) until the context
+/// is λ-similar; the full context is similar by definition, so this ends.
+/// `None` when the budget ran out.
+fn grow(
+    score: &mut impl FnMut(&[Mask]) -> Result<Option<Vec<f32>>>,
+    sources: &[Source],
+    model_label: &Label,
+    start: Mask,
+    threshold: f32,
+) -> Result<Option<Mask>> {
+    let full = full_mask(sources.len());
+    let mut current = start;
+    loop {
+        if current == full {
+            return Ok(Some(full));
+        }
+        let Some(u) = score(&[current])? else {
+            return Ok(None);
+        };
+        if u[0] >= threshold {
+            return Ok(Some(current));
+        }
+        let parents = parents(sources, model_label, current);
+        let Some(us) = score(&parents)? else {
+            return Ok(None);
+        };
+        let best = parents.iter().zip(&us).max_by(|a, b| {
+            a.1.total_cmp(b.1)
+                .then(b.0.count_ones().cmp(&a.0.count_ones()))
+        });
+        match best {
+            Some((p, _)) => current = *p,
+            None => return Ok(Some(full)),
+        }
+    }
+}
+
+/// Drops one label class at a time from the similar context `start` while
+/// the result stays similar (the best utility first, fewer sources on
+/// ties). `None` when the budget ran out.
+fn prune(
+    score: &mut impl FnMut(&[Mask]) -> Result<Option<Vec<f32>>>,
+    sources: &[Source],
+    model_label: &Label,
+    start: Mask,
+    threshold: f32,
+) -> Result<Option<Mask>> {
+    let mut current = start;
+    loop {
+        let kids = children(sources, model_label, current);
+        let Some(us) = score(&kids)? else {
+            return Ok(None);
+        };
+        let best = kids
+            .iter()
+            .zip(us)
+            .filter(|(_, u)| *u >= threshold)
+            .max_by(|a, b| {
+                a.1.total_cmp(&b.1)
+                    .then(b.0.count_ones().cmp(&a.0.count_ones()))
+            });
+        match best {
+            Some((k, _)) => current = *k,
+            None => return Ok(Some(current)),
+        }
+    }
+}
+
+/// The candidate contexts just above `m`: add one left-out label class
+/// (closed under the joined label).
+fn parents(sources: &[Source], model_label: &Label, m: Mask) -> Vec<Mask> {
+    let mut out = BTreeSet::new();
+    for i in 0..sources.len() {
+        if m & (1 << i) == 0 {
+            let parent = closure(sources, model_label, m | (1 << i));
+            if parent != m {
+                out.insert(parent);
+            }
+        }
+    }
+    out.into_iter().collect()
 }
 
 /// The smallest label-closed context containing the sources in `m`.
@@ -775,6 +867,19 @@ mod tests {
             ),
             0.0
         );
+        // The other way round, the restricted answer completes the code the
+        // full-context answer cut: the same fact, quoted in full.
+        assert_eq!(
+            alignment(
+                "The access code of the Ulul vault is stormy-ember-21.",
+                "The access code of the Ulul vault is 21.",
+                "What is the access code of the Ulul vault?"
+            ),
+            1.0
+        );
+        // Completing means ending with the whole cut fact, not any suffix.
+        assert_eq!(alignment("It is stormy-ember-121.", "It is 21.", ""), 0.0);
+        assert_eq!(alignment("It is stormy-ember-21.", "It is 7-21.", ""), 0.0);
         assert!(alignment("It opens at 8:00 daily.", "The office opens at 8:00.", "") > 0.0);
         // Repetition does not count twice.
         assert_eq!(alignment("click click click link", "click link", ""), 1.0);
@@ -804,6 +909,51 @@ mod tests {
             }
         };
         assert!(widening(&sources, &bottom, 0b0001, &utility, &no_c).is_empty());
+    }
+
+    #[test]
+    fn growth_adds_one_of_two_redundant_sources_and_pruning_drops_what_is_not_needed() {
+        // a and b each state the answer (either suffices), c is noise that
+        // helps a little, d is noise that hurts a little.
+        let sources = vec![s(l("a")), s(l("b")), s(l("c")), s(l("d"))];
+        let bottom = l("");
+        let utility = |m: Mask| -> f32 {
+            let has = |i: u32| m & (1 << i) != 0;
+            let answer = if has(0) || has(1) { 0.0 } else { -5.0 };
+            answer + if has(2) { 0.3 } else { 0.0 } - if has(3) { 0.1 } else { 0.0 }
+        };
+        let threshold = utility(0b1111) - 1.0;
+        let mut score = |ms: &[Mask]| -> Result<Option<Vec<f32>>> {
+            Ok(Some(ms.iter().map(|m| utility(*m)).collect()))
+        };
+        // Say leave-one-out kept only c (dropping a or b alone never hurts,
+        // so neither looked influential): growth adds the source that helps
+        // most, a or b (they tie), only one of them, never d.
+        let grown = grow(&mut score, &sources, &bottom, 0b0100, threshold)
+            .unwrap()
+            .unwrap();
+        assert!(grown == 0b0101 || grown == 0b0110, "{grown:b}");
+        // c only added a little: pruning drops it, the answer's source stays.
+        let pruned = prune(&mut score, &sources, &bottom, grown, threshold)
+            .unwrap()
+            .unwrap();
+        assert_eq!(pruned, grown & 0b0011);
+        // From nothing, growth also stops at one answering source.
+        let from_empty = grow(&mut score, &sources, &bottom, 0, threshold)
+            .unwrap()
+            .unwrap();
+        assert_eq!(from_empty.count_ones(), 1);
+        assert!(from_empty & 0b0011 != 0);
+        // A budget that runs out stops the search.
+        let mut broke = |_: &[Mask]| -> Result<Option<Vec<f32>>> { Ok(None) };
+        assert!(grow(&mut broke, &sources, &bottom, 0, threshold)
+            .unwrap()
+            .is_none());
+        // Starting from the full context growth has nothing to add.
+        assert_eq!(
+            grow(&mut score, &sources, &bottom, 0b1111, threshold).unwrap(),
+            Some(0b1111)
+        );
     }
 
     #[test]
