@@ -712,12 +712,8 @@ fn grow(
         let Some(us) = score(&parents)? else {
             return Ok(None);
         };
-        let best = parents.iter().zip(&us).max_by(|a, b| {
-            a.1.total_cmp(b.1)
-                .then(b.0.count_ones().cmp(&a.0.count_ones()))
-        });
-        match best {
-            Some((p, _)) => current = *p,
+        match best_by_utility(&parents, &us, f32::NEG_INFINITY) {
+            Some(p) => current = p,
             None => return Ok(Some(full)),
         }
     }
@@ -739,19 +735,25 @@ fn prune(
         let Some(us) = score(&kids)? else {
             return Ok(None);
         };
-        let best = kids
-            .iter()
-            .zip(us)
-            .filter(|(_, u)| *u >= threshold)
-            .max_by(|a, b| {
-                a.1.total_cmp(&b.1)
-                    .then(b.0.count_ones().cmp(&a.0.count_ones()))
-            });
-        match best {
-            Some((k, _)) => current = *k,
+        match best_by_utility(&kids, &us, threshold) {
+            Some(k) => current = k,
             None => return Ok(Some(current)),
         }
     }
+}
+
+/// Among the contexts whose utility is at least `min`, the one with the
+/// best utility (fewer sources on ties, then the last).
+fn best_by_utility(masks: &[Mask], utilities: &[f32], min: f32) -> Option<Mask> {
+    masks
+        .iter()
+        .zip(utilities)
+        .filter(|(_, u)| **u >= min)
+        .max_by(|a, b| {
+            a.1.total_cmp(b.1)
+                .then(b.0.count_ones().cmp(&a.0.count_ones()))
+        })
+        .map(|(m, _)| *m)
 }
 
 /// The candidate contexts just above `m`: add one left-out label class

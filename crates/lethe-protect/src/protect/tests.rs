@@ -751,6 +751,26 @@ fn release_and_ensemble_lr_default_in_json() {
     );
 }
 
+/// Runs `p` to the end pausing after every round (a fresh call resumes from
+/// the checkpoint each time): the result, the number of calls and the
+/// checkpoint directory.
+fn one_round_per_call(data: &Dataset, p: &ProtectParams) -> (Protection, usize, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = RunControl {
+        checkpoint_dir: Some(dir.path().to_path_buf()),
+        resume: true,
+        pause_after_rounds: Some(1),
+        ..RunControl::default()
+    };
+    let mut out = protect_dataset(data, p, &ctl).unwrap();
+    let mut calls = 1;
+    while !out.finished {
+        out = protect_dataset(data, p, &ctl).unwrap();
+        calls += 1;
+    }
+    (out, calls, dir)
+}
+
 #[test]
 fn the_best_round_survives_checkpoints() {
     // Resumed one round at a time, the run must still release the best
@@ -760,19 +780,7 @@ fn the_best_round_survives_checkpoints() {
     let p = oscillating(rounds);
     let full = protect_dataset(&data, &p, &quiet()).unwrap();
     assert!(full.released_round < rounds);
-    let dir = tempfile::tempdir().unwrap();
-    let ctl = RunControl {
-        checkpoint_dir: Some(dir.path().to_path_buf()),
-        resume: true,
-        pause_after_rounds: Some(1),
-        ..RunControl::default()
-    };
-    let mut out = protect_dataset(&data, &p, &ctl).unwrap();
-    let mut calls = 1;
-    while !out.finished {
-        out = protect_dataset(&data, &p, &ctl).unwrap();
-        calls += 1;
-    }
+    let (out, calls, dir) = one_round_per_call(&data, &p);
     assert_eq!(calls, rounds);
     assert!(dir.path().join("current/best_delta.bin").is_file());
     assert_eq!(out.released_round, full.released_round);
@@ -911,19 +919,7 @@ fn proxy_release_survives_checkpoints() {
     let full = protect_dataset(&data, &p, &quiet()).unwrap();
     // The kept round is an earlier one, so it lives in the checkpoint.
     assert!(full.released_round < rounds);
-    let dir = tempfile::tempdir().unwrap();
-    let ctl = RunControl {
-        checkpoint_dir: Some(dir.path().to_path_buf()),
-        resume: true,
-        pause_after_rounds: Some(1),
-        ..RunControl::default()
-    };
-    let mut out = protect_dataset(&data, &p, &ctl).unwrap();
-    let mut calls = 1;
-    while !out.finished {
-        out = protect_dataset(&data, &p, &ctl).unwrap();
-        calls += 1;
-    }
+    let (out, calls, dir) = one_round_per_call(&data, &p);
     assert_eq!(calls, rounds);
     assert!(dir.path().join("current/best_delta.bin").is_file());
     let proxies = |o: &Protection| {
@@ -942,6 +938,11 @@ fn proxy_release_survives_checkpoints() {
     // A proxy run does not resume from a final-round run's checkpoint.
     let mut fin = p.clone();
     fin.release = Release::FinalRound;
+    let ctl = RunControl {
+        checkpoint_dir: Some(dir.path().to_path_buf()),
+        resume: true,
+        ..RunControl::default()
+    };
     assert!(matches!(
         protect_dataset(&data, &fin, &ctl),
         Err(Error::Checkpoint { .. })
