@@ -41,8 +41,8 @@
 //!
 //! [R] The paper's exact λ and utility are reconstructions (see
 //! `shared/research/ifc-rag-knnlm.md` §5.1): here utility is the sequence
-//! log-probability (chosen on the benchmark's development seed, see
-//! [`Utility`]) and λ defaults to 0.25 (chosen the same way); the
+//! log-probability (chosen on the benchmark's development seed,
+//! `evals/labels/dev.toml`, see [`Utility`]) and λ defaults to 0.25 (chosen the same way); the
 //! empty context is a candidate too, so an answer that needs no source gets
 //! only the model's own label.
 
