@@ -2,7 +2,7 @@
 //!
 //! Every state change of a request is one framed JSON record appended and
 //! fsynced before the step it describes is considered done (writer:
-//! [`Ledger::append`]; reader: [`Ledger::open`], which replays the log).
+//! `Ledger::append`; reader: `Ledger::open`, which replays the log).
 //! A crash can only tear the last record, which the next open cuts off
 //! (the step it described is then redone or rolled back by the executor);
 //! a damaged record elsewhere is corruption and refuses to open. The state

@@ -21,7 +21,7 @@
 //!   `GET /healthz`, `GET /metrics` (Prometheus text).
 //!
 //! Model work never runs on the async runtime: requests become jobs in a
-//! bounded queue served by worker threads ([`pool`]). A full queue answers
+//! bounded queue served by worker threads (module `pool`). A full queue answers
 //! 429 with `Retry-After`; a request past its deadline is cancelled (the
 //! generation loop stops) and answered 504. Nothing crosses principals:
 //! every request builds its own prompt and KV cache.

@@ -28,7 +28,7 @@ use crate::{Error, Result};
 /// Embedder settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EmbedderConfig {
-    /// Longest input in tokens ([CLS] and [SEP] included); longer inputs are
+    /// Longest input in tokens (`[CLS]` and `[SEP]` included); longer inputs are
     /// cut. Capped at the model's position table (512). The default, 256, is
     /// what sentence-transformers uses for this model.
     pub max_length: usize,

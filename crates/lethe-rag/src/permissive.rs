@@ -39,7 +39,7 @@
 //! level). A pass budget bounds the search; when it runs out, the answer is
 //! the full-context one with the conservative label.
 //!
-//! [R] The paper's exact λ and utility are reconstructions (see
+//! \[R\] The paper's exact λ and utility are reconstructions (see
 //! `shared/research/ifc-rag-knnlm.md` §5.1): here utility is the sequence
 //! log-probability (chosen on the benchmark's development seed,
 //! `evals/labels/dev.toml`, see [`Utility`]) and λ defaults to 0.25 (chosen the same way); the
@@ -91,7 +91,7 @@ pub struct PermissiveConfig {
 /// are compared with those under the full context. A sub-context is
 /// λ-similar when the comparison is at least `ln λ`.
 ///
-/// [R] The paper's exact utility is not known. The mean per-token
+/// \[R\] The paper's exact utility is not known. The mean per-token
 /// log-probability (a perplexity ratio) dilutes the few tokens that carry a
 /// decision (which code, which name) among many that merely restate the
 /// question; the sequence log-probability and the worst single token do not.

@@ -71,7 +71,7 @@ fn content_words(text: &str) -> BTreeSet<String> {
 
 /// The sources in the order they are shown: least relevant first, most
 /// relevant last. Relevance is the number of the question's content words a
-/// source contains, then its *bridge* overlap (see [`bridge_overlap`]); among
+/// source contains, then its *bridge* overlap (see `bridge_overlap`); among
 /// equals, unverified ones (no `trusted` endorsement) first, then
 /// later-retrieved first.
 pub fn presentation_order(question: &str, sources: &[Source]) -> Vec<usize> {
