@@ -1529,15 +1529,7 @@ pub fn estimate_dataset(data: &Dataset, params: &ProtectParams) -> Result<Estima
             net.input_gradient(&x, &y, Mode::Eval)?;
         }
         per_image_step += t0.elapsed().as_secs_f64() / (2 * pb) as f64;
-        let mut opt = MomentumSgd::new(net.named_trainable_vars(), params.sgd)?;
-        let xt = net.batch(&data.pixels()[..tb * v])?;
-        let yt = net.labels(&data.labels()[..tb])?;
-        let t1 = Instant::now();
-        for _ in 0..2 {
-            let logits = net.forward(&xt, Mode::Train)?;
-            opt.step(&nn::cross_entropy(&logits, &yt, None)?)?;
-        }
-        per_train_step += t1.elapsed().as_secs_f64() / 2.0;
+        per_train_step += seconds_per_train_step(&net, params.sgd, data, tb)?;
     }
     let steps = (n * params.pgd_steps) as u64;
     let mut round = steps as f64 * per_image_step
@@ -1561,15 +1553,7 @@ pub fn estimate_dataset(data: &Dataset, params: &ProtectParams) -> Result<Estima
             mix(params.seed, 21, 0),
         )?;
         let pb = proxy.batch.min(n);
-        let mut opt = MomentumSgd::new(net.named_trainable_vars(), proxy.sgd)?;
-        let xt = net.batch(&data.pixels()[..pb * v])?;
-        let yt = net.labels(&data.labels()[..pb])?;
-        let t = Instant::now();
-        for _ in 0..2 {
-            let logits = net.forward(&xt, Mode::Train)?;
-            opt.step(&nn::cross_entropy(&logits, &yt, None)?)?;
-        }
-        let per_step = t.elapsed().as_secs_f64() / 2.0;
+        let per_step = seconds_per_train_step(&net, proxy.sgd, data, pb)?;
         let train = n as f64 * (1.0 - proxy.holdout_fraction);
         let per_measure = proxy.epochs as f64 * (train / pb as f64).ceil() * per_step;
         round += per_measure / proxy.every as f64;
@@ -1582,6 +1566,21 @@ pub fn estimate_dataset(data: &Dataset, params: &ProtectParams) -> Result<Estima
         min_seconds: round * params.stop.min_rounds as f64,
         max_seconds: round * params.stop.max_rounds as f64,
     })
+}
+
+/// Seconds of one SGD step of `net` on a batch of the first `batch` images
+/// (the mean of two steps).
+fn seconds_per_train_step(net: &Net, sgd: SgdParams, data: &Dataset, batch: usize) -> Result<f64> {
+    let v = data.shape().values();
+    let mut opt = MomentumSgd::new(net.named_trainable_vars(), sgd)?;
+    let x = net.batch(&data.pixels()[..batch * v])?;
+    let y = net.labels(&data.labels()[..batch])?;
+    let t = Instant::now();
+    for _ in 0..2 {
+        let logits = net.forward(&x, Mode::Train)?;
+        opt.step(&nn::cross_entropy(&logits, &y, None)?)?;
+    }
+    Ok(t.elapsed().as_secs_f64() / 2.0)
 }
 
 #[cfg(test)]

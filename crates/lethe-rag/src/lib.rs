@@ -285,7 +285,7 @@ pub fn answer(
                     trace.minimal = found
                         .minimal
                         .iter()
-                        .map(|m| (0..n).filter(|i| m & (1 << i) != 0).collect())
+                        .map(|m| permissive::members(*m, n).collect())
                         .collect();
                     checked = found.checked.map(|c| (scored_tokens, c));
                     widening = found.widening;
@@ -335,13 +335,13 @@ pub fn answer(
                     permissive::alignment(&g.text, &full_gen.text, question) >= min
                 })
             };
-            let indexes = |m: permissive::Mask| (0..n).filter(|i| m & (1 << i) != 0).collect();
             if aligned(&g) {
                 (chosen, Some(g))
             } else {
-                trace
-                    .rejected
-                    .push((indexes(chosen), g.text.trim().to_string()));
+                trace.rejected.push((
+                    permissive::members(chosen, n).collect(),
+                    g.text.trim().to_string(),
+                ));
                 // Widen: add back the most influential left-out label
                 // classes one at a time until a regeneration agrees.
                 let mut released = None;
@@ -360,9 +360,10 @@ pub fn answer(
                         released = Some((wider, Some(g)));
                         break;
                     }
-                    trace
-                        .rejected
-                        .push((indexes(wider), g.text.trim().to_string()));
+                    trace.rejected.push((
+                        permissive::members(wider, n).collect(),
+                        g.text.trim().to_string(),
+                    ));
                 }
                 released.unwrap_or_else(|| {
                     trace.route = "misaligned-fallback";
@@ -373,7 +374,7 @@ pub fn answer(
         _ => (chosen, None),
     };
     let label = permissive::mask_label(&config.model_label, sources, chosen);
-    let label_sources: Vec<usize> = (0..n).filter(|i| chosen & (1 << i) != 0).collect();
+    let label_sources: Vec<usize> = permissive::members(chosen, n).collect();
     let messages = prompt::messages(question, &subset(sources, chosen));
     let rendered = llm.chat.render(&messages)?;
     let prompt_sha256 =

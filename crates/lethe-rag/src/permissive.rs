@@ -264,7 +264,8 @@ pub(crate) fn full_mask(n: usize) -> Mask {
     }
 }
 
-fn members(mask: Mask, n: usize) -> impl Iterator<Item = usize> {
+/// The indexes of the sources in `mask` (of `n`).
+pub(crate) fn members(mask: Mask, n: usize) -> impl Iterator<Item = usize> {
     (0..n).filter(move |i| mask & (1 << i) != 0)
 }
 

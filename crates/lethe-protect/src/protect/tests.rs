@@ -847,15 +847,26 @@ fn proxy_rule_keeps_the_lowest_proxy_accuracy_ties_to_the_later_round() {
     assert_eq!(s.delta, vec![0.07; 3]);
 }
 
+/// The oscillating run under the proxy-victim release, with a seed whose
+/// proxy ranks an earlier round below the last one (the tests check it), so
+/// that the rule can be told from `final_round`.
+fn oscillating_proxy(rounds: usize) -> ProtectParams {
+    let mut p = oscillating(rounds);
+    p.release = Release::ProxyVictim(tiny_proxy());
+    p.seed = 2;
+    p
+}
+
+/// The proxy accuracy logged for each round.
+fn proxies(o: &Protection) -> Vec<Option<f64>> {
+    o.rounds.iter().map(|l| l.proxy_accuracy).collect()
+}
+
 #[test]
 fn proxy_victim_release_is_the_round_with_the_lowest_proxy_accuracy() {
     let data = tiny(12);
     let rounds = 4;
-    let mut p = oscillating(rounds);
-    p.release = Release::ProxyVictim(tiny_proxy());
-    // A seed whose proxy ranks an earlier round below the last one (checked
-    // below), so the test tells this rule from `final_round`.
-    p.seed = 2;
+    let p = oscillating_proxy(rounds);
     let out = protect_dataset(&data, &p, &quiet()).unwrap();
     assert_eq!(out.rounds.len(), rounds);
     let acc: Vec<f64> = out
@@ -895,12 +906,6 @@ fn proxy_victim_release_is_the_round_with_the_lowest_proxy_accuracy() {
     assert_eq!(out.masks, at_b.masks);
     // Deterministic per seed.
     let again = protect_dataset(&data, &p, &quiet()).unwrap();
-    let proxies = |o: &Protection| {
-        o.rounds
-            .iter()
-            .map(|l| l.proxy_accuracy)
-            .collect::<Vec<_>>()
-    };
     assert_eq!(proxies(&again), proxies(&out));
     assert_eq!(again.released_round, out.released_round);
     assert!(again.protected.pixels() == out.protected.pixels());
@@ -913,21 +918,13 @@ fn proxy_release_survives_checkpoints() {
     // round's noise as an uninterrupted run.
     let data = tiny(12);
     let rounds = 4;
-    let mut p = oscillating(rounds);
-    p.release = Release::ProxyVictim(tiny_proxy());
-    p.seed = 2;
+    let p = oscillating_proxy(rounds);
     let full = protect_dataset(&data, &p, &quiet()).unwrap();
     // The kept round is an earlier one, so it lives in the checkpoint.
     assert!(full.released_round < rounds);
     let (out, calls, dir) = one_round_per_call(&data, &p);
     assert_eq!(calls, rounds);
     assert!(dir.path().join("current/best_delta.bin").is_file());
-    let proxies = |o: &Protection| {
-        o.rounds
-            .iter()
-            .map(|l| l.proxy_accuracy)
-            .collect::<Vec<_>>()
-    };
     assert_eq!(proxies(&out), proxies(&full));
     assert_eq!(out.released_round, full.released_round);
     assert!(
