@@ -131,11 +131,76 @@ def em_round(images, labels, steps, device):
     }
 
 
+def lethe_cmd(args, images, steps, check=False, tf32=False):
+    if args.lethe_bin:
+        cmd = [args.lethe_bin]
+    else:
+        cmd = [
+            "cargo", "run", "--release", "--features", "cuda", "-p", "lethe-protect",
+            "--example", "bench_protect", "--",
+        ]
+    cmd += ["--cifar-only", "--device", "cuda", "--images", str(images), "--steps", str(steps)]
+    return cmd + (["--check"] if check else []) + (["--tf32"] if tf32 else [])
+
+
+out_checked = [False]
+
+
+def run_lethe(args, tf32=False, conv=None):
+    """Times lethe's round on the same images and steps. With `--budget-s`,
+    a probe round on `--probe-images` images first predicts the full round;
+    when that would exceed the budget the round runs on as many images as
+    fit (the rate per image-step is what is compared, and is recorded)."""
+    env = dict(os.environ, BENCH_OUT="/dev/null")
+    if conv:
+        env["LETHE_GPU_CONV"] = conv
+    out = {}
+
+    def call(images, check=False):
+        t0 = time.perf_counter()
+        cmd = lethe_cmd(args, images, args.steps, check, tf32)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-4000:])
+        return json.loads(proc.stdout), wall
+
+    try:
+        images = args.images
+        if args.budget_s:
+            probe, wall = call(args.probe_images, check=args.check and not out_checked[0])
+            out_checked[0] = True
+            out["lethe_probe"] = probe["cifar_resnet18"]["em_round"]
+            if "check_against_cpu" in probe:
+                out["check_against_cpu"] = probe["check_against_cpu"]
+            per_image = probe["cifar_resnet18"]["em_round"]["round_s"] / args.probe_images
+            predicted = per_image * args.images
+            out["lethe_predicted_full_round_s"] = round(predicted, 1)
+            if predicted > args.budget_s:
+                images = max(args.probe_images, int(args.budget_s / per_image) // 512 * 512)
+        doc, wall = call(images)
+        lethe = doc["cifar_resnet18"]
+        out["lethe"] = lethe
+        out["lethe_images"] = images
+        out["lethe_wall_s"] = round(wall, 1)
+        return out
+    except (RuntimeError, json.JSONDecodeError, KeyError) as e:
+        out["lethe_error"] = str(e)[-4000:]
+        return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=50_000)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--skip-lethe", action="store_true")
+    ap.add_argument("--lethe-bin", help="prebuilt bench_protect example (CUDA build); default: cargo run")
+    ap.add_argument("--budget-s", type=float, default=0, help="cap on lethe's timed round (0: none)")
+    ap.add_argument("--probe-images", type=int, default=2048)
+    ap.add_argument("--check", action="store_true", help="lethe compares a CPU and a GPU run first")
+    ap.add_argument("--strict", action="store_true", help="also time PyTorch with TF32 off")
+    ap.add_argument("--variants", default="strict,tf32",
+                    help="lethe runs: strict|tf32, each optionally -im2col (im2col conv on the GPU)")
     ap.add_argument("--out", default="evals/results/protect-bench-h100.json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -145,31 +210,45 @@ def main():
     images = torch.randint(0, 256, (args.images, 3, 32, 32), generator=g).float().div(255).to(device)
     labels = (torch.arange(args.images) % 10).to(device)
     em_round(images[:1024], labels[:1024], 2, device)  # warm-up (cuDNN autotune)
+    # PyTorch's defaults: TF32 in cuDNN convolutions, not in matmul.
     result = {
         "gpu": torch.cuda.get_device_name(0),
         "torch": torch.__version__,
         "images": args.images,
         "pgd_steps": args.steps,
         "pytorch": em_round(images, labels, args.steps, device),
+        "pytorch_note": "defaults: cudnn.allow_tf32=%s, matmul.allow_tf32=%s"
+        % (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32),
     }
+    if args.strict:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        # On a fifth of the images (the rate per image-step is compared).
+        k = max(512, args.images // 5 // 512 * 512)
+        result["pytorch_strict_fp32"] = dict(
+            em_round(images[:k], labels[:k], args.steps, device), images=k
+        )
     if not args.skip_lethe:
-        cmd = [
-            "cargo", "run", "--release", "--features", "cuda", "-p", "lethe-protect",
-            "--example", "bench_protect", "--", "--cifar-only", "--device", "cuda",
-            "--images", str(args.images), "--steps", str(args.steps),
-        ]
-        env = dict(os.environ, BENCH_OUT="/dev/null")
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            result["lethe_error"] = proc.stderr[-4000:]
-        else:
-            lethe = json.loads(proc.stdout)["cifar_resnet18"]
-            result["lethe"] = lethe
-            result["lethe_over_pytorch"] = round(
-                lethe["em_round"]["round_s"] / result["pytorch"]["round_s"], 2
-            )
-        result["lethe_wall_incl_build_s"] = round(time.perf_counter() - t0, 1)
+        # lethe strict f32 against PyTorch strict (or default when not run),
+        # lethe with TF32 against PyTorch's default (TF32 convolutions).
+        # A variant is `strict` or `tf32`, optionally `-im2col` (lethe's
+        # im2col from primitive ops instead of candle's conv2d on the GPU).
+        for variant in args.variants.split(","):
+            tf32 = variant.startswith("tf32")
+            conv = "im2col" if variant.endswith("-im2col") else None
+            r = run_lethe(args, tf32, conv)
+            if "check_against_cpu" in r:
+                result["check_against_cpu"] = r.pop("check_against_cpu")
+            name = "lethe_" + variant.replace("-", "_")
+            result[name] = r
+            if "lethe" in r:
+                rate_l = r["lethe"]["em_round"]["image_steps_per_s"]
+                peer = "pytorch" if tf32 or not args.strict else "pytorch_strict_fp32"
+                rate_t = result[peer]["image_steps_per_s"]
+                # Time per image-step, lethe over PyTorch (> 1: lethe slower);
+                # equal to the ratio of round times when both ran every image.
+                r["over_" + peer] = round(rate_t / rate_l, 2)
+                r["full_round_s"] = round(args.images * args.steps / rate_l, 1)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

@@ -45,7 +45,15 @@ enum Task {
         clients: usize,
     },
     /// Build `lethe` with CUDA kernels for an H100 (sm_90) on this machine.
-    CudaBuild,
+    CudaBuild {
+        /// Build this example (of `--package`) instead of the `lethe` binary,
+        /// e.g. `bench_protect` for the H100 comparison.
+        #[arg(long)]
+        example: Option<String>,
+        /// The package whose example is built.
+        #[arg(long, default_value = "lethe-protect")]
+        package: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -101,7 +109,7 @@ fn main() -> anyhow::Result<()> {
             }
             other => bail!("unknown benchmark {other}"),
         },
-        Task::CudaBuild => cuda_build(&root),
+        Task::CudaBuild { example, package } => cuda_build(&root, example.as_deref(), &package),
     }
 }
 
@@ -193,7 +201,7 @@ const CUDA_WHEELS: &[&str] = &[
     "nvidia-cublas==13.0.2.14",
 ];
 
-fn cuda_build(root: &Path) -> anyhow::Result<()> {
+fn cuda_build(root: &Path, example: Option<&str>, package: &str) -> anyhow::Result<()> {
     let base = root.join(".lethe/cuda");
     let wheels = base.join("wheels");
     let tk = base.join("toolkit");
@@ -286,17 +294,14 @@ fn cuda_build(root: &Path) -> anyhow::Result<()> {
         cu.join("bin").display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    run(cargo()
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "lethe-cli",
-            "--features",
-            "cuda",
-            "--target-dir",
-            "target/cuda",
-        ])
+    let mut build = cargo();
+    build.args(["build", "--release"]);
+    match example {
+        Some(e) => build.args(["-p", package, "--example", e]),
+        None => build.args(["-p", "lethe-cli"]),
+    };
+    run(build
+        .args(["--features", "cuda", "--target-dir", "target/cuda"])
         .env("CUDA_HOME", &cu)
         .env("CUDA_ROOT", &cu)
         .env("PATH", path)
@@ -305,7 +310,11 @@ fn cuda_build(root: &Path) -> anyhow::Result<()> {
             "LIBRARY_PATH",
             format!("{}:{}", lib.display(), stubs.display()),
         ))?;
-    println!("built {}", root.join("target/cuda/release/lethe").display());
+    let built = match example {
+        Some(e) => root.join("target/cuda/release/examples").join(e),
+        None => root.join("target/cuda/release/lethe"),
+    };
+    println!("built {}", built.display());
     Ok(())
 }
 

@@ -313,8 +313,10 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Te
 ///
 /// On the CPU (f32): im2col (a custom op whose backward is col2im) and one
 /// matrix product `W (c_out, c_in k_h k_w) x cols (c_in k_h k_w, n h_out
-/// w_out)`, so both the forward and the backward run in gemm. Elsewhere:
-/// candle's `conv2d`.
+/// w_out)`, so both the forward and the backward run in gemm. Elsewhere
+/// candle's `conv2d`; on a GPU, with `LETHE_GPU_CONV=im2col`, the same
+/// product as on the CPU with im2col built from primitive ops
+/// ([`im2col_ops`]).
 pub fn conv2d(
     x: &Tensor,
     weight: &Tensor,
@@ -341,25 +343,86 @@ pub fn conv2d(
     }
     let oh = (h + 2 * padding - kh) / stride + 1;
     let ow = (w + 2 * padding - kw) / stride + 1;
-    if !fused(&[x, weight]) {
+    let cols = if fused(&[x, weight]) {
+        x.contiguous()?.apply_op1(kernels::Im2Col {
+            dims: (n, c, h, w),
+            kernel: (kh, kw),
+            stride,
+            padding,
+        })?
+    } else if x.device().is_cpu() || !gpu_conv_is_im2col() {
         let y = x.conv2d(weight, padding, stride, 1, 1)?;
         return match bias {
             None => Ok(y),
             Some(b) => Ok(y.broadcast_add(&b.reshape((1, co, 1, 1))?)?),
         };
-    }
-    let cols = x.contiguous()?.apply_op1(kernels::Im2Col {
-        dims: (n, c, h, w),
-        kernel: (kh, kw),
-        stride,
-        padding,
-    })?;
+    } else {
+        im2col_ops(x, (kh, kw), stride, padding, (oh, ow))?
+    };
     let y = weight.reshape((co, c * kh * kw))?.matmul(&cols)?;
     let y = match bias {
         None => y,
         Some(b) => y.broadcast_add(&b.reshape((co, 1))?)?,
     };
     Ok(y.reshape((co, n, oh, ow))?.transpose(0, 1)?.contiguous()?)
+}
+
+/// `LETHE_GPU_CONV=im2col` selects [`im2col_ops`] on GPUs instead of
+/// candle's own `conv2d` (read once). Measured on an H100 (ResNet-18,
+/// batch 512, input gradients): candle's 1406 image-steps/s, im2col from
+/// primitive ops 893: its copies cost more than the direct
+/// transposed-convolution kernel saves.
+fn gpu_conv_is_im2col() -> bool {
+    static IM2COL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *IM2COL.get_or_init(|| std::env::var("LETHE_GPU_CONV").is_ok_and(|v| v == "im2col"))
+}
+
+/// im2col of `x` `(n, c, h, w)` from primitive, differentiable ops (zero
+/// padding, narrow, reshape, stack), laid out as the CPU kernel lays it
+/// out: rows `(c, k_h, k_w)`, columns `(n, h_out, w_out)`. Its backward is
+/// the ops' own (narrow -> pad, stack -> narrow): copies and sums that run
+/// on any device, where a direct transposed-convolution kernel would not.
+pub(crate) fn im2col_ops(
+    x: &Tensor,
+    (kh, kw): (usize, usize),
+    stride: usize,
+    padding: usize,
+    (oh, ow): (usize, usize),
+) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    // Pad so that every shifted window of `stride * out` rows (columns)
+    // fits: the taps of a strided convolution are taken as a window of
+    // `stride * out` rows, reshaped to `(out, stride)`, keeping index 0.
+    let extra_h = (kh - 1 + stride * oh).saturating_sub(h + 2 * padding);
+    let extra_w = (kw - 1 + stride * ow).saturating_sub(w + 2 * padding);
+    let xp = x
+        .pad_with_zeros(2, padding, padding + extra_h)?
+        .pad_with_zeros(3, padding, padding + extra_w)?;
+    let wp = xp.dim(3)?;
+    let mut taps = Vec::with_capacity(kh * kw);
+    for dy in 0..kh {
+        let mut rows = xp.narrow(2, dy, stride * oh)?;
+        if stride > 1 {
+            rows = rows
+                .reshape((n, c, oh, stride, wp))?
+                .narrow(3, 0, 1)?
+                .squeeze(3)?;
+        }
+        for dx in 0..kw {
+            let mut tap = rows.narrow(3, dx, stride * ow)?;
+            if stride > 1 {
+                tap = tap
+                    .reshape((n, c, oh, ow, stride))?
+                    .narrow(4, 0, 1)?
+                    .squeeze(4)?;
+            }
+            taps.push(tap);
+        }
+    }
+    let cols = Tensor::stack(&taps, 2)?; // (n, c, kh kw, oh, ow)
+    Ok(cols
+        .permute((1, 2, 0, 3, 4))?
+        .reshape((c * kh * kw, n * oh * ow))?)
 }
 
 /// Batch normalisation of `x` `(n, c, h, w)` per channel, with `weight` and

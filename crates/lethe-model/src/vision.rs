@@ -396,8 +396,15 @@ impl BatchNorm {
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         let (w, b) = (self.weight.tensor(), self.bias.tensor());
         if !mode.is_train() {
-            let stats = (self.running_mean.as_tensor(), self.running_var.as_tensor());
-            return nn::batch_norm2d(x, &w, &b, Some(stats), BN_EPS);
+            // Running statistics are buffers, never trained: detached, so
+            // that an input gradient does not also reduce the activations'
+            // gradient to every statistic (on a GPU those reductions over
+            // (n, h, w) cost more than the convolutions).
+            let stats = (
+                self.running_mean.as_detached_tensor(),
+                self.running_var.as_detached_tensor(),
+            );
+            return nn::batch_norm2d(x, &w, &b, Some((&stats.0, &stats.1)), BN_EPS);
         }
         let (mean, var) = nn::channel_stats(x)?;
         let (n, _, h, w_) = x.dims4()?;

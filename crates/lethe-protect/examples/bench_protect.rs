@@ -20,8 +20,12 @@
 //!   extrapolated time of a full round on 50k images with 20 steps.
 //!
 //! `--device cuda` (or `BENCH_DEVICE=cuda`) runs on a GPU when built with
-//! `--features cuda`; `--cifar-only --images N --steps K` runs just the
-//! CIFAR round (what `bench_protect_torch.py` calls on the H100).
+//! `--features cuda`; there the CIFAR model is timed by a full round
+//! (`em_round`) instead of PGD alone, and `--check` first runs the same
+//! short digits protection on the CPU and the GPU and compares them
+//! (`check_against_cpu`). `--cifar-only --images N --steps K` runs just the
+//! CIFAR round (what `bench_protect_torch.py` calls on the H100); `--tf32`
+//! lets the GPU's f32 matrix products use TF32 tensor cores.
 //! Threads as in `lethe-model`'s `bench_train`: unless set,
 //! `CANDLE_NUM_THREADS=1` and `RAYON_NUM_THREADS` = cores.
 //!
@@ -54,11 +58,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(64);
     let cifar_steps: usize = arg("--steps").and_then(|v| v.parse().ok()).unwrap_or(2);
+    // TF32 tensor-core matrix products for f32 on the GPU (PyTorch's
+    // default for convolutions); off unless asked for.
+    let tf32 = args.iter().any(|a| a == "--tf32");
+    lethe_model::device::set_gpu_tf32(tf32);
     let load_before = load_average();
 
     let mut out = json!({
         "unit": "image-steps/s (one PGD forward+backward of one image = 1 image-step)",
         "device": device,
+        "tf32": tf32,
         "cores": cores,
         "CANDLE_NUM_THREADS": std::env::var("CANDLE_NUM_THREADS").unwrap_or_default(),
         "RAYON_NUM_THREADS": std::env::var("RAYON_NUM_THREADS").unwrap_or_default(),
@@ -86,17 +95,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "em_round": round(&lesions, arch, 20, &device)?,
         });
     }
+    if args.iter().any(|a| a == "--check") && device != "cpu" {
+        out["check_against_cpu"] = check_against_cpu(&device)?;
+    }
     let cifar = random_rgb(cifar_images, 10, 7)?;
     let arch = Arch::Resnet18 { width: 64 };
-    let mut c = json!({ "pgd_only": pgd_only(&cifar, arch.clone(), cifar_steps, &device)? });
-    if device != "cpu" {
+    let (mut c, rate) = if device == "cpu" {
+        let c = json!({ "pgd_only": pgd_only(&cifar, arch.clone(), cifar_steps, &device)? });
+        let rate = c["pgd_only"]["pgd_image_steps_per_s"].as_f64();
+        (c, rate)
+    } else {
         // On a GPU the full round is affordable and is what PyTorch is
         // compared with (bench_protect_torch.py reads `em_round.round_s`).
-        c["em_round"] = round(&cifar, arch, cifar_steps, &device)?;
-    }
-    let rate = c["pgd_only"]["pgd_image_steps_per_s"]
-        .as_f64()
-        .unwrap_or(0.0);
+        let c = json!({ "em_round": round(&cifar, arch, cifar_steps, &device)? });
+        let rate = c["em_round"]["image_steps_per_s"].as_f64();
+        (c, rate)
+    };
+    let rate = rate.unwrap_or(0.0);
     // A full CIFAR-10 EM round: 50k images x 20 steps, plus 10 surrogate
     // steps of 128 images (counted as 128 image-steps each) and an
     // accuracy pass (about a third of a step per image).
@@ -199,6 +214,59 @@ fn round(
         "wall_s_incl_setup": round2(wall),
         "image_steps": r.image_steps,
         "image_steps_per_s": round2(r.image_steps as f64 / r.seconds),
+    }))
+}
+
+/// The same short protection run on the CPU and on `device`, compared:
+/// the surrogate weights start identical (they are drawn on the host), so
+/// the round logs must agree to float tolerance and the released images
+/// may differ only where a sign step flipped on a near-zero gradient.
+fn check_against_cpu(device: &str) -> Result<Value, Box<dyn std::error::Error>> {
+    let digits = formats::load(&DataSource::Digits)?;
+    let mut p = ProtectParams::em(8.0 / 255.0);
+    p.surrogate = Arch::Cnn {
+        channels: vec![32, 64],
+        batch_norm: true,
+    };
+    p.pgd_steps = 10;
+    p.stop = StopRule {
+        min_rounds: 2,
+        max_rounds: 2,
+        train_accuracy: None,
+        loss_below: None,
+        patience: 1,
+        shortcut_accuracy: None,
+    };
+    let cpu = protect_dataset(&digits, &p, &RunControl::default())?;
+    p.device = device.to_string();
+    let gpu = protect_dataset(&digits, &p, &RunControl::default())?;
+    let (a, b) = (cpu.protected.pixels(), gpu.protected.pixels());
+    let levels = |x: f32| (x * 255.0).round() as i32;
+    let equal = a
+        .iter()
+        .zip(b)
+        .filter(|(x, y)| levels(**x) == levels(**y))
+        .count();
+    let max_level_diff = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (levels(*x) - levels(*y)).abs())
+        .max()
+        .unwrap_or(0);
+    let log = |r: &lethe_protect::protect::Protection| -> Value {
+        r.rounds
+            .iter()
+            .map(|l| json!({"round": l.round, "train_loss": l.train_loss, "accuracy": l.accuracy, "loss": l.loss}))
+            .collect()
+    };
+    Ok(json!({
+        "run": "digits, CNN 32-64, sample-wise EM, 2 rounds x 10 PGD steps, seed 0",
+        "cpu_rounds": log(&cpu),
+        "device_rounds": log(&gpu),
+        "released_levels_equal_fraction": equal as f64 / a.len().max(1) as f64,
+        "released_max_level_diff": max_level_diff,
+        "cpu_s": round2(cpu.seconds),
+        "device_s": round2(gpu.seconds),
     }))
 }
 

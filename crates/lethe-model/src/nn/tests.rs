@@ -539,6 +539,70 @@ fn fused_conv2d_matches_candle_conv2d() {
 }
 
 #[test]
+fn im2col_from_primitive_ops_matches_candle_conv2d() {
+    // The GPU path of `conv2d`, run here on the CPU: the same product as
+    // the fused kernel, with im2col (and so its backward) from narrow,
+    // reshape and stack.
+    for (cin, cout, k, stride, pad, size) in [
+        (3, 4, 3, 1, 1, 8),
+        (4, 6, 3, 2, 1, 9),
+        (4, 6, 3, 2, 1, 8),
+        (2, 3, 1, 2, 0, 8),
+        (3, 2, 5, 1, 0, 7),
+        (2, 2, 3, 3, 2, 10),
+    ] {
+        let inputs = [
+            randn(&[2, cin, size, size], 40),
+            randn(&[cout, cin, k, k], 41),
+        ];
+        let via_ops = |t: &[Tensor]| {
+            let (n, c, h, w) = t[0].dims4().unwrap();
+            let oh = (h + 2 * pad - k) / stride + 1;
+            let ow = (w + 2 * pad - k) / stride + 1;
+            let cols = im2col_ops(&t[0], (k, k), stride, pad, (oh, ow)).unwrap();
+            t[1].reshape((cout, c * k * k))
+                .unwrap()
+                .matmul(&cols)
+                .unwrap()
+                .reshape((cout, n, oh, ow))
+                .unwrap()
+                .transpose(0, 1)
+                .unwrap()
+        };
+        let candle = |t: &[Tensor]| t[0].conv2d(&t[1], pad, stride, 1, 1).unwrap();
+        let grads = |f: &dyn Fn(&[Tensor]) -> Tensor| {
+            let vars: Vec<Var> = inputs
+                .iter()
+                .map(|t| Var::from_tensor(t).unwrap())
+                .collect();
+            let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            let out = f(&ts);
+            let probe = randn(out.dims(), 98);
+            let g = (&out * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gs: Vec<Tensor> = vars
+                .iter()
+                .map(|v| g.get(v.as_tensor()).unwrap().clone())
+                .collect();
+            (out, gs)
+        };
+        let (a, ga) = grads(&via_ops);
+        let (b, gb) = grads(&candle);
+        let case = format!("cin {cin} k {k} stride {stride} pad {pad} size {size}");
+        assert_eq!(a.dims(), b.dims(), "{case}");
+        assert!(max_abs_diff(&a, &b) < 1e-4, "{case}: outputs");
+        for (x, y) in ga.iter().zip(&gb) {
+            assert!(max_abs_diff(x, y) < 1e-4, "{case}: gradients");
+            assert!(is_nonzero(x), "{case}: zero gradient");
+        }
+    }
+}
+
+#[test]
 fn fused_batch_norm_matches_reference_in_both_modes() {
     let x = (randn(&[4, 3, 5, 5], 33) * 2.0)
         .unwrap()
