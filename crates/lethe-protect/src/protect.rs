@@ -353,6 +353,17 @@ pub struct ProtectParams {
     /// of at zero.
     #[serde(default)]
     pub random_start: bool,
+    /// Class-wise only: start each class's noise as a synthetic code
+    /// instead of zero (`None`, the default). Synthetic class-wise codes are
+    /// shortcuts that any architecture picks up in its first epochs (Yu et
+    /// al. 2022, research notes 2.5); error-minimising rounds then refine
+    /// them against the surrogates. Where the box blocks a sign (black
+    /// background cannot darken) the code reads as `0` / `+eps` there:
+    /// still one distinct code per class. Measured on the lesions
+    /// selection draw (`evals/results/protect/supplementary-selection-seed1`,
+    /// rows i-l): worse than the zero start with the same crafting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub synthetic_start: Option<SyntheticStart>,
     /// One noise value per pixel location shared by all channels (a
     /// grayscale conversion cannot average it away); RGB only.
     #[serde(default)]
@@ -367,6 +378,16 @@ pub struct ProtectParams {
     /// unchanged in kind (each image still gets its own class's noise).
     #[serde(default)]
     pub cross_pairs: f64,
+    /// Re-initialise every surrogate (fresh weights, fresh optimiser state)
+    /// at the start of every `restart_every`-th round after the first (0,
+    /// the default: never). Surrogates that keep training across rounds
+    /// end up optimising the noise for models that already read it; a
+    /// victim starts from scratch and learns whatever is quickest in its
+    /// first epochs, content included. Restarts ask the noise to be picked
+    /// up by young models too. Measured on the lesions selection draw
+    /// (row n, every 3rd round): worse than no restarts.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub restart_every: usize,
     /// Which round's noise is released (default `final_round`; see
     /// [`Release`]).
     #[serde(default)]
@@ -380,6 +401,36 @@ pub struct ProtectParams {
 
 fn default_device() -> String {
     "cpu".into()
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+/// A synthetic class-wise code to start the noise from
+/// ([`ProtectParams::synthetic_start`]): `eps` times a random sign per
+/// cell, the same on every channel, inside the class's mask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyntheticStart {
+    /// Side of the code's square cells, in pixels (`blocks`), or of the
+    /// repeated tile (`tiled`, cells of one pixel).
+    pub side: usize,
+    /// How the signs are laid out.
+    pub layout: CodeLayout,
+}
+
+/// The layout of a [`SyntheticStart`] code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CodeLayout {
+    /// One sign per `side x side` block of the image: a position code, read
+    /// best by a model with a flattening head.
+    Blocks,
+    /// One `side x side` tile of per-pixel signs repeated over the image: a
+    /// texture that a convolution finds anywhere, read by a global-pooling
+    /// model too.
+    Tiled,
 }
 
 impl ProtectParams {
@@ -413,6 +464,8 @@ impl ProtectParams {
             },
             bn_recalibration: 20,
             random_start: false,
+            synthetic_start: None,
+            restart_every: 0,
             shared_channels: false,
             cross_pairs: 0.0,
             release: Release::default(),
@@ -522,6 +575,24 @@ impl ProtectParams {
             return Err(Error::Config(
                 "cross_pairs needs a class-wise method (one noise per class)".into(),
             ));
+        }
+        if let Some(start) = &self.synthetic_start {
+            if !self.method.classwise() {
+                return Err(Error::Config(
+                    "synthetic_start needs a class-wise method (one noise per class)".into(),
+                ));
+            }
+            if self.random_start {
+                return Err(Error::Config(
+                    "synthetic_start and random_start are two different starts: pick one".into(),
+                ));
+            }
+            if start.side == 0 || start.side > 64 {
+                return Err(Error::Config(format!(
+                    "synthetic_start side must be 1..=64 pixels, got {}",
+                    start.side
+                )));
+            }
         }
         if let Some(proxy) = self.release.proxy() {
             proxy.validate()?;
@@ -739,44 +810,20 @@ pub fn protect_dataset(
             tracing::info!(round = state.round, "resuming protection from checkpoint");
             (state, nets, Some(momentum))
         }
-        None => {
-            let mut nets = Vec::with_capacity(1 + params.ensemble.len());
-            for (k, arch) in std::iter::once(&params.surrogate)
-                .chain(&params.ensemble)
-                .enumerate()
-            {
-                nets.push(Net::new(
-                    arch,
-                    shape,
-                    classes,
-                    &device,
-                    mix(params.seed, 1, k as u64),
-                )?);
-            }
-            (initial_state(data, params, units)?, nets, None)
-        }
+        None => (
+            initial_state(data, params, units)?,
+            surrogates(params, shape, classes, &device, 0)?,
+            None,
+        ),
     };
-    let mut opts = Vec::with_capacity(nets.len());
-    for (k, net) in nets.iter().enumerate() {
-        opts.push(MomentumSgd::new(
-            net.named_trainable_vars(),
-            params.sgd_of(k),
-        )?);
-    }
+    let mut nets = nets;
+    let mut opts = optimisers(params, &nets)?;
     if let Some(momentum) = momentum {
         for (opt, m) in opts.iter_mut().zip(momentum) {
             opt.load_state(m)?;
         }
     }
 
-    let run = Run {
-        data,
-        params,
-        nets: &nets,
-        classwise,
-        eps: params.eps as f32,
-        step: params.step() as f32,
-    };
     let proxy = match params.release.proxy() {
         Some(cfg) => Some((cfg, proxy::Proxy::new(cfg, data, params.seed)?)),
         None => None,
@@ -794,6 +841,18 @@ pub fn protect_dataset(
         }
         let t0 = Instant::now();
         let r = state.round + 1;
+        if params.restart_every > 0 && r > 1 && (r - 1) % params.restart_every == 0 {
+            nets = surrogates(params, shape, classes, &device, r)?;
+            opts = optimisers(params, &nets)?;
+        }
+        let run = Run {
+            data,
+            params,
+            nets: &nets,
+            classwise,
+            eps: params.eps as f32,
+            step: params.step() as f32,
+        };
         let train_loss = run.theta_step(&mut state, &mut opts, r)?;
         run.delta_step(&mut state, r, control, &bar)?;
         let perturbed = run.perturbed_all(&state);
@@ -860,6 +919,14 @@ pub fn protect_dataset(
             "releasing the noise of the best round"
         );
     }
+    let run = Run {
+        data,
+        params,
+        nets: &nets,
+        classwise,
+        eps: params.eps as f32,
+        step: params.step() as f32,
+    };
     let release_state = state.released();
     let released = data
         .with_pixels(run.perturbed_all(&release_state))?
@@ -979,6 +1046,9 @@ fn initial_state(data: &Dataset, p: &ProtectParams, units: usize) -> Result<Stat
             }
         }
     }
+    if let Some(start) = p.synthetic_start {
+        synthetic_start(&mut state, shape, start, p.eps as f32, p.seed);
+    }
     if p.random_start {
         let mut rng = StdRng::seed_from_u64(mix(p.seed, 4, 0));
         let eps = p.eps as f32;
@@ -1002,6 +1072,76 @@ fn initial_state(data: &Dataset, p: &ProtectParams, units: usize) -> Result<Stat
         }
     }
     Ok(state)
+}
+
+/// [`ProtectParams::synthetic_start`]: one random sign per cell and unit
+/// (class), written on every channel of the unit's mask (all of it while a
+/// gradient mask is not chosen yet: the first refresh drops what falls
+/// outside).
+fn synthetic_start(
+    state: &mut State,
+    shape: ImageShape,
+    start: SyntheticStart,
+    eps: f32,
+    seed: u64,
+) {
+    let (v, hw) = (shape.values(), shape.pixels());
+    let side = start.side.max(1);
+    let (rows, cols) = match start.layout {
+        CodeLayout::Blocks => (shape.height.div_ceil(side), shape.width.div_ceil(side)),
+        CodeLayout::Tiled => (side, side),
+    };
+    let units = state.mask_ready.len();
+    for u in 0..units {
+        let mut rng = StdRng::seed_from_u64(mix(seed, 8, u as u64));
+        let code: Vec<f32> = (0..rows * cols)
+            .map(|_| if rng.random::<bool>() { eps } else { -eps })
+            .collect();
+        let ready = state.mask_ready[u];
+        for q in 0..hw {
+            if ready && state.mask[u * hw + q] == 0 {
+                continue;
+            }
+            let (y, x) = (q / shape.width, q % shape.width);
+            let cell = match start.layout {
+                CodeLayout::Blocks => (y / side) * cols + x / side,
+                CodeLayout::Tiled => (y % side) * cols + x % side,
+            };
+            for c in 0..shape.channels {
+                state.delta[u * v + c * hw + q] = code[cell];
+            }
+        }
+    }
+}
+
+/// Fresh surrogates (`surrogate`, then the ensemble); `round` 0 for the
+/// start, the round of a restart otherwise (each gets its own weights).
+fn surrogates(
+    params: &ProtectParams,
+    shape: ImageShape,
+    classes: usize,
+    device: &candle_core::Device,
+    round: usize,
+) -> Result<Vec<Net>> {
+    std::iter::once(&params.surrogate)
+        .chain(&params.ensemble)
+        .enumerate()
+        .map(|(k, arch)| {
+            let seed = match round {
+                0 => mix(params.seed, 1, k as u64),
+                r => mix(params.seed, 9, ((r as u64) << 8) | k as u64),
+            };
+            Net::new(arch, shape, classes, device, seed)
+        })
+        .collect()
+}
+
+/// One optimiser per surrogate, with fresh momentum.
+fn optimisers(params: &ProtectParams, nets: &[Net]) -> Result<Vec<MomentumSgd>> {
+    nets.iter()
+        .enumerate()
+        .map(|(k, net)| MomentumSgd::new(net.named_trainable_vars(), params.sgd_of(k)))
+        .collect()
 }
 
 /// Borrowed pieces of one run.

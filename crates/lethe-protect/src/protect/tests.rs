@@ -125,6 +125,13 @@ fn resume_equals_an_uninterrupted_run() {
     best_round.release = Release::BestRound;
     let mut proxy_round = classwise_salm(0.5);
     proxy_round.release = Release::ProxyVictim(tiny_proxy());
+    // A restart at round 3, after the second pause.
+    let mut restarts = classwise_salm(0.5);
+    restarts.restart_every = 2;
+    restarts.synthetic_start = Some(SyntheticStart {
+        side: 2,
+        layout: CodeLayout::Tiled,
+    });
     for mut p in [
         fast(ProtectParams::salm(8.0 / 255.0, 0.2)),
         fast(ProtectParams {
@@ -134,6 +141,7 @@ fn resume_equals_an_uninterrupted_run() {
         ensemble,
         best_round,
         proxy_round,
+        restarts,
     ] {
         p.stop.min_rounds = 3;
         p.stop.max_rounds = 3;
@@ -273,6 +281,39 @@ fn bad_parameters_are_named() {
                 ..ProtectParams::em(0.03)
             },
             "class-wise",
+        ),
+        (
+            ProtectParams {
+                synthetic_start: Some(SyntheticStart {
+                    side: 4,
+                    layout: CodeLayout::Tiled,
+                }),
+                ..ProtectParams::em(0.03)
+            },
+            "synthetic_start",
+        ),
+        (
+            ProtectParams {
+                synthetic_start: Some(SyntheticStart {
+                    side: 4,
+                    layout: CodeLayout::Blocks,
+                }),
+                random_start: true,
+                method: Method::Em { classwise: true },
+                ..ProtectParams::em(0.03)
+            },
+            "random_start",
+        ),
+        (
+            ProtectParams {
+                synthetic_start: Some(SyntheticStart {
+                    side: 0,
+                    layout: CodeLayout::Blocks,
+                }),
+                method: Method::Em { classwise: true },
+                ..ProtectParams::em(0.03)
+            },
+            "side",
         ),
         (
             ProtectParams {
@@ -1049,4 +1090,109 @@ fn proxy_settings_are_validated_and_default_in_json() {
     // With one image per class there is nothing to hold out.
     let one = tiny(1);
     assert!(proxy::ProxySplit::new(&one, 0.2, 0).is_err());
+}
+
+#[test]
+fn synthetic_start_writes_one_sign_code_per_class() {
+    let shape = ImageShape {
+        channels: 3,
+        height: 10,
+        width: 10,
+    };
+    let (v, hw) = (shape.values(), shape.pixels());
+    let eps = 0.03f32;
+    let blank = |ready: bool| State {
+        round: 0,
+        delta: vec![0.0; 4 * v],
+        mask: vec![u8::from(!ready); 4 * hw],
+        mask_ready: vec![ready; 4],
+        log: Vec::new(),
+        seconds: 0.0,
+        image_steps: 0,
+        stop: None,
+        best: None,
+    };
+    let blocks = SyntheticStart {
+        side: 4,
+        layout: CodeLayout::Blocks,
+    };
+    let tiled = SyntheticStart {
+        side: 3,
+        layout: CodeLayout::Tiled,
+    };
+    for (start, same_cell) in [
+        // Blocks: constant inside a 4x4 block (the last blocks are
+        // clipped to the 10x10 image).
+        (
+            blocks,
+            &(|q: usize| (q / 10 / 4 * 4) * 10 + q % 10 / 4 * 4) as &dyn Fn(usize) -> usize,
+        ),
+        // Tiled: pixel (y, x) repeats pixel (y mod 3, x mod 3).
+        (tiled, &|q: usize| (q / 10 % 3) * 10 + q % 10 % 3),
+    ] {
+        // Masks not chosen yet (a gradient strategy): every pixel gets its code.
+        let mut a = blank(false);
+        synthetic_start(&mut a, shape, start, eps, 7);
+        for u in 0..4 {
+            let d = &a.delta[u * v..(u + 1) * v];
+            assert!(
+                d.iter().all(|x| x.abs() == eps),
+                "{start:?} unit {u}: not +-eps"
+            );
+            for q in 0..hw {
+                assert_eq!(d[q], d[same_cell(q)], "{start:?} unit {u} pixel {q}");
+                assert_eq!(d[q], d[hw + q]);
+                assert_eq!(d[q], d[2 * hw + q]);
+            }
+        }
+        let codes: std::collections::BTreeSet<Vec<bool>> = (0..4)
+            .map(|u| (0..hw).map(|q| a.delta[u * v + q] > 0.0).collect())
+            .collect();
+        assert_eq!(codes.len(), 4, "{start:?}: two classes share a code");
+        // Deterministic per seed; another seed, other codes.
+        let mut b = blank(false);
+        synthetic_start(&mut b, shape, start, eps, 7);
+        assert_eq!(a.delta, b.delta);
+        let mut c = blank(false);
+        synthetic_start(&mut c, shape, start, eps, 8);
+        assert_ne!(a.delta, c.delta);
+        // Chosen masks are respected: nothing outside them.
+        let mut m = blank(true);
+        for u in 0..4 {
+            m.mask[u * hw + 3] = 1;
+        }
+        synthetic_start(&mut m, shape, start, eps, 7);
+        for u in 0..4 {
+            for q in 0..hw {
+                let nonzero = m.delta[u * v + q] != 0.0;
+                assert_eq!(nonzero, q == 3, "{start:?} unit {u} pixel {q}");
+            }
+        }
+    }
+}
+
+#[test]
+fn restarts_give_fresh_surrogates_at_their_rounds() {
+    // Round 1 is the same with or without restarts; a restart at round 2
+    // trains fresh surrogates, so from there the noise differs. A young
+    // surrogate fits the protected images less well than one trained for
+    // two rounds.
+    let data = tiny(6);
+    let mut p = classwise_salm(0.0);
+    p.stop = StopRule::new(2, 2, None, None);
+    p.train_steps_per_round = 8;
+    let mut restarted = p.clone();
+    restarted.restart_every = 1;
+    let a = protect_dataset(&data, &p, &quiet()).unwrap();
+    let b = protect_dataset(&data, &restarted, &quiet()).unwrap();
+    assert_eq!(a.rounds[0].accuracy, b.rounds[0].accuracy);
+    assert_eq!(a.rounds[0].loss, b.rounds[0].loss);
+    assert_ne!(a.protected.pixels(), b.protected.pixels());
+    assert!(
+        b.rounds[1].train_loss > a.rounds[1].train_loss,
+        "round-2 surrogate loss: kept {}, restarted {}",
+        a.rounds[1].train_loss,
+        b.rounds[1].train_loss
+    );
+    assert!(b.quality.linf_max <= 8.0 / 255.0 + 0.5 / 255.0 + 1e-6);
 }
