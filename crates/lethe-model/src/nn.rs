@@ -316,7 +316,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Te
 /// w_out)`, so both the forward and the backward run in gemm. Elsewhere
 /// candle's `conv2d`; on a GPU, with `LETHE_GPU_CONV=im2col`, the same
 /// product as on the CPU with im2col built from primitive ops
-/// ([`im2col_ops`]).
+/// (`im2col_ops`).
 pub fn conv2d(
     x: &Tensor,
     weight: &Tensor,
