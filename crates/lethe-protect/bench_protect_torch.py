@@ -143,10 +143,7 @@ def lethe_cmd(args, images, steps, check=False, tf32=False):
     return cmd + (["--check"] if check else []) + (["--tf32"] if tf32 else [])
 
 
-out_checked = [False]
-
-
-def run_lethe(args, tf32=False, conv=None):
+def run_lethe(args, tf32=False, conv=None, check=False):
     """Times lethe's round on the same images and steps. With `--budget-s`,
     a probe round on `--probe-images` images first predicts the full round;
     when that would exceed the budget the round runs on as many images as
@@ -168,8 +165,7 @@ def run_lethe(args, tf32=False, conv=None):
     try:
         images = args.images
         if args.budget_s:
-            probe, wall = call(args.probe_images, check=args.check and not out_checked[0])
-            out_checked[0] = True
+            probe, wall = call(args.probe_images, check=check)
             out["lethe_probe"] = probe["cifar_resnet18"]["em_round"]
             if "check_against_cpu" in probe:
                 out["check_against_cpu"] = probe["check_against_cpu"]
@@ -233,10 +229,10 @@ def main():
         # lethe with TF32 against PyTorch's default (TF32 convolutions).
         # A variant is `strict` or `tf32`, optionally `-im2col` (lethe's
         # im2col from primitive ops instead of candle's conv2d on the GPU).
-        for variant in args.variants.split(","):
+        for i, variant in enumerate(args.variants.split(",")):
             tf32 = variant.startswith("tf32")
             conv = "im2col" if variant.endswith("-im2col") else None
-            r = run_lethe(args, tf32, conv)
+            r = run_lethe(args, tf32, conv, check=args.check and i == 0)
             if "check_against_cpu" in r:
                 result["check_against_cpu"] = r.pop("check_against_cpu")
             name = "lethe_" + variant.replace("-", "_")

@@ -368,10 +368,10 @@ pub fn conv2d(
 }
 
 /// `LETHE_GPU_CONV=im2col` selects [`im2col_ops`] on GPUs instead of
-/// candle's own `conv2d` (read once). Measured on an H100 (ResNet-18,
-/// batch 512, input gradients): candle's 1406 image-steps/s, im2col from
-/// primitive ops 893: its copies cost more than the direct
-/// transposed-convolution kernel saves.
+/// candle's own `conv2d` (read once). Measured on an H100 (a full EM
+/// round with a ResNet-18 surrogate, batch 512): candle's conv2d 1406
+/// image-steps/s, im2col from primitive ops 893: its copies cost more than
+/// the direct transposed-convolution kernel saves.
 fn gpu_conv_is_im2col() -> bool {
     static IM2COL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *IM2COL.get_or_init(|| std::env::var("LETHE_GPU_CONV").is_ok_and(|v| v == "im2col"))
@@ -398,25 +398,20 @@ pub(crate) fn im2col_ops(
     let xp = x
         .pad_with_zeros(2, padding, padding + extra_h)?
         .pad_with_zeros(3, padding, padding + extra_w)?;
-    let wp = xp.dim(3)?;
+    // Every `stride`-th of `stride * out` entries along `dim`.
+    let every = |t: Tensor, dim: usize, out: usize| -> Result<Tensor> {
+        if stride == 1 {
+            return Ok(t);
+        }
+        let mut dims = t.dims().to_vec();
+        dims.splice(dim..=dim, [out, stride]);
+        Ok(t.reshape(dims)?.narrow(dim + 1, 0, 1)?.squeeze(dim + 1)?)
+    };
     let mut taps = Vec::with_capacity(kh * kw);
     for dy in 0..kh {
-        let mut rows = xp.narrow(2, dy, stride * oh)?;
-        if stride > 1 {
-            rows = rows
-                .reshape((n, c, oh, stride, wp))?
-                .narrow(3, 0, 1)?
-                .squeeze(3)?;
-        }
+        let rows = every(xp.narrow(2, dy, stride * oh)?, 2, oh)?;
         for dx in 0..kw {
-            let mut tap = rows.narrow(3, dx, stride * ow)?;
-            if stride > 1 {
-                tap = tap
-                    .reshape((n, c, oh, ow, stride))?
-                    .narrow(4, 0, 1)?
-                    .squeeze(4)?;
-            }
-            taps.push(tap);
+            taps.push(every(rows.narrow(3, dx, stride * ow)?, 3, ow)?);
         }
     }
     let cols = Tensor::stack(&taps, 2)?; // (n, c, kh kw, oh, ow)

@@ -155,14 +155,7 @@ fn pgd_only(
     p.train_steps_per_round = 0;
     p.bn_recalibration = 0;
     p.device = device.to_string();
-    p.stop = StopRule {
-        min_rounds: 1,
-        max_rounds: 1,
-        train_accuracy: None,
-        loss_below: None,
-        patience: 1,
-        shortcut_accuracy: None,
-    };
+    p.stop = StopRule::new(1, 1, None, None);
     let r = protect_dataset(data, &p, &RunControl::default())?;
     let s = data.shape();
     Ok(json!({
@@ -191,14 +184,7 @@ fn round(
     p.train_batch = 128;
     p.train_steps_per_round = 10;
     p.device = device.to_string();
-    p.stop = StopRule {
-        min_rounds: 1,
-        max_rounds: 1,
-        train_accuracy: None,
-        loss_below: None,
-        patience: 1,
-        shortcut_accuracy: None,
-    };
+    p.stop = StopRule::new(1, 1, None, None);
     let t0 = Instant::now();
     let r = protect_dataset(data, &p, &RunControl::default())?;
     let wall = t0.elapsed().as_secs_f64();
@@ -229,14 +215,7 @@ fn check_against_cpu(device: &str) -> Result<Value, Box<dyn std::error::Error>> 
         batch_norm: true,
     };
     p.pgd_steps = 10;
-    p.stop = StopRule {
-        min_rounds: 2,
-        max_rounds: 2,
-        train_accuracy: None,
-        loss_below: None,
-        patience: 1,
-        shortcut_accuracy: None,
-    };
+    p.stop = StopRule::new(2, 2, None, None);
     let cpu = protect_dataset(&digits, &p, &RunControl::default())?;
     p.device = device.to_string();
     let gpu = protect_dataset(&digits, &p, &RunControl::default())?;

@@ -845,14 +845,7 @@ pub fn protect_dataset(
             nets = surrogates(params, shape, classes, &device, r)?;
             opts = optimisers(params, &nets)?;
         }
-        let run = Run {
-            data,
-            params,
-            nets: &nets,
-            classwise,
-            eps: params.eps as f32,
-            step: params.step() as f32,
-        };
+        let run = Run::new(data, params, &nets);
         let train_loss = run.theta_step(&mut state, &mut opts, r)?;
         run.delta_step(&mut state, r, control, &bar)?;
         let perturbed = run.perturbed_all(&state);
@@ -919,14 +912,7 @@ pub fn protect_dataset(
             "releasing the noise of the best round"
         );
     }
-    let run = Run {
-        data,
-        params,
-        nets: &nets,
-        classwise,
-        eps: params.eps as f32,
-        step: params.step() as f32,
-    };
+    let run = Run::new(data, params, &nets);
     let release_state = state.released();
     let released = data
         .with_pixels(run.perturbed_all(&release_state))?
@@ -1155,7 +1141,18 @@ struct Run<'a> {
     step: f32,
 }
 
-impl Run<'_> {
+impl<'a> Run<'a> {
+    fn new(data: &'a Dataset, params: &'a ProtectParams, nets: &'a [Net]) -> Run<'a> {
+        Run {
+            data,
+            params,
+            nets,
+            classwise: params.method.classwise(),
+            eps: params.eps as f32,
+            step: params.step() as f32,
+        }
+    }
+
     fn shape(&self) -> ImageShape {
         self.data.shape()
     }

@@ -375,33 +375,35 @@ fn max_pool_routes_the_full_gradient_to_the_maximum() {
 /// Runs `f` on fresh Vars made from `inputs`, once with the fused kernels and
 /// once with the primitive ops, and checks that outputs and the gradients of
 /// `sum(out * probe)` w.r.t. every input agree.
+/// `f(inputs)` and the gradients of `sum(f(inputs) * probe)` (a fixed
+/// random probe) with respect to every input.
+fn output_and_gradients(
+    inputs: &[Tensor],
+    f: impl Fn(&[Tensor]) -> Tensor,
+) -> (Tensor, Vec<Tensor>) {
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let out = f(&ts);
+    let probe = randn(out.dims(), 99);
+    let grads = (&out * &probe)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let gs: Vec<Tensor> = vars
+        .iter()
+        .map(|v| grads.get(v.as_tensor()).unwrap().clone())
+        .collect();
+    (out, gs)
+}
+
 fn check_fused(name: &str, inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Tensor, tol: f32) {
-    let run = |reference: bool| {
-        let vars: Vec<Var> = inputs
-            .iter()
-            .map(|t| Var::from_tensor(t).unwrap())
-            .collect();
-        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-        let out = if reference {
-            with_reference(|| f(&ts))
-        } else {
-            f(&ts)
-        };
-        let probe = randn(out.dims(), 99);
-        let grads = (&out * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gs: Vec<Tensor> = vars
-            .iter()
-            .map(|v| grads.get(v.as_tensor()).unwrap().clone())
-            .collect();
-        (out, gs)
-    };
-    let (out_f, g_f) = run(false);
-    let (out_r, g_r) = run(true);
+    let (out_f, g_f) = output_and_gradients(inputs, &f);
+    let (out_r, g_r) = output_and_gradients(inputs, |ts| with_reference(|| f(ts)));
     assert_eq!(out_f.dims(), out_r.dims(), "{name}: shapes");
     let d = max_abs_diff(&out_f, &out_r);
     assert!(d < tol, "{name}: outputs differ by {d}");
@@ -570,28 +572,8 @@ fn im2col_from_primitive_ops_matches_candle_conv2d() {
                 .unwrap()
         };
         let candle = |t: &[Tensor]| t[0].conv2d(&t[1], pad, stride, 1, 1).unwrap();
-        let grads = |f: &dyn Fn(&[Tensor]) -> Tensor| {
-            let vars: Vec<Var> = inputs
-                .iter()
-                .map(|t| Var::from_tensor(t).unwrap())
-                .collect();
-            let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-            let out = f(&ts);
-            let probe = randn(out.dims(), 98);
-            let g = (&out * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let gs: Vec<Tensor> = vars
-                .iter()
-                .map(|v| g.get(v.as_tensor()).unwrap().clone())
-                .collect();
-            (out, gs)
-        };
-        let (a, ga) = grads(&via_ops);
-        let (b, gb) = grads(&candle);
+        let (a, ga) = output_and_gradients(&inputs, via_ops);
+        let (b, gb) = output_and_gradients(&inputs, candle);
         let case = format!("cin {cin} k {k} stride {stride} pad {pad} size {size}");
         assert_eq!(a.dims(), b.dims(), "{case}");
         assert!(max_abs_diff(&a, &b) < 1e-4, "{case}: outputs");
