@@ -198,11 +198,18 @@ enum MethodArg {
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum MaskArg {
+    /// Saliency where a step is possible inside the box (default).
     Feasible,
+    /// The image's own foreground, fixed.
     Foreground,
+    /// Feasible saliency weighted towards the foreground.
     GradForeground,
+    /// Raw gradient magnitude (ablation).
     Gradient,
+    /// Random locations, fixed (ablation).
     Random,
+    /// A class-wise oriented line grating, fixed (model-free).
+    Grating,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -308,6 +315,7 @@ impl MethodArgs {
                     MaskArg::GradForeground => MaskStrategy::GradForeground,
                     MaskArg::Gradient => MaskStrategy::Gradient,
                     MaskArg::Random => MaskStrategy::Random,
+                    MaskArg::Grating => MaskStrategy::Grating,
                 },
                 refresh: match self.refresh {
                     RefreshArg::Fixed => MaskRefresh::Fixed,

@@ -388,6 +388,12 @@ pub struct ProtectParams {
     /// (row n, every 3rd round): worse than no restarts.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub restart_every: usize,
+    /// [`MaskStrategy::Grating`] only: the thinnest line width in pixels
+    /// (1, the default). Lines `w` pixels thick every `w / rho` pixels keep
+    /// the density `rho` and survive `w x w` max pooling as lines, where a
+    /// 2x2 pooling turns thin diagonal lines into a uniform plane.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub grating_width: usize,
     /// Which round's noise is released (default `final_round`; see
     /// [`Release`]).
     #[serde(default)]
@@ -405,6 +411,10 @@ fn default_device() -> String {
 
 fn is_zero(n: &usize) -> bool {
     *n == 0
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
 }
 
 /// A synthetic class-wise code to start the noise from
@@ -431,6 +441,10 @@ pub enum CodeLayout {
     /// texture that a convolution finds anywhere, read by a global-pooling
     /// model too.
     Tiled,
+    /// `+eps` on every pixel of the unit's mask (`side` unused): with a
+    /// structured mask ([`MaskStrategy::Grating`]) the mask is the code.
+    /// Brightening is the step the box allows on black background.
+    Mask,
 }
 
 impl ProtectParams {
@@ -466,6 +480,7 @@ impl ProtectParams {
             random_start: false,
             synthetic_start: None,
             restart_every: 0,
+            grating_width: 1,
             shared_channels: false,
             cross_pairs: 0.0,
             release: Release::default(),
@@ -593,6 +608,12 @@ impl ProtectParams {
                     start.side
                 )));
             }
+        }
+        if self.grating_width == 0 || self.grating_width > 16 {
+            return Err(Error::Config(format!(
+                "grating_width must be 1..=16 pixels, got {}",
+                self.grating_width
+            )));
         }
         if let Some(proxy) = self.release.proxy() {
             proxy.validate()?;
@@ -1008,7 +1029,23 @@ fn initial_state(data: &Dataset, p: &ProtectParams, units: usize) -> Result<Stat
         let k = mask::mask_size(*rho, hw);
         state.mask.fill(0);
         state.mask_ready.fill(false);
-        if !strategy.needs_gradient() {
+        if *strategy == MaskStrategy::Grating {
+            for u in 0..units {
+                let class = if *classwise {
+                    u
+                } else {
+                    data.labels()[u] as usize
+                };
+                state.mask[u * hw..(u + 1) * hw].copy_from_slice(&mask::grating(
+                    class,
+                    *rho,
+                    p.grating_width,
+                    shape,
+                    k,
+                ));
+                state.mask_ready[u] = true;
+            }
+        } else if !strategy.needs_gradient() {
             for u in 0..units {
                 let scores: Vec<f32> = match strategy {
                     MaskStrategy::Random => {
@@ -1076,13 +1113,17 @@ fn synthetic_start(
     let (rows, cols) = match start.layout {
         CodeLayout::Blocks => (shape.height.div_ceil(side), shape.width.div_ceil(side)),
         CodeLayout::Tiled => (side, side),
+        CodeLayout::Mask => (1, 1),
     };
     let units = state.mask_ready.len();
     for u in 0..units {
         let mut rng = StdRng::seed_from_u64(mix(seed, 8, u as u64));
-        let code: Vec<f32> = (0..rows * cols)
-            .map(|_| if rng.random::<bool>() { eps } else { -eps })
-            .collect();
+        let code: Vec<f32> = match start.layout {
+            CodeLayout::Mask => vec![eps],
+            _ => (0..rows * cols)
+                .map(|_| if rng.random::<bool>() { eps } else { -eps })
+                .collect(),
+        };
         let ready = state.mask_ready[u];
         for q in 0..hw {
             if ready && state.mask[u * hw + q] == 0 {
@@ -1092,6 +1133,7 @@ fn synthetic_start(
             let cell = match start.layout {
                 CodeLayout::Blocks => (y / side) * cols + x / side,
                 CodeLayout::Tiled => (y % side) * cols + x % side,
+                CodeLayout::Mask => 0,
             };
             for c in 0..shape.channels {
                 state.delta[u * v + c * hw + q] = code[cell];

@@ -17,6 +17,12 @@
 //! brighten scores `|g| * eps`. The top `k = round(rho * H * W)` locations
 //! of each image (ties broken by position, so masks are deterministic) form
 //! the mask, shared by all channels.
+//!
+//! [`MaskStrategy::Grating`] is the model-free alternative: one oriented
+//! line texture per class (after the class-wise synthetic shortcuts of the
+//! research notes, 2.3-2.5: OPS, AR and LSP need no surrogate either),
+//! sparse by construction and readable by any convolution anywhere in the
+//! image; error-minimising steps may then refine the noise on it.
 
 use serde::{Deserialize, Serialize};
 
@@ -39,6 +45,14 @@ pub enum MaskStrategy {
     Gradient,
     /// Uniformly random locations, fixed once (ablation baseline).
     Random,
+    /// Model-free and fixed: a class-wise oriented line grating covering
+    /// `1 / P` of the pixels, `P = round(1 / rho)` (at least 2), one line
+    /// direction (then thickness) per class; see [`grating_lines`].
+    /// Each class gets a texture that a small convolution reads anywhere
+    /// in the image, whatever the model's head, instead of a set of
+    /// positions; in a black background the lines are free of the image's
+    /// own texture. A sample-wise method uses the image's label's grating.
+    Grating,
 }
 
 impl MaskStrategy {
@@ -152,6 +166,112 @@ pub(crate) fn gradient_scores(
         }
         _ => feasible_saliency(x, g, s, eps),
     }
+}
+
+/// One class's [`MaskStrategy::Grating`] lines: the pixels `(x, y)` with
+/// `(a*x + b*y) mod (width * period) < width`, i.e. lines `width` pixels
+/// thick every `width * period` pixels along the normal `(a, b)`; density
+/// `1 / period` whatever the direction and width.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GratingLines {
+    /// Normal of the lines, x component.
+    pub a: i64,
+    /// Normal of the lines, y component.
+    pub b: i64,
+    /// Line thickness (in residues of `a*x + b*y`).
+    pub width: i64,
+}
+
+/// The grating of class `class` for lines every `period` pixels
+/// (`period >= 2`), lines at least `min_width` thick: `min_width` first,
+/// one per direction distinct modulo `min_width * period` (`(0, 1)`
+/// horizontal, `(1, 0)` vertical, the two diagonals, then steeper slopes),
+/// then lines one residue thicker at the matching period, and so on. Two classes never get the same lines or translates of each
+/// other: modulo `width * period`, normals that are multiples of each other
+/// by a unit draw the same set, so only one of them is kept.
+pub fn grating_lines(class: usize, period: i64, min_width: i64) -> GratingLines {
+    let period = period.max(2);
+    let mut seen = 0usize;
+    for width in min_width.max(1).. {
+        let m = width * period;
+        let mut keys = std::collections::BTreeSet::new();
+        let mut here = Vec::new();
+        for n in 1..=m {
+            let mut ring = Vec::new();
+            for a in 0..=n {
+                for b in -n..=n {
+                    if a.max(b.abs()) == n && (a > 0 || b > 0) && gcd(a, b.abs()) == 1 {
+                        ring.push((a, b));
+                    }
+                }
+            }
+            // Axis-aligned first, then diagonal, within a length.
+            ring.sort_by_key(|&(a, b)| {
+                let kind = match (a == 0 || b == 0, a == b.abs()) {
+                    (true, _) => 0,
+                    (false, true) => 1,
+                    _ => 2,
+                };
+                (kind, a, -b)
+            });
+            for (a, b) in ring {
+                // The same line set modulo m: (a, b) up to a unit factor.
+                let key = (1..m)
+                    .filter(|&u| gcd(u, m) == 1)
+                    .map(|u| ((u * a).rem_euclid(m), (u * b).rem_euclid(m)))
+                    .min()
+                    .unwrap_or((a.rem_euclid(m), b.rem_euclid(m)));
+                if (key.0 != 0 || key.1 != 0) && gcd(gcd(key.0, key.1), m) == 1 && keys.insert(key)
+                {
+                    here.push((a, b));
+                }
+            }
+        }
+        if class < seen + here.len() {
+            let (a, b) = here[class - seen];
+            return GratingLines { a, b, width };
+        }
+        seen += here.len();
+    }
+    unreachable!("every width adds at least the horizontal lines")
+}
+
+fn gcd(a: i64, b: i64) -> i64 {
+    if b == 0 {
+        a.abs()
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// The grating period for a pixel fraction `rho`: `round(1 / rho)`, at
+/// least 2 (every pixel would be no code).
+pub fn grating_period(rho: f64) -> i64 {
+    ((1.0 / rho.max(1e-9)).round() as i64).clamp(2, 1 << 20)
+}
+
+/// The [`MaskStrategy::Grating`] mask of class `class` ([`grating_lines`]
+/// at [`grating_period`], lines at least `min_width` thick), at most `k`
+/// pixels (row-major order past that).
+pub(crate) fn grating(
+    class: usize,
+    rho: f64,
+    min_width: usize,
+    s: ImageShape,
+    k: usize,
+) -> Vec<u8> {
+    let period = grating_period(rho);
+    let GratingLines { a, b, width } = grating_lines(class, period, min_width as i64);
+    let mut mask = vec![0u8; s.pixels()];
+    let mut used = 0;
+    for (q, m) in mask.iter_mut().enumerate() {
+        let (y, x) = ((q / s.width) as i64, (q % s.width) as i64);
+        if used < k && (a * x + b * y).rem_euclid(width * period) < width {
+            *m = 1;
+            used += 1;
+        }
+    }
+    mask
 }
 
 /// A 0/1 mask of the `k` highest scores (ties: lower index first).

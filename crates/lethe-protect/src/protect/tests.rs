@@ -1196,3 +1196,147 @@ fn restarts_give_fresh_surrogates_at_their_rounds() {
     );
     assert!(b.quality.linf_max <= 8.0 / 255.0 + 0.5 / 255.0 + 1e-6);
 }
+
+#[test]
+fn grating_lines_are_distinct_up_to_translation() {
+    for period in [2, 4, 10] {
+        let lines: Vec<mask::GratingLines> =
+            (0..24).map(|c| mask::grating_lines(c, period, 1)).collect();
+        if period > 2 {
+            let first: Vec<(i64, i64)> = lines[..4].iter().map(|l| (l.a, l.b)).collect();
+            assert_eq!(first, [(0, 1), (1, 0), (1, 1), (1, -1)]);
+        }
+        assert_eq!(lines[0].width, 1);
+        // Same width: the line sets differ modulo the period for every
+        // offset (no translate of one class's lines is another's).
+        let (w, h) = (64i64, 64i64);
+        let set = |l: &mask::GratingLines, c: i64| -> Vec<bool> {
+            (0..w * h)
+                .map(|q| (l.a * (q % w) + l.b * (q / w) - c).rem_euclid(l.width * period) < l.width)
+                .collect()
+        };
+        for i in 0..lines.len() {
+            for j in 0..i {
+                let base = set(&lines[j], 0);
+                for c in 0..lines[i].width * period {
+                    assert_ne!(
+                        set(&lines[i], c),
+                        base,
+                        "period {period}: {:?} vs {:?}",
+                        lines[i],
+                        lines[j]
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn grating_masks_are_one_texture_per_class_within_rho() {
+    let shape = ImageShape {
+        channels: 1,
+        height: 32,
+        width: 32,
+    };
+    for rho in [0.1, 0.25, 0.7] {
+        let k = mask_size(rho, shape.pixels());
+        let masks: Vec<Vec<u8>> = (0..10)
+            .map(|c| mask::grating(c, rho, 1, shape, k))
+            .collect();
+        for (c, m) in masks.iter().enumerate() {
+            let n = m.iter().filter(|&&v| v == 1).count();
+            assert!(n <= k, "rho {rho} class {c}: {n} > {k}");
+            // A period of round(1/rho) lines (at least 2) covers about 1/P.
+            let period = (1.0 / rho as f64).round().max(2.0);
+            let expect = shape.pixels() as f64 / period;
+            assert!(
+                n as f64 >= expect.min(k as f64) * 0.85,
+                "rho {rho} class {c}: only {n} pixels"
+            );
+        }
+        let distinct: std::collections::BTreeSet<&Vec<u8>> = masks.iter().collect();
+        assert_eq!(distinct.len(), 10, "rho {rho}: two classes share a grating");
+    }
+    // Class 0 at rho 0.25: every 4th row.
+    let m = mask::grating(0, 0.25, 1, shape, 256);
+    for q in 0..shape.pixels() {
+        assert_eq!(m[q] == 1, (q / 32) % 4 == 0, "pixel {q}");
+    }
+}
+
+#[test]
+fn grating_salm_perturbs_only_the_class_grating() {
+    let data = tiny(6);
+    let eps = 8.0 / 255.0;
+    let rho = 0.25;
+    let s = data.shape();
+    let k = mask_size(rho, s.pixels());
+    for classwise in [true, false] {
+        let mut p = fast(ProtectParams::salm(eps, rho));
+        p.method = Method::Salm {
+            rho,
+            mask: MaskStrategy::Grating,
+            refresh: MaskRefresh::Fixed,
+            classwise,
+        };
+        if classwise {
+            p.synthetic_start = Some(SyntheticStart {
+                side: 1,
+                layout: CodeLayout::Mask,
+            });
+        }
+        let out = protect_dataset(&data, &p, &quiet()).unwrap();
+        let masks = out.masks.clone().unwrap();
+        for i in 0..data.len() {
+            let label = data.labels()[i] as usize;
+            let unit = if classwise { label } else { i };
+            let m = &masks[unit * s.pixels()..(unit + 1) * s.pixels()];
+            assert_eq!(m, mask::grating(label, rho, 1, s, k).as_slice());
+            let (a, b) = (data.image(i), out.protected.image(i));
+            for q in 0..s.pixels() {
+                assert!((a[q] - b[q]).abs() <= eps as f32 + 0.5 / 255.0 + 1e-6);
+                if m[q] == 0 {
+                    assert_eq!(a[q], b[q], "classwise {classwise} image {i} pixel {q}");
+                }
+            }
+        }
+        assert!(
+            out.quality.l0_mean > 0.05,
+            "classwise {classwise}: empty noise"
+        );
+    }
+}
+
+#[test]
+fn mask_code_start_brightens_the_mask() {
+    let shape = ImageShape {
+        channels: 1,
+        height: 8,
+        width: 8,
+    };
+    let hw = shape.pixels();
+    let mut state = State {
+        round: 0,
+        delta: vec![0.0; 2 * hw],
+        mask: [
+            mask::grating(0, 0.25, 1, shape, 16),
+            mask::grating(1, 0.25, 1, shape, 16),
+        ]
+        .concat(),
+        mask_ready: vec![true; 2],
+        log: Vec::new(),
+        seconds: 0.0,
+        image_steps: 0,
+        stop: None,
+        best: None,
+    };
+    let start = SyntheticStart {
+        side: 1,
+        layout: CodeLayout::Mask,
+    };
+    synthetic_start(&mut state, shape, start, 0.03, 1);
+    for (d, m) in state.delta.iter().zip(&state.mask) {
+        assert_eq!(*d, if *m == 1 { 0.03 } else { 0.0 });
+    }
+}
