@@ -194,6 +194,9 @@ enum MethodArg {
     Salm,
     /// Error-minimising noise on every pixel.
     Em,
+    /// Model-free class-wise code: +eps on one sparse lattice of the
+    /// pixel grid per class (`--rho` of the pixels); no surrogate.
+    Code,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -208,7 +211,7 @@ enum MaskArg {
     Gradient,
     /// Random locations, fixed (ablation).
     Random,
-    /// A class-wise oriented line grating, fixed (model-free).
+    /// One sparse lattice pattern per class, fixed (model-free code).
     Grating,
 }
 
@@ -299,15 +302,23 @@ impl MethodArgs {
             p.validate()?;
             return Ok(p);
         }
+        if self.method == MethodArg::Code {
+            // Model-free: no surrogate, mask or stop flags apply.
+            let mut p = ProtectParams::lattice_code(self.eps, self.rho);
+            p.seed = self.seed;
+            p.device = self.device.clone();
+            p.validate()?;
+            return Ok(p);
+        }
         let mut p = match self.method {
-            MethodArg::Salm => ProtectParams::salm(self.eps, self.rho),
             MethodArg::Em => ProtectParams::em(self.eps),
+            MethodArg::Salm | MethodArg::Code => ProtectParams::salm(self.eps, self.rho),
         };
         p.method = match self.method {
             MethodArg::Em => Method::Em {
                 classwise: self.classwise,
             },
-            MethodArg::Salm => Method::Salm {
+            MethodArg::Salm | MethodArg::Code => Method::Salm {
                 rho: self.rho,
                 mask: match self.mask {
                     MaskArg::Feasible => MaskStrategy::Feasible,
@@ -731,6 +742,45 @@ mod tests {
             }
         );
         assert!(matches!(a.data.source(), Ok(DataSource::Lesions(_))));
+    }
+
+    #[test]
+    fn method_code_builds_the_lattice_code() {
+        let a = parse(&[
+            "--builtin",
+            "lesions",
+            "--method",
+            "code",
+            "--rho",
+            "0.25",
+            "--seed",
+            "3",
+            "-o",
+            "/tmp/x",
+        ]);
+        let p = a.method.params(32).expect("valid params");
+        let mut want = ProtectParams::lattice_code(8.0 / 255.0, 0.25);
+        want.seed = 3;
+        assert_eq!(p, want);
+        assert!(matches!(
+            p.method,
+            Method::Salm {
+                mask: MaskStrategy::Grating,
+                classwise: true,
+                ..
+            }
+        ));
+        let bad = parse(&[
+            "--builtin",
+            "lesions",
+            "--method",
+            "code",
+            "--rho",
+            "0",
+            "-o",
+            "/x",
+        ]);
+        assert!(bad.method.params(32).is_err());
     }
 
     #[test]

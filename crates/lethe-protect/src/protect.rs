@@ -388,12 +388,17 @@ pub struct ProtectParams {
     /// (row n, every 3rd round): worse than no restarts.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub restart_every: usize,
-    /// [`MaskStrategy::Grating`] only: the thinnest line width in pixels
-    /// (1, the default). Lines `w` pixels thick every `w / rho` pixels keep
-    /// the density `rho` and survive `w x w` max pooling as lines, where a
-    /// 2x2 pooling turns thin diagonal lines into a uniform plane.
-    #[serde(default = "one", skip_serializing_if = "is_one")]
-    pub grating_width: usize,
+    /// Class-wise SALM with a gradient mask only, in `[0, 1)`: this
+    /// fraction of the pixel budget `rho` carries the class's model-free
+    /// [`MaskStrategy::Grating`] code (`+eps`, fixed, never refined; at the
+    /// period of `rho * code_fraction`) and the rest is the strategy's
+    /// mask, refined by error-minimising steps as usual (0, the default:
+    /// no code). The code alone and the refined noise alone fool
+    /// different architectures on the lesions selection draw (rows u and
+    /// d of `evals/results/protect/supplementary-selection-seed1`); half
+    /// and half (row v) was worse than either.
+    #[serde(default, skip_serializing_if = "is_zero_f64")]
+    pub code_fraction: f64,
     /// Which round's noise is released (default `final_round`; see
     /// [`Release`]).
     #[serde(default)]
@@ -413,8 +418,8 @@ fn is_zero(n: &usize) -> bool {
     *n == 0
 }
 
-fn is_one(n: &usize) -> bool {
-    *n == 1
+fn is_zero_f64(x: &f64) -> bool {
+    *x == 0.0
 }
 
 /// A synthetic class-wise code to start the noise from
@@ -480,7 +485,7 @@ impl ProtectParams {
             random_start: false,
             synthetic_start: None,
             restart_every: 0,
-            grating_width: 1,
+            code_fraction: 0.0,
             shared_channels: false,
             cross_pairs: 0.0,
             release: Release::default(),
@@ -500,6 +505,35 @@ impl ProtectParams {
                 classwise: false,
             },
             ..ProtectParams::em(eps)
+        }
+    }
+
+    /// The model-free class-wise lattice code: `+eps` on one sparse
+    /// lattice of the pixel grid per class ([`MaskStrategy::Grating`],
+    /// `rho` of the pixels) and nothing else. No surrogate shapes it: the
+    /// run makes one round with a no-op step (1e-6, gone after 8-bit
+    /// quantisation), so resume, manifest and audit work as for every
+    /// method. Measured on the lesions (`evals/results/protect/
+    /// supplementary-lattice-code`): 45 % victim peak accuracy against 52 %
+    /// for error-minimising SALM at the same budgets, in seconds instead of
+    /// minutes; filtering (JPEG, blur) and adversarial training remove it.
+    pub fn lattice_code(eps: f64, rho: f64) -> ProtectParams {
+        ProtectParams {
+            method: Method::Salm {
+                rho,
+                mask: MaskStrategy::Grating,
+                refresh: MaskRefresh::Fixed,
+                classwise: true,
+            },
+            synthetic_start: Some(SyntheticStart {
+                side: 1,
+                layout: CodeLayout::Mask,
+            }),
+            step_size: Some(1e-6),
+            pgd_steps: 1,
+            train_steps_per_round: 1,
+            stop: StopRule::new(1, 1, None, None),
+            ..ProtectParams::salm(eps, rho)
         }
     }
 
@@ -609,11 +643,31 @@ impl ProtectParams {
                 )));
             }
         }
-        if self.grating_width == 0 || self.grating_width > 16 {
-            return Err(Error::Config(format!(
-                "grating_width must be 1..=16 pixels, got {}",
-                self.grating_width
-            )));
+        if self.code_fraction != 0.0 {
+            if !(0.0..1.0).contains(&self.code_fraction) {
+                return Err(Error::Config(format!(
+                    "code_fraction must be in [0, 1), got {}",
+                    self.code_fraction
+                )));
+            }
+            match &self.method {
+                Method::Salm {
+                    mask, classwise, ..
+                } if *classwise && mask.needs_gradient() => {}
+                _ => {
+                    return Err(Error::Config(
+                        "code_fraction needs class-wise SALM with a gradient mask \
+                         (feasible, grad_foreground or gradient)"
+                            .into(),
+                    ))
+                }
+            }
+            if self.synthetic_start.is_some() || self.random_start {
+                return Err(Error::Config(
+                    "code_fraction starts the code itself: drop synthetic_start / random_start"
+                        .into(),
+                ));
+            }
         }
         if let Some(proxy) = self.release.proxy() {
             proxy.validate()?;
@@ -1030,6 +1084,7 @@ fn initial_state(data: &Dataset, p: &ProtectParams, units: usize) -> Result<Stat
         state.mask.fill(0);
         state.mask_ready.fill(false);
         if *strategy == MaskStrategy::Grating {
+            let codes = mask::grating_codes(data.classes().len(), mask::grating_period(*rho));
             for u in 0..units {
                 let class = if *classwise {
                     u
@@ -1037,9 +1092,7 @@ fn initial_state(data: &Dataset, p: &ProtectParams, units: usize) -> Result<Stat
                     data.labels()[u] as usize
                 };
                 state.mask[u * hw..(u + 1) * hw].copy_from_slice(&mask::grating(
-                    class,
-                    *rho,
-                    p.grating_width,
+                    codes[class],
                     shape,
                     k,
                 ));
@@ -1071,6 +1124,17 @@ fn initial_state(data: &Dataset, p: &ProtectParams, units: usize) -> Result<Stat
     }
     if let Some(start) = p.synthetic_start {
         synthetic_start(&mut state, shape, start, p.eps as f32, p.seed);
+    }
+    // The code is part of the noise from the first surrogate step on.
+    for (j, _) in code_masks(data, p)
+        .iter()
+        .enumerate()
+        .filter(|(_, &m)| m == 1)
+    {
+        let (u, q) = (j / hw, j % hw);
+        for c in 0..shape.channels {
+            state.delta[u * v + c * hw + q] = p.eps as f32;
+        }
     }
     if p.random_start {
         let mut rng = StdRng::seed_from_u64(mix(p.seed, 4, 0));
@@ -1142,6 +1206,25 @@ fn synthetic_start(
     }
 }
 
+/// [`ProtectParams::code_fraction`]'s code masks, one per class (empty
+/// without a code): the class's grating at the period of `rho *
+/// code_fraction`, at most that fraction of the pixels.
+fn code_masks(data: &Dataset, p: &ProtectParams) -> Vec<u8> {
+    let Method::Salm { rho, .. } = p.method else {
+        return Vec::new();
+    };
+    if p.code_fraction <= 0.0 || !p.method.classwise() {
+        return Vec::new();
+    }
+    let shape = data.shape();
+    let fraction = rho * p.code_fraction;
+    let k = mask::mask_size(fraction, shape.pixels());
+    mask::grating_codes(data.classes().len(), mask::grating_period(fraction))
+        .into_iter()
+        .flat_map(|c| mask::grating(c, shape, k))
+        .collect()
+}
+
 /// Fresh surrogates (`surrogate`, then the ensemble); `round` 0 for the
 /// start, the round of a restart otherwise (each gets its own weights).
 fn surrogates(
@@ -1181,6 +1264,9 @@ struct Run<'a> {
     classwise: bool,
     eps: f32,
     step: f32,
+    /// [`ProtectParams::code_fraction`]'s fixed code pixels, one mask per
+    /// class (empty without a code).
+    code: Vec<u8>,
 }
 
 impl<'a> Run<'a> {
@@ -1192,7 +1278,14 @@ impl<'a> Run<'a> {
             classwise: params.method.classwise(),
             eps: params.eps as f32,
             step: params.step() as f32,
+            code: code_masks(data, params),
         }
+    }
+
+    /// Whether pixel `q` of class `c` carries the fixed code.
+    fn is_code(&self, c: usize, q: usize) -> bool {
+        let hw = self.shape().pixels();
+        self.code.get(c * hw + q) == Some(&1)
     }
 
     fn shape(&self) -> ImageShape {
@@ -1586,7 +1679,9 @@ impl<'a> Run<'a> {
         for c in 0..classes {
             for j in 0..v {
                 let d = &mut state.delta[c * v + j];
-                *d = if state.mask[c * hw + j % hw] == 1 {
+                *d = if self.is_code(c, j % hw) {
+                    self.eps
+                } else if state.mask[c * hw + j % hw] == 1 {
                     (*d - self.step * sign(sum[c * v + j])).clamp(-self.eps, self.eps)
                 } else {
                     0.0
@@ -1633,7 +1728,21 @@ impl<'a> Run<'a> {
         }
         let k = mask::mask_size(rho, hw);
         for c in 0..classes {
-            let m = mask::top_k(&scores[c * hw..(c + 1) * hw], k);
+            // Code pixels are fixed: the refined mask takes the rest of the
+            // budget from the other pixels.
+            let in_code = (0..hw).filter(|&q| self.is_code(c, q)).count();
+            for q in (0..hw).filter(|&q| self.is_code(c, q)) {
+                scores[c * hw + q] = -1.0;
+            }
+            let mut m = mask::top_k(&scores[c * hw..(c + 1) * hw], k.saturating_sub(in_code));
+            for (q, keep) in m.iter_mut().enumerate() {
+                if self.is_code(c, q) {
+                    *keep = 1;
+                    for ch in 0..s.channels {
+                        state.delta[c * v + ch * hw + q] = self.eps;
+                    }
+                }
+            }
             for ch in 0..s.channels {
                 for (q, &keep) in m.iter().enumerate() {
                     if keep == 0 {

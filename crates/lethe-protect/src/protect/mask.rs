@@ -18,8 +18,8 @@
 //! of each image (ties broken by position, so masks are deterministic) form
 //! the mask, shared by all channels.
 //!
-//! [`MaskStrategy::Grating`] is the model-free alternative: one oriented
-//! line texture per class (after the class-wise synthetic shortcuts of the
+//! [`MaskStrategy::Grating`] is the model-free alternative: one periodic
+//! texture per class (after the class-wise synthetic shortcuts of the
 //! research notes, 2.3-2.5: OPS, AR and LSP need no surrogate either),
 //! sparse by construction and readable by any convolution anywhere in the
 //! image; error-minimising steps may then refine the noise on it.
@@ -45,13 +45,15 @@ pub enum MaskStrategy {
     Gradient,
     /// Uniformly random locations, fixed once (ablation baseline).
     Random,
-    /// Model-free and fixed: a class-wise oriented line grating covering
-    /// `1 / P` of the pixels, `P = round(1 / rho)` (at least 2), one line
-    /// direction (then thickness) per class; see [`grating_lines`].
-    /// Each class gets a texture that a small convolution reads anywhere
-    /// in the image, whatever the model's head, instead of a set of
-    /// positions; in a black background the lines are free of the image's
-    /// own texture. A sample-wise method uses the image's label's grating.
+    /// Model-free and fixed: one periodic pattern per class covering `1 / P`
+    /// of the pixels, `P = round(1 / rho)` (at least 2): the sublattices of
+    /// the pixel grid of index `P`, most spread-out first, then thick lines
+    /// (see [`grating_codes`]). Each class gets a texture that a small
+    /// convolution reads anywhere in the image, whatever the model's head,
+    /// instead of a set of positions; on a black background the pattern is
+    /// free of the image's own texture. A sample-wise method uses the
+    /// image's label's pattern. With the `mask` synthetic start it is the
+    /// whole noise ([`ProtectParams::lattice_code`](crate::ProtectParams::lattice_code)).
     Grating,
 }
 
@@ -168,72 +170,145 @@ pub(crate) fn gradient_scores(
     }
 }
 
-/// One class's [`MaskStrategy::Grating`] lines: the pixels `(x, y)` with
-/// `(a*x + b*y) mod (width * period) < width`, i.e. lines `width` pixels
-/// thick every `width * period` pixels along the normal `(a, b)`; density
-/// `1 / period` whatever the direction and width.
+/// One class's [`MaskStrategy::Grating`] pixels, a periodic pattern of
+/// density `1 / period`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct GratingLines {
-    /// Normal of the lines, x component.
-    pub a: i64,
-    /// Normal of the lines, y component.
-    pub b: i64,
-    /// Line thickness (in residues of `a*x + b*y`).
-    pub width: i64,
+pub enum GratingCode {
+    /// The sublattice `{(x, y) : y = d*j, x = b*j (mod a)}` of the pixel
+    /// grid, of index `a * d` (Hermite normal form, `0 <= b < a`).
+    Lattice {
+        /// Period along x within a row of the lattice.
+        a: i64,
+        /// Shift along x from one lattice row to the next.
+        b: i64,
+        /// Period along y between lattice rows.
+        d: i64,
+    },
+    /// Lines `width` residues thick: `(nx*x + ny*y) mod (width * period)
+    /// < width` (a union of `width` cosets, not a lattice).
+    Lines {
+        /// Normal of the lines, x component.
+        nx: i64,
+        /// Normal of the lines, y component.
+        ny: i64,
+        /// Line thickness.
+        width: i64,
+        /// Lines every `width * period` residues.
+        period: i64,
+    },
 }
 
-/// The grating of class `class` for lines every `period` pixels
-/// (`period >= 2`), lines at least `min_width` thick: `min_width` first,
-/// one per direction distinct modulo `min_width * period` (`(0, 1)`
-/// horizontal, `(1, 0)` vertical, the two diagonals, then steeper slopes),
-/// then lines one residue thicker at the matching period, and so on. Two classes never get the same lines or translates of each
-/// other: modulo `width * period`, normals that are multiples of each other
-/// by a unit draw the same set, so only one of them is kept.
-pub fn grating_lines(class: usize, period: i64, min_width: i64) -> GratingLines {
+impl GratingCode {
+    /// Whether pixel `(x, y)` carries the code.
+    pub fn contains(&self, x: i64, y: i64) -> bool {
+        match *self {
+            GratingCode::Lattice { a, b, d } => {
+                y.rem_euclid(d) == 0 && (x - b * y.div_euclid(d)).rem_euclid(a) == 0
+            }
+            GratingCode::Lines {
+                nx,
+                ny,
+                width,
+                period,
+            } => (nx * x + ny * y).rem_euclid(width * period) < width,
+        }
+    }
+}
+
+/// The codes of `classes` classes at `period` (`>= 2`), one per class, no
+/// two equal or translates of each other. First every sublattice of index
+/// `period`, the most spread-out first (longest shortest vector, then the
+/// most square: shortest second vector): at period 4 the 2x2 dot lattice, the two brick
+/// lattices, the diagonals, then the rows and columns. High-frequency,
+/// evenly spread codes are the ones least like image content. Past those
+/// (`sigma(period)` of them, 7 at period 4), lines 2, 3, ... residues thick
+/// at the matching period, one per direction distinct modulo `width *
+/// period` (a translate of a lattice is a coset, which thick lines are not).
+pub fn grating_codes(classes: usize, period: i64) -> Vec<GratingCode> {
     let period = period.max(2);
-    let mut seen = 0usize;
-    for width in min_width.max(1).. {
+    let mut lattices = Vec::new();
+    for a in (1..=period).filter(|a| period % a == 0) {
+        let d = period / a;
+        for b in 0..a {
+            let (s1, s2) = reduced_lengths((a, 0), (b, d));
+            lattices.push(((std::cmp::Reverse(s1), s2, a, b), d));
+        }
+    }
+    lattices.sort();
+    let mut codes: Vec<GratingCode> = lattices
+        .into_iter()
+        .map(|((_, _, a, b), d)| GratingCode::Lattice { a, b, d })
+        .take(classes)
+        .collect();
+    let mut width = 2;
+    while codes.len() < classes {
         let m = width * period;
         let mut keys = std::collections::BTreeSet::new();
-        let mut here = Vec::new();
         for n in 1..=m {
-            let mut ring = Vec::new();
-            for a in 0..=n {
-                for b in -n..=n {
-                    if a.max(b.abs()) == n && (a > 0 || b > 0) && gcd(a, b.abs()) == 1 {
-                        ring.push((a, b));
-                    }
+            for (nx, ny) in ring(n) {
+                if codes.len() == classes {
+                    break;
                 }
-            }
-            // Axis-aligned first, then diagonal, within a length.
-            ring.sort_by_key(|&(a, b)| {
-                let kind = match (a == 0 || b == 0, a == b.abs()) {
-                    (true, _) => 0,
-                    (false, true) => 1,
-                    _ => 2,
-                };
-                (kind, a, -b)
-            });
-            for (a, b) in ring {
-                // The same line set modulo m: (a, b) up to a unit factor.
+                // The same line set modulo m: (nx, ny) up to a unit factor.
                 let key = (1..m)
                     .filter(|&u| gcd(u, m) == 1)
-                    .map(|u| ((u * a).rem_euclid(m), (u * b).rem_euclid(m)))
+                    .map(|u| ((u * nx).rem_euclid(m), (u * ny).rem_euclid(m)))
                     .min()
-                    .unwrap_or((a.rem_euclid(m), b.rem_euclid(m)));
-                if (key.0 != 0 || key.1 != 0) && gcd(gcd(key.0, key.1), m) == 1 && keys.insert(key)
-                {
-                    here.push((a, b));
+                    .unwrap_or((nx.rem_euclid(m), ny.rem_euclid(m)));
+                if gcd(gcd(key.0, key.1), m) == 1 && keys.insert(key) {
+                    codes.push(GratingCode::Lines {
+                        nx,
+                        ny,
+                        width,
+                        period,
+                    });
                 }
             }
         }
-        if class < seen + here.len() {
-            let (a, b) = here[class - seen];
-            return GratingLines { a, b, width };
-        }
-        seen += here.len();
+        width += 1;
     }
-    unreachable!("every width adds at least the horizontal lines")
+    codes
+}
+
+/// The primitive directions `(a, b)` with `max(|a|, |b|) == n`, `a >= 0`,
+/// axis-aligned first, then diagonal.
+fn ring(n: i64) -> Vec<(i64, i64)> {
+    let mut ring = Vec::new();
+    for a in 0..=n {
+        for b in -n..=n {
+            if a.max(b.abs()) == n && (a > 0 || b > 0) && gcd(a, b.abs()) == 1 {
+                ring.push((a, b));
+            }
+        }
+    }
+    ring.sort_by_key(|&(a, b)| {
+        let kind = match (a == 0 || b == 0, a == b.abs()) {
+            (true, _) => 0,
+            (false, true) => 1,
+            _ => 2,
+        };
+        (kind, a, -b)
+    });
+    ring
+}
+
+/// Squared lengths of a Lagrange-reduced basis of the lattice spanned by
+/// `u` and `v`: its shortest vector and the shortest one independent of it.
+fn reduced_lengths(mut u: (i64, i64), mut v: (i64, i64)) -> (i64, i64) {
+    let norm = |w: (i64, i64)| w.0 * w.0 + w.1 * w.1;
+    loop {
+        if norm(u) > norm(v) {
+            std::mem::swap(&mut u, &mut v);
+        }
+        let dot = u.0 * v.0 + u.1 * v.1;
+        // Reduced once |dot| <= |u|^2 / 2 (ties stop here: rounding a
+        // half would swing v back and forth).
+        if 2 * dot.abs() <= norm(u) {
+            return (norm(u), norm(v));
+        }
+        let m = (dot as f64 / norm(u) as f64).round() as i64;
+        v = (v.0 - m * u.0, v.1 - m * u.1);
+    }
 }
 
 fn gcd(a: i64, b: i64) -> i64 {
@@ -250,23 +325,14 @@ pub fn grating_period(rho: f64) -> i64 {
     ((1.0 / rho.max(1e-9)).round() as i64).clamp(2, 1 << 20)
 }
 
-/// The [`MaskStrategy::Grating`] mask of class `class` ([`grating_lines`]
-/// at [`grating_period`], lines at least `min_width` thick), at most `k`
-/// pixels (row-major order past that).
-pub(crate) fn grating(
-    class: usize,
-    rho: f64,
-    min_width: usize,
-    s: ImageShape,
-    k: usize,
-) -> Vec<u8> {
-    let period = grating_period(rho);
-    let GratingLines { a, b, width } = grating_lines(class, period, min_width as i64);
+/// The [`MaskStrategy::Grating`] mask of one code ([`grating_codes`] at
+/// [`grating_period`]), at most `k` pixels (row-major order past that).
+pub(crate) fn grating(code: GratingCode, s: ImageShape, k: usize) -> Vec<u8> {
     let mut mask = vec![0u8; s.pixels()];
     let mut used = 0;
     for (q, m) in mask.iter_mut().enumerate() {
         let (y, x) = ((q / s.width) as i64, (q % s.width) as i64);
-        if used < k && (a * x + b * y).rem_euclid(width * period) < width {
+        if used < k && code.contains(x, y) {
             *m = 1;
             used += 1;
         }

@@ -1198,38 +1198,56 @@ fn restarts_give_fresh_surrogates_at_their_rounds() {
 }
 
 #[test]
-fn grating_lines_are_distinct_up_to_translation() {
-    for period in [2, 4, 10] {
-        let lines: Vec<mask::GratingLines> =
-            (0..24).map(|c| mask::grating_lines(c, period, 1)).collect();
-        if period > 2 {
-            let first: Vec<(i64, i64)> = lines[..4].iter().map(|l| (l.a, l.b)).collect();
-            assert_eq!(first, [(0, 1), (1, 0), (1, 1), (1, -1)]);
-        }
-        assert_eq!(lines[0].width, 1);
-        // Same width: the line sets differ modulo the period for every
-        // offset (no translate of one class's lines is another's).
-        let (w, h) = (64i64, 64i64);
-        let set = |l: &mask::GratingLines, c: i64| -> Vec<bool> {
-            (0..w * h)
-                .map(|q| (l.a * (q % w) + l.b * (q / w) - c).rem_euclid(l.width * period) < l.width)
-                .collect()
-        };
-        for i in 0..lines.len() {
-            for j in 0..i {
-                let base = set(&lines[j], 0);
-                for c in 0..lines[i].width * period {
-                    assert_ne!(
-                        set(&lines[i], c),
-                        base,
-                        "period {period}: {:?} vs {:?}",
-                        lines[i],
-                        lines[j]
+fn grating_codes_are_distinct_up_to_translation() {
+    // Every code repeats with period `m` along both axes (`period` for a
+    // lattice of that index, `width * period` for thick lines), so shifts
+    // in `0..m` and a `2m x 2m` window decide translate equality.
+    let repeat = |c: &mask::GratingCode, period: i64| match *c {
+        mask::GratingCode::Lattice { .. } => period,
+        mask::GratingCode::Lines { width, period, .. } => width * period,
+    };
+    for period in [2i64, 4, 10] {
+        let codes = mask::grating_codes(12, period);
+        assert_eq!(codes.len(), 12);
+        for (i, c) in codes.iter().enumerate() {
+            let m = repeat(c, period);
+            let n = (0..m * m).filter(|q| c.contains(q % m, q / m)).count() as i64;
+            assert_eq!(n * period, m * m, "period {period} code {i} {c:?}: density");
+            for d in &codes[..i] {
+                let m = m.max(repeat(d, period));
+                let w = 2 * m;
+                let set = |c: &mask::GratingCode, dx: i64, dy: i64| -> Vec<bool> {
+                    (0..w * w)
+                        .map(|q| c.contains(q % w + dx, q / w + dy))
+                        .collect()
+                };
+                let base = set(d, 0, 0);
+                for shift in 0..m * m {
+                    assert!(
+                        set(c, shift % m, shift / m) != base,
+                        "period {period}: {c:?} is a translate of {d:?}"
                     );
                 }
             }
         }
     }
+    // Period 4: the 2x2 dots first, every index-4 sublattice (7) before
+    // thick lines, rows and columns last among them.
+    let codes = mask::grating_codes(8, 4);
+    assert_eq!(codes[0], mask::GratingCode::Lattice { a: 2, b: 0, d: 2 });
+    assert!(codes[..7]
+        .iter()
+        .all(|c| matches!(c, mask::GratingCode::Lattice { .. })));
+    assert!(matches!(
+        codes[7],
+        mask::GratingCode::Lines { width: 2, .. }
+    ));
+    let rows_or_columns = |c: &mask::GratingCode| {
+        matches!(c, mask::GratingCode::Lattice { a: 1, .. })
+            || matches!(c, mask::GratingCode::Lattice { b: 0, d: 1, .. })
+    };
+    assert!(codes[5..7].iter().all(rows_or_columns));
+    assert!(!codes[..5].iter().any(rows_or_columns));
 }
 
 #[test]
@@ -1241,14 +1259,12 @@ fn grating_masks_are_one_texture_per_class_within_rho() {
     };
     for rho in [0.1, 0.25, 0.7] {
         let k = mask_size(rho, shape.pixels());
-        let masks: Vec<Vec<u8>> = (0..10)
-            .map(|c| mask::grating(c, rho, 1, shape, k))
-            .collect();
+        let codes = mask::grating_codes(10, mask::grating_period(rho));
+        let masks: Vec<Vec<u8>> = codes.iter().map(|&c| mask::grating(c, shape, k)).collect();
         for (c, m) in masks.iter().enumerate() {
             let n = m.iter().filter(|&&v| v == 1).count();
             assert!(n <= k, "rho {rho} class {c}: {n} > {k}");
-            // A period of round(1/rho) lines (at least 2) covers about 1/P.
-            let period = (1.0 / rho as f64).round().max(2.0);
+            let period = mask::grating_period(rho) as f64;
             let expect = shape.pixels() as f64 / period;
             assert!(
                 n as f64 >= expect.min(k as f64) * 0.85,
@@ -1256,12 +1272,13 @@ fn grating_masks_are_one_texture_per_class_within_rho() {
             );
         }
         let distinct: std::collections::BTreeSet<&Vec<u8>> = masks.iter().collect();
-        assert_eq!(distinct.len(), 10, "rho {rho}: two classes share a grating");
+        assert_eq!(distinct.len(), 10, "rho {rho}: two classes share a mask");
     }
-    // Class 0 at rho 0.25: every 4th row.
-    let m = mask::grating(0, 0.25, 1, shape, 256);
-    for q in 0..shape.pixels() {
-        assert_eq!(m[q] == 1, (q / 32) % 4 == 0, "pixel {q}");
+    // Class 0 at rho 0.25: every other pixel of every other row.
+    let code = mask::grating_codes(1, mask::grating_period(0.25))[0];
+    let m = mask::grating(code, shape, 256);
+    for (q, &v) in m.iter().enumerate() {
+        assert_eq!(v == 1, q / 32 % 2 == 0 && q % 2 == 0, "pixel {q}");
     }
 }
 
@@ -1292,7 +1309,8 @@ fn grating_salm_perturbs_only_the_class_grating() {
             let label = data.labels()[i] as usize;
             let unit = if classwise { label } else { i };
             let m = &masks[unit * s.pixels()..(unit + 1) * s.pixels()];
-            assert_eq!(m, mask::grating(label, rho, 1, s, k).as_slice());
+            let code = mask::grating_codes(4, mask::grating_period(rho))[label];
+            assert_eq!(m, mask::grating(code, s, k).as_slice());
             let (a, b) = (data.image(i), out.protected.image(i));
             for q in 0..s.pixels() {
                 assert!((a[q] - b[q]).abs() <= eps as f32 + 0.5 / 255.0 + 1e-6);
@@ -1319,11 +1337,10 @@ fn mask_code_start_brightens_the_mask() {
     let mut state = State {
         round: 0,
         delta: vec![0.0; 2 * hw],
-        mask: [
-            mask::grating(0, 0.25, 1, shape, 16),
-            mask::grating(1, 0.25, 1, shape, 16),
-        ]
-        .concat(),
+        mask: mask::grating_codes(2, 4)
+            .into_iter()
+            .flat_map(|c| mask::grating(c, shape, 16))
+            .collect(),
         mask_ready: vec![true; 2],
         log: Vec::new(),
         seconds: 0.0,
@@ -1339,4 +1356,109 @@ fn mask_code_start_brightens_the_mask() {
     for (d, m) in state.delta.iter().zip(&state.mask) {
         assert_eq!(*d, if *m == 1 { 0.03 } else { 0.0 });
     }
+}
+
+#[test]
+fn code_fraction_keeps_the_code_and_refines_the_rest() {
+    let data = tiny(6);
+    let eps = 8.0 / 255.0;
+    let rho = 0.25;
+    let mut p = classwise_salm(0.0);
+    p.eps = eps;
+    p.method = Method::Salm {
+        rho,
+        mask: MaskStrategy::Feasible,
+        refresh: MaskRefresh::PerRound,
+        classwise: true,
+    };
+    p.code_fraction = 0.5;
+    p.validate().unwrap();
+    let out = protect_dataset(&data, &p, &quiet()).unwrap();
+    let s = data.shape();
+    let hw = s.pixels();
+    let k = mask_size(rho, hw);
+    let k_code = mask_size(rho * 0.5, hw);
+    let codes = mask::grating_codes(4, mask::grating_period(rho * 0.5));
+    let masks = out.masks.clone().unwrap();
+    let mut refined = 0;
+    for (c, &code) in codes.iter().enumerate() {
+        let code = mask::grating(code, s, k_code);
+        let m = &masks[c * hw..(c + 1) * hw];
+        assert_eq!(m.iter().filter(|&&v| v == 1).count(), k, "class {c}");
+        assert!(code.iter().zip(m).all(|(&a, &b)| a == 0 || b == 1));
+        for i in (0..data.len()).filter(|&i| data.labels()[i] as usize == c) {
+            let (a, b) = (data.image(i), out.protected.image(i));
+            for q in 0..hw {
+                let d = b[q] - a[q];
+                if code[q] == 1 {
+                    // The code: +eps wherever the box allows it.
+                    let want = (a[q] + eps as f32).min(1.0) - a[q];
+                    assert!(
+                        (d - want).abs() < 1e-5,
+                        "class {c} image {i} pixel {q}: {d}"
+                    );
+                } else if m[q] == 0 {
+                    assert_eq!(d, 0.0);
+                } else if d != 0.0 && d != eps as f32 {
+                    refined += 1;
+                }
+            }
+        }
+    }
+    assert!(
+        refined > 0,
+        "the refined part never moved off the code's value"
+    );
+    // Where a code cannot be combined.
+    let mut em = ProtectParams::em(eps);
+    em.code_fraction = 0.5;
+    assert!(em
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("code_fraction"));
+    let mut grating = p.clone();
+    grating.method = Method::Salm {
+        rho,
+        mask: MaskStrategy::Grating,
+        refresh: MaskRefresh::Fixed,
+        classwise: true,
+    };
+    assert!(grating.validate().is_err());
+    let mut whole = p.clone();
+    whole.code_fraction = 1.0;
+    assert!(whole.validate().is_err());
+    let mut started = p.clone();
+    started.random_start = true;
+    assert!(started.validate().is_err());
+}
+
+#[test]
+fn lattice_code_brightens_exactly_the_class_lattice() {
+    let data = tiny(6);
+    let eps = 8.0 / 255.0;
+    let p = ProtectParams::lattice_code(eps, 0.25);
+    p.validate().unwrap();
+    let out = protect_dataset(&data, &p, &quiet()).unwrap();
+    assert_eq!(out.rounds.len(), 1);
+    let s = data.shape();
+    let hw = s.pixels();
+    let codes = mask::grating_codes(4, 4);
+    for i in 0..data.len() {
+        let code = mask::grating(codes[data.labels()[i] as usize], s, mask_size(0.25, hw));
+        let (a, b) = (data.image(i), out.protected.image(i));
+        for q in 0..hw {
+            let want = if code[q] == 1 {
+                (a[q] + eps as f32).min(1.0) - a[q]
+            } else {
+                0.0
+            };
+            assert!((b[q] - a[q] - want).abs() < 1e-4, "image {i} pixel {q}");
+        }
+    }
+    // Deterministic and seed-free: the code does not depend on the seed.
+    let mut other = p.clone();
+    other.seed = 9;
+    let again = protect_dataset(&data, &other, &quiet()).unwrap();
+    assert_eq!(out.protected.pixels(), again.protected.pixels());
 }
