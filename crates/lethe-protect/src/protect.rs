@@ -693,11 +693,19 @@ impl ProtectParams {
             .map_err(|e| Error::Config(e.to_string()))
     }
 
-    /// A short label such as `salm eps=8/255 rho=0.10 (feasible, per_round)`.
+    /// A short label such as `salm eps=8/255 rho=0.10 (feasible, per_round)`
+    /// (`start=...` names a synthetic start: `code` for the lattice code).
     pub fn label(&self) -> String {
         let mut eps = format!("eps={:.1}/255", self.eps * 255.0);
         if self.cross_pairs > 0.0 {
             eps.push_str(&format!(" cross={:.2}", self.cross_pairs));
+        }
+        if let Some(start) = self.synthetic_start {
+            match start.layout {
+                CodeLayout::Mask => eps.push_str(" start=code"),
+                CodeLayout::Blocks => eps.push_str(&format!(" start=blocks{}", start.side)),
+                CodeLayout::Tiled => eps.push_str(&format!(" start=tiled{}", start.side)),
+            }
         }
         match &self.method {
             Method::Salm {

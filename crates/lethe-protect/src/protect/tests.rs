@@ -1456,6 +1456,7 @@ fn lattice_code_brightens_exactly_the_class_lattice() {
             assert!((b[q] - a[q] - want).abs() < 1e-4, "image {i} pixel {q}");
         }
     }
+    assert!(p.label().contains("start=code"), "{}", p.label());
     // Deterministic and seed-free: the code does not depend on the seed.
     let mut other = p.clone();
     other.seed = 9;
