@@ -309,7 +309,8 @@ pub struct ProtectParams {
     #[serde(default)]
     pub step_size: Option<f64>,
     /// Noise steps per batch per round (20 sample-wise in Huang's code,
-    /// 1 class-wise).
+    /// 1 class-wise). 0 only with a `synthetic_start`: the start is then
+    /// released as it is (a model-free code).
     pub pgd_steps: usize,
     /// Images per noise batch.
     pub pgd_batch: usize,
@@ -510,10 +511,9 @@ impl ProtectParams {
 
     /// The model-free class-wise lattice code: `+eps` on one sparse
     /// lattice of the pixel grid per class ([`MaskStrategy::Grating`],
-    /// `rho` of the pixels) and nothing else. No surrogate shapes it: the
-    /// run makes one round with a no-op step (1e-6, gone after 8-bit
-    /// quantisation), so resume, manifest and audit work as for every
-    /// method. Measured on the lesions (`evals/results/protect/
+    /// `rho` of the pixels) and nothing else. No surrogate shapes it: one
+    /// round with no training and no noise steps releases the start, so
+    /// resume, manifest and audit work as for every method. Measured on the lesions (`evals/results/protect/
     /// supplementary-lattice-code`): 45 % victim peak accuracy against 52 %
     /// for error-minimising SALM at the same budgets, in seconds instead of
     /// minutes; filtering (JPEG, blur) and adversarial training remove it.
@@ -529,9 +529,8 @@ impl ProtectParams {
                 side: 1,
                 layout: CodeLayout::Mask,
             }),
-            step_size: Some(1e-6),
-            pgd_steps: 1,
-            train_steps_per_round: 1,
+            pgd_steps: 0,
+            train_steps_per_round: 0,
             stop: StopRule::new(1, 1, None, None),
             ..ProtectParams::salm(eps, rho)
         }
@@ -561,11 +560,16 @@ impl ProtectParams {
                 return Err(Error::Config(format!("rho must be in (0, 1], got {rho}")));
             }
         }
-        if self.pgd_steps == 0 || self.pgd_steps > 1000 {
+        if self.pgd_steps > 1000 {
             return Err(Error::Config(format!(
-                "pgd_steps must be 1..=1000, got {}",
+                "pgd_steps must be 0..=1000, got {}",
                 self.pgd_steps
             )));
+        }
+        if self.pgd_steps == 0 && self.synthetic_start.is_none() {
+            return Err(Error::Config(
+                "pgd_steps 0 releases the start as it is: it needs a synthetic_start".into(),
+            ));
         }
         if self.ensemble.len() > 7 {
             return Err(Error::Config(format!(

@@ -330,6 +330,13 @@ fn bad_parameters_are_named() {
             },
             "ensemble_lr",
         ),
+        (
+            ProtectParams {
+                pgd_steps: 0,
+                ..ProtectParams::em(0.03)
+            },
+            "synthetic_start",
+        ),
     ];
     for (p, needle) in cases {
         let err = protect_dataset(&data, &p, &quiet())
