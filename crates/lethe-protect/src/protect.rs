@@ -886,6 +886,7 @@ pub fn protect_dataset(
     let units = if classwise { classes } else { data.len() };
     let fingerprint = checkpoint::fingerprint(data, params);
 
+    let code = code_masks(data, params);
     let loaded = match (&control.checkpoint_dir, control.resume) {
         (Some(dir), true) => {
             checkpoint::load(dir, &fingerprint, shape, 1 + params.ensemble.len(), &device)?
@@ -898,7 +899,7 @@ pub fn protect_dataset(
             (state, nets, Some(momentum))
         }
         None => (
-            initial_state(data, params, units)?,
+            initial_state(data, params, units, &code)?,
             surrogates(params, shape, classes, &device, 0)?,
             None,
         ),
@@ -932,7 +933,7 @@ pub fn protect_dataset(
             nets = surrogates(params, shape, classes, &device, r)?;
             opts = optimisers(params, &nets)?;
         }
-        let run = Run::new(data, params, &nets);
+        let run = Run::new(data, params, &nets, &code);
         let train_loss = run.theta_step(&mut state, &mut opts, r)?;
         run.delta_step(&mut state, r, control, &bar)?;
         let perturbed = run.perturbed_all(&state);
@@ -999,7 +1000,7 @@ pub fn protect_dataset(
             "releasing the noise of the best round"
         );
     }
-    let run = Run::new(data, params, &nets);
+    let run = Run::new(data, params, &nets, &code);
     let release_state = state.released();
     let released = data
         .with_pixels(run.perturbed_all(&release_state))?
@@ -1071,7 +1072,7 @@ fn progress_bar(show: bool, total: u64) -> ProgressBar {
 }
 
 /// Fresh state: zero (or random) noise, model-free masks chosen.
-fn initial_state(data: &Dataset, p: &ProtectParams, units: usize) -> Result<State> {
+fn initial_state(data: &Dataset, p: &ProtectParams, units: usize, code: &[u8]) -> Result<State> {
     let shape = data.shape();
     let (v, hw) = (shape.values(), shape.pixels());
     let mut state = State {
@@ -1096,18 +1097,15 @@ fn initial_state(data: &Dataset, p: &ProtectParams, units: usize) -> Result<Stat
         state.mask.fill(0);
         state.mask_ready.fill(false);
         if *strategy == MaskStrategy::Grating {
-            let codes = mask::grating_codes(data.classes().len(), mask::grating_period(*rho));
+            let gratings = mask::class_gratings(data.classes().len(), *rho, shape);
             for u in 0..units {
                 let class = if *classwise {
                     u
                 } else {
                     data.labels()[u] as usize
                 };
-                state.mask[u * hw..(u + 1) * hw].copy_from_slice(&mask::grating(
-                    codes[class],
-                    shape,
-                    k,
-                ));
+                state.mask[u * hw..(u + 1) * hw]
+                    .copy_from_slice(&gratings[class * hw..(class + 1) * hw]);
                 state.mask_ready[u] = true;
             }
         } else if !strategy.needs_gradient() {
@@ -1138,11 +1136,7 @@ fn initial_state(data: &Dataset, p: &ProtectParams, units: usize) -> Result<Stat
         synthetic_start(&mut state, shape, start, p.eps as f32, p.seed);
     }
     // The code is part of the noise from the first surrogate step on.
-    for (j, _) in code_masks(data, p)
-        .iter()
-        .enumerate()
-        .filter(|(_, &m)| m == 1)
-    {
+    for (j, _) in code.iter().enumerate().filter(|(_, &m)| m == 1) {
         let (u, q) = (j / hw, j % hw);
         for c in 0..shape.channels {
             state.delta[u * v + c * hw + q] = p.eps as f32;
@@ -1222,19 +1216,12 @@ fn synthetic_start(
 /// without a code): the class's grating at the period of `rho *
 /// code_fraction`, at most that fraction of the pixels.
 fn code_masks(data: &Dataset, p: &ProtectParams) -> Vec<u8> {
-    let Method::Salm { rho, .. } = p.method else {
-        return Vec::new();
-    };
-    if p.code_fraction <= 0.0 || !p.method.classwise() {
-        return Vec::new();
+    match p.method {
+        Method::Salm { rho, .. } if p.code_fraction > 0.0 && p.method.classwise() => {
+            mask::class_gratings(data.classes().len(), rho * p.code_fraction, data.shape())
+        }
+        _ => Vec::new(),
     }
-    let shape = data.shape();
-    let fraction = rho * p.code_fraction;
-    let k = mask::mask_size(fraction, shape.pixels());
-    mask::grating_codes(data.classes().len(), mask::grating_period(fraction))
-        .into_iter()
-        .flat_map(|c| mask::grating(c, shape, k))
-        .collect()
 }
 
 /// Fresh surrogates (`surrogate`, then the ensemble); `round` 0 for the
@@ -1278,11 +1265,16 @@ struct Run<'a> {
     step: f32,
     /// [`ProtectParams::code_fraction`]'s fixed code pixels, one mask per
     /// class (empty without a code).
-    code: Vec<u8>,
+    code: &'a [u8],
 }
 
 impl<'a> Run<'a> {
-    fn new(data: &'a Dataset, params: &'a ProtectParams, nets: &'a [Net]) -> Run<'a> {
+    fn new(
+        data: &'a Dataset,
+        params: &'a ProtectParams,
+        nets: &'a [Net],
+        code: &'a [u8],
+    ) -> Run<'a> {
         Run {
             data,
             params,
@@ -1290,7 +1282,7 @@ impl<'a> Run<'a> {
             classwise: params.method.classwise(),
             eps: params.eps as f32,
             step: params.step() as f32,
-            code: code_masks(data, params),
+            code,
         }
     }
 
@@ -1740,20 +1732,15 @@ impl<'a> Run<'a> {
         }
         let k = mask::mask_size(rho, hw);
         for c in 0..classes {
-            // Code pixels are fixed: the refined mask takes the rest of the
-            // budget from the other pixels.
-            let in_code = (0..hw).filter(|&q| self.is_code(c, q)).count();
-            for q in (0..hw).filter(|&q| self.is_code(c, q)) {
+            // Code pixels are fixed (their noise stays +eps): the refined
+            // mask takes the rest of the budget from the other pixels.
+            let code: Vec<usize> = (0..hw).filter(|&q| self.is_code(c, q)).collect();
+            for &q in &code {
                 scores[c * hw + q] = -1.0;
             }
-            let mut m = mask::top_k(&scores[c * hw..(c + 1) * hw], k.saturating_sub(in_code));
-            for (q, keep) in m.iter_mut().enumerate() {
-                if self.is_code(c, q) {
-                    *keep = 1;
-                    for ch in 0..s.channels {
-                        state.delta[c * v + ch * hw + q] = self.eps;
-                    }
-                }
+            let mut m = mask::top_k(&scores[c * hw..(c + 1) * hw], k.saturating_sub(code.len()));
+            for &q in &code {
+                m[q] = 1;
             }
             for ch in 0..s.channels {
                 for (q, &keep) in m.iter().enumerate() {

@@ -325,6 +325,16 @@ pub fn grating_period(rho: f64) -> i64 {
     ((1.0 / rho.max(1e-9)).round() as i64).clamp(2, 1 << 20)
 }
 
+/// Every class's [`MaskStrategy::Grating`] mask for a pixel fraction
+/// `fraction`, one `H*W` mask per class, concatenated.
+pub(crate) fn class_gratings(classes: usize, fraction: f64, s: ImageShape) -> Vec<u8> {
+    let k = mask_size(fraction, s.pixels());
+    grating_codes(classes, grating_period(fraction))
+        .into_iter()
+        .flat_map(|c| grating(c, s, k))
+        .collect()
+}
+
 /// The [`MaskStrategy::Grating`] mask of one code ([`grating_codes`] at
 /// [`grating_period`]), at most `k` pixels (row-major order past that).
 pub(crate) fn grating(code: GratingCode, s: ImageShape, k: usize) -> Vec<u8> {
