@@ -302,38 +302,40 @@ impl MethodArgs {
             p.validate()?;
             return Ok(p);
         }
-        if self.method == MethodArg::Code {
-            // Model-free: no surrogate, mask or stop flags apply.
-            let mut p = ProtectParams::lattice_code(self.eps, self.rho);
-            p.seed = self.seed;
-            p.device = self.device.clone();
-            p.validate()?;
-            return Ok(p);
-        }
         let mut p = match self.method {
-            MethodArg::Em => ProtectParams::em(self.eps),
-            MethodArg::Salm | MethodArg::Code => ProtectParams::salm(self.eps, self.rho),
-        };
-        p.method = match self.method {
-            MethodArg::Em => Method::Em {
-                classwise: self.classwise,
+            MethodArg::Code => {
+                // Model-free: no surrogate, mask or stop flags apply.
+                let mut p = ProtectParams::lattice_code(self.eps, self.rho);
+                p.seed = self.seed;
+                p.device = self.device.clone();
+                p.validate()?;
+                return Ok(p);
+            }
+            MethodArg::Em => ProtectParams {
+                method: Method::Em {
+                    classwise: self.classwise,
+                },
+                ..ProtectParams::em(self.eps)
             },
-            MethodArg::Salm | MethodArg::Code => Method::Salm {
-                rho: self.rho,
-                mask: match self.mask {
-                    MaskArg::Feasible => MaskStrategy::Feasible,
-                    MaskArg::Foreground => MaskStrategy::Foreground,
-                    MaskArg::GradForeground => MaskStrategy::GradForeground,
-                    MaskArg::Gradient => MaskStrategy::Gradient,
-                    MaskArg::Random => MaskStrategy::Random,
-                    MaskArg::Grating => MaskStrategy::Grating,
+            MethodArg::Salm => ProtectParams {
+                method: Method::Salm {
+                    rho: self.rho,
+                    mask: match self.mask {
+                        MaskArg::Feasible => MaskStrategy::Feasible,
+                        MaskArg::Foreground => MaskStrategy::Foreground,
+                        MaskArg::GradForeground => MaskStrategy::GradForeground,
+                        MaskArg::Gradient => MaskStrategy::Gradient,
+                        MaskArg::Random => MaskStrategy::Random,
+                        MaskArg::Grating => MaskStrategy::Grating,
+                    },
+                    refresh: match self.refresh {
+                        RefreshArg::Fixed => MaskRefresh::Fixed,
+                        RefreshArg::PerRound => MaskRefresh::PerRound,
+                        RefreshArg::PerStep => MaskRefresh::PerStep,
+                    },
+                    classwise: self.classwise,
                 },
-                refresh: match self.refresh {
-                    RefreshArg::Fixed => MaskRefresh::Fixed,
-                    RefreshArg::PerRound => MaskRefresh::PerRound,
-                    RefreshArg::PerStep => MaskRefresh::PerStep,
-                },
-                classwise: self.classwise,
+                ..ProtectParams::salm(self.eps, self.rho)
             },
         };
         p.surrogate = match self.surrogate {
