@@ -21,7 +21,8 @@ use anyhow::Context as _;
 use clap::{Args, Subcommand, ValueEnum};
 use lethe_protect::{
     Arch, AuditConfig, DataSource, Defence, Headline, LesionSpec, MaskRefresh, MaskStrategy,
-    Method, MethodRun, ProtectConfig, ProtectParams, RobustnessConfig, SgdParams, VictimConfig,
+    Method, MethodRun, Objective, ProtectConfig, ProtectParams, RobustnessConfig, SgdParams,
+    VictimConfig,
 };
 
 /// `lethe protect [OPTIONS]` protects a dataset; `lethe protect audit`
@@ -151,6 +152,12 @@ struct MethodArgs {
     /// One noise (and mask) per class instead of one per image.
     #[arg(long)]
     classwise: bool,
+    /// EM / SALM: targeted adversarial poisoning instead of error
+    /// minimising: the surrogate trains on the clean images and each
+    /// image's noise aims at the next class (`--target-acc` is then the
+    /// attack's success rate).
+    #[arg(long)]
+    targeted: bool,
     /// SALM: how mask pixels are ranked.
     #[arg(long, value_enum, default_value_t = MaskArg::Feasible)]
     mask: MaskArg,
@@ -305,6 +312,10 @@ impl MethodArgs {
         let mut p = match self.method {
             MethodArg::Code => {
                 // Model-free: no surrogate, mask or stop flags apply.
+                anyhow::ensure!(
+                    !self.targeted,
+                    "--targeted needs a surrogate: use it with --method em or salm"
+                );
                 let mut p = ProtectParams::lattice_code(self.eps, self.rho);
                 p.seed = self.seed;
                 p.device = self.device.clone();
@@ -354,6 +365,9 @@ impl MethodArgs {
             p.pgd_steps = 5;
             p.stop.min_rounds = 5;
             p.stop.max_rounds = 20;
+        }
+        if self.targeted {
+            p.objective = Objective::Targeted;
         }
         if let Some(s) = self.steps {
             p.pgd_steps = s;
@@ -650,6 +664,7 @@ impl MethodArgs {
             eps: self.eps,
             rho: self.rho,
             classwise: self.classwise,
+            targeted: self.targeted,
             mask: self.mask,
             refresh: self.refresh,
             steps: self.steps,
@@ -783,6 +798,35 @@ mod tests {
             "/x",
         ]);
         assert!(bad.method.params(32).is_err());
+    }
+
+    #[test]
+    fn targeted_flag_sets_the_objective_and_needs_a_surrogate() {
+        let args = [
+            "--builtin",
+            "lesions",
+            "--targeted",
+            "--rho",
+            "0.25",
+            "-o",
+            "/x",
+        ];
+        let p = parse(&args).method.params(32).expect("valid params");
+        assert_eq!(p.objective, Objective::Targeted);
+        let plain = parse(&["--builtin", "lesions", "-o", "/x"]);
+        let p = plain.method.params(32).expect("valid params");
+        assert_eq!(p.objective, Objective::ErrorMinimising);
+        let code = parse(&[
+            "--builtin",
+            "lesions",
+            "--method",
+            "code",
+            "--targeted",
+            "-o",
+            "/x",
+        ]);
+        let e = code.method.params(32).unwrap_err().to_string();
+        assert!(e.contains("--targeted"), "{e}");
     }
 
     #[test]

@@ -82,7 +82,9 @@ pub use error::{Error, Result};
 pub use formats::DataSource;
 pub use model::{Arch, SgdParams};
 pub use protect::mask::{MaskRefresh, MaskStrategy};
-pub use protect::{Estimate, Method, ProtectParams, ProxyVictim, Release, RunControl, StopRule};
+pub use protect::{
+    Estimate, Method, Objective, ProtectParams, ProxyVictim, Release, RunControl, StopRule,
+};
 pub use release::{estimate, protect, protect_with, ProtectConfig, ProtectReport};
 pub use sources::LesionSpec;
 pub use victim::VictimConfig;

@@ -67,6 +67,12 @@
 //! Ensemble members can train with their own learning rate
 //! ([`ProtectParams::ensemble_lr`]).
 //!
+//! The same loop also computes targeted adversarial poisons
+//! ([`Objective::Targeted`]): the theta-step then trains on the *clean*
+//! images and the delta-step descends the loss at the next class's label,
+//! so every mask, budget, ensemble, release and resume option applies
+//! unchanged.
+//!
 //! Runs are deterministic per seed (every random choice of round `r` comes
 //! from a generator seeded by `(seed, r)`), can checkpoint after every round
 //! and resume to the same result as an uninterrupted run
@@ -141,6 +147,36 @@ impl Method {
         match self {
             Method::Em { classwise } | Method::Salm { classwise, .. } => *classwise,
         }
+    }
+}
+
+/// What the noise steps optimise.
+///
+/// Error-minimising noise (the default) is a shortcut: it makes the
+/// protected images *easy*, so a victim fits the noise instead of the
+/// content. Targeted adversarial noise (Fowl et al., NeurIPS 2021, "TAP" in
+/// the research notes' section 2.7) does the opposite with a surrogate
+/// trained on the *clean* images: it moves every image of class `c`
+/// towards class `c + 1` (mod the class count). A victim trained on the
+/// release learns the next class's non-robust features under the wrong
+/// label and, on clean test images, confuses the classes: the anchor is
+/// below chance on CIFAR-10 (8.17 % at 8/255).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Objective {
+    /// Huang et al.'s min-min: surrogates train on the protected images and
+    /// the noise descends their loss at the true label.
+    #[default]
+    ErrorMinimising,
+    /// Surrogates train on the clean images; the noise descends their loss
+    /// at the target label `(y + 1) mod classes`. Class-wise cross pairs
+    /// and the shortcut accuracy (a min-min notion) do not apply.
+    Targeted,
+}
+
+impl Objective {
+    fn is_default(&self) -> bool {
+        *self == Objective::ErrorMinimising
     }
 }
 
@@ -302,6 +338,10 @@ impl Release {
 pub struct ProtectParams {
     /// EM or SALM and their options.
     pub method: Method,
+    /// What the noise steps optimise (default error-minimising; see
+    /// [`Objective`]).
+    #[serde(default, skip_serializing_if = "Objective::is_default")]
+    pub objective: Objective,
     /// L-inf budget as a fraction of full scale (8/255 = 0.0314), in
     /// (0, 0.25].
     pub eps: f64,
@@ -461,6 +501,7 @@ impl ProtectParams {
     pub fn em(eps: f64) -> ProtectParams {
         ProtectParams {
             method: Method::Em { classwise: false },
+            objective: Objective::ErrorMinimising,
             eps,
             step_size: None,
             pgd_steps: 20,
@@ -629,6 +670,15 @@ impl ProtectParams {
                 "cross_pairs needs a class-wise method (one noise per class)".into(),
             ));
         }
+        if self.objective == Objective::Targeted
+            && (self.cross_pairs > 0.0 || self.stop.shortcut_accuracy.is_some())
+        {
+            return Err(Error::Config(
+                "the targeted objective has no cross pairs or shortcut accuracy \
+                 (they are min-min notions): drop cross_pairs / stop.shortcut_accuracy"
+                    .into(),
+            ));
+        }
         if let Some(start) = &self.synthetic_start {
             if !self.method.classwise() {
                 return Err(Error::Config(
@@ -701,6 +751,9 @@ impl ProtectParams {
     /// (`start=...` names a synthetic start: `code` for the lattice code).
     pub fn label(&self) -> String {
         let mut eps = format!("eps={:.1}/255", self.eps * 255.0);
+        if self.objective == Objective::Targeted {
+            eps.push_str(" targeted");
+        }
         if self.cross_pairs > 0.0 {
             eps.push_str(&format!(" cross={:.2}", self.cross_pairs));
         }
@@ -746,7 +799,9 @@ pub struct RoundLog {
     pub round: usize,
     /// Mean surrogate training loss of the round's theta-steps.
     pub train_loss: f64,
-    /// Surrogate accuracy on the protected images after the round.
+    /// Surrogate accuracy on the protected images after the round, scored
+    /// against the noise's targets (the true labels, except under
+    /// [`Objective::Targeted`], where it is the attack's success rate).
     pub accuracy: f64,
     /// Surrogate mean cross-entropy on them.
     pub loss: f64,
@@ -937,7 +992,7 @@ pub fn protect_dataset(
         let train_loss = run.theta_step(&mut state, &mut opts, r)?;
         run.delta_step(&mut state, r, control, &bar)?;
         let perturbed = run.perturbed_all(&state);
-        let eval = run.evaluate(&perturbed, data.labels())?;
+        let eval = run.evaluate(&perturbed, &run.targets)?;
         let saturated = state
             .delta
             .iter()
@@ -1266,6 +1321,9 @@ struct Run<'a> {
     /// [`ProtectParams::code_fraction`]'s fixed code pixels, one mask per
     /// class (empty without a code).
     code: &'a [u8],
+    /// The label each image's noise steps aim at: its own (error-minimising)
+    /// or the next class ([`Objective::Targeted`]).
+    targets: Vec<u32>,
 }
 
 impl<'a> Run<'a> {
@@ -1275,6 +1333,11 @@ impl<'a> Run<'a> {
         nets: &'a [Net],
         code: &'a [u8],
     ) -> Run<'a> {
+        let classes = data.classes().len().max(1) as u32;
+        let targets = match params.objective {
+            Objective::ErrorMinimising => data.labels().to_vec(),
+            Objective::Targeted => data.labels().iter().map(|&y| (y + 1) % classes).collect(),
+        };
         Run {
             data,
             params,
@@ -1283,6 +1346,7 @@ impl<'a> Run<'a> {
             eps: params.eps as f32,
             step: params.step() as f32,
             code,
+            targets,
         }
     }
 
@@ -1309,6 +1373,15 @@ impl<'a> Run<'a> {
         out.extend(x.iter().zip(d).map(|(a, b)| (a + b).clamp(0.0, 1.0)));
     }
 
+    /// What the surrogates train on for image `i`: the protected image
+    /// (error-minimising) or the clean one ([`Objective::Targeted`]).
+    fn push_training(&self, state: &State, i: usize, out: &mut Vec<f32>) {
+        match self.params.objective {
+            Objective::ErrorMinimising => self.push_perturbed(state, i, out),
+            Objective::Targeted => out.extend_from_slice(self.data.image(i)),
+        }
+    }
+
     /// Image `i` with the noise of unit `u` (a class, class-wise; an
     /// image, sample-wise), clipped to the box, appended to `out`.
     fn push_with_unit(&self, state: &State, i: usize, u: usize, out: &mut Vec<f32>) {
@@ -1326,7 +1399,7 @@ impl<'a> Run<'a> {
         let classes = self.data.classes().len();
         let labels = self.data.labels();
         let n = self.data.len();
-        if classes < 2 || n == 0 {
+        if classes < 2 || n == 0 || self.params.objective == Objective::Targeted {
             return None;
         }
         let mut px = Vec::with_capacity(self.data.pixels().len());
@@ -1424,7 +1497,7 @@ impl<'a> Run<'a> {
                 }
             } else {
                 for &i in &idx {
-                    self.push_perturbed(state, i, &mut px);
+                    self.push_training(state, i, &mut px);
                     labels.push(self.data.labels()[i]);
                 }
             }
@@ -1445,7 +1518,7 @@ impl<'a> Run<'a> {
                     let idx = rand::seq::index::sample(&mut rng, n, bs).into_vec();
                     let mut px = Vec::with_capacity(bs * self.shape().values());
                     for &i in &idx {
-                        self.push_perturbed(state, i, &mut px);
+                        self.push_training(state, i, &mut px);
                     }
                     for net in self.nets {
                         net.forward(&net.batch(&px)?, Mode::Train)?;
@@ -1465,9 +1538,19 @@ impl<'a> Run<'a> {
         })
     }
 
-    /// Input gradients of CE at the protected images `idx`; class-wise
-    /// with `pairs`, image `idx[b]` carries the noise and label of class
-    /// `pairs[b]` instead of its own.
+    /// The label the noise of class `c` aims at (its own, or the next
+    /// class under [`Objective::Targeted`]).
+    fn class_target(&self, c: usize) -> u32 {
+        match self.params.objective {
+            Objective::ErrorMinimising => c as u32,
+            Objective::Targeted => ((c + 1) % self.data.classes().len().max(1)) as u32,
+        }
+    }
+
+    /// Input gradients of CE at the protected images `idx` towards their
+    /// targets; class-wise with `pairs`, image `idx[b]` carries the noise
+    /// of class `pairs[b]` (and aims at that class's target) instead of
+    /// its own.
     fn gradients(
         &self,
         state: &State,
@@ -1480,13 +1563,13 @@ impl<'a> Run<'a> {
                 for (i, &c) in idx.clone().zip(pairs) {
                     self.push_with_unit(state, i, c, &mut px);
                 }
-                pairs.iter().map(|&c| c as u32).collect()
+                pairs.iter().map(|&c| self.class_target(c)).collect()
             }
             None => {
                 for i in idx.clone() {
                     self.push_perturbed(state, i, &mut px);
                 }
-                self.data.labels()[idx].to_vec()
+                self.targets[idx].to_vec()
             }
         };
         let mut g: Vec<f32> = Vec::new();

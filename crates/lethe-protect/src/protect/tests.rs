@@ -1470,3 +1470,99 @@ fn lattice_code_brightens_exactly_the_class_lattice() {
     let again = protect_dataset(&data, &other, &quiet()).unwrap();
     assert_eq!(out.protected.pixels(), again.protected.pixels());
 }
+
+/// [`fast`] with the targeted objective and enough surrogate training for
+/// the surrogate to know the classes.
+fn targeted(method: Method, eps: f64) -> ProtectParams {
+    let mut p = fast(ProtectParams::em(eps));
+    p.method = method;
+    p.objective = Objective::Targeted;
+    p.stop = StopRule::new(4, 4, None, None);
+    p.train_steps_per_round = 15;
+    p.pgd_steps = 10;
+    p.step_size = Some(eps / 5.0);
+    p
+}
+
+#[test]
+fn targeted_noise_moves_images_towards_the_next_class() {
+    // The round log scores the surrogate against the targets (y + 1): a
+    // clean-trained surrogate puts almost no image there, the noise must
+    // put most there (chance is 1/4), sample-wise and class-wise, within
+    // the budgets.
+    let data = tiny(8);
+    let eps = 32.0 / 255.0;
+    for method in [
+        Method::Em { classwise: false },
+        Method::Em { classwise: true },
+        Method::Salm {
+            rho: 0.5,
+            mask: MaskStrategy::Feasible,
+            refresh: MaskRefresh::PerRound,
+            classwise: false,
+        },
+    ] {
+        let p = targeted(method.clone(), eps);
+        let out = protect_dataset(&data, &p, &quiet()).unwrap();
+        let last = out.rounds.last().unwrap();
+        assert!(last.shortcut_accuracy.is_none(), "{method:?}");
+        assert!(
+            last.accuracy >= 0.6,
+            "{method:?}: success towards the targets {}",
+            last.accuracy
+        );
+        for (x, y) in data.pixels().iter().zip(out.protected.pixels()) {
+            assert!((x - y).abs() <= eps as f32 + 0.5 / 255.0 + 1e-6);
+        }
+        assert!(p.label().contains("targeted"));
+    }
+}
+
+#[test]
+fn targeted_surrogates_train_on_the_clean_images() {
+    // Same seed, different budgets: the surrogates of a targeted run see
+    // only clean images, so their training losses match round for round;
+    // error-minimising surrogates train on the protected images and differ
+    // from the second round on.
+    let data = tiny(4);
+    let method = Method::Em { classwise: false };
+    let losses = |p: &ProtectParams| -> Vec<f64> {
+        let out = protect_dataset(&data, p, &quiet()).unwrap();
+        out.rounds.iter().map(|r| r.train_loss).collect()
+    };
+    let small = targeted(method.clone(), 4.0 / 255.0);
+    let large = targeted(method, 32.0 / 255.0);
+    assert_eq!(losses(&small), losses(&large));
+    let mut em_small = small.clone();
+    em_small.objective = Objective::ErrorMinimising;
+    let mut em_large = large.clone();
+    em_large.objective = Objective::ErrorMinimising;
+    let (a, b) = (losses(&em_small), losses(&em_large));
+    assert_eq!(a[0], b[0]);
+    assert_ne!(a[1..], b[1..]);
+}
+
+#[test]
+fn targeted_objective_refuses_min_min_options_and_defaults_in_json() {
+    let data = tiny(1);
+    let mut cross = classwise_salm(0.5);
+    cross.objective = Objective::Targeted;
+    let mut shortcut = fast(ProtectParams::em(0.03));
+    shortcut.objective = Objective::Targeted;
+    shortcut.stop.shortcut_accuracy = Some(0.9);
+    for p in [cross, shortcut] {
+        let e = protect_dataset(&data, &p, &quiet())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("targeted"), "{e}");
+    }
+    let json = serde_json::to_value(ProtectParams::em(0.03)).unwrap();
+    assert!(json.get("objective").is_none(), "default left out: {json}");
+    let mut with = json.clone();
+    with["objective"] = "targeted".into();
+    let p: ProtectParams = serde_json::from_value(with).unwrap();
+    assert_eq!(p.objective, Objective::Targeted);
+    let mut bad = json;
+    bad["objective"] = "maximising".into();
+    assert!(serde_json::from_value::<ProtectParams>(bad).is_err());
+}
