@@ -160,7 +160,11 @@ impl Method {
 /// towards class `c + 1` (mod the class count). A victim trained on the
 /// release learns the next class's non-robust features under the wrong
 /// label and, on clean test images, confuses the classes: the anchor is
-/// below chance on CIFAR-10 (8.17 % at 8/255).
+/// below chance on CIFAR-10 (8.17 % at 8/255). It needs classes that are
+/// not robust at the budget: on the generated lesions and on digits at
+/// 8/255 (rho 0.25) at most 16 % of the images reach their target and
+/// victims barely notice (`evals/results/protect/
+/// supplementary-selection-seed1`, rows x, y, digits-x).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Objective {
