@@ -1344,10 +1344,7 @@ fn mask_code_start_brightens_the_mask() {
     let mut state = State {
         round: 0,
         delta: vec![0.0; 2 * hw],
-        mask: mask::grating_codes(2, 4)
-            .into_iter()
-            .flat_map(|c| mask::grating(c, shape, 16))
-            .collect(),
+        mask: mask::class_gratings(2, 0.25, shape),
         mask_ready: vec![true; 2],
         log: Vec::new(),
         seconds: 0.0,
@@ -1450,9 +1447,10 @@ fn lattice_code_brightens_exactly_the_class_lattice() {
     assert_eq!(out.rounds.len(), 1);
     let s = data.shape();
     let hw = s.pixels();
-    let codes = mask::grating_codes(4, 4);
+    let codes = mask::class_gratings(4, 0.25, s);
     for i in 0..data.len() {
-        let code = mask::grating(codes[data.labels()[i] as usize], s, mask_size(0.25, hw));
+        let c = data.labels()[i] as usize;
+        let code = &codes[c * hw..(c + 1) * hw];
         let (a, b) = (data.image(i), out.protected.image(i));
         for q in 0..hw {
             let want = if code[q] == 1 {
