@@ -196,7 +196,9 @@ def main():
     ap.add_argument("--check", action="store_true", help="lethe compares a CPU and a GPU run first")
     ap.add_argument("--strict", action="store_true", help="also time PyTorch with TF32 off")
     ap.add_argument("--variants", default="strict,tf32",
-                    help="lethe runs: strict|tf32, each optionally -im2col (im2col conv on the GPU)")
+                    help="lethe runs: strict|tf32, each optionally -candle (candle's conv2d and its "
+                         "own backward) or -im2col (im2col from primitive ops); default: lethe's "
+                         "conv2d with the convolution backward (LETHE_GPU_CONV unset)")
     ap.add_argument("--out", default="evals/results/protect-bench-h100.json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -227,11 +229,14 @@ def main():
     if not args.skip_lethe:
         # lethe strict f32 against PyTorch strict (or default when not run),
         # lethe with TF32 against PyTorch's default (TF32 convolutions).
-        # A variant is `strict` or `tf32`, optionally `-im2col` (lethe's
-        # im2col from primitive ops instead of candle's conv2d on the GPU).
+        # A variant is `strict` or `tf32`, optionally `-candle` or `-im2col`
+        # (the GPU convolution, LETHE_GPU_CONV; default: convolutions as
+        # the backward, lethe-model's conv_grad).
         for i, variant in enumerate(args.variants.split(",")):
             tf32 = variant.startswith("tf32")
-            conv = "im2col" if variant.endswith("-im2col") else None
+            conv = variant.split("-", 1)[1] if "-" in variant else None
+            if conv not in (None, "candle", "im2col"):
+                sys.exit(f"unknown variant {variant!r}: strict|tf32[-candle|-im2col]")
             r = run_lethe(args, tf32, conv, check=args.check and i == 0)
             if "check_against_cpu" in r:
                 result["check_against_cpu"] = r.pop("check_against_cpu")

@@ -313,10 +313,10 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Te
 ///
 /// On the CPU (f32): im2col (a custom op whose backward is col2im) and one
 /// matrix product `W (c_out, c_in k_h k_w) x cols (c_in k_h k_w, n h_out
-/// w_out)`, so both the forward and the backward run in gemm. Elsewhere
-/// candle's `conv2d`; on a GPU, with `LETHE_GPU_CONV=im2col`, the same
-/// product as on the CPU with im2col built from primitive ops
-/// (`im2col_ops`).
+/// w_out)`, so both the forward and the backward run in gemm. On the CPU
+/// for other types, candle's `conv2d`. On a GPU, candle's forward with a
+/// backward made of convolutions (module `conv_grad`), or what
+/// `LETHE_GPU_CONV` selects (`candle`, `im2col`).
 pub fn conv2d(
     x: &Tensor,
     weight: &Tensor,
@@ -350,8 +350,12 @@ pub fn conv2d(
             stride,
             padding,
         })?
-    } else if x.device().is_cpu() || !gpu_conv_is_im2col() {
-        let y = x.conv2d(weight, padding, stride, 1, 1)?;
+    } else if x.device().is_cpu() || gpu_conv() != GpuConv::Im2col {
+        let y = if x.device().is_cpu() || gpu_conv() == GpuConv::Candle {
+            x.conv2d(weight, padding, stride, 1, 1)?
+        } else {
+            conv_grad::conv2d_gemm_backward(x, weight, stride, padding)?
+        };
         return match bias {
             None => Ok(y),
             Some(b) => Ok(y.broadcast_add(&b.reshape((1, co, 1, 1))?)?),
@@ -367,14 +371,37 @@ pub fn conv2d(
     Ok(y.reshape((co, n, oh, ow))?.transpose(0, 1)?.contiguous()?)
 }
 
-/// `LETHE_GPU_CONV=im2col` selects [`im2col_ops`] on GPUs instead of
-/// candle's own `conv2d` (read once). Measured on an H100 (a full EM
-/// round with a ResNet-18 surrogate, batch 512): candle's conv2d 1406
-/// image-steps/s, im2col from primitive ops 893: its copies cost more than
-/// the direct transposed-convolution kernel saves.
-fn gpu_conv_is_im2col() -> bool {
-    static IM2COL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *IM2COL.get_or_init(|| std::env::var("LETHE_GPU_CONV").is_ok_and(|v| v == "im2col"))
+/// How [`conv2d`] runs on a GPU, chosen once by `LETHE_GPU_CONV`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum GpuConv {
+    /// Default: candle's forward (im2col + cuBLAS) with a backward made of
+    /// two more `conv2d`s ([`conv_grad`]), instead of candle's naive
+    /// `conv_transpose2d` kernel for the input gradient.
+    Gemm,
+    /// `LETHE_GPU_CONV=candle`: candle's `conv2d` and its own backward.
+    /// Measured on an H100 (a full EM round with a ResNet-18 surrogate,
+    /// batch 512): 1406 image-steps/s, PyTorch 32 824.
+    Candle,
+    /// `LETHE_GPU_CONV=im2col`: im2col from primitive ops ([`im2col_ops`]),
+    /// measured at 893 image-steps/s in the same call as `Candle`'s 1406:
+    /// its copies cost more than the transposed-convolution kernel saves.
+    Im2col,
+}
+
+fn gpu_conv() -> GpuConv {
+    static CHOICE: std::sync::OnceLock<GpuConv> = std::sync::OnceLock::new();
+    *CHOICE.get_or_init(|| match std::env::var("LETHE_GPU_CONV").as_deref() {
+        Ok("candle") => GpuConv::Candle,
+        Ok("im2col") => GpuConv::Im2col,
+        Ok("gemm") | Err(_) => GpuConv::Gemm,
+        Ok(other) => {
+            tracing::warn!(
+                value = other,
+                "LETHE_GPU_CONV is not one of gemm, candle, im2col: using gemm"
+            );
+            GpuConv::Gemm
+        }
+    })
 }
 
 /// im2col of `x` `(n, c, h, w)` from primitive, differentiable ops (zero
@@ -1499,6 +1526,8 @@ mod kernels {
         }
     }
 }
+
+mod conv_grad;
 
 #[cfg(test)]
 pub(crate) mod tests;

@@ -571,17 +571,88 @@ fn im2col_from_primitive_ops_matches_candle_conv2d() {
                 .transpose(0, 1)
                 .unwrap()
         };
-        let candle = |t: &[Tensor]| t[0].conv2d(&t[1], pad, stride, 1, 1).unwrap();
-        let (a, ga) = output_and_gradients(&inputs, via_ops);
-        let (b, gb) = output_and_gradients(&inputs, candle);
         let case = format!("cin {cin} k {k} stride {stride} pad {pad} size {size}");
-        assert_eq!(a.dims(), b.dims(), "{case}");
-        assert!(max_abs_diff(&a, &b) < 1e-4, "{case}: outputs");
-        for (x, y) in ga.iter().zip(&gb) {
-            assert!(max_abs_diff(x, y) < 1e-4, "{case}: gradients");
-            assert!(is_nonzero(x), "{case}: zero gradient");
-        }
+        assert_same_as_candle_conv(&case, &inputs, via_ops, stride, pad);
     }
+}
+
+/// Checks that `ours` gives candle's `conv2d(inputs[0], inputs[1], pad,
+/// stride)` and the same, non-zero, gradients for both inputs.
+fn assert_same_as_candle_conv(
+    case: &str,
+    inputs: &[Tensor],
+    ours: impl Fn(&[Tensor]) -> Tensor,
+    stride: usize,
+    pad: usize,
+) {
+    let candle = |t: &[Tensor]| t[0].conv2d(&t[1], pad, stride, 1, 1).unwrap();
+    let (a, ga) = output_and_gradients(inputs, ours);
+    let (b, gb) = output_and_gradients(inputs, candle);
+    assert_eq!(a.dims(), b.dims(), "{case}");
+    assert!(max_abs_diff(&a, &b) < 1e-4, "{case}: outputs");
+    for (x, y) in ga.iter().zip(&gb) {
+        assert_eq!(x.dims(), y.dims(), "{case}: gradient shape");
+        assert!(max_abs_diff(x, y) < 1e-4, "{case}: gradients");
+        assert!(is_nonzero(x), "{case}: zero gradient");
+    }
+}
+
+#[test]
+fn conv_with_gemm_backward_matches_candle_conv2d() {
+    // The default GPU path of `conv2d`, run here on the CPU: candle's
+    // forward, the input gradient as a convolution of the dilated output
+    // gradient with the flipped kernel, the kernel gradient only when the
+    // kernel is tracked. Covers odd and even sizes at strides 1-3 (the
+    // rows a strided forward drops), 1x1 and non-square kernels, and a
+    // padding wider than the kernel (the transposed-convolution fallback).
+    for (cin, cout, (kh, kw), stride, pad, size) in [
+        (3, 4, (3, 3), 1, 1, 8),
+        (4, 6, (3, 3), 2, 1, 9),
+        (4, 6, (3, 3), 2, 1, 8),
+        (2, 3, (1, 1), 2, 0, 8),
+        (3, 2, (5, 5), 1, 0, 7),
+        (2, 2, (3, 3), 3, 2, 10),
+        (2, 3, (3, 3), 3, 0, 11),
+        (3, 2, (3, 5), 1, 2, 9),
+        (2, 2, (1, 1), 1, 1, 6),
+    ] {
+        let inputs = [
+            randn(&[2, cin, size, size], 50),
+            randn(&[cout, cin, kh, kw], 51),
+        ];
+        let ours =
+            |t: &[Tensor]| conv_grad::conv2d_gemm_backward(&t[0], &t[1], stride, pad).unwrap();
+        let case = format!("cin {cin} k {kh}x{kw} stride {stride} pad {pad} size {size}");
+        assert_same_as_candle_conv(&case, &inputs, ours, stride, pad);
+    }
+    // Frozen kernel (a PGD step): only the input gets a gradient, and it is
+    // the same one.
+    let x = Var::from_tensor(&randn(&[2, 3, 8, 8], 52)).unwrap();
+    let k = randn(&[4, 3, 3, 3], 53);
+    let y = conv_grad::conv2d_gemm_backward(x.as_tensor(), &k, 2, 1).unwrap();
+    let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    assert!(grads.get(&k).is_none(), "a frozen kernel got a gradient");
+    let reference = x
+        .as_tensor()
+        .conv2d(&k, 1, 2, 1, 1)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let d = max_abs_diff(
+        grads.get(x.as_tensor()).unwrap(),
+        reference.get(x.as_tensor()).unwrap(),
+    );
+    assert!(
+        d < 1e-4,
+        "input gradient with a frozen kernel differs by {d}"
+    );
+    // Nothing tracked: a plain value, no graph.
+    let plain = conv_grad::conv2d_gemm_backward(&randn(&[1, 3, 5, 5], 54), &k, 1, 1).unwrap();
+    assert!(!plain.track_op());
 }
 
 #[test]
