@@ -215,6 +215,16 @@ pub struct AccuracyRow {
     pub final_mean: f64,
     /// Mean accuracy on the training images as trained on.
     pub train_mean: f64,
+    /// Recall of each class (fraction of its test images predicted as
+    /// it) at each run's peak epoch, mean over runs: what a victim stopped
+    /// early still learns.
+    pub recall_peak: Vec<f64>,
+    /// The same after the last epoch.
+    pub recall_final: Vec<f64>,
+    /// Precision of each class (fraction of the test images predicted as
+    /// it that are of it) at the peak epoch, mean over runs; a class never
+    /// predicted has precision 0.
+    pub precision_peak: Vec<f64>,
 }
 
 /// One countermeasure against every audited training set.
@@ -469,10 +479,58 @@ fn accuracy_table(
                 ),
                 final_mean: mean(&runs.iter().map(|r| r.test_acc_final).collect::<Vec<_>>()),
                 train_mean: mean(&runs.iter().map(|r| r.train_acc_final).collect::<Vec<_>>()),
+                recall_peak: mean_recall(runs.iter().map(|r| &r.confusion_peak)),
+                recall_final: mean_recall(runs.iter().map(|r| &r.confusion_final)),
+                precision_peak: mean_per_class(runs.iter().map(|r| &r.confusion_peak), precision),
             });
         }
     }
     rows
+}
+
+/// Per-class recall (the diagonal over the row sums) of each confusion
+/// matrix, averaged over the matrices.
+fn mean_recall<'a>(matrices: impl Iterator<Item = &'a Vec<Vec<u32>>>) -> Vec<f64> {
+    mean_per_class(matrices, recall)
+}
+
+/// Recall of class `c` in confusion matrix `m` (0 without test images).
+fn recall(m: &[Vec<u32>], c: usize) -> f64 {
+    let total: u32 = m[c].iter().sum();
+    ratio(m[c].get(c).copied().unwrap_or(0), total)
+}
+
+/// Precision of class `c` in confusion matrix `m` (0 when never predicted).
+fn precision(m: &[Vec<u32>], c: usize) -> f64 {
+    let predicted: u32 = m.iter().filter_map(|row| row.get(c)).sum();
+    ratio(m[c].get(c).copied().unwrap_or(0), predicted)
+}
+
+fn ratio(a: u32, b: u32) -> f64 {
+    if b == 0 {
+        0.0
+    } else {
+        f64::from(a) / f64::from(b)
+    }
+}
+
+/// `per_class(m, c)` for every class, averaged over the matrices.
+fn mean_per_class<'a>(
+    matrices: impl Iterator<Item = &'a Vec<Vec<u32>>>,
+    per_class: fn(&[Vec<u32>], usize) -> f64,
+) -> Vec<f64> {
+    let mut sums: Vec<f64> = Vec::new();
+    let mut count = 0usize;
+    for m in matrices {
+        if sums.len() < m.len() {
+            sums.resize(m.len(), 0.0);
+        }
+        for (c, sum) in sums.iter_mut().enumerate().take(m.len()) {
+            *sum += per_class(m, c);
+        }
+        count += 1;
+    }
+    sums.iter().map(|s| s / count.max(1) as f64).collect()
 }
 
 /// Mean and max peak accuracy of the undefended victims trained on `data`.
@@ -585,6 +643,12 @@ fn notes(
             ));
         }
     }
+    notes.extend(
+        accuracy
+            .iter()
+            .filter(|r| r.data != "clean")
+            .filter_map(|r| recognised_note(r, &info.classes)),
+    );
     for m in methods {
         if m.stop_reason == Some(StopReason::MaxRounds) {
             notes.push(format!(
@@ -597,6 +661,58 @@ fn notes(
         notes.push("Grayscale conversion does not apply: the data is single-channel.".into());
     }
     notes
+}
+
+/// The classes a row's victims still recognise at their peak epoch (mean
+/// recall and mean precision both >= 80 %), with both values: a class that
+/// merely collects every prediction has a high recall but a low precision.
+fn recognised(row: &AccuracyRow, classes: &[String]) -> Vec<(String, f64, f64)> {
+    row.recall_peak
+        .iter()
+        .zip(&row.precision_peak)
+        .enumerate()
+        .filter(|(_, (r, p))| **r >= 0.8 && **p >= 0.8)
+        .map(|(c, (r, p))| {
+            let name = classes.get(c).map_or("?", String::as_str);
+            (name.to_string(), *r, *p)
+        })
+        .collect()
+}
+
+/// The report's sentence for [`recognised`] classes (none: `None`): every
+/// class, up to three with their values, or the names of more.
+fn recognised_note(row: &AccuracyRow, classes: &[String]) -> Option<String> {
+    let kept = recognised(row, classes);
+    let what = match kept.len() {
+        0 => return None,
+        k if k == classes.len() => {
+            "every class (recall and precision >= 80% each): the protection hides none of them"
+                .to_string()
+        }
+        1..=3 => kept
+            .iter()
+            .map(|(n, r, p)| {
+                format!(
+                    "{n} (recall {:.0}%, precision {:.0}%)",
+                    100.0 * r,
+                    100.0 * p
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+        k => format!(
+            "{k} of {} classes (recall and precision >= 80% each): {}",
+            classes.len(),
+            kept.iter()
+                .map(|(n, _, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    Some(format!(
+        "{} on {}: at their peak epoch the victims still recognise {what}.",
+        row.data, row.arch
+    ))
 }
 
 fn pct(x: f64) -> String {
@@ -878,6 +994,35 @@ pub fn markdown(r: &AuditReport, sweep_caption: &str, curve_caption: &str) -> St
             pct(a.final_mean),
             pct(a.train_mean)
         );
+    }
+    let classes = &r.dataset.classes;
+    if r.accuracy
+        .iter()
+        .any(|a| a.recall_peak.len() == classes.len())
+    {
+        let _ = writeln!(
+            md,
+            "\n## Per-class recall (peak epoch / last epoch, mean over seeds)\n"
+        );
+        let _ = writeln!(
+            md,
+            "| training data | architecture | {} |",
+            classes.join(" | ")
+        );
+        let _ = writeln!(md, "|---|---|{}", "---|".repeat(classes.len()));
+        for a in r
+            .accuracy
+            .iter()
+            .filter(|a| a.recall_peak.len() == classes.len())
+        {
+            let cells: Vec<String> = a
+                .recall_peak
+                .iter()
+                .zip(&a.recall_final)
+                .map(|(p, f)| format!("{} / {}", pct(*p), pct(*f)))
+                .collect();
+            let _ = writeln!(md, "| {} | {} | {} |", a.data, a.arch, cells.join(" | "));
+        }
     }
     if !r.robustness.is_empty() {
         let arch = r

@@ -213,6 +213,7 @@ impl Net {
         let n = labels.len();
         let mut correct = 0usize;
         let mut loss_sum = 0f64;
+        let mut confusion: Vec<Vec<u32>> = Vec::new();
         self.inner.set_trainable(false);
         let result = (|| -> Result<()> {
             let mut start = 0;
@@ -223,12 +224,18 @@ impl Net {
                 let logits = self.forward(&x, Mode::Eval)?;
                 let ce = nn::cross_entropy(&logits, &y, None)?.to_scalar::<f32>()?;
                 loss_sum += ce as f64 * (end - start) as f64;
+                let classes = logits.dim(D::Minus1)?;
+                confusion.resize_with(classes, || vec![0; classes]);
                 let preds = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
-                correct += preds
-                    .iter()
-                    .zip(&labels[start..end])
-                    .filter(|(p, l)| p == l)
-                    .count();
+                for (&p, &l) in preds.iter().zip(&labels[start..end]) {
+                    correct += usize::from(p == l);
+                    if let Some(cell) = confusion
+                        .get_mut(l as usize)
+                        .and_then(|row| row.get_mut(p as usize))
+                    {
+                        *cell += 1;
+                    }
+                }
                 start = end;
             }
             Ok(())
@@ -238,6 +245,7 @@ impl Net {
         Ok(Eval {
             accuracy: correct as f64 / n.max(1) as f64,
             loss: loss_sum / n.max(1) as f64,
+            confusion,
         })
     }
 }
@@ -247,6 +255,9 @@ impl Net {
 pub(crate) struct Eval {
     pub accuracy: f64,
     pub loss: f64,
+    /// Counts by true class (rows) and predicted class (columns); labels
+    /// outside the net's classes are left out.
+    pub confusion: Vec<Vec<u32>>,
 }
 
 impl Net {

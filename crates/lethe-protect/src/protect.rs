@@ -1475,7 +1475,8 @@ impl<'a> Run<'a> {
     }
 
     /// Accuracy and loss of every surrogate on `pixels`: the lowest
-    /// accuracy and the highest loss.
+    /// accuracy (with that surrogate's confusion matrix) and the highest
+    /// loss.
     fn evaluate(&self, pixels: &[f32], labels: &[u32]) -> Result<crate::model::Eval> {
         let mut out: Option<crate::model::Eval> = None;
         for net in self.nets {
@@ -1485,6 +1486,11 @@ impl<'a> Run<'a> {
                 Some(o) => crate::model::Eval {
                     accuracy: o.accuracy.min(e.accuracy),
                     loss: o.loss.max(e.loss),
+                    confusion: if e.accuracy < o.accuracy {
+                        e.confusion
+                    } else {
+                        o.confusion
+                    },
                 },
             });
         }

@@ -69,6 +69,12 @@ pub struct VictimRun {
     pub train_acc_final: f64,
     /// Test accuracy after each epoch.
     pub curve: Vec<f64>,
+    /// Test images by true class (rows) and predicted class (columns) at
+    /// the peak epoch: which classes a victim still tells apart when it
+    /// generalises best.
+    pub confusion_peak: Vec<Vec<u32>>,
+    /// The same after the last epoch.
+    pub confusion_final: Vec<Vec<u32>>,
     /// Wall time in seconds.
     pub seconds: f64,
 }
@@ -112,6 +118,8 @@ pub fn train_victim(
     let pad = (shape.height.max(shape.width) / 8).max(1);
     let mut step = 0u64;
     let mut curve = Vec::with_capacity(config.epochs);
+    let mut confusion_peak = Vec::new();
+    let mut confusion_final = Vec::new();
     let mut order: Vec<usize> = (0..n).collect();
     for epoch in 0..config.epochs {
         let mut erng = StdRng::seed_from_u64(mix(seed, 13, epoch as u64));
@@ -149,7 +157,11 @@ pub fn train_victim(
             opt.step(&loss)?;
         }
         let eval = net.evaluate(&test_px, test.labels(), 512)?;
+        if curve.iter().all(|&a| eval.accuracy > a) {
+            confusion_peak.clone_from(&eval.confusion);
+        }
         curve.push(eval.accuracy);
+        confusion_final = eval.confusion;
     }
     let train_eval = net.evaluate(&train_px, train.labels(), 512)?;
     let (peak_i, peak) =
@@ -166,6 +178,8 @@ pub fn train_victim(
         peak_epoch: peak_i + 1,
         train_acc_final: train_eval.accuracy,
         curve,
+        confusion_peak,
+        confusion_final,
         seconds: t0.elapsed().as_secs_f64(),
     })
 }

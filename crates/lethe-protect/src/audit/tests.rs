@@ -163,8 +163,23 @@ fn audit_writes_report_tables_summary_and_figures() {
     ] {
         assert!(!json["summary"][key].is_null(), "summary.{key} missing");
     }
+    // Per-class recall: one value per class, in 0..1, for every row.
+    for row in &report.accuracy {
+        assert_eq!(row.recall_peak.len(), report.dataset.classes.len());
+        assert_eq!(row.recall_final.len(), report.dataset.classes.len());
+        assert_eq!(row.precision_peak.len(), report.dataset.classes.len());
+        for r in row
+            .recall_peak
+            .iter()
+            .chain(&row.recall_final)
+            .chain(&row.precision_peak)
+        {
+            assert!((0.0..=1.0).contains(r), "{row:?}");
+        }
+    }
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(md.contains("## Robustness"), "{md}");
+    assert!(md.contains("## Per-class recall"), "{md}");
     assert!(md.contains("| jpeg-q10 |"), "{md}");
     assert!(md.contains("| em-cw |"), "{md}");
     assert!(
@@ -304,4 +319,79 @@ fn classwise_noise_is_a_shortcut_that_clean_test_images_lack() {
         on_clean.test_acc_final <= 0.5,
         "clean images were classified: {on_clean:?}"
     );
+    // The confusion matrices count every test image once, and their
+    // diagonals give the peak and final accuracies.
+    for run in [&on_protected, &on_clean] {
+        for (m, acc) in [
+            (&run.confusion_peak, run.test_acc_peak),
+            (&run.confusion_final, run.test_acc_final),
+        ] {
+            assert_eq!(m.len(), 4, "{run:?}");
+            let total: u32 = m.iter().flatten().sum();
+            assert_eq!(total, 40);
+            let hits: u32 = (0..4).map(|c| m[c][c]).sum();
+            assert!((f64::from(hits) / 40.0 - acc).abs() < 1e-12, "{run:?}");
+        }
+    }
+}
+
+#[test]
+fn per_class_recall_and_precision_name_the_classes_a_victim_still_tells_apart() {
+    // A victim that separates class 0 perfectly and puts every other
+    // image into class 3 (the lattice-code CNN victim's peak on the
+    // selection draw): class 0 is recognised; class 3 collects predictions
+    // (recall ~1) without being recognised (precision ~1/3).
+    let m = vec![
+        vec![75, 0, 0, 0],
+        vec![0, 0, 0, 75],
+        vec![3, 0, 0, 72],
+        vec![2, 0, 0, 73],
+    ];
+    assert!((recall(&m, 0) - 1.0).abs() < 1e-12);
+    assert!((precision(&m, 0) - 75.0 / 80.0).abs() < 1e-12);
+    assert!((recall(&m, 3) - 73.0 / 75.0).abs() < 1e-12);
+    assert!((precision(&m, 3) - 73.0 / 220.0).abs() < 1e-12);
+    assert_eq!(precision(&m, 1), 0.0, "never predicted");
+    // Averages over runs, class by class.
+    let chance = vec![vec![75, 0, 0, 0]; 4];
+    let r = mean_recall([&m, &chance].into_iter());
+    assert_eq!(r.len(), 4);
+    assert!((r[0] - 1.0).abs() < 1e-12 && (r[3] - 73.0 / 150.0).abs() < 1e-12);
+    let row = AccuracyRow {
+        data: "code".into(),
+        arch: "cnn".into(),
+        runs: 1,
+        peak_mean: 0.49,
+        peak_range: (0.49, 0.49),
+        final_mean: 0.37,
+        train_mean: 1.0,
+        recall_peak: mean_recall(std::iter::once(&m)),
+        recall_final: vec![0.0; 4],
+        precision_peak: mean_per_class(std::iter::once(&m), precision),
+    };
+    let classes: Vec<String> = ["normal", "nodule", "cluster", "streak"]
+        .map(String::from)
+        .to_vec();
+    let kept = recognised(&row, &classes);
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!(kept[0].0, "normal");
+    let note = recognised_note(&row, &classes).unwrap();
+    assert!(
+        note.ends_with("still recognise normal (recall 100%, precision 94%)."),
+        "{note}"
+    );
+    // A victim that learnt everything: one sentence, not a list.
+    let all = AccuracyRow {
+        recall_peak: vec![0.95; 4],
+        precision_peak: vec![0.9; 4],
+        ..row.clone()
+    };
+    let note = recognised_note(&all, &classes).unwrap();
+    assert!(note.contains("every class"), "{note}");
+    // Nothing recognised: no note.
+    let none = AccuracyRow {
+        precision_peak: vec![0.5; 4],
+        ..row
+    };
+    assert_eq!(recognised_note(&none, &classes), None);
 }
