@@ -350,18 +350,24 @@ pub fn conv2d(
             stride,
             padding,
         })?
-    } else if x.device().is_cpu() || gpu_conv() != GpuConv::Im2col {
-        let y = if x.device().is_cpu() || gpu_conv() == GpuConv::Candle {
-            x.conv2d(weight, padding, stride, 1, 1)?
-        } else {
-            conv_grad::conv2d_gemm_backward(x, weight, stride, padding)?
-        };
-        return match bias {
-            None => Ok(y),
-            Some(b) => Ok(y.broadcast_add(&b.reshape((1, co, 1, 1))?)?),
-        };
     } else {
-        im2col_ops(x, (kh, kw), stride, padding, (oh, ow))?
+        let path = if x.device().is_cpu() && !gpu_path_forced() {
+            GpuConv::Candle
+        } else {
+            gpu_conv()
+        };
+        let y = match path {
+            GpuConv::Im2col => im2col_ops(x, (kh, kw), stride, padding, (oh, ow))?,
+            GpuConv::Candle => x.conv2d(weight, padding, stride, 1, 1)?,
+            GpuConv::Gemm => conv_grad::conv2d_gemm_backward(x, weight, stride, padding)?,
+        };
+        if path != GpuConv::Im2col {
+            return match bias {
+                None => Ok(y),
+                Some(b) => Ok(y.broadcast_add(&b.reshape((1, co, 1, 1))?)?),
+            };
+        }
+        y
     };
     let y = weight.reshape((co, c * kh * kw))?.matmul(&cols)?;
     let y = match bias {
@@ -379,13 +385,27 @@ enum GpuConv {
     /// `conv_transpose2d` kernel for the input gradient.
     Gemm,
     /// `LETHE_GPU_CONV=candle`: candle's `conv2d` and its own backward.
-    /// Measured on an H100 (a full EM round with a ResNet-18 surrogate,
-    /// batch 512): 1406 image-steps/s, PyTorch 32 824.
+    /// Measured on an H100 (an EM round with a ResNet-18 surrogate, batch
+    /// 512): 1406 image-steps/s; PyTorch's round on the same card, in
+    /// another call: about 32 800 (`evals/results/protect-bench-h100.json`).
     Candle,
     /// `LETHE_GPU_CONV=im2col`: im2col from primitive ops ([`im2col_ops`]),
     /// measured at 893 image-steps/s in the same call as `Candle`'s 1406:
     /// its copies cost more than the transposed-convolution kernel saves.
     Im2col,
+}
+
+/// Tests run the GPU path of [`conv2d`] on the CPU with
+/// `tests::with_gpu_path`.
+fn gpu_path_forced() -> bool {
+    #[cfg(test)]
+    {
+        tests::GPU_PATH.with(|f| f.get())
+    }
+    #[cfg(not(test))]
+    {
+        false
+    }
 }
 
 fn gpu_conv() -> GpuConv {

@@ -9,11 +9,26 @@ thread_local! {
     pub(crate) static REFERENCE_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+thread_local! {
+    /// Set in a test thread to run `conv2d`'s GPU path on the CPU.
+    pub(crate) static GPU_PATH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// Runs `f` with the fused CPU kernels disabled on this thread.
 pub(crate) fn with_reference<T>(f: impl FnOnce() -> T) -> T {
     REFERENCE_ONLY.with(|r| r.set(true));
     let out = f();
     REFERENCE_ONLY.with(|r| r.set(false));
+    out
+}
+
+/// Runs `f` on the paths a GPU takes (no fused CPU kernels; `conv2d` with
+/// its GPU backward, `LETHE_GPU_CONV` unset meaning the convolution
+/// backward) on this thread.
+pub(crate) fn with_gpu_path<T>(f: impl FnOnce() -> T) -> T {
+    GPU_PATH.with(|r| r.set(true));
+    let out = with_reference(f);
+    GPU_PATH.with(|r| r.set(false));
     out
 }
 
