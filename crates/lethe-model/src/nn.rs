@@ -343,7 +343,27 @@ pub fn conv2d(
     }
     let oh = (h + 2 * padding - kh) / stride + 1;
     let ow = (w + 2 * padding - kw) / stride + 1;
-    let cols = if fused(&[x, weight]) {
+    let fused = fused(&[x, weight]);
+    let path = if fused {
+        None
+    } else if x.device().is_cpu() && !gpu_path_forced() {
+        Some(GpuConv::Candle)
+    } else {
+        Some(gpu_conv())
+    };
+    // Candle's forward (with its backward or ours): no column matrix here.
+    let direct = match path {
+        Some(GpuConv::Candle) => Some(x.conv2d(weight, padding, stride, 1, 1)?),
+        Some(GpuConv::Gemm) => Some(conv_grad::conv2d_gemm_backward(x, weight, stride, padding)?),
+        Some(GpuConv::Im2col) | None => None,
+    };
+    if let Some(y) = direct {
+        return match bias {
+            None => Ok(y),
+            Some(b) => Ok(y.broadcast_add(&b.reshape((1, co, 1, 1))?)?),
+        };
+    }
+    let cols = if fused {
         x.contiguous()?.apply_op1(kernels::Im2Col {
             dims: (n, c, h, w),
             kernel: (kh, kw),
@@ -351,23 +371,7 @@ pub fn conv2d(
             padding,
         })?
     } else {
-        let path = if x.device().is_cpu() && !gpu_path_forced() {
-            GpuConv::Candle
-        } else {
-            gpu_conv()
-        };
-        let y = match path {
-            GpuConv::Im2col => im2col_ops(x, (kh, kw), stride, padding, (oh, ow))?,
-            GpuConv::Candle => x.conv2d(weight, padding, stride, 1, 1)?,
-            GpuConv::Gemm => conv_grad::conv2d_gemm_backward(x, weight, stride, padding)?,
-        };
-        if path != GpuConv::Im2col {
-            return match bias {
-                None => Ok(y),
-                Some(b) => Ok(y.broadcast_add(&b.reshape((1, co, 1, 1))?)?),
-            };
-        }
-        y
+        im2col_ops(x, (kh, kw), stride, padding, (oh, ow))?
     };
     let y = weight.reshape((co, c * kh * kw))?.matmul(&cols)?;
     let y = match bias {
