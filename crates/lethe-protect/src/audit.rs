@@ -479,19 +479,13 @@ fn accuracy_table(
                 ),
                 final_mean: mean(&runs.iter().map(|r| r.test_acc_final).collect::<Vec<_>>()),
                 train_mean: mean(&runs.iter().map(|r| r.train_acc_final).collect::<Vec<_>>()),
-                recall_peak: mean_recall(runs.iter().map(|r| &r.confusion_peak)),
-                recall_final: mean_recall(runs.iter().map(|r| &r.confusion_final)),
+                recall_peak: mean_per_class(runs.iter().map(|r| &r.confusion_peak), recall),
+                recall_final: mean_per_class(runs.iter().map(|r| &r.confusion_final), recall),
                 precision_peak: mean_per_class(runs.iter().map(|r| &r.confusion_peak), precision),
             });
         }
     }
     rows
-}
-
-/// Per-class recall (the diagonal over the row sums) of each confusion
-/// matrix, averaged over the matrices.
-fn mean_recall<'a>(matrices: impl Iterator<Item = &'a Vec<Vec<u32>>>) -> Vec<f64> {
-    mean_per_class(matrices, recall)
 }
 
 /// Recall of class `c` in confusion matrix `m` (0 without test images).

@@ -354,7 +354,7 @@ fn per_class_recall_and_precision_name_the_classes_a_victim_still_tells_apart() 
     assert_eq!(precision(&m, 1), 0.0, "never predicted");
     // Averages over runs, class by class.
     let chance = vec![vec![75, 0, 0, 0]; 4];
-    let r = mean_recall([&m, &chance].into_iter());
+    let r = mean_per_class([&m, &chance].into_iter(), recall);
     assert_eq!(r.len(), 4);
     assert!((r[0] - 1.0).abs() < 1e-12 && (r[3] - 73.0 / 150.0).abs() < 1e-12);
     let row = AccuracyRow {
@@ -365,7 +365,7 @@ fn per_class_recall_and_precision_name_the_classes_a_victim_still_tells_apart() 
         peak_range: (0.49, 0.49),
         final_mean: 0.37,
         train_mean: 1.0,
-        recall_peak: mean_recall(std::iter::once(&m)),
+        recall_peak: mean_per_class(std::iter::once(&m), recall),
         recall_final: vec![0.0; 4],
         precision_peak: mean_per_class(std::iter::once(&m), precision),
     };
