@@ -211,7 +211,6 @@ impl Net {
     pub(crate) fn evaluate(&self, pixels: &[f32], labels: &[u32], batch: usize) -> Result<Eval> {
         let v = self.shape.values();
         let n = labels.len();
-        let mut correct = 0usize;
         let mut loss_sum = 0f64;
         let mut confusion: Vec<Vec<u32>> = Vec::new();
         self.inner.set_trainable(false);
@@ -228,7 +227,6 @@ impl Net {
                 confusion.resize_with(classes, || vec![0; classes]);
                 let preds = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
                 for (&p, &l) in preds.iter().zip(&labels[start..end]) {
-                    correct += usize::from(p == l);
                     if let Some(cell) = confusion
                         .get_mut(l as usize)
                         .and_then(|row| row.get_mut(p as usize))
@@ -242,8 +240,11 @@ impl Net {
         })();
         self.inner.set_trainable(true);
         result?;
+        // Predictions are always classes of the net, so a correct one is
+        // on the diagonal.
+        let correct: u32 = (0..confusion.len()).map(|c| confusion[c][c]).sum();
         Ok(Eval {
-            accuracy: correct as f64 / n.max(1) as f64,
+            accuracy: f64::from(correct) / n.max(1) as f64,
             loss: loss_sum / n.max(1) as f64,
             confusion,
         })

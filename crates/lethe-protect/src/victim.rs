@@ -118,6 +118,7 @@ pub fn train_victim(
     let pad = (shape.height.max(shape.width) / 8).max(1);
     let mut step = 0u64;
     let mut curve = Vec::with_capacity(config.epochs);
+    let (mut peak, mut peak_epoch) = (0.0, 0);
     let mut confusion_peak = Vec::new();
     let mut confusion_final = Vec::new();
     let mut order: Vec<usize> = (0..n).collect();
@@ -157,25 +158,22 @@ pub fn train_victim(
             opt.step(&loss)?;
         }
         let eval = net.evaluate(&test_px, test.labels(), 512)?;
-        if curve.iter().all(|&a| eval.accuracy > a) {
+        // The first epoch with the highest accuracy is the peak.
+        if epoch == 0 || eval.accuracy > peak {
+            (peak, peak_epoch) = (eval.accuracy, epoch + 1);
             confusion_peak.clone_from(&eval.confusion);
         }
         curve.push(eval.accuracy);
         confusion_final = eval.confusion;
     }
     let train_eval = net.evaluate(&train_px, train.labels(), 512)?;
-    let (peak_i, peak) =
-        curve.iter().enumerate().fold(
-            (0, f64::MIN),
-            |(bi, b), (i, &a)| if a > b { (i, a) } else { (bi, b) },
-        );
     Ok(VictimRun {
         arch: arch.label(),
         seed,
         defence: defence.label(),
         test_acc_peak: peak,
         test_acc_final: curve.last().copied().unwrap_or(0.0),
-        peak_epoch: peak_i + 1,
+        peak_epoch,
         train_acc_final: train_eval.accuracy,
         curve,
         confusion_peak,
