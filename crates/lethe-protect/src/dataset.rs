@@ -43,6 +43,13 @@ impl ImageShape {
     }
 }
 
+/// `channels x height x width`, as in error messages.
+impl std::fmt::Display for ImageShape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}x{}x{}", self.channels, self.height, self.width)
+    }
+}
+
 /// How a dataset is stored on disk, so that protected images are written
 /// back the same way.
 #[derive(Debug, Clone, PartialEq)]

@@ -3,18 +3,18 @@
 //! unchanged.
 //!
 //! Supported: uncompressed transfer syntaxes (implicit VR little endian,
-//! explicit VR little and big endian), 8 or 16 bits allocated, any bits
-//! stored, signed or unsigned, one frame, 1 sample (MONOCHROME1/2) or 3
-//! samples (RGB, either planar configuration). Encapsulated (JPEG, RLE,
-//! JPEG 2000, ...) pixel data is refused with a message saying so:
-//! decompress first. Stored values are normalised over the dataset's range
+//! explicit VR little and big endian) and RLE Lossless (written back as
+//! RLE), 8 or 16 bits allocated, any bits stored, signed or unsigned, one
+//! frame, 1 sample (MONOCHROME1/2) or 3 samples (RGB, either planar
+//! configuration). Other encapsulated (JPEG, JPEG-LS, JPEG 2000, ...) or
+//! deflated data is refused with a message saying so: decompress first. Stored values are normalised over the dataset's range
 //! (see [`crate::dataset::Format::Dicom`]); written values are rounded back
 //! to integers in that range, and bits above `BitsStored` (old overlay
 //! planes) of unsigned data are kept as they were.
 
 use std::path::{Path, PathBuf};
 
-use dicom_core::value::{PrimitiveValue, Value};
+use dicom_core::value::{PixelFragmentSequence, PrimitiveValue, Value};
 use dicom_core::{DataElement, Tag};
 use dicom_dictionary_std::tags;
 use dicom_object::DefaultDicomObject;
@@ -23,11 +23,14 @@ use crate::dataset::{Dataset, Format, ImageShape, Item};
 use crate::formats::{read_file, sha256_hex, write_file, WrittenFile};
 use crate::{Error, Result};
 
+mod rle;
+
 const NATIVE_SYNTAXES: &[&str] = &[
     "1.2.840.10008.1.2",
     "1.2.840.10008.1.2.1",
     "1.2.840.10008.1.2.2",
 ];
+const RLE_LOSSLESS: &str = "1.2.840.10008.1.2.5";
 
 /// Pixel layout of one DICOM file.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -39,6 +42,8 @@ struct Layout {
     bits_allocated: u16,
     bits_stored: u16,
     signed: bool,
+    /// RLE Lossless: the pixel data is one encapsulated RLE frame.
+    rle: bool,
 }
 
 impl Layout {
@@ -91,7 +96,8 @@ fn opt_int_tag(obj: &DefaultDicomObject, tag: Tag) -> Option<i64> {
 
 fn layout(obj: &DefaultDicomObject, path: &Path) -> Result<Layout> {
     let ts = obj.meta().transfer_syntax().trim_end_matches(['\0', ' ']);
-    if !NATIVE_SYNTAXES.contains(&ts) {
+    let rle = ts == RLE_LOSSLESS;
+    if !rle && !NATIVE_SYNTAXES.contains(&ts) {
         return Err(Error::Unsupported(format!(
             "{}: transfer syntax {ts} is compressed or deflated; decompress it first \
              (e.g. `dcmdjpeg` / `gdcmconv --raw`)",
@@ -104,7 +110,8 @@ fn layout(obj: &DefaultDicomObject, path: &Path) -> Result<Layout> {
     let bits_allocated = int_tag(obj, tags::BITS_ALLOCATED, path, "BitsAllocated")?;
     let bits_stored = opt_int_tag(obj, tags::BITS_STORED).unwrap_or(bits_allocated);
     let signed = opt_int_tag(obj, tags::PIXEL_REPRESENTATION).unwrap_or(0) == 1;
-    let planar = opt_int_tag(obj, tags::PLANAR_CONFIGURATION).unwrap_or(0) == 1;
+    // RLE segments are sample planes whatever PlanarConfiguration says.
+    let planar = rle || opt_int_tag(obj, tags::PLANAR_CONFIGURATION).unwrap_or(0) == 1;
     let frames = opt_int_tag(obj, tags::NUMBER_OF_FRAMES).unwrap_or(1);
     if frames != 1 {
         return Err(Error::Unsupported(format!(
@@ -135,6 +142,7 @@ fn layout(obj: &DefaultDicomObject, path: &Path) -> Result<Layout> {
         bits_allocated: bits_allocated as u16,
         bits_stored: bits_stored as u16,
         signed,
+        rle,
     })
 }
 
@@ -162,6 +170,18 @@ fn raw_words(obj: &DefaultDicomObject, l: &Layout, path: &Path) -> Result<Vec<u1
                     .map(|c| u16::from_le_bytes([c[0], c[1]]))
                     .collect()
             }
+        }
+        Value::PixelSequence(seq) if l.rle => {
+            // One frame; an encoder that split it into fragments is undone.
+            let frame: Vec<u8> = seq.fragments().concat();
+            rle::decode_frame(
+                &frame,
+                l.rows,
+                l.cols,
+                l.samples,
+                usize::from(l.bits_allocated / 8),
+            )
+            .map_err(|e| Error::decode(path, e))?
         }
         Value::PixelSequence(_) => {
             return Err(Error::Unsupported(format!(
@@ -232,7 +252,7 @@ pub(crate) fn load_files(
         if let Some((first, _)) = all.first() {
             if first.shape() != l.shape() {
                 return Err(Error::Unsupported(format!(
-                    "images differ in shape: {} is {:?} but {} is {:?}",
+                    "images differ in shape: {} is {} but {} is {}",
                     files[0].1.display(),
                     first.shape(),
                     path.display(),
@@ -322,7 +342,7 @@ fn replace_pixels(
     let l = layout(&obj, src)?;
     if l.shape() != shape {
         return Err(Error::Unsupported(format!(
-            "{} is {:?}, the protected image is {shape:?}",
+            "{} is {}, the protected image is {shape}",
             src.display(),
             l.shape()
         )));
@@ -349,6 +369,25 @@ fn replace_pixels(
         .element(tags::PIXEL_DATA)
         .map_err(|_| Error::decode(src, "no PixelData"))?;
     let vr = elem.vr();
+    if l.rle {
+        let offsets = elem.value().offset_table().unwrap_or_default().to_vec();
+        let frame = rle::encode_frame(
+            &words,
+            l.rows,
+            l.cols,
+            l.samples,
+            usize::from(l.bits_allocated / 8),
+        )
+        .map_err(|e| Error::decode(src, e))?;
+        // The one frame starts at offset 0 whatever the basic offset table held.
+        let offsets = if offsets.is_empty() { offsets } else { vec![0] };
+        obj.put(DataElement::new(
+            tags::PIXEL_DATA,
+            vr,
+            PixelFragmentSequence::new(offsets, vec![frame]),
+        ));
+        return serialise(obj, src);
+    }
     let new_value = match elem.value() {
         Value::Primitive(PrimitiveValue::U16(_)) => {
             if l.bits_allocated == 8 {
@@ -372,6 +411,11 @@ fn replace_pixels(
         }
     };
     obj.put(DataElement::new(tags::PIXEL_DATA, vr, new_value));
+    serialise(obj, src)
+}
+
+/// The file's bytes (preamble, meta group, data set).
+fn serialise(obj: DefaultDicomObject, src: &Path) -> Result<Vec<u8>> {
     let mut bytes = Vec::new();
     obj.write_all(&mut bytes)
         .map_err(|e| Error::Unsupported(format!("writing DICOM {}: {e}", src.display())))?;

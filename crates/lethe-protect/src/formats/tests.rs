@@ -31,10 +31,15 @@ fn pattern(n: usize, levels: f32, offset: usize) -> Vec<f32> {
 }
 
 /// Adds +-`step` alternately, staying in [0, 1].
+/// Moves interior values by `+-step` (alternating); 0 and 1 stay, so a
+/// dataset normalised by its own range (DICOM) keeps that range on reload.
 fn nudge(v: &[f32], step: f32) -> Vec<f32> {
     v.iter()
         .enumerate()
-        .map(|(i, x)| {
+        .map(|(i, &x)| {
+            if x <= 0.0 || x >= 1.0 {
+                return x;
+            }
             let d = if i % 2 == 0 { step } else { -step };
             (x + d).clamp(0.0, 1.0)
         })
@@ -259,23 +264,25 @@ fn non_pixel_elements(path: &Path) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn dicom_folder_round_trip_keeps_every_tag() {
+/// Protects a two-class folder of copies of pydicom's `file` and checks the
+/// release: every non-pixel element unchanged, most pixels changed, the
+/// values read back; returns the written copy of the first file.
+fn dicom_round_trip(file: &str, shape: ImageShape) -> (tempfile::TempDir, PathBuf) {
     let src = pydicom_dir();
     let dir = tempfile::tempdir().unwrap();
     for (class, name) in [("ct", "a.dcm"), ("ct2", "b.dcm")] {
         std::fs::create_dir_all(dir.path().join(class)).unwrap();
-        std::fs::copy(src.join("CT_small.dcm"), dir.path().join(class).join(name)).unwrap();
+        std::fs::copy(src.join(file), dir.path().join(class).join(name)).unwrap();
     }
     let data = load(&DataSource::Folder {
         path: dir.path().to_path_buf(),
     })
     .unwrap();
-    assert_eq!(data.shape(), gray(128, 128));
+    assert_eq!(data.shape(), shape);
     let Format::Dicom { range, .. } = data.format().clone() else {
         panic!("not DICOM: {:?}", data.format());
     };
-    let (_, stored) = dicom::stored_values(&src.join("CT_small.dcm")).unwrap();
+    let (_, stored) = dicom::stored_values(&src.join(file)).unwrap();
     assert_eq!(range.0, *stored.iter().min().unwrap() as f64);
     assert_eq!(range.1, *stored.iter().max().unwrap() as f64);
     let out = tempfile::tempdir().unwrap();
@@ -284,7 +291,7 @@ fn dicom_folder_round_trip_keeps_every_tag() {
     let written = out.path().join("ct/a.dcm");
     let (new, old) = (
         non_pixel_elements(&written),
-        non_pixel_elements(&src.join("CT_small.dcm")),
+        non_pixel_elements(&src.join(file)),
     );
     let diff: Vec<_> = new
         .iter()
@@ -314,11 +321,48 @@ fn dicom_folder_round_trip_keeps_every_tag() {
         "{changed} of {} changed",
         stored.len()
     );
+    (out, written)
+}
+
+#[test]
+fn dicom_folder_round_trip_keeps_every_tag() {
+    let (_out, written) = dicom_round_trip("CT_small.dcm", gray(128, 128));
     let obj = dicom_object::open_file(&written).unwrap();
     assert!(matches!(
         obj.element(tags::PIXEL_DATA).unwrap().value(),
         Value::Primitive(_)
     ));
+}
+
+#[test]
+fn rle_dicom_is_released_as_rle_with_every_tag_kept() {
+    let (_out, written) = dicom_round_trip("MR_small_RLE.dcm", gray(64, 64));
+    let obj = dicom_object::open_file(&written).unwrap();
+    assert_eq!(
+        obj.meta().transfer_syntax().trim_end_matches('\0'),
+        "1.2.840.10008.1.2.5"
+    );
+    let Value::PixelSequence(seq) = obj.element(tags::PIXEL_DATA).unwrap().value() else {
+        panic!("RLE pixel data written unencapsulated");
+    };
+    assert_eq!(seq.fragments().len(), 1);
+    // dicom-rs's own RLE decoder reads what lethe's encoder wrote.
+    let mut decoded = Vec::new();
+    dicom_encoding::adapters::PixelDataReader::decode_frame(
+        dicom_transfer_syntax_registry::entries::RLE_LOSSLESS
+            .pixel_data_reader()
+            .unwrap(),
+        &obj,
+        0,
+        &mut decoded,
+    )
+    .unwrap();
+    let theirs: Vec<u16> = decoded
+        .chunks_exact(2)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+        .collect();
+    let (_, ours) = dicom::stored_values(&written).unwrap();
+    assert_eq!(theirs, ours.iter().map(|&v| v as u16).collect::<Vec<_>>());
 }
 
 #[test]
@@ -328,8 +372,10 @@ fn dicom_transfer_syntaxes_decode_to_the_same_pixels() {
     assert_eq!(s, gray(64, 64));
     let (_, implicit) = dicom::stored_values(&src.join("MR_small_implicit.dcm")).unwrap();
     let (_, big) = dicom::stored_values(&src.join("MR_small_bigendian.dcm")).unwrap();
+    let (_, rle) = dicom::stored_values(&src.join("MR_small_RLE.dcm")).unwrap();
     assert_eq!(le, implicit);
     assert_eq!(le, big);
+    assert_eq!(le, rle);
 }
 
 fn expect_err(source: DataSource, needle: &str) {
@@ -340,14 +386,21 @@ fn expect_err(source: DataSource, needle: &str) {
 #[test]
 fn compressed_or_truncated_dicom_is_refused_clearly() {
     let src = pydicom_dir();
-    for (file, needle) in [
-        ("MR_small_RLE.dcm", "compressed"),
-        ("MR_truncated.dcm", "MR_truncated.dcm"),
+    // pydicom's RLE file relabelled as JPEG Baseline: encapsulated data
+    // lethe cannot decode.
+    let scratch = tempfile::tempdir().unwrap();
+    let mut jpeg = dicom_object::open_file(src.join("MR_small_RLE.dcm")).unwrap();
+    jpeg.update_meta(|m| m.transfer_syntax = "1.2.840.10008.1.2.4.50".into());
+    jpeg.write_to_file(scratch.path().join("jpeg.dcm")).unwrap();
+    for (path, needle) in [
+        (scratch.path().join("jpeg.dcm"), "compressed"),
+        (src.join("MR_truncated.dcm"), "MR_truncated.dcm"),
     ] {
+        let file = path.file_name().unwrap();
         let dir = tempfile::tempdir().unwrap();
         for class in ["a", "b"] {
             std::fs::create_dir_all(dir.path().join(class)).unwrap();
-            std::fs::copy(src.join(file), dir.path().join(class).join(file)).unwrap();
+            std::fs::copy(&path, dir.path().join(class).join(file)).unwrap();
         }
         expect_err(
             DataSource::Folder {
