@@ -21,8 +21,8 @@ use anyhow::Context as _;
 use clap::{Args, Subcommand, ValueEnum};
 use lethe_protect::{
     Arch, AuditConfig, DataSource, Defence, Headline, LesionSpec, MaskRefresh, MaskStrategy,
-    Method, MethodRun, Objective, ProtectConfig, ProtectParams, RobustnessConfig, SgdParams,
-    VictimConfig,
+    Method, MethodRun, Objective, ProtectConfig, ProtectParams, ReleaseRun, RobustnessConfig,
+    SgdParams, VictimConfig,
 };
 
 /// `lethe protect [OPTIONS]` protects a dataset; `lethe protect audit`
@@ -80,9 +80,17 @@ struct AuditArgs {
     /// data and method flags (SALM and EM at the same eps).
     #[arg(long)]
     spec: Option<PathBuf>,
-    /// What to audit (ignored with --spec).
+    /// What to audit (ignored with --spec); with --release, the clean data
+    /// the release was made from.
     #[command(flatten)]
     data: DataArgs,
+    /// A release written by `lethe protect` (its output folder, or the
+    /// array file in it), audited as it is instead of crafting SALM and EM:
+    /// checked against the clean data (manifest, file hashes, eps), victims
+    /// train on its training-split images and are tested on the clean
+    /// held-out ones. Repeatable; with --spec, added to the spec's.
+    #[arg(long = "release")]
+    releases: Vec<PathBuf>,
     /// SALM's budget (ignored with --spec).
     #[command(flatten)]
     method: MethodArgs,
@@ -521,8 +529,11 @@ fn protect(data: &DataArgs, method: &MethodArgs, f: ProtectFlags) -> anyhow::Res
             lethe_protect::release::MANIFEST_FILE,
             out.display()
         );
+        // Auditing the release as `--input` would treat protected images as
+        // clean: the release goes to `--release`, beside its clean source.
         println!(
-            "check it: lethe protect audit --input {} ...",
+            "audit this release: lethe protect audit {} --release {} --out DIR",
+            data.flags(),
             out.display()
         );
     }
@@ -538,6 +549,16 @@ fn audit(a: AuditArgs) -> anyhow::Result<()> {
         }
         None => default_audit(&a)?,
     };
+    let extra = release_runs(&a.releases, &a.data, &cfg);
+    if cfg.methods.is_empty() && cfg.releases.is_empty() {
+        if let Some(first) = extra.first() {
+            cfg.headline = Headline {
+                salm: first.name.clone(),
+                em: None,
+            };
+        }
+    }
+    cfg.releases.extend(extra);
     cfg.out_dir = Some(a.out.clone());
     cfg.progress = !a.json;
     let report = lethe_protect::audit(&cfg)?;
@@ -546,9 +567,10 @@ fn audit(a: AuditArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(s)?);
         return Ok(());
     }
+    let headline = &report.config.headline.salm;
     println!(
-        "{}: victim test accuracy (mean peak) clean {:.1}%, SALM {:.1}%{}; SALM PSNR {} dB at \
-         eps {:.1}/255, rho {:.2}",
+        "{}: victim test accuracy (mean peak) clean {:.1}%, {headline} {:.1}%{}; {headline} PSNR \
+         {} dB at eps {:.1}/255, rho {:.2}",
         s.dataset,
         100.0 * s.clean_acc,
         100.0 * s.salm_acc,
@@ -560,7 +582,10 @@ fn audit(a: AuditArgs) -> anyhow::Result<()> {
         s.rho
     );
     if let (Some(w), Some(d)) = (s.salm_acc_worst_defence, &s.worst_defence) {
-        println!("worst countermeasure for SALM: {d} ({:.1}%)", 100.0 * w);
+        println!(
+            "worst countermeasure for {headline}: {d} ({:.1}%)",
+            100.0 * w
+        );
     }
     for n in &report.notes {
         println!("note: {n}");
@@ -569,7 +594,63 @@ fn audit(a: AuditArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// SALM (the flags) and EM at the same eps, two victims, the suite.
+/// `--release` paths as audit entries, named after their folders (made
+/// unique among `cfg`'s methods and releases).
+fn release_runs(paths: &[PathBuf], data: &DataArgs, cfg: &AuditConfig) -> Vec<ReleaseRun> {
+    let mut taken: Vec<String> = cfg
+        .methods
+        .iter()
+        .map(|m| m.name.clone())
+        .chain(cfg.releases.iter().map(|r| r.name.clone()))
+        .chain(["clean".to_string()])
+        .collect();
+    paths
+        .iter()
+        .map(|path| {
+            let is_array = matches!(
+                path.extension()
+                    .and_then(|e| e.to_str())
+                    .map(str::to_ascii_lowercase)
+                    .as_deref(),
+                Some("npy" | "npz")
+            );
+            let folder = if is_array {
+                path.parent()
+            } else {
+                Some(path.as_path())
+            };
+            let base = folder
+                .and_then(|f| f.file_name())
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "release".into());
+            let mut name = base.clone();
+            let mut k = 2;
+            while taken.contains(&name) {
+                name = format!("{base}-{k}");
+                k += 1;
+            }
+            taken.push(name.clone());
+            let source = if is_array {
+                DataSource::Npy {
+                    path: path.clone(),
+                    images_key: data.images_key.clone(),
+                    labels_key: data.labels_key.clone(),
+                    // A release writes its labels file under the same name.
+                    labels_path: data
+                        .labels
+                        .as_ref()
+                        .and_then(|l| Some(path.parent()?.join(l.file_name()?))),
+                }
+            } else {
+                DataSource::Folder { path: path.clone() }
+            };
+            ReleaseRun { name, source }
+        })
+        .collect()
+}
+
+/// SALM (the flags) and EM at the same eps, two victims, the suite; with
+/// `--release`, no crafting: the releases are the audited data.
 fn default_audit(a: &AuditArgs) -> anyhow::Result<AuditConfig> {
     let source = a.data.source()?;
     let side = side_of(&source)?;
@@ -614,16 +695,21 @@ fn default_audit(a: &AuditArgs) -> anyhow::Result<AuditConfig> {
         source,
         test_fraction: a.test_fraction,
         split_seed: 0,
-        methods: vec![
-            MethodRun {
-                name: "salm".into(),
-                params: salm,
-            },
-            MethodRun {
-                name: "em".into(),
-                params: em,
-            },
-        ],
+        methods: if a.releases.is_empty() {
+            vec![
+                MethodRun {
+                    name: "salm".into(),
+                    params: salm,
+                },
+                MethodRun {
+                    name: "em".into(),
+                    params: em,
+                },
+            ]
+        } else {
+            Vec::new()
+        },
+        releases: Vec::new(),
         victims: vec![
             if small {
                 v(&[16, 32])
@@ -655,6 +741,35 @@ fn default_audit(a: &AuditArgs) -> anyhow::Result<AuditConfig> {
         device: a.method.device.clone(),
         progress: true,
     })
+}
+
+impl DataArgs {
+    /// The data flags as they would be typed.
+    fn flags(&self) -> String {
+        let mut f = match (&self.input, self.builtin) {
+            (Some(p), _) => format!("--input {}", p.display()),
+            (None, Some(b)) => format!(
+                "--builtin {}",
+                b.to_possible_value()
+                    .map(|v| v.get_name().to_string())
+                    .unwrap_or_default()
+            ),
+            (None, None) => String::new(),
+        };
+        for (flag, v) in [
+            (
+                "--labels",
+                self.labels.as_ref().map(|p| p.display().to_string()),
+            ),
+            ("--images-key", self.images_key.clone()),
+            ("--labels-key", self.labels_key.clone()),
+        ] {
+            if let Some(v) = v {
+                f.push_str(&format!(" {flag} {v}"));
+            }
+        }
+        f
+    }
 }
 
 impl MethodArgs {
@@ -862,5 +977,46 @@ mod tests {
         );
         let none = parse(&["-o", "out/rel"]);
         assert!(none.data.source().is_err());
+    }
+
+    #[test]
+    fn releases_are_audited_without_crafting_under_unique_names() {
+        let audit_of = |argv: &[&str]| match parse(argv).command {
+            Some(ProtectCommand::Audit(audit)) => audit,
+            _ => panic!("audit was not parsed as the subcommand"),
+        };
+        let digits = audit_of(&["audit", "--builtin", "digits", "--release", "out/rel"]);
+        let cfg = default_audit(&digits).expect("a default audit");
+        assert!(cfg.methods.is_empty());
+        let audit = audit_of(&[
+            "audit",
+            "-i",
+            "data/x.npy",
+            "--labels",
+            "data/y.npy",
+            "--release",
+            "out/rel",
+            "--release",
+            "other/rel",
+            "--release",
+            "arr/set.npy",
+        ]);
+        let runs = release_runs(&audit.releases, &audit.data, &cfg);
+        let names: Vec<&str> = runs.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["rel", "rel-2", "arr"]);
+        assert_eq!(
+            runs[0].source,
+            DataSource::Folder {
+                path: "out/rel".into()
+            }
+        );
+        // An array release carries its labels file under the source's name.
+        let DataSource::Npy { labels_path, .. } = &runs[2].source else {
+            panic!("{:?}", runs[2].source);
+        };
+        assert_eq!(labels_path.as_deref(), Some(Path::new("arr/y.npy")));
+        assert_eq!(audit.data.flags(), "--input data/x.npy --labels data/y.npy");
+        let builtin = parse(&["--builtin", "dicom-patches", "-o", "o"]);
+        assert_eq!(builtin.data.flags(), "--builtin dicom-patches");
     }
 }

@@ -10,6 +10,12 @@
 //! of the robustness suite ([`crate::defence`]). Image quality (PSNR, SSIM,
 //! L-inf, L0) is measured on the released (quantised) images.
 //!
+//! A release already written by `lethe protect` can be audited as it is
+//! (`releases`): it is read back, checked against the clean data it claims
+//! to protect ([`crate::release::read_release`]), and its training-split
+//! images face the same victims; its held-out images are never trained on,
+//! and the victims are tested on their clean versions.
+//!
 //! Accuracies are the **peak over epochs** (the attacker may early-stop on
 //! a clean validation set) averaged over architectures and seeds; the final
 //! values, the spread and each run are in the report too. The headline
@@ -42,6 +48,16 @@ pub struct MethodRun {
     pub name: String,
     /// Its parameters.
     pub params: ProtectParams,
+}
+
+/// A release made earlier by `lethe protect`, audited as it is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseRun {
+    /// A unique name among methods and releases.
+    pub name: String,
+    /// The release: its output folder, or the array file inside it.
+    pub source: DataSource,
 }
 
 /// Which victims face which countermeasures.
@@ -82,8 +98,12 @@ pub struct AuditConfig {
     pub test_fraction: f64,
     /// Seed of the stratified split.
     pub split_seed: u64,
-    /// Protection methods.
+    /// Protection methods, crafted on the training split.
+    #[serde(default)]
     pub methods: Vec<MethodRun>,
+    /// Releases of the same data written earlier, audited as they are.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub releases: Vec<ReleaseRun>,
     /// Victim architectures (at least one).
     pub victims: Vec<Arch>,
     /// Victim seeds (at least one).
@@ -186,6 +206,10 @@ pub struct MethodResult {
     pub quality: QualitySummary,
     /// Round log.
     pub round_log: Vec<RoundLog>,
+    /// Where the release was read from, when it was not crafted by the
+    /// audit (its time and steps are then those of the whole release).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub release: Option<String>,
 }
 
 /// One victim run, tagged with the training data.
@@ -278,22 +302,32 @@ pub struct Environment {
 
 impl AuditConfig {
     fn validate(&self) -> Result<()> {
-        if self.methods.is_empty() || self.victims.is_empty() || self.seeds.is_empty() {
+        if (self.methods.is_empty() && self.releases.is_empty())
+            || self.victims.is_empty()
+            || self.seeds.is_empty()
+        {
             return Err(Error::Config(
-                "an audit needs at least one method, victim architecture and seed".into(),
+                "an audit needs at least one method or release, victim architecture and seed"
+                    .into(),
             ));
         }
-        let mut names: Vec<&str> = self.methods.iter().map(|m| m.name.as_str()).collect();
-        names.sort_unstable();
-        if names.windows(2).any(|w| w[0] == w[1]) || names.contains(&"clean") {
+        let names: Vec<&str> = self
+            .methods
+            .iter()
+            .map(|m| m.name.as_str())
+            .chain(self.releases.iter().map(|r| r.name.as_str()))
+            .collect();
+        let known = |n: &str| names.contains(&n);
+        let mut sorted = names.clone();
+        sorted.sort_unstable();
+        if sorted.windows(2).any(|w| w[0] == w[1]) || sorted.contains(&"clean") {
             return Err(Error::Config(
-                "method names must be unique and not `clean`".into(),
+                "method and release names must be unique and not `clean`".into(),
             ));
         }
-        let known = |n: &str| self.methods.iter().any(|m| m.name == n);
         if !known(&self.headline.salm) || self.headline.em.as_deref().is_some_and(|e| !known(e)) {
             return Err(Error::Config(format!(
-                "headline names {:?} must be method names",
+                "headline names {:?} must be method or release names",
                 self.headline
             )));
         }
@@ -361,8 +395,31 @@ pub fn audit(cfg: &AuditConfig) -> Result<AuditReport> {
             image_steps_per_second: p.image_steps as f64 / p.seconds.max(1e-9),
             quality: p.quality.clone(),
             round_log: p.rounds.clone(),
+            release: None,
         });
         releases.push((m.name.clone(), p.protected));
+    }
+    for r in &cfg.releases {
+        tracing::info!(release = %r.name, "reading a release");
+        let read = crate::release::read_release(&r.source, &data)?;
+        let protected = read.data.subset(&tr)?;
+        let (_, quality) =
+            crate::metrics::dataset_quality(train.pixels(), protected.pixels(), train.shape());
+        methods.push(MethodResult {
+            name: r.name.clone(),
+            label: read.params.label(),
+            params: read.params,
+            rounds: read.rounds.len(),
+            stop_reason: read.stop_reason,
+            released_round: read.released_round,
+            seconds: read.seconds,
+            image_steps: read.image_steps,
+            image_steps_per_second: read.image_steps as f64 / read.seconds.max(1e-9),
+            quality,
+            round_log: read.rounds,
+            release: Some(release_path(&r.source)),
+        });
+        releases.push((r.name.clone(), protected));
     }
 
     let mut victims = Vec::new();
@@ -440,6 +497,14 @@ pub fn audit(cfg: &AuditConfig) -> Result<AuditReport> {
         report.files = write_report(&mut report, &train, &releases, dir)?;
     }
     Ok(report)
+}
+
+/// The path a release was read from, for the report.
+fn release_path(source: &DataSource) -> String {
+    match source {
+        DataSource::Folder { path } | DataSource::Npy { path, .. } => path.display().to_string(),
+        other => format!("{other:?}"),
+    }
 }
 
 fn mean(xs: &[f64]) -> f64 {
@@ -599,7 +664,19 @@ fn notes(
     accuracy: &[AccuracyRow],
     info: &DatasetInfo,
 ) -> Vec<String> {
-    let mut notes = Vec::new();
+    let mut notes: Vec<String> = methods
+        .iter()
+        .filter_map(|m| {
+            m.release.as_ref().map(|path| {
+                format!(
+                    "`{}` is the release read from {path} ({}), not crafted by this audit: its \
+                     training-split images were trained on and its held-out ones never were; \
+                     its time and image-steps are those of the whole release.",
+                    m.name, m.label
+                )
+            })
+        })
+        .collect();
     if s.clean_acc < 0.9 {
         notes.push(format!(
             "Clean victims reach only {:.1}% (< 90%): the victim recipe or the data is too hard; \

@@ -75,7 +75,9 @@ pub mod release;
 pub mod sources;
 pub mod victim;
 
-pub use audit::{audit, AuditConfig, AuditReport, Headline, MethodRun, RobustnessConfig};
+pub use audit::{
+    audit, AuditConfig, AuditReport, Headline, MethodRun, ReleaseRun, RobustnessConfig,
+};
 pub use dataset::{Dataset, ImageShape};
 pub use defence::Defence;
 pub use error::{Error, Result};
@@ -85,7 +87,9 @@ pub use protect::mask::{MaskRefresh, MaskStrategy};
 pub use protect::{
     Estimate, Method, Objective, ProtectParams, ProxyVictim, Release, RunControl, StopRule,
 };
-pub use release::{estimate, protect, protect_with, ProtectConfig, ProtectReport};
+pub use release::{
+    estimate, protect, protect_with, read_release, ProtectConfig, ProtectReport, ReadRelease,
+};
 pub use sources::LesionSpec;
 pub use victim::VictimConfig;
 

@@ -270,3 +270,251 @@ pub fn estimate(cfg: &ProtectConfig) -> Result<Estimate> {
 
 #[cfg(test)]
 mod tests;
+
+/// The parts of a `manifest.json` an audit needs, read back.
+#[derive(Debug, Deserialize)]
+struct ManifestOnDisk {
+    report: ReportOnDisk,
+    params: ProtectParams,
+    classes: Vec<String>,
+    items: Vec<ManifestItemOnDisk>,
+    rounds: Vec<RoundLog>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ReportOnDisk {
+    stop_reason: Option<StopReason>,
+    released_round: usize,
+    seconds: f64,
+    image_steps: u64,
+}
+
+#[derive(Debug, Deserialize)]
+struct ManifestItemOnDisk {
+    source: Option<PathBuf>,
+    source_sha256: Option<String>,
+    output: Option<PathBuf>,
+}
+
+/// A release written by [`protect()`], read back and paired with the clean
+/// dataset it was made from.
+#[derive(Debug, Clone)]
+pub struct ReadRelease {
+    /// The protected images in the clean dataset's order, normalised as the
+    /// clean dataset is (a DICOM release's own value range may be narrower).
+    pub data: Dataset,
+    /// How it was made (from its manifest).
+    pub params: ProtectParams,
+    /// Why its run stopped.
+    pub stop_reason: Option<StopReason>,
+    /// The round whose noise was released.
+    pub released_round: usize,
+    /// Wall time of its optimisation (seconds, over the whole source).
+    pub seconds: f64,
+    /// Noise steps taken.
+    pub image_steps: u64,
+    /// Its round log.
+    pub rounds: Vec<RoundLog>,
+    /// Images whose source file hash in the manifest was checked against
+    /// the clean file (0 for array and generated sources, which have none).
+    pub hashes_checked: usize,
+}
+
+/// Reads the release at `source` (an output folder of `lethe protect`, or
+/// the array file inside one) and checks that it is a protection of
+/// `clean`: its manifest lists the same classes and images (source file
+/// hashes equal where both sides have them), the labels and shape agree,
+/// and no image differs from its clean version by more than the manifest's
+/// epsilon (plus one 8-bit level for rounding).
+pub fn read_release(source: &DataSource, clean: &Dataset) -> Result<ReadRelease> {
+    let folder = match source {
+        DataSource::Folder { path } => path.clone(),
+        DataSource::Npy { path, .. } => path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from(".")),
+        other => {
+            return Err(Error::Config(format!(
+                "a release is a folder or array file written by `lethe protect`, not {other:?}"
+            )))
+        }
+    };
+    let manifest_path = folder.join(MANIFEST_FILE);
+    let text = std::fs::read_to_string(&manifest_path).map_err(|e| {
+        Error::io(
+            e,
+            format!(
+                "reading {} (a release written by `lethe protect` has one)",
+                manifest_path.display()
+            ),
+        )
+    })?;
+    let manifest: ManifestOnDisk = serde_json::from_str(&text)
+        .map_err(|e| Error::decode(&manifest_path, format!("manifest: {e}")))?;
+    let released = formats::load(source)?;
+    let released = in_manifest_order(released, &manifest, &folder)?;
+    let mismatch = |what: String| {
+        Error::Config(format!(
+            "{} is not a protection of {}: {what}",
+            folder.display(),
+            clean.name()
+        ))
+    };
+    let sorted = |c: &[String]| {
+        let mut c = c.to_vec();
+        c.sort();
+        c
+    };
+    if manifest.classes != clean.classes() || sorted(released.classes()) != sorted(clean.classes())
+    {
+        return Err(mismatch(format!(
+            "classes {:?} vs {:?}",
+            released.classes(),
+            clean.classes()
+        )));
+    }
+    if released.len() != clean.len() || manifest.items.len() != clean.len() {
+        return Err(mismatch(format!(
+            "{} images ({} in its manifest) vs {}",
+            released.len(),
+            manifest.items.len(),
+            clean.len()
+        )));
+    }
+    if released.shape() != clean.shape() {
+        return Err(mismatch(format!(
+            "shape {} vs {}",
+            released.shape(),
+            clean.shape()
+        )));
+    }
+    // A folder's classes are its sorted sub-folder names: compare by name.
+    let class_of = |d: &Dataset, i: usize| d.classes()[d.labels()[i] as usize].clone();
+    if let Some(i) = (0..clean.len()).find(|&i| class_of(&released, i) != class_of(clean, i)) {
+        return Err(mismatch(format!(
+            "image {i} is {} in the release, {} here",
+            class_of(&released, i),
+            class_of(clean, i)
+        )));
+    }
+    let released = Dataset::new(
+        released.name(),
+        released.shape(),
+        released.pixels().to_vec(),
+        clean.labels().to_vec(),
+        clean.classes().to_vec(),
+        released.items().to_vec(),
+        released.format().clone(),
+    )?;
+    let mut hashes_checked = 0;
+    for (i, (m, c)) in manifest.items.iter().zip(clean.items()).enumerate() {
+        if let (Some(a), Some(b)) = (&m.source_sha256, &c.sha256) {
+            if a != b {
+                return Err(mismatch(format!(
+                    "image {i} ({}) was made from another file",
+                    c.path.as_deref().unwrap_or(Path::new("?")).display()
+                )));
+            }
+            hashes_checked += 1;
+        }
+        if let (Some(a), Some(b)) = (&m.source, &c.path) {
+            if a != b {
+                return Err(mismatch(format!(
+                    "image {i} is {} in the manifest, {} here",
+                    a.display(),
+                    b.display()
+                )));
+            }
+        }
+    }
+    let data = renormalised_like(released, clean)?;
+    let tolerance = manifest.params.eps + 1.0 / 255.0 + 1e-6;
+    for i in 0..clean.len() {
+        let linf = clean
+            .image(i)
+            .iter()
+            .zip(data.image(i))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        if f64::from(linf) > tolerance {
+            return Err(mismatch(format!(
+                "image {i} differs from its clean version by {:.1}/255, more than eps {:.1}/255",
+                f64::from(linf) * 255.0,
+                manifest.params.eps * 255.0
+            )));
+        }
+    }
+    Ok(ReadRelease {
+        data,
+        params: manifest.params,
+        stop_reason: manifest.report.stop_reason,
+        released_round: manifest.report.released_round,
+        seconds: manifest.report.seconds,
+        image_steps: manifest.report.image_steps,
+        rounds: manifest.rounds,
+        hashes_checked,
+    })
+}
+
+/// `released` in the order of the manifest's items (the clean dataset's
+/// order): a folder is read back grouped by class and sorted by file name,
+/// which need not be the order the images were protected in. Arrays keep
+/// their order.
+fn in_manifest_order(
+    released: Dataset,
+    manifest: &ManifestOnDisk,
+    folder: &Path,
+) -> Result<Dataset> {
+    let outputs: Option<Vec<&PathBuf>> = manifest.items.iter().map(|m| m.output.as_ref()).collect();
+    let (Some(outputs), true) = (outputs, released.items().iter().all(|i| i.path.is_some())) else {
+        return Ok(released);
+    };
+    let index: std::collections::HashMap<&Path, usize> = released
+        .items()
+        .iter()
+        .enumerate()
+        .filter_map(|(j, item)| item.path.as_deref().map(|p| (p, j)))
+        .collect();
+    let order = outputs
+        .iter()
+        .map(|p| {
+            index.get(p.as_path()).copied().ok_or_else(|| {
+                Error::Config(format!(
+                    "{} lists {} but the folder does not hold it",
+                    folder.join(MANIFEST_FILE).display(),
+                    p.display()
+                ))
+            })
+        })
+        .collect::<Result<Vec<usize>>>()?;
+    if order.len() != released.len() {
+        return Err(Error::Config(format!(
+            "{} lists {} images, the folder holds {}",
+            folder.join(MANIFEST_FILE).display(),
+            order.len(),
+            released.len()
+        )));
+    }
+    released.subset(&order)
+}
+
+/// `released` with its values mapped onto `clean`'s normalisation: a DICOM
+/// folder is normalised by its own smallest and largest stored value, which
+/// protection may have moved by a few levels.
+fn renormalised_like(released: Dataset, clean: &Dataset) -> Result<Dataset> {
+    match (released.format(), clean.format()) {
+        (Format::Dicom { range: r, .. }, Format::Dicom { range: c, .. }) if r != c => {
+            let (r, c) = (*r, *c);
+            let pixels = released
+                .pixels()
+                .iter()
+                .map(|&x| {
+                    let stored = r.0 + f64::from(x) * (r.1 - r.0);
+                    (((stored - c.0) / (c.1 - c.0)) as f32).clamp(0.0, 1.0)
+                })
+                .collect();
+            released.with_pixels(pixels)
+        }
+        _ => Ok(released),
+    }
+}

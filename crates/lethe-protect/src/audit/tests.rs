@@ -70,6 +70,7 @@ fn config(out: Option<PathBuf>) -> AuditConfig {
                 ),
             },
         ],
+        releases: Vec::new(),
         victims: vec![
             Arch::Cnn {
                 channels: vec![4, 8],
@@ -219,7 +220,14 @@ fn inconsistent_audit_configs_are_refused() {
     }
     let mut no_seeds = config(None);
     no_seeds.seeds.clear();
+    // A release may not take a method's name either.
+    let mut release_dup = config(None);
+    release_dup.releases.push(ReleaseRun {
+        name: "salm".into(),
+        source: DataSource::Folder { path: "rel".into() },
+    });
     for (what, cfg) in [
+        ("release duplicate", release_dup),
         ("duplicate", dup),
         ("clean", clean),
         ("headline", headline),
@@ -394,4 +402,55 @@ fn per_class_recall_and_precision_name_the_classes_a_victim_still_tells_apart() 
         ..row
     };
     assert_eq!(recognised_note(&none, &classes), None);
+}
+
+#[test]
+fn a_release_on_disk_is_audited_as_it_is() {
+    let mut cfg = config(None);
+    let dir = tempfile::tempdir().unwrap();
+    let params = cfg.methods[0].params.clone();
+    crate::release::protect(&crate::ProtectConfig {
+        source: cfg.source.clone(),
+        output: dir.path().join("rel"),
+        params: params.clone(),
+        checkpoint_dir: None,
+        resume: false,
+        overwrite: false,
+        progress: false,
+    })
+    .unwrap();
+    cfg.methods.clear();
+    cfg.releases = vec![ReleaseRun {
+        name: "rel".into(),
+        source: DataSource::Folder {
+            path: dir.path().join("rel"),
+        },
+    }];
+    cfg.robustness = None;
+    cfg.seeds = vec![0];
+    cfg.headline = Headline {
+        salm: "rel".into(),
+        em: None,
+    };
+    let report = audit(&cfg).unwrap();
+
+    // Clean and the release, each on both architectures; nothing crafted.
+    let names: Vec<&str> = report.accuracy.iter().map(|r| r.data.as_str()).collect();
+    assert_eq!(names, ["clean", "clean", "rel", "rel"]);
+    let rel = &report.methods[0];
+    assert_eq!(rel.params, params);
+    assert_eq!(rel.rounds, params.stop.max_rounds);
+    assert!(rel.release.as_deref().is_some_and(|p| p.ends_with("rel")));
+    // Quality on the training split, within the release's budget.
+    assert!(rel.quality.linf_max > 0.0);
+    assert!(
+        rel.quality.linf_max <= 8.5 / 255.0,
+        "{}",
+        rel.quality.linf_max
+    );
+    assert_eq!(report.summary.eps, params.eps);
+    assert!(report
+        .notes
+        .iter()
+        .any(|n| n.contains("not crafted by this audit")));
 }

@@ -2,6 +2,7 @@
 //! describes it.
 
 use super::*;
+use crate::dataset::Item;
 use crate::model::Arch;
 use crate::protect::StopRule;
 use crate::sources::{lesions, LesionSpec};
@@ -166,4 +167,140 @@ fn estimate_reads_the_source() {
     let e = estimate(&cfg).unwrap();
     assert_eq!(e.images, 8);
     assert!(e.seconds_per_round > 0.0);
+}
+
+/// Protects `source` into `out/name` with [`params`] and returns the
+/// release's source description.
+fn release_of(source: &DataSource, out: &Path, name: &str) -> DataSource {
+    let cfg = ProtectConfig {
+        source: source.clone(),
+        output: out.join(name),
+        params: params(),
+        checkpoint_dir: None,
+        resume: false,
+        overwrite: false,
+        progress: false,
+    };
+    protect(&cfg).unwrap();
+    DataSource::Folder {
+        path: out.join(name),
+    }
+}
+
+#[test]
+fn a_release_reads_back_in_the_clean_order_and_within_eps() {
+    // Generated lesions are interleaved by class; their PNG release reads
+    // back grouped by class, and must be put back in the clean order.
+    let spec = LesionSpec {
+        seed: 5,
+        per_class: 3,
+        size: 16,
+        texture: 0.04,
+    };
+    let source = DataSource::Lesions(spec.clone());
+    let clean = formats::load(&source).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let rel = release_of(&source, out.path(), "rel");
+    let raw = formats::load(&rel).unwrap();
+    assert_ne!(
+        raw.labels(),
+        clean.labels(),
+        "the fixture must need reordering"
+    );
+
+    let read = read_release(&rel, &clean).unwrap();
+    assert_eq!(read.data.labels(), clean.labels());
+    assert_eq!(read.params, params());
+    assert_eq!(read.rounds.len(), 2);
+    assert_eq!(read.hashes_checked, 0);
+    let linf = clean
+        .pixels()
+        .iter()
+        .zip(read.data.pixels())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(linf > 0.0 && linf <= 8.5 / 255.0, "linf {linf}");
+
+    // The same release against other data is refused, whatever differs.
+    let other = formats::load(&DataSource::Lesions(LesionSpec { seed: 6, ..spec })).unwrap();
+    let err = read_release(&rel, &other).unwrap_err().to_string();
+    assert!(err.contains("is not a protection of"), "{err}");
+    let fewer = clean.subset(&[0, 1, 2, 3]).unwrap();
+    let err = read_release(&rel, &fewer).unwrap_err().to_string();
+    assert!(err.contains("images"), "{err}");
+}
+
+#[test]
+fn a_release_of_files_is_checked_against_the_source_hashes() {
+    let src = png_source();
+    let source = DataSource::Folder {
+        path: src.path().to_path_buf(),
+    };
+    let clean = formats::load(&source).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let rel = release_of(&source, out.path(), "rel");
+    assert_eq!(read_release(&rel, &clean).unwrap().hashes_checked, 8);
+
+    // A source file changed after the release was made: refused by name.
+    let changed = clean.items()[2].path.clone().unwrap();
+    let other = tempfile::tempdir().unwrap();
+    formats::write(&clean, other.path()).unwrap();
+    let mut img = image::open(other.path().join(&changed)).unwrap().to_luma8();
+    img.get_pixel_mut(0, 0).0[0] ^= 1;
+    img.save(other.path().join(&changed)).unwrap();
+    let edited = formats::load(&DataSource::Folder {
+        path: other.path().to_path_buf(),
+    })
+    .unwrap();
+    let err = read_release(&rel, &edited).unwrap_err().to_string();
+    assert!(
+        err.contains("made from another file") && err.contains(&changed.display().to_string()),
+        "{err}"
+    );
+
+    // No manifest: not a lethe release.
+    std::fs::remove_file(out.path().join("rel").join(MANIFEST_FILE)).unwrap();
+    let err = read_release(&rel, &clean).unwrap_err().to_string();
+    assert!(err.contains(MANIFEST_FILE), "{err}");
+    // Generated data is not a release.
+    let err = read_release(&DataSource::Digits, &clean)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("folder or array file"), "{err}");
+}
+
+#[test]
+fn a_dicom_release_is_renormalised_to_the_clean_range() {
+    let item = Item {
+        path: None,
+        sha256: None,
+        levels: Some(80),
+    };
+    let set = |values: Vec<f32>, range| {
+        Dataset::new(
+            "d",
+            crate::dataset::ImageShape {
+                channels: 1,
+                height: 1,
+                width: 3,
+            },
+            values,
+            vec![0, 1],
+            vec!["a".into(), "b".into()],
+            vec![item.clone(); 2],
+            Format::Dicom {
+                root: PathBuf::from("x"),
+                range,
+            },
+        )
+        .unwrap()
+    };
+    // Stored 10, 50, 90 read as a release whose own range is 10..90, against
+    // a clean dataset whose range is 0..100.
+    let released = set(vec![0.0, 0.5, 1.0, 1.0, 0.5, 0.0], (10.0, 90.0));
+    let clean = set(vec![0.0; 6], (0.0, 100.0));
+    let back = renormalised_like(released, &clean).unwrap();
+    for (got, want) in back.pixels().iter().zip([0.1f32, 0.5, 0.9, 0.9, 0.5, 0.1]) {
+        assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+    }
 }
