@@ -1,15 +1,15 @@
 //! Folder-per-class PNG datasets: 8- and 16-bit, grayscale and RGB.
 //!
 //! Each file keeps its bit depth on the way back out (an 8-bit file is
-//! quantised to 1/255, a 16-bit one to 1/65535). Images with an alpha
-//! channel are accepted only when fully opaque (the alpha is dropped and not
-//! written back); anything else with transparency is refused, because
-//! protecting invisible pixels is meaningless.
+//! quantised to 1/255, a 16-bit one to 1/65535). An alpha channel is not
+//! protected (a model trains on the colour) but travels: the writer copies
+//! it from the source file, so an RGBA or gray+alpha PNG is released as
+//! one, its transparency unchanged. Palette files are released as RGB.
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
-use image::{DynamicImage, ImageBuffer, ImageFormat, Luma, Rgb};
+use image::{DynamicImage, ImageBuffer, ImageFormat, Luma, LumaA, Rgb, Rgba};
 
 use crate::dataset::{Dataset, Format, ImageShape, Item};
 use crate::formats::{read_file, sha256_hex, write_file, WrittenFile};
@@ -27,16 +27,6 @@ pub(crate) fn decode(bytes: &[u8], path: &Path) -> Result<Decoded> {
     let img = image::load_from_memory_with_format(bytes, ImageFormat::Png)
         .map_err(|e| Error::decode(path, format!("PNG decode failed: {e}")))?;
     let (w, h) = (img.width() as usize, img.height() as usize);
-    let opaque_or_err = |alpha_ok: bool| {
-        if alpha_ok {
-            Ok(())
-        } else {
-            Err(Error::Unsupported(format!(
-                "{} has transparent pixels; flatten it first",
-                path.display()
-            )))
-        }
-    };
     let (channels, levels, interleaved): (usize, u32, Vec<f32>) = match img {
         DynamicImage::ImageLuma8(b) => (1, 255, b.into_raw().iter().map(|&v| v as f32).collect()),
         DynamicImage::ImageLuma16(b) => {
@@ -46,17 +36,14 @@ pub(crate) fn decode(bytes: &[u8], path: &Path) -> Result<Decoded> {
         DynamicImage::ImageRgb16(b) => (3, 65535, b.into_raw().iter().map(|&v| v as f32).collect()),
         DynamicImage::ImageLumaA8(b) => {
             let raw = b.into_raw();
-            opaque_or_err(raw.chunks(2).all(|p| p[1] == u8::MAX))?;
             (1, 255, raw.chunks(2).map(|p| p[0] as f32).collect())
         }
         DynamicImage::ImageLumaA16(b) => {
             let raw = b.into_raw();
-            opaque_or_err(raw.chunks(2).all(|p| p[1] == u16::MAX))?;
             (1, 65535, raw.chunks(2).map(|p| p[0] as f32).collect())
         }
         DynamicImage::ImageRgba8(b) => {
             let raw = b.into_raw();
-            opaque_or_err(raw.chunks(4).all(|p| p[3] == u8::MAX))?;
             let v = raw
                 .chunks(4)
                 .flat_map(|p| [p[0] as f32, p[1] as f32, p[2] as f32])
@@ -65,7 +52,6 @@ pub(crate) fn decode(bytes: &[u8], path: &Path) -> Result<Decoded> {
         }
         DynamicImage::ImageRgba16(b) => {
             let raw = b.into_raw();
-            opaque_or_err(raw.chunks(4).all(|p| p[3] == u16::MAX))?;
             let v = raw
                 .chunks(4)
                 .flat_map(|p| [p[0] as f32, p[1] as f32, p[2] as f32])
@@ -122,32 +108,83 @@ fn chw_to_hwc_int(src: &[f32], s: ImageShape, levels: u32) -> Vec<u32> {
     out
 }
 
+/// The alpha channel of a PNG, one value per pixel at the file's bit depth
+/// (`None` without one).
+fn alpha_of(bytes: &[u8], path: &Path) -> Result<Option<Vec<u16>>> {
+    let img = image::load_from_memory_with_format(bytes, ImageFormat::Png)
+        .map_err(|e| Error::decode(path, format!("PNG decode failed: {e}")))?;
+    Ok(match img {
+        DynamicImage::ImageLumaA8(b) => Some(b.as_raw().chunks(2).map(|p| p[1].into()).collect()),
+        DynamicImage::ImageLumaA16(b) => Some(b.as_raw().chunks(2).map(|p| p[1]).collect()),
+        DynamicImage::ImageRgba8(b) => Some(b.as_raw().chunks(4).map(|p| p[3].into()).collect()),
+        DynamicImage::ImageRgba16(b) => Some(b.as_raw().chunks(4).map(|p| p[3]).collect()),
+        _ => None,
+    })
+}
+
+/// Interleaved colour values with `alpha` (one per pixel) appended to each
+/// pixel's channels.
+fn with_alpha<T: Copy>(color: &[T], channels: usize, alpha: &[T]) -> Vec<T> {
+    color
+        .chunks(channels)
+        .zip(alpha)
+        .flat_map(|(px, &a)| px.iter().copied().chain(std::iter::once(a)))
+        .collect()
+}
+
 /// Encodes one image (values in `[0, 1]`) as an 8-bit (`levels` 255 or
-/// less) or 16-bit PNG.
-pub(crate) fn encode(values: &[f32], s: ImageShape, sixteen_bit: bool) -> Result<Vec<u8>> {
+/// less) or 16-bit PNG; with `alpha` (one value per pixel at that depth)
+/// as gray+alpha or RGBA.
+pub(crate) fn encode(
+    values: &[f32],
+    s: ImageShape,
+    sixteen_bit: bool,
+    alpha: Option<&[u16]>,
+) -> Result<Vec<u8>> {
     let (w, h) = (s.width as u32, s.height as u32);
+    if alpha.is_some_and(|a| a.len() != s.pixels()) {
+        return Err(Error::Unsupported(format!(
+            "alpha channel of {} values for a {s} image",
+            alpha.map_or(0, <[u16]>::len)
+        )));
+    }
     let img = if sixteen_bit {
         let data: Vec<u16> = chw_to_hwc_int(values, s, 65535)
             .into_iter()
             .map(|v| v as u16)
             .collect();
-        if s.channels == 1 {
-            ImageBuffer::<Luma<u16>, _>::from_raw(w, h, data).map(DynamicImage::ImageLuma16)
-        } else {
-            ImageBuffer::<Rgb<u16>, _>::from_raw(w, h, data).map(DynamicImage::ImageRgb16)
+        match (s.channels, alpha) {
+            (1, None) => {
+                ImageBuffer::<Luma<u16>, _>::from_raw(w, h, data).map(DynamicImage::ImageLuma16)
+            }
+            (1, Some(a)) => ImageBuffer::<LumaA<u16>, _>::from_raw(w, h, with_alpha(&data, 1, a))
+                .map(DynamicImage::ImageLumaA16),
+            (_, None) => {
+                ImageBuffer::<Rgb<u16>, _>::from_raw(w, h, data).map(DynamicImage::ImageRgb16)
+            }
+            (_, Some(a)) => ImageBuffer::<Rgba<u16>, _>::from_raw(w, h, with_alpha(&data, 3, a))
+                .map(DynamicImage::ImageRgba16),
         }
     } else {
         let data: Vec<u8> = chw_to_hwc_int(values, s, 255)
             .into_iter()
             .map(|v| v as u8)
             .collect();
-        if s.channels == 1 {
-            ImageBuffer::<Luma<u8>, _>::from_raw(w, h, data).map(DynamicImage::ImageLuma8)
-        } else {
-            ImageBuffer::<Rgb<u8>, _>::from_raw(w, h, data).map(DynamicImage::ImageRgb8)
+        let alpha8: Option<Vec<u8>> = alpha.map(|a| a.iter().map(|&v| v.min(255) as u8).collect());
+        match (s.channels, alpha8) {
+            (1, None) => {
+                ImageBuffer::<Luma<u8>, _>::from_raw(w, h, data).map(DynamicImage::ImageLuma8)
+            }
+            (1, Some(a)) => ImageBuffer::<LumaA<u8>, _>::from_raw(w, h, with_alpha(&data, 1, &a))
+                .map(DynamicImage::ImageLumaA8),
+            (_, None) => {
+                ImageBuffer::<Rgb<u8>, _>::from_raw(w, h, data).map(DynamicImage::ImageRgb8)
+            }
+            (_, Some(a)) => ImageBuffer::<Rgba<u8>, _>::from_raw(w, h, with_alpha(&data, 3, &a))
+                .map(DynamicImage::ImageRgba8),
         }
     };
-    let img = img.ok_or_else(|| Error::Unsupported(format!("cannot encode shape {s:?}")))?;
+    let img = img.ok_or_else(|| Error::Unsupported(format!("cannot encode shape {s}")))?;
     let mut buf = Cursor::new(Vec::new());
     img.write_to(&mut buf, ImageFormat::Png)
         .map_err(|e| Error::Unsupported(format!("PNG encoding failed: {e}")))?;
@@ -209,8 +246,13 @@ pub(crate) fn load_files(
 }
 
 /// Writes every image as a PNG under `out` (same relative path and bit
-/// depth as its source; generated images go to `class/00000.png`).
+/// depth as its source, and the source file's alpha channel when it has
+/// one; generated images go to `class/00000.png`).
 pub(crate) fn write_folder(data: &Dataset, out: &Path) -> Result<Vec<WrittenFile>> {
+    let root = match data.format() {
+        Format::PngFolder { root } => Some(root),
+        _ => None,
+    };
     let mut written = Vec::with_capacity(data.len());
     for (i, item) in data.items().iter().enumerate() {
         let rel = match &item.path {
@@ -220,8 +262,15 @@ pub(crate) fn write_folder(data: &Dataset, out: &Path) -> Result<Vec<WrittenFile
                 PathBuf::from(safe_component(class)).join(format!("{i:05}.png"))
             }
         };
+        let alpha = match (root, &item.path) {
+            (Some(root), Some(p)) => {
+                let src = root.join(p);
+                alpha_of(&read_file(&src)?, &src)?
+            }
+            _ => None,
+        };
         let sixteen = item.levels.is_some_and(|l| l > 255);
-        let bytes = encode(data.image(i), data.shape(), sixteen)?;
+        let bytes = encode(data.image(i), data.shape(), sixteen, alpha.as_deref())?;
         written.push(write_file(out, &rel, &bytes)?);
     }
     Ok(written)

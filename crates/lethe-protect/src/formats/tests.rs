@@ -18,7 +18,7 @@ fn gray(h: usize, w: usize) -> ImageShape {
 
 /// Writes `values` (planar, in [0, 1]) as a PNG at `dir/rel`.
 fn put_png(dir: &Path, rel: &str, values: &[f32], s: ImageShape, sixteen: bool) {
-    let bytes = png::encode(values, s, sixteen).unwrap();
+    let bytes = png::encode(values, s, sixteen, None).unwrap();
     let p = dir.join(rel);
     std::fs::create_dir_all(p.parent().unwrap()).unwrap();
     std::fs::write(p, bytes).unwrap();
@@ -30,7 +30,6 @@ fn pattern(n: usize, levels: f32, offset: usize) -> Vec<f32> {
         .collect()
 }
 
-/// Adds +-`step` alternately, staying in [0, 1].
 /// Moves interior values by `+-step` (alternating); 0 and 1 stay, so a
 /// dataset normalised by its own range (DICOM) keeps that range on reload.
 fn nudge(v: &[f32], step: f32) -> Vec<f32> {
@@ -143,6 +142,53 @@ fn png_rgb_round_trips_channel_first() {
     assert!((data.image(0)[12 + 4 + 2] - g).abs() < 1e-6);
     let out = tempfile::tempdir().unwrap();
     check_roundtrip(&data, out.path(), 1e-6);
+}
+
+#[test]
+fn png_alpha_travels_unchanged_while_the_colour_is_protected() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rgb, gray) = (
+        ImageShape {
+            channels: 3,
+            height: 3,
+            width: 4,
+        },
+        gray(3, 4),
+    );
+    // Partly transparent: alpha 0, 128 and 255 (8-bit), and 16-bit gray+alpha.
+    let alpha8: Vec<u16> = (0..12).map(|i| [0, 128, 255][i % 3]).collect();
+    let alpha16: Vec<u16> = (0..12).map(|i| (i as u16) * 5000).collect();
+    for (rel, s, sixteen, alpha) in [
+        ("rgba/a/0.png", rgb, false, &alpha8),
+        ("rgba/b/0.png", rgb, false, &alpha8),
+        ("la16/a/0.png", gray, true, &alpha16),
+        ("la16/b/0.png", gray, true, &alpha16),
+    ] {
+        let levels = if sixteen { 65535.0 } else { 255.0 };
+        let values = pattern(s.values(), levels, rel.len());
+        let bytes = png::encode(&values, s, sixteen, Some(alpha)).unwrap();
+        let p = dir.path().join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, bytes).unwrap();
+    }
+    for (set, s, tol) in [("rgba", rgb, 1e-6), ("la16", gray, 1e-6)] {
+        let data = load(&DataSource::Folder {
+            path: dir.path().join(set),
+        })
+        .unwrap();
+        assert_eq!(data.shape(), s, "{set}: alpha is not a protected channel");
+        let out = tempfile::tempdir().unwrap();
+        check_roundtrip(&data, out.path(), tol);
+        let (src, written) = (
+            image::open(dir.path().join(set).join("a/0.png")).unwrap(),
+            image::open(out.path().join("a/0.png")).unwrap(),
+        );
+        assert_eq!(written.color(), src.color(), "{set}");
+        let alpha = |img: &image::DynamicImage| -> Vec<u16> {
+            img.to_rgba16().pixels().map(|p| p.0[3]).collect()
+        };
+        assert_eq!(alpha(&written), alpha(&src), "{set}");
+    }
 }
 
 fn npy_bytes(descr: &str, shape: &[usize], data: Vec<u8>) -> Vec<u8> {
