@@ -472,7 +472,8 @@ pub fn audit(cfg: &AuditConfig) -> Result<AuditReport> {
 
     let accuracy = accuracy_table(&victims, &releases, &cfg.victims);
     let summary = summary(cfg, &info, &methods, &victims, &robustness)?;
-    let notes = notes(&summary, &methods, &accuracy, &info);
+    let mut notes = notes(&summary, &methods, &accuracy, &info);
+    notes.extend(early_peak_notes(&victims, cfg.victim.epochs));
     let mut report = AuditReport {
         summary,
         dataset: info,
@@ -730,6 +731,75 @@ fn notes(
     }
     if info.shape.channels == 1 {
         notes.push("Grayscale conversion does not apply: the data is single-channel.".into());
+    }
+    notes
+}
+
+/// For each protected training set whose victims mostly peak in the first
+/// tenth of training (at least one epoch): where those peaks are, what clean
+/// victims of the same architecture and seed reach at the same epoch, and
+/// the best accuracy of every run after that window. The headline peak is
+/// unchanged; this says whether it is a transient of barely trained models.
+fn early_peak_notes(victims: &[VictimRow], epochs: usize) -> Vec<String> {
+    let window = (epochs / 10).max(1);
+    let plain = |v: &&VictimRow| v.run.defence == "none";
+    let mut names: Vec<&str> = Vec::new();
+    for v in victims.iter().filter(plain).filter(|v| v.data != "clean") {
+        if !names.contains(&v.data.as_str()) {
+            names.push(&v.data);
+        }
+    }
+    let mut notes = Vec::new();
+    for name in names {
+        let runs: Vec<&VictimRun> = victims
+            .iter()
+            .filter(plain)
+            .filter(|v| v.data == name)
+            .map(|v| &v.run)
+            .collect();
+        let early: Vec<&&VictimRun> = runs.iter().filter(|r| r.peak_epoch <= window).collect();
+        if early.len() * 2 <= runs.len() {
+            continue;
+        }
+        let clean_at = |r: &VictimRun| {
+            victims
+                .iter()
+                .filter(plain)
+                .find(|v| v.data == "clean" && v.run.arch == r.arch && v.run.seed == r.seed)
+                .and_then(|v| v.run.curve.get(r.peak_epoch.checked_sub(1)?).copied())
+        };
+        let pcts = |xs: &mut dyn Iterator<Item = f64>| {
+            xs.map(|x| format!("{:.0}", 100.0 * x))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let later: Vec<f64> = runs
+            .iter()
+            .map(|r| r.curve.iter().skip(window).copied().fold(0.0, f64::max))
+            .collect();
+        let clean: Vec<f64> = early.iter().filter_map(|r| clean_at(r)).collect();
+        notes.push(format!(
+            "{name}: {} of {} victims peak within the first {window} of {epochs} epochs (at {}%; \
+             epochs {}){}; after epoch {window} their best is {}% (mean {:.1}%).",
+            early.len(),
+            runs.len(),
+            pcts(&mut early.iter().map(|r| r.test_acc_peak)),
+            early
+                .iter()
+                .map(|r| r.peak_epoch.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            if clean.len() == early.len() {
+                format!(
+                    ", where clean victims of the same architecture and seed are at {}%",
+                    pcts(&mut clean.iter().copied())
+                )
+            } else {
+                String::new()
+            },
+            pcts(&mut later.iter().copied()),
+            100.0 * mean(&later)
+        ));
     }
     notes
 }

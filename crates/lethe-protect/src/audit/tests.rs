@@ -454,3 +454,72 @@ fn a_release_on_disk_is_audited_as_it_is() {
         .iter()
         .any(|n| n.contains("not crafted by this audit")));
 }
+
+/// A victim row with a given test-accuracy curve (percent).
+fn row(data: &str, arch: &str, seed: u64, curve: &[u32]) -> VictimRow {
+    let curve: Vec<f64> = curve.iter().map(|&c| f64::from(c) / 100.0).collect();
+    let (peak_epoch, peak) =
+        curve.iter().enumerate().fold(
+            (0, 0.0),
+            |(e, p), (i, &c)| if c > p { (i + 1, c) } else { (e, p) },
+        );
+    VictimRow {
+        data: data.into(),
+        run: VictimRun {
+            arch: arch.into(),
+            seed,
+            defence: "none".into(),
+            test_acc_peak: peak,
+            test_acc_final: *curve.last().unwrap(),
+            peak_epoch,
+            train_acc_final: 1.0,
+            curve,
+            confusion_peak: Vec::new(),
+            confusion_final: Vec::new(),
+            seconds: 0.0,
+        },
+    }
+}
+
+#[test]
+fn early_peaks_are_put_beside_clean_victims_at_the_same_epoch() {
+    // 20 epochs: the window is the first 2.
+    let tail = [25; 18];
+    let curve = |head: [u32; 2], rest: &[u32]| [&head[..], rest].concat();
+    let victims = vec![
+        row("clean", "cnn", 0, &curve([30, 60], &[90; 18])),
+        row("clean", "cnn", 1, &curve([45, 70], &[92; 18])),
+        row("noisy", "cnn", 0, &curve([30, 50], &tail)),
+        row(
+            "noisy",
+            "cnn",
+            1,
+            &curve(
+                [40, 25],
+                &[
+                    26, 31, 25, 25, 25, 25, 25, 25, 25, 25, 25, 25, 25, 25, 25, 25, 25, 25,
+                ],
+            ),
+        ),
+        // Peaks late: no note for this training set.
+        row(
+            "late",
+            "cnn",
+            0,
+            &curve(
+                [25, 25],
+                &[
+                    25, 60, 25, 25, 25, 25, 25, 25, 25, 25, 25, 25, 25, 25, 25, 25, 25, 25,
+                ],
+            ),
+        ),
+    ];
+    let notes = early_peak_notes(&victims, 20);
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert_eq!(
+        notes[0],
+        "noisy: 2 of 2 victims peak within the first 2 of 20 epochs (at 50, 40%; epochs 2, 1), \
+         where clean victims of the same architecture and seed are at 60, 45%; after epoch 2 \
+         their best is 25, 31% (mean 28.0%)."
+    );
+}
