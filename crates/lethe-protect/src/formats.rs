@@ -4,14 +4,18 @@
 //! Three on-disk layouts are supported, each chosen by what the data is:
 //!
 //! * a folder with one sub-folder per class of PNG files ([`png`]: 8- and
-//!   16-bit, grayscale or RGB; every file keeps its own bit depth and
-//!   colour type when written back);
+//!   16-bit, grayscale or RGB, alpha carried over; every file keeps its own
+//!   bit depth and colour type when written back);
 //! * a NumPy `.npy` / `.npz` array ([`npy`]: `uint8`, `uint16`, `float32`,
 //!   `float64` images, `(N, H, W)`, `(N, H, W, C)` or `(N, C, H, W)`);
 //! * a folder with one sub-folder per class of DICOM files ([`dicom`]:
-//!   uncompressed pixel data, every other tag kept byte-for-byte when the
+//!   uncompressed or RLE Lossless pixel data, every other tag kept when the
 //!   protected pixels are written back).
 //!
+//! A class folder may nest (`class/patient/series/file.dcm` is the usual
+//! DICOM layout): its files are found at any depth, in file-name order
+//! within each folder, and keep their relative paths in the release.
+//! Hidden files and folders (`.name`) are skipped.
 //! plus the built-in datasets of [`crate::sources`]. Writing always puts
 //! the protected files under a fresh output folder next to a
 //! `manifest.json` (see [`crate::release`]); sources are never modified.
@@ -140,8 +144,25 @@ fn load_folder(root: &Path) -> Result<Dataset> {
     }
     let mut files: Vec<(u32, PathBuf, FileKind)> = Vec::new();
     for (label, (_, dir)) in classes.iter().enumerate() {
-        for path in read_dir_sorted(dir)? {
-            if !path.is_file() || file_name(&path).starts_with('.') {
+        let walk = walkdir::WalkDir::new(dir)
+            .sort_by_file_name()
+            .into_iter()
+            .filter_entry(|e| e.depth() == 0 || !e.file_name().to_string_lossy().starts_with('.'));
+        for entry in walk {
+            let entry = entry.map_err(|e| {
+                let at = e
+                    .path()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|| dir.clone());
+                Error::io(
+                    e.into_io_error()
+                        .unwrap_or_else(|| std::io::Error::other("a folder loop")),
+                    format!("listing {}", at.display()),
+                )
+            })?;
+            // Files, and links to files (links to folders are not followed).
+            let path = entry.into_path();
+            if !path.is_file() {
                 continue;
             }
             match detect_kind(&path)? {

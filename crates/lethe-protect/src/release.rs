@@ -268,9 +268,6 @@ pub fn estimate(cfg: &ProtectConfig) -> Result<Estimate> {
     protect::estimate_dataset(&data, &cfg.params)
 }
 
-#[cfg(test)]
-mod tests;
-
 /// The parts of a `manifest.json` an audit needs, read back.
 #[derive(Debug, Deserialize)]
 struct ManifestOnDisk {
@@ -518,3 +515,6 @@ fn renormalised_like(released: Dataset, clean: &Dataset) -> Result<Dataset> {
         _ => Ok(released),
     }
 }
+
+#[cfg(test)]
+mod tests;

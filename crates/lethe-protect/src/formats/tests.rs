@@ -191,6 +191,49 @@ fn png_alpha_travels_unchanged_while_the_colour_is_protected() {
     }
 }
 
+#[test]
+fn nested_class_folders_are_read_in_order_and_released_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = gray(4, 4);
+    for (i, rel) in [
+        "a/p2/s1/0.png",
+        "a/p1/0.png",
+        "a/top.png",
+        "b/p1/s9/x.png",
+        "b/.cache/skipped.png",
+    ]
+    .iter()
+    .enumerate()
+    {
+        put_png(dir.path(), rel, &pattern(16, 255.0, i), s, false);
+    }
+    std::fs::write(dir.path().join("b/.DS_Store"), b"junk").unwrap();
+    let data = load(&DataSource::Folder {
+        path: dir.path().to_path_buf(),
+    })
+    .unwrap();
+    let paths: Vec<String> = data
+        .items()
+        .iter()
+        .map(|i| {
+            i.path
+                .as_ref()
+                .unwrap()
+                .to_string_lossy()
+                .replace('\\', "/")
+        })
+        .collect();
+    assert_eq!(
+        paths,
+        ["a/p1/0.png", "a/p2/s1/0.png", "a/top.png", "b/p1/s9/x.png"]
+    );
+    assert_eq!(data.labels(), [0, 0, 0, 1]);
+    let out = tempfile::tempdir().unwrap();
+    check_roundtrip(&data, out.path(), 1e-6);
+    assert!(out.path().join("a/p2/s1/0.png").is_file());
+    assert!(!out.path().join("b/.cache").exists());
+}
+
 fn npy_bytes(descr: &str, shape: &[usize], data: Vec<u8>) -> Vec<u8> {
     npy::Array {
         descr: descr.into(),
