@@ -304,3 +304,55 @@ fn a_dicom_release_is_renormalised_to_the_clean_range() {
         assert!((got - want).abs() < 1e-6, "{got} vs {want}");
     }
 }
+
+#[test]
+fn an_array_release_reads_back_from_its_folder_manifest() {
+    use std::io::Write;
+    // 8 images of 8x8 uint8 with alternating labels, in one .npz.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("set.npz");
+    let pixels: Vec<u8> = (0..8 * 64).map(|i| ((i * 37) % 251) as u8).collect();
+    let labels: Vec<u8> = (0..8i64).flat_map(|i| (i % 2).to_le_bytes()).collect();
+    let npy = |descr: &str, shape: Vec<usize>, data: Vec<u8>| {
+        formats::npy::Array {
+            descr: descr.into(),
+            shape,
+            data,
+        }
+        .to_bytes()
+    };
+    {
+        let mut z = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
+        let o = zip::write::SimpleFileOptions::default();
+        z.start_file("x.npy", o).unwrap();
+        z.write_all(&npy("|u1", vec![8, 8, 8], pixels)).unwrap();
+        z.start_file("y.npy", o).unwrap();
+        z.write_all(&npy("<i8", vec![8], labels)).unwrap();
+        z.finish().unwrap();
+    }
+    let source = DataSource::Npy {
+        path,
+        images_key: None,
+        labels_key: None,
+        labels_path: None,
+    };
+    let clean = formats::load(&source).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    release_of(&source, out.path(), "rel");
+    let rel = DataSource::Npy {
+        path: out.path().join("rel").join("set.npz"),
+        images_key: None,
+        labels_key: None,
+        labels_path: None,
+    };
+    let read = read_release(&rel, &clean).unwrap();
+    assert_eq!(read.data.labels(), clean.labels());
+    assert_eq!(read.hashes_checked, 0);
+    let changed = clean
+        .pixels()
+        .iter()
+        .zip(read.data.pixels())
+        .filter(|(a, b)| a != b)
+        .count();
+    assert!(changed > 0);
+}
