@@ -70,7 +70,19 @@ pub struct ProtectArgs {
 enum ProtectCommand {
     /// Train fresh victims on clean vs protected data; robustness suite,
     /// image quality, figures; report.json + report.md under --out.
-    Audit(AuditArgs),
+    Audit(Box<AuditArgs>),
+    /// Check a release folder against its manifest: every listed file
+    /// present with its SHA-256, nothing added (exit status 1 if not).
+    Verify(VerifyArgs),
+}
+
+#[derive(Args, Debug)]
+struct VerifyArgs {
+    /// The release folder (where `manifest.json` is).
+    release: PathBuf,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -420,7 +432,8 @@ fn side_of(source: &DataSource) -> anyhow::Result<usize> {
 pub fn run(args: ProtectArgs) -> anyhow::Result<()> {
     lethe_protect::tune_cpu_threads();
     match args.command {
-        Some(ProtectCommand::Audit(a)) => audit(a),
+        Some(ProtectCommand::Audit(a)) => audit(*a),
+        Some(ProtectCommand::Verify(v)) => verify(&v),
         None => protect(
             &args.data,
             &args.method,
@@ -531,6 +544,7 @@ fn protect(data: &DataArgs, method: &MethodArgs, f: ProtectFlags) -> anyhow::Res
         );
         // Auditing the release as `--input` would treat protected images as
         // clean: the release goes to `--release`, beside its clean source.
+        println!("check it later: lethe protect verify {}", out.display());
         println!(
             "audit this release: lethe protect audit {} --release {} --out DIR",
             data.flags(),
@@ -592,6 +606,39 @@ fn audit(a: AuditArgs) -> anyhow::Result<()> {
     }
     println!("report: {}", a.out.join("report.md").display());
     Ok(())
+}
+
+fn verify(v: &VerifyArgs) -> anyhow::Result<()> {
+    let r = lethe_protect::verify_release(&v.release)?;
+    if v.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!(
+            "{}: {} files listed, {} changed, {} missing, {} not listed",
+            v.release.display(),
+            r.listed,
+            r.changed.len(),
+            r.missing.len(),
+            r.unlisted.len()
+        );
+        for (what, paths) in [
+            ("changed", &r.changed),
+            ("missing", &r.missing),
+            ("not listed", &r.unlisted),
+        ] {
+            for p in paths {
+                println!("  {what}: {}", p.display());
+            }
+        }
+    }
+    if r.intact() {
+        Ok(())
+    } else {
+        Err(anyhow::format_err!(
+            "{} does not match its manifest",
+            v.release.display()
+        ))
+    }
 }
 
 /// `--release` paths as audit entries, named after their folders (made

@@ -138,3 +138,53 @@ fn keys_are_printed_once_and_stored_as_digests() {
     let out = lethe(dir.path(), &["keys", "list"]);
     assert!(text(&out).contains("support-bot"));
 }
+
+#[test]
+fn a_protected_release_verifies_until_a_file_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let rel = dir.path().join("rel");
+    let rel_s = rel.to_str().unwrap();
+    let out = lethe(
+        dir.path(),
+        &[
+            "protect",
+            "--builtin",
+            "digits",
+            "-o",
+            rel_s,
+            "--method",
+            "code",
+            "--rho",
+            "0.25",
+            "--quiet",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!(
+            "lethe protect audit --builtin digits --release {rel_s}"
+        )),
+        "{}",
+        text(&out)
+    );
+    let ok = lethe(dir.path(), &["protect", "verify", rel_s]);
+    assert!(ok.status.success(), "{}", text(&ok));
+    assert!(
+        text(&ok).contains("1797 files listed, 0 changed"),
+        "{}",
+        text(&ok)
+    );
+
+    let png = std::fs::read_dir(rel.join("0"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "png"))
+        .unwrap();
+    let mut bytes = std::fs::read(&png).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&png, bytes).unwrap();
+    let bad = lethe(dir.path(), &["protect", "verify", rel_s]);
+    assert_eq!(bad.status.code(), Some(1), "{}", text(&bad));
+    assert!(text(&bad).contains("changed: 0/"), "{}", text(&bad));
+}

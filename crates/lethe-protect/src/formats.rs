@@ -99,7 +99,7 @@ pub fn load(source: &DataSource) -> Result<Dataset> {
 }
 
 /// One file written by [`write()`].
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WrittenFile {
     /// Path relative to the output folder.
     pub path: PathBuf,

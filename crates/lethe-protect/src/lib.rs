@@ -88,7 +88,8 @@ pub use protect::{
     Estimate, Method, Objective, ProtectParams, ProxyVictim, Release, RunControl, StopRule,
 };
 pub use release::{
-    estimate, protect, protect_with, read_release, ProtectConfig, ProtectReport, ReadRelease,
+    estimate, protect, protect_with, read_release, verify_release, ProtectConfig, ProtectReport,
+    ReadRelease, VerifyReport,
 };
 pub use sources::LesionSpec;
 pub use victim::VictimConfig;

@@ -93,6 +93,9 @@ pub struct Manifest {
     pub classes: Vec<String>,
     /// One entry per image.
     pub items: Vec<ManifestItem>,
+    /// Every file written (relative path and SHA-256), the array file of an
+    /// array release included: what [`verify_release`] checks.
+    pub files: Vec<WrittenFile>,
     /// Round-by-round log.
     pub rounds: Vec<RoundLog>,
     /// Caveats that travel with the release.
@@ -257,6 +260,7 @@ fn manifest(
         source: format!("{:?}", cfg.source),
         classes: data.classes().to_vec(),
         items,
+        files: written.to_vec(),
         rounds: result.rounds.clone(),
         warnings,
     }
@@ -276,6 +280,9 @@ struct ManifestOnDisk {
     classes: Vec<String>,
     items: Vec<ManifestItemOnDisk>,
     rounds: Vec<RoundLog>,
+    /// Absent from manifests written before the list existed.
+    #[serde(default)]
+    files: Vec<WrittenFile>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -291,6 +298,101 @@ struct ManifestItemOnDisk {
     source: Option<PathBuf>,
     source_sha256: Option<String>,
     output: Option<PathBuf>,
+    #[serde(default)]
+    output_sha256: Option<String>,
+}
+
+/// Reads and parses `folder/manifest.json`.
+fn read_manifest(folder: &Path) -> Result<ManifestOnDisk> {
+    let path = folder.join(MANIFEST_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        Error::io(
+            e,
+            format!(
+                "reading {} (a release written by `lethe protect` has one)",
+                path.display()
+            ),
+        )
+    })?;
+    serde_json::from_str(&text).map_err(|e| Error::decode(&path, format!("manifest: {e}")))
+}
+
+/// What [`verify_release`] found.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VerifyReport {
+    /// Files the manifest lists.
+    pub listed: usize,
+    /// Listed files whose content no longer has the listed hash.
+    pub changed: Vec<PathBuf>,
+    /// Listed files that are gone.
+    pub missing: Vec<PathBuf>,
+    /// Files in the folder the manifest does not list (besides the
+    /// manifest itself).
+    pub unlisted: Vec<PathBuf>,
+}
+
+impl VerifyReport {
+    /// Every listed file is present and unchanged, and nothing was added.
+    pub fn intact(&self) -> bool {
+        self.changed.is_empty() && self.missing.is_empty() && self.unlisted.is_empty()
+    }
+}
+
+/// Checks a release folder against its manifest: every file it lists is
+/// there with the same SHA-256, and no other file was added. (Manifests
+/// from before the file list have per-image output hashes, used instead.)
+pub fn verify_release(folder: &Path) -> Result<VerifyReport> {
+    let manifest = read_manifest(folder)?;
+    let listed: Vec<(PathBuf, String)> = if manifest.files.is_empty() {
+        manifest
+            .items
+            .iter()
+            .filter_map(|i| Some((i.output.clone()?, i.output_sha256.clone()?)))
+            .collect()
+    } else {
+        manifest
+            .files
+            .into_iter()
+            .map(|f| (f.path, f.sha256))
+            .collect()
+    };
+    if listed.is_empty() {
+        return Err(Error::Config(format!(
+            "{} lists no files to check",
+            folder.join(MANIFEST_FILE).display()
+        )));
+    }
+    let mut report = VerifyReport {
+        listed: listed.len(),
+        changed: Vec::new(),
+        missing: Vec::new(),
+        unlisted: Vec::new(),
+    };
+    for (rel, sha) in &listed {
+        let path = folder.join(rel);
+        if !path.is_file() {
+            report.missing.push(rel.clone());
+        } else if formats::sha256_hex(&formats::read_file(&path)?) != *sha {
+            report.changed.push(rel.clone());
+        }
+    }
+    for entry in walkdir::WalkDir::new(folder).sort_by_file_name() {
+        let entry = entry.map_err(|e| {
+            Error::io(
+                e.into_io_error()
+                    .unwrap_or_else(|| std::io::Error::other("a folder loop")),
+                format!("listing {}", folder.display()),
+            )
+        })?;
+        if !entry.file_type().is_file() {
+            continue;
+        }
+        let rel = entry.path().strip_prefix(folder).unwrap_or(entry.path());
+        if rel != Path::new(MANIFEST_FILE) && !listed.iter().any(|(p, _)| p == rel) {
+            report.unlisted.push(rel.to_path_buf());
+        }
+    }
+    Ok(report)
 }
 
 /// A release written by [`protect()`], read back and paired with the clean
@@ -336,18 +438,7 @@ pub fn read_release(source: &DataSource, clean: &Dataset) -> Result<ReadRelease>
             )))
         }
     };
-    let manifest_path = folder.join(MANIFEST_FILE);
-    let text = std::fs::read_to_string(&manifest_path).map_err(|e| {
-        Error::io(
-            e,
-            format!(
-                "reading {} (a release written by `lethe protect` has one)",
-                manifest_path.display()
-            ),
-        )
-    })?;
-    let manifest: ManifestOnDisk = serde_json::from_str(&text)
-        .map_err(|e| Error::decode(&manifest_path, format!("manifest: {e}")))?;
+    let manifest = read_manifest(&folder)?;
     let released = formats::load(source)?;
     let released = in_manifest_order(released, &manifest, &folder)?;
     let mismatch = |what: String| {

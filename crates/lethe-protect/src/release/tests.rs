@@ -348,6 +348,9 @@ fn an_array_release_reads_back_from_its_folder_manifest() {
     let read = read_release(&rel, &clean).unwrap();
     assert_eq!(read.data.labels(), clean.labels());
     assert_eq!(read.hashes_checked, 0);
+    // The array file itself is listed and verifiable.
+    let check = verify_release(&out.path().join("rel")).unwrap();
+    assert!(check.intact() && check.listed == 1, "{check:?}");
     let changed = clean
         .pixels()
         .iter()
@@ -355,4 +358,51 @@ fn an_array_release_reads_back_from_its_folder_manifest() {
         .filter(|(a, b)| a != b)
         .count();
     assert!(changed > 0);
+}
+
+#[test]
+fn verify_finds_changed_missing_and_added_files() {
+    let src = png_source();
+    let source = DataSource::Folder {
+        path: src.path().to_path_buf(),
+    };
+    let out = tempfile::tempdir().unwrap();
+    release_of(&source, out.path(), "rel");
+    let rel = out.path().join("rel");
+    let report = verify_release(&rel).unwrap();
+    assert!(report.intact(), "{report:?}");
+    assert_eq!(report.listed, 8);
+
+    let listed: Vec<PathBuf> = {
+        let m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(rel.join(MANIFEST_FILE)).unwrap()).unwrap();
+        m["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| PathBuf::from(f["path"].as_str().unwrap()))
+            .collect()
+    };
+    let mut bytes = std::fs::read(rel.join(&listed[0])).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(rel.join(&listed[0]), bytes).unwrap();
+    std::fs::remove_file(rel.join(&listed[1])).unwrap();
+    std::fs::write(rel.join("extra.png"), b"x").unwrap();
+    let report = verify_release(&rel).unwrap();
+    assert!(!report.intact());
+    assert_eq!(report.changed, [listed[0].clone()]);
+    assert_eq!(report.missing, [listed[1].clone()]);
+    assert_eq!(report.unlisted, [PathBuf::from("extra.png")]);
+
+    // A manifest from before the file list: per-image output hashes.
+    let mut m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(rel.join(MANIFEST_FILE)).unwrap()).unwrap();
+    m.as_object_mut().unwrap().remove("files");
+    std::fs::write(rel.join(MANIFEST_FILE), serde_json::to_vec(&m).unwrap()).unwrap();
+    let old = verify_release(&rel).unwrap();
+    assert_eq!(
+        (old.listed, old.changed.len(), old.missing.len()),
+        (8, 1, 1)
+    );
 }
