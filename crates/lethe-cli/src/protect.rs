@@ -290,21 +290,13 @@ fn parse_fraction(s: &str) -> Result<f64, String> {
 impl DataArgs {
     fn source(&self) -> anyhow::Result<DataSource> {
         match (&self.input, self.builtin) {
-            (Some(path), _) => {
-                let ext = path
-                    .extension()
-                    .and_then(|e| e.to_str())
-                    .map(str::to_ascii_lowercase);
-                Ok(match ext.as_deref() {
-                    Some("npy") | Some("npz") => DataSource::Npy {
-                        path: path.clone(),
-                        images_key: self.images_key.clone(),
-                        labels_key: self.labels_key.clone(),
-                        labels_path: self.labels.clone(),
-                    },
-                    _ => DataSource::Folder { path: path.clone() },
-                })
-            }
+            (Some(path), _) if is_array_file(path) => Ok(DataSource::Npy {
+                path: path.clone(),
+                images_key: self.images_key.clone(),
+                labels_key: self.labels_key.clone(),
+                labels_path: self.labels.clone(),
+            }),
+            (Some(path), _) => Ok(DataSource::Folder { path: path.clone() }),
             (None, Some(b)) => Ok(match b {
                 Builtin::Digits => DataSource::Digits,
                 Builtin::Lesions => DataSource::Lesions(LesionSpec::default()),
@@ -641,6 +633,13 @@ fn verify(v: &VerifyArgs) -> anyhow::Result<()> {
     }
 }
 
+/// A `.npy` / `.npz` path (any case); anything else is a folder.
+fn is_array_file(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("npy") || e.eq_ignore_ascii_case("npz"))
+}
+
 /// `--release` paths as audit entries, named after their folders (made
 /// unique among `cfg`'s methods and releases).
 fn release_runs(paths: &[PathBuf], data: &DataArgs, cfg: &AuditConfig) -> Vec<ReleaseRun> {
@@ -654,13 +653,7 @@ fn release_runs(paths: &[PathBuf], data: &DataArgs, cfg: &AuditConfig) -> Vec<Re
     paths
         .iter()
         .map(|path| {
-            let is_array = matches!(
-                path.extension()
-                    .and_then(|e| e.to_str())
-                    .map(str::to_ascii_lowercase)
-                    .as_deref(),
-                Some("npy" | "npz")
-            );
+            let is_array = is_array_file(path);
             let folder = if is_array {
                 path.parent()
             } else {
