@@ -472,7 +472,8 @@ pub fn audit(cfg: &AuditConfig) -> Result<AuditReport> {
 
     let accuracy = accuracy_table(&victims, &releases, &cfg.victims);
     let summary = summary(cfg, &info, &methods, &victims, &robustness)?;
-    let mut notes = notes(&summary, &methods, &accuracy, &info);
+    let kind = headline_kind(&methods, &cfg.headline.salm);
+    let mut notes = notes(&summary, &methods, &accuracy, &info, kind);
     notes.extend(early_peak_notes(&victims, cfg.victim.epochs));
     let mut report = AuditReport {
         summary,
@@ -659,11 +660,25 @@ fn summary(
     })
 }
 
+/// What the report calls the headline run: `SALM` or `EM`, after its
+/// method (a release audited as it is may be either).
+fn headline_kind(methods: &[MethodResult], headline: &str) -> &'static str {
+    match methods
+        .iter()
+        .find(|m| m.name == headline)
+        .map(|m| &m.params.method)
+    {
+        Some(Method::Em { .. }) => "EM",
+        _ => "SALM",
+    }
+}
+
 fn notes(
     s: &Summary,
     methods: &[MethodResult],
     accuracy: &[AccuracyRow],
     info: &DatasetInfo,
+    kind: &str,
 ) -> Vec<String> {
     let mut notes: Vec<String> = methods
         .iter()
@@ -687,7 +702,7 @@ fn notes(
     }
     if s.salm_acc > 0.3 {
         notes.push(format!(
-            "SALM does NOT make {} unlearnable at eps={:.1}/255, rho={:.2}: victims still reach \
+            "{kind} does NOT make {} unlearnable at eps={:.1}/255, rho={:.2}: victims still reach \
              {:.1}% (mean peak) against {:.1}% clean.",
             s.dataset,
             s.eps * 255.0,
@@ -699,7 +714,7 @@ fn notes(
     if let (Some(w), Some(d)) = (s.salm_acc_worst_defence, &s.worst_defence) {
         if w > s.salm_acc + 0.2 {
             notes.push(format!(
-                "Countermeasure `{d}` restores SALM victims to {:.1}%.",
+                "Countermeasure `{d}` restores {kind} victims to {:.1}%.",
                 100.0 * w
             ));
         }
@@ -1008,6 +1023,7 @@ fn write_report(
 pub fn markdown(r: &AuditReport, sweep_caption: &str, curve_caption: &str) -> String {
     use std::fmt::Write;
     let s = &r.summary;
+    let kind = headline_kind(&r.methods, &r.config.headline.salm);
     let mut md = String::new();
     let _ = writeln!(md, "# Protection audit: {}\n", r.dataset.name);
     let _ = writeln!(
@@ -1037,7 +1053,7 @@ pub fn markdown(r: &AuditReport, sweep_caption: &str, curve_caption: &str) -> St
     let _ = writeln!(md, "| clean accuracy | {} |", pct(s.clean_acc));
     let _ = writeln!(
         md,
-        "| SALM accuracy (eps {:.1}/255, rho {:.2}) | {} (worst run {}) |",
+        "| {kind} accuracy (eps {:.1}/255, rho {:.2}) | {} (worst run {}) |",
         s.eps * 255.0,
         s.rho,
         pct(s.salm_acc),
@@ -1046,18 +1062,18 @@ pub fn markdown(r: &AuditReport, sweep_caption: &str, curve_caption: &str) -> St
     if let Some(e) = s.em_acc {
         let _ = writeln!(md, "| EM accuracy (same eps) | {} |", pct(e));
     }
-    let _ = writeln!(md, "| SALM PSNR | {} dB |", opt_db(s.salm_psnr_db));
+    let _ = writeln!(md, "| {kind} PSNR | {} dB |", opt_db(s.salm_psnr_db));
     let _ = writeln!(
         md,
-        "| SALM unlearnability U | {:.2} |",
+        "| {kind} unlearnability U | {:.2} |",
         s.salm_unlearnability
     );
     if let (Some(w), Some(d)) = (s.salm_acc_worst_defence, &s.worst_defence) {
-        let _ = writeln!(md, "| SALM worst countermeasure | {d}: {} |", pct(w));
+        let _ = writeln!(md, "| {kind} worst countermeasure | {d}: {} |", pct(w));
     }
     let _ = writeln!(
         md,
-        "| acceptance (clean >= 90, SALM <= 30, eps <= 8/255, rho <= 0.25, PSNR >= 30) | {} |\n",
+        "| acceptance (clean >= 90, {kind} <= 30, eps <= 8/255, rho <= 0.25, PSNR >= 30) | {} |\n",
         if s.meets_acceptance { "met" } else { "NOT met" }
     );
 

@@ -406,9 +406,10 @@ fn per_class_recall_and_precision_name_the_classes_a_victim_still_tells_apart() 
 
 #[test]
 fn a_release_on_disk_is_audited_as_it_is() {
-    let mut cfg = config(None);
     let dir = tempfile::tempdir().unwrap();
-    let params = cfg.methods[0].params.clone();
+    let mut cfg = config(Some(dir.path().join("audit")));
+    // A class-wise EM release: the report calls the headline run EM.
+    let params = cfg.methods[1].params.clone();
     crate::release::protect(&crate::ProtectConfig {
         source: cfg.source.clone(),
         output: dir.path().join("rel"),
@@ -453,6 +454,9 @@ fn a_release_on_disk_is_audited_as_it_is() {
         .notes
         .iter()
         .any(|n| n.contains("not crafted by this audit")));
+    let md = std::fs::read_to_string(dir.path().join("audit/report.md")).unwrap();
+    assert!(md.contains("| EM accuracy (eps 8.0/255"), "{md}");
+    assert!(!md.contains("SALM accuracy"), "{md}");
 }
 
 /// A victim row with a given test-accuracy curve (percent).
