@@ -84,9 +84,10 @@ fn open_cuda(ordinal: usize) -> Result<Device> {
 /// memory back to the driver, and the next step maps it again, gigabytes a
 /// step for a ResNet on a batch of 512. A threshold of `u64::MAX` keeps
 /// freed memory in the pool for reuse, as PyTorch's caching allocator does.
-/// The memory stays with the process until it exits. Not yet timed on a
-/// GPU (the H100 runs that found 1400 image-steps/s, 23 times fewer than
-/// PyTorch, ran without it; neither TF32 nor fewer reductions moved them).
+/// The memory stays with the process until it exits. On an H100 it is
+/// worth a few percent at most: candle's own convolution backward ran at
+/// 1463 image-steps/s with it against 1395-1406 without it (different
+/// calls; `evals/results/protect-bench-h100.json` runs 1, 3 and 4).
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)] // two driver calls that cudarc exposes only as `unsafe`
 fn keep_freed_memory(device: &Device) -> std::result::Result<(), Box<dyn std::error::Error>> {

@@ -386,7 +386,9 @@ pub fn conv2d(
 enum GpuConv {
     /// Default: candle's forward (im2col + cuBLAS) with a backward made of
     /// two more `conv2d`s ([`conv_grad`]), instead of candle's naive
-    /// `conv_transpose2d` kernel for the input gradient.
+    /// `conv_transpose2d` kernel for the input gradient. Measured on an
+    /// H100 (TF32): 2403 image-steps/s against `Candle`'s 1463 in the same
+    /// call; strict fp32: 2066.
     Gemm,
     /// `LETHE_GPU_CONV=candle`: candle's `conv2d` and its own backward.
     /// Measured on an H100 (an EM round with a ResNet-18 surrogate, batch
