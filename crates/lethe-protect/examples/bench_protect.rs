@@ -25,7 +25,8 @@
 //! short digits protection on the CPU and the GPU and compares them
 //! (`check_against_cpu`). `--cifar-only --images N --steps K` runs just the
 //! CIFAR round (what `bench_protect_torch.py` calls on the H100); `--tf32`
-//! lets the GPU's f32 matrix products use TF32 tensor cores.
+//! lets the GPU's f32 matrix products use TF32 tensor cores;
+//! `BENCH_PGD_BATCH` sets the noise batch (default 512, PyTorch's).
 //! Threads as in `lethe-model`'s `bench_train`: unless set,
 //! `CANDLE_NUM_THREADS=1` and `RAYON_NUM_THREADS` = cores.
 //!
@@ -139,6 +140,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// Images per noise batch: `BENCH_PGD_BATCH`, default 512 (the batch of
+/// the PyTorch reference).
+fn pgd_batch() -> usize {
+    std::env::var("BENCH_PGD_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&b| b > 0)
+        .unwrap_or(512)
+}
+
 /// The noise step alone: one round with no surrogate training and no
 /// batch-norm recalibration (the accuracy pass remains, about a third of a
 /// step per image).
@@ -151,7 +162,7 @@ fn pgd_only(
     let mut p = ProtectParams::em(8.0 / 255.0);
     p.surrogate = arch.clone();
     p.pgd_steps = steps;
-    p.pgd_batch = 512;
+    p.pgd_batch = pgd_batch();
     p.train_steps_per_round = 0;
     p.bn_recalibration = 0;
     p.device = device.to_string();
@@ -163,7 +174,7 @@ fn pgd_only(
         "shape": [s.channels, s.height, s.width],
         "surrogate": arch.label(),
         "pgd_steps": steps,
-        "pgd_batch": 512,
+        "pgd_batch": p.pgd_batch,
         "seconds": round2(r.seconds),
         "image_steps": r.image_steps,
         "pgd_image_steps_per_s": round2(r.image_steps as f64 / r.seconds),
@@ -180,7 +191,7 @@ fn round(
     let mut p = ProtectParams::em(8.0 / 255.0);
     p.surrogate = arch.clone();
     p.pgd_steps = steps;
-    p.pgd_batch = 512;
+    p.pgd_batch = pgd_batch();
     p.train_batch = 128;
     p.train_steps_per_round = 10;
     p.device = device.to_string();
@@ -194,7 +205,7 @@ fn round(
         "shape": [s.channels, s.height, s.width],
         "surrogate": arch.label(),
         "pgd_steps": steps,
-        "pgd_batch": 512,
+        "pgd_batch": p.pgd_batch,
         "train_steps": 10,
         "round_s": round2(r.seconds),
         "wall_s_incl_setup": round2(wall),
