@@ -53,6 +53,12 @@ enum Task {
         /// The package whose example is built.
         #[arg(long, default_value = "lethe-protect")]
         package: String,
+        /// Convolutions through cuDNN (candle's `cudnn` feature): links
+        /// `libcudnn.so.9` from NVIDIA's cuDNN wheel; at run time it and its
+        /// engine libraries must be on the library path (the GPU machine's
+        /// torch venv has them). 1.6x faster EM rounds on an H100.
+        #[arg(long)]
+        cudnn: bool,
     },
 }
 
@@ -109,7 +115,11 @@ fn main() -> anyhow::Result<()> {
             }
             other => bail!("unknown benchmark {other}"),
         },
-        Task::CudaBuild { example, package } => cuda_build(&root, example.as_deref(), &package),
+        Task::CudaBuild {
+            example,
+            package,
+            cudnn,
+        } => cuda_build(&root, example.as_deref(), &package, cudnn),
     }
 }
 
@@ -201,7 +211,53 @@ const CUDA_WHEELS: &[&str] = &[
     "nvidia-cublas==13.0.2.14",
 ];
 
-fn cuda_build(root: &Path, example: Option<&str>, package: &str) -> anyhow::Result<()> {
+/// cuDNN for `cuda-build --cudnn` (CUDA 13 build; its soname is
+/// `libcudnn.so.9`, so any cuDNN 9 serves at run time).
+const CUDNN_WHEEL: &str = "nvidia-cudnn-cu13==9.28.1.4";
+
+/// The folder holding `libcudnn.so` for the linker, fetched once.
+fn cudnn_link_dir(base: &Path) -> anyhow::Result<PathBuf> {
+    let target = base.join("cudnn");
+    let so = target.join("nvidia/cudnn/lib/libcudnn.so.9");
+    if !so.exists() {
+        let wheels = base.join("cudnn-wheel");
+        std::fs::create_dir_all(&wheels)?;
+        run(Command::new("python3")
+            .args(["-m", "pip", "download", "--no-deps", "-q", "-d"])
+            .arg(&wheels)
+            .arg(CUDNN_WHEEL))?;
+        let mut install = Command::new("python3");
+        install
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--no-deps",
+                "--no-index",
+                "-q",
+                "--target",
+            ])
+            .arg(&target);
+        for e in std::fs::read_dir(&wheels)? {
+            install.arg(e?.path());
+        }
+        run(&mut install)?;
+    }
+    let link = base.join("cudnn-link");
+    std::fs::create_dir_all(&link)?;
+    let name = link.join("libcudnn.so");
+    if std::fs::symlink_metadata(&name).is_err() {
+        std::os::unix::fs::symlink(&so, &name)?;
+    }
+    Ok(link)
+}
+
+fn cuda_build(
+    root: &Path,
+    example: Option<&str>,
+    package: &str,
+    cudnn: bool,
+) -> anyhow::Result<()> {
     let base = root.join(".lethe/cuda");
     let wheels = base.join("wheels");
     let tk = base.join("toolkit");
@@ -300,16 +356,22 @@ fn cuda_build(root: &Path, example: Option<&str>, package: &str) -> anyhow::Resu
         Some(e) => build.args(["-p", package, "--example", e]),
         None => build.args(["-p", "lethe-cli"]),
     };
+    let mut library_path = format!("{}:{}", lib.display(), stubs.display());
+    if cudnn {
+        library_path = format!("{library_path}:{}", cudnn_link_dir(&base)?.display());
+    }
     run(build
-        .args(["--features", "cuda", "--target-dir", "target/cuda"])
+        .args([
+            "--features",
+            if cudnn { "cuda,cudnn" } else { "cuda" },
+            "--target-dir",
+            "target/cuda",
+        ])
         .env("CUDA_HOME", &cu)
         .env("CUDA_ROOT", &cu)
         .env("PATH", path)
         .env("CUDA_COMPUTE_CAP", "90")
-        .env(
-            "LIBRARY_PATH",
-            format!("{}:{}", lib.display(), stubs.display()),
-        ))?;
+        .env("LIBRARY_PATH", library_path))?;
     let built = match example {
         Some(e) => root.join("target/cuda/release/examples").join(e),
         None => root.join("target/cuda/release/lethe"),

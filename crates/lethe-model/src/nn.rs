@@ -388,7 +388,8 @@ enum GpuConv {
     /// two more `conv2d`s ([`conv_grad`]), instead of candle's naive
     /// `conv_transpose2d` kernel for the input gradient. Measured on an
     /// H100 (TF32): 2403 image-steps/s against `Candle`'s 1463 in the same
-    /// call; strict fp32: 2066.
+    /// call; strict fp32: 2066; built with the `cudnn` feature (candle's
+    /// `conv2d`, so both directions here, on cuDNN): 3769.
     Gemm,
     /// `LETHE_GPU_CONV=candle`: candle's `conv2d` and its own backward.
     /// Measured on an H100 (an EM round with a ResNet-18 surrogate, batch
