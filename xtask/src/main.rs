@@ -215,33 +215,38 @@ const CUDA_WHEELS: &[&str] = &[
 /// `libcudnn.so.9`, so any cuDNN 9 serves at run time).
 const CUDNN_WHEEL: &str = "nvidia-cudnn-cu13==9.28.1.4";
 
+/// Downloads `specs` (no dependencies) into `wheels` and unpacks every
+/// wheel there into `target`.
+fn install_wheels(specs: &[&str], wheels: &Path, target: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(wheels)?;
+    run(Command::new("python3")
+        .args(["-m", "pip", "download", "--no-deps", "-q", "-d"])
+        .arg(wheels)
+        .args(specs))?;
+    let mut install = Command::new("python3");
+    install
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-index",
+            "-q",
+            "--target",
+        ])
+        .arg(target);
+    for e in std::fs::read_dir(wheels)? {
+        install.arg(e?.path());
+    }
+    run(&mut install)
+}
+
 /// The folder holding `libcudnn.so` for the linker, fetched once.
 fn cudnn_link_dir(base: &Path) -> anyhow::Result<PathBuf> {
     let target = base.join("cudnn");
     let so = target.join("nvidia/cudnn/lib/libcudnn.so.9");
     if !so.exists() {
-        let wheels = base.join("cudnn-wheel");
-        std::fs::create_dir_all(&wheels)?;
-        run(Command::new("python3")
-            .args(["-m", "pip", "download", "--no-deps", "-q", "-d"])
-            .arg(&wheels)
-            .arg(CUDNN_WHEEL))?;
-        let mut install = Command::new("python3");
-        install
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--no-deps",
-                "--no-index",
-                "-q",
-                "--target",
-            ])
-            .arg(&target);
-        for e in std::fs::read_dir(&wheels)? {
-            install.arg(e?.path());
-        }
-        run(&mut install)?;
+        install_wheels(&[CUDNN_WHEEL], &base.join("cudnn-wheel"), &target)?;
     }
     let link = base.join("cudnn-link");
     std::fs::create_dir_all(&link)?;
@@ -263,27 +268,7 @@ fn cuda_build(
     let tk = base.join("toolkit");
     let cu = tk.join("nvidia/cu13");
     if !cu.join("bin/nvcc").exists() {
-        std::fs::create_dir_all(&wheels)?;
-        run(Command::new("python3")
-            .args(["-m", "pip", "download", "--no-deps", "-q", "-d"])
-            .arg(&wheels)
-            .args(CUDA_WHEELS))?;
-        let mut install = Command::new("python3");
-        install
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--no-deps",
-                "--no-index",
-                "-q",
-                "--target",
-            ])
-            .arg(&tk);
-        for e in std::fs::read_dir(&wheels)? {
-            install.arg(e?.path());
-        }
-        run(&mut install)?;
+        install_wheels(CUDA_WHEELS, &wheels, &tk)?;
     }
     let lib = cu.join("lib");
     for (link, target) in [
