@@ -69,6 +69,16 @@ impl Layout {
         }
     }
 
+    /// The frame's shape for the RLE codec.
+    fn rle_geometry(&self) -> rle::Geometry {
+        rle::Geometry {
+            rows: self.rows,
+            cols: self.cols,
+            samples: self.samples,
+            bytes_per_sample: usize::from(self.bits_allocated / 8),
+        }
+    }
+
     /// Index into the file's sample order of planar `(c, y, x)`.
     fn sample_index(&self, c: usize, p: usize) -> usize {
         if self.planar {
@@ -174,14 +184,7 @@ fn raw_words(obj: &DefaultDicomObject, l: &Layout, path: &Path) -> Result<Vec<u1
         Value::PixelSequence(seq) if l.rle => {
             // One frame; an encoder that split it into fragments is undone.
             let frame: Vec<u8> = seq.fragments().concat();
-            rle::decode_frame(
-                &frame,
-                l.rows,
-                l.cols,
-                l.samples,
-                usize::from(l.bits_allocated / 8),
-            )
-            .map_err(|e| Error::decode(path, e))?
+            rle::decode_frame(&frame, l.rle_geometry()).map_err(|e| Error::decode(path, e))?
         }
         Value::PixelSequence(_) => {
             return Err(Error::Unsupported(format!(
@@ -371,14 +374,8 @@ fn replace_pixels(
     let vr = elem.vr();
     if l.rle {
         let offsets = elem.value().offset_table().unwrap_or_default().to_vec();
-        let frame = rle::encode_frame(
-            &words,
-            l.rows,
-            l.cols,
-            l.samples,
-            usize::from(l.bits_allocated / 8),
-        )
-        .map_err(|e| Error::decode(src, e))?;
+        let frame =
+            rle::encode_frame(&words, l.rle_geometry()).map_err(|e| Error::decode(src, e))?;
         // The one frame starts at offset 0 whatever the basic offset table held.
         let offsets = if offsets.is_empty() { offsets } else { vec![0] };
         obj.put(DataElement::new(

@@ -14,16 +14,37 @@
 const MAX_SEGMENTS: usize = 15;
 const HEADER_LEN: usize = 64;
 
-/// Decodes one RLE frame into `samples` planes of `rows * cols` words (plane
-/// `c` at `c * rows * cols`); `bytes_per_sample` is 1 or 2.
-pub(super) fn decode_frame(
-    fragment: &[u8],
-    rows: usize,
-    cols: usize,
-    samples: usize,
-    bytes_per_sample: usize,
-) -> Result<Vec<u16>, String> {
-    let expected = samples * bytes_per_sample;
+/// The shape of one frame: `samples` planes of `rows x cols` samples of
+/// `bytes_per_sample` bytes (1 or 2), one RLE segment per byte plane.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Geometry {
+    pub rows: usize,
+    pub cols: usize,
+    pub samples: usize,
+    pub bytes_per_sample: usize,
+}
+
+impl Geometry {
+    fn plane(&self) -> usize {
+        self.rows * self.cols
+    }
+
+    fn segments(&self) -> usize {
+        self.samples * self.bytes_per_sample
+    }
+
+    /// Segment `s`'s sample plane and bit shift (most significant byte of
+    /// each sample first).
+    fn segment(&self, s: usize) -> (usize, usize) {
+        let (c, byte) = (s / self.bytes_per_sample, s % self.bytes_per_sample);
+        (c, 8 * (self.bytes_per_sample - 1 - byte))
+    }
+}
+
+/// Decodes one RLE frame into `g.samples` planes of `rows * cols` words
+/// (plane `c` at `c * rows * cols`).
+pub(super) fn decode_frame(fragment: &[u8], g: Geometry) -> Result<Vec<u16>, String> {
+    let expected = g.segments();
     if fragment.len() < HEADER_LEN {
         return Err(format!(
             "RLE fragment of {} bytes is shorter than its 64-byte header",
@@ -41,12 +62,12 @@ pub(super) fn decode_frame(
     let segments = word(0);
     if segments != expected {
         return Err(format!(
-            "RLE header lists {segments} segments; {samples} sample(s) of \
-             {bytes_per_sample} byte(s) need {expected}"
+            "RLE header lists {segments} segments; {} sample(s) of {} byte(s) need {expected}",
+            g.samples, g.bytes_per_sample
         ));
     }
-    let hw = rows * cols;
-    let mut words = vec![0u16; samples * hw];
+    let hw = g.plane();
+    let mut words = vec![0u16; g.samples * hw];
     for s in 0..segments {
         let start = word(1 + s);
         let end = if s + 1 < segments {
@@ -64,9 +85,7 @@ pub(super) fn decode_frame(
                 )
             })?;
         let plane = unpack_bits(segment, hw).map_err(|e| format!("RLE segment {s}: {e}"))?;
-        let (c, byte) = (s / bytes_per_sample, s % bytes_per_sample);
-        // Segment order within a sample is most significant byte first.
-        let shift = 8 * (bytes_per_sample - 1 - byte);
+        let (c, shift) = g.segment(s);
         for (w, b) in words[c * hw..(c + 1) * hw].iter_mut().zip(plane) {
             *w |= u16::from(b) << shift;
         }
@@ -74,22 +93,19 @@ pub(super) fn decode_frame(
     Ok(words)
 }
 
-/// Encodes `samples` planes of `rows * cols` words (as [`decode_frame`]
+/// Encodes `g.samples` planes of `rows * cols` words (as [`decode_frame`]
 /// returns them) into one RLE frame.
-pub(super) fn encode_frame(
-    words: &[u16],
-    rows: usize,
-    cols: usize,
-    samples: usize,
-    bytes_per_sample: usize,
-) -> Result<Vec<u8>, String> {
-    let hw = rows * cols;
-    let segments = samples * bytes_per_sample;
-    if segments > MAX_SEGMENTS || words.len() != samples * hw || cols == 0 {
+pub(super) fn encode_frame(words: &[u16], g: Geometry) -> Result<Vec<u8>, String> {
+    let hw = g.plane();
+    let segments = g.segments();
+    if segments > MAX_SEGMENTS || words.len() != g.samples * hw || g.cols == 0 {
         return Err(format!(
-            "cannot RLE-encode {} words as {samples} sample(s) of {rows}x{cols} \
-             in {bytes_per_sample} byte(s)",
-            words.len()
+            "cannot RLE-encode {} words as {} sample(s) of {}x{} in {} byte(s)",
+            words.len(),
+            g.samples,
+            g.rows,
+            g.cols,
+            g.bytes_per_sample
         ));
     }
     let mut out = vec![0u8; HEADER_LEN];
@@ -98,12 +114,11 @@ pub(super) fn encode_frame(
     for s in 0..segments {
         let offset = u32::try_from(out.len()).map_err(|_| "RLE frame over 4 GiB".to_string())?;
         out[4 * (1 + s)..4 * (2 + s)].copy_from_slice(&offset.to_le_bytes());
-        let (c, byte) = (s / bytes_per_sample, s % bytes_per_sample);
-        let shift = 8 * (bytes_per_sample - 1 - byte);
+        let (c, shift) = g.segment(s);
         for (b, &w) in plane.iter_mut().zip(&words[c * hw..(c + 1) * hw]) {
             *b = (w >> shift) as u8;
         }
-        for row in plane.chunks(cols) {
+        for row in plane.chunks(g.cols) {
             pack_bits(row, &mut out);
         }
         if out.len() % 2 == 1 {
@@ -206,10 +221,16 @@ mod tests {
             for w in words.iter_mut().take(200.min(rows * cols)) {
                 *w = 7;
             }
-            let frame = encode_frame(&words, rows, cols, samples, bps).unwrap();
+            let g = Geometry {
+                rows,
+                cols,
+                samples,
+                bytes_per_sample: bps,
+            };
+            let frame = encode_frame(&words, g).unwrap();
             assert_eq!(frame.len() % 2, 0);
             assert_eq!(
-                decode_frame(&frame, rows, cols, samples, bps).unwrap(),
+                decode_frame(&frame, g).unwrap(),
                 words,
                 "{rows}x{cols}x{samples} in {bps} byte(s)"
             );
@@ -238,7 +259,13 @@ mod tests {
     #[test]
     fn malformed_frames_are_errors() {
         let words = lcg(16, 1, 256);
-        let good = encode_frame(&words, 4, 4, 1, 1).unwrap();
+        let g = |samples| Geometry {
+            rows: 4,
+            cols: 4,
+            samples,
+            bytes_per_sample: 1,
+        };
+        let good = encode_frame(&words, g(1)).unwrap();
         let cases: Vec<(Vec<u8>, &str)> = vec![
             (good[..10].to_vec(), "shorter than its 64-byte header"),
             (
@@ -275,9 +302,9 @@ mod tests {
             ),
         ];
         for (frame, needle) in cases {
-            let err = decode_frame(&frame, 4, 4, 1, 1).unwrap_err();
+            let err = decode_frame(&frame, g(1)).unwrap_err();
             assert!(err.contains(needle), "{err:?} lacks {needle:?}");
         }
-        assert!(encode_frame(&words, 4, 4, 2, 1).is_err());
+        assert!(encode_frame(&words, g(2)).is_err());
     }
 }
