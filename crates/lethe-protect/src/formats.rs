@@ -149,17 +149,7 @@ fn load_folder(root: &Path) -> Result<Dataset> {
             .into_iter()
             .filter_entry(|e| e.depth() == 0 || !e.file_name().to_string_lossy().starts_with('.'));
         for entry in walk {
-            let entry = entry.map_err(|e| {
-                let at = e
-                    .path()
-                    .map(Path::to_path_buf)
-                    .unwrap_or_else(|| dir.clone());
-                Error::io(
-                    e.into_io_error()
-                        .unwrap_or_else(|| std::io::Error::other("a folder loop")),
-                    format!("listing {}", at.display()),
-                )
-            })?;
+            let entry = entry.map_err(|e| walk_error(e, dir))?;
             // Files, and links to files (links to folders are not followed).
             let path = entry.into_path();
             if !path.is_file() {
@@ -228,6 +218,16 @@ fn detect_kind(path: &Path) -> Result<Option<FileKind>> {
         "dcm" | "dicom" => Err(Error::decode(path, "not a DICOM file (no DICM preamble)")),
         _ => Ok(None),
     }
+}
+
+/// A folder walk's error as ours, naming the entry it failed on (or `root`).
+pub(crate) fn walk_error(e: walkdir::Error, root: &Path) -> Error {
+    let at = e.path().unwrap_or(root).display().to_string();
+    Error::io(
+        e.into_io_error()
+            .unwrap_or_else(|| std::io::Error::other("a folder loop")),
+        format!("listing {at}"),
+    )
 }
 
 pub(crate) fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>> {

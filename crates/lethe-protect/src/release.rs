@@ -376,19 +376,15 @@ pub fn verify_release(folder: &Path) -> Result<VerifyReport> {
             report.changed.push(rel.clone());
         }
     }
+    let listed_paths: std::collections::HashSet<&Path> =
+        listed.iter().map(|(p, _)| p.as_path()).collect();
     for entry in walkdir::WalkDir::new(folder).sort_by_file_name() {
-        let entry = entry.map_err(|e| {
-            Error::io(
-                e.into_io_error()
-                    .unwrap_or_else(|| std::io::Error::other("a folder loop")),
-                format!("listing {}", folder.display()),
-            )
-        })?;
+        let entry = entry.map_err(|e| formats::walk_error(e, folder))?;
         if !entry.file_type().is_file() {
             continue;
         }
         let rel = entry.path().strip_prefix(folder).unwrap_or(entry.path());
-        if rel != Path::new(MANIFEST_FILE) && !listed.iter().any(|(p, _)| p == rel) {
+        if rel != Path::new(MANIFEST_FILE) && !listed_paths.contains(rel) {
             report.unlisted.push(rel.to_path_buf());
         }
     }
