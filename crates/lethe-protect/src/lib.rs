@@ -89,7 +89,7 @@ pub use protect::{
 };
 pub use release::{
     estimate, protect, protect_with, read_release, verify_release, ProtectConfig, ProtectReport,
-    ReadRelease, VerifyReport,
+    ReadRelease, ReleasedRun, VerifyReport,
 };
 pub use sources::LesionSpec;
 pub use victim::VictimConfig;

@@ -275,7 +275,7 @@ pub fn estimate(cfg: &ProtectConfig) -> Result<Estimate> {
 /// The parts of a `manifest.json` an audit needs, read back.
 #[derive(Debug, Deserialize)]
 struct ManifestOnDisk {
-    report: ReportOnDisk,
+    report: ReleasedRun,
     params: ProtectParams,
     classes: Vec<String>,
     items: Vec<ManifestItemOnDisk>,
@@ -285,12 +285,17 @@ struct ManifestOnDisk {
     files: Vec<WrittenFile>,
 }
 
-#[derive(Debug, Deserialize)]
-struct ReportOnDisk {
-    stop_reason: Option<StopReason>,
-    released_round: usize,
-    seconds: f64,
-    image_steps: u64,
+/// How a release's run went, as its manifest's `report` says.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ReleasedRun {
+    /// Why the run stopped.
+    pub stop_reason: Option<StopReason>,
+    /// The round whose noise was released.
+    pub released_round: usize,
+    /// Wall time of its optimisation (seconds, over the whole source).
+    pub seconds: f64,
+    /// Noise steps taken.
+    pub image_steps: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -400,14 +405,8 @@ pub struct ReadRelease {
     pub data: Dataset,
     /// How it was made (from its manifest).
     pub params: ProtectParams,
-    /// Why its run stopped.
-    pub stop_reason: Option<StopReason>,
-    /// The round whose noise was released.
-    pub released_round: usize,
-    /// Wall time of its optimisation (seconds, over the whole source).
-    pub seconds: f64,
-    /// Noise steps taken.
-    pub image_steps: u64,
+    /// How its run went.
+    pub run: ReleasedRun,
     /// Its round log.
     pub rounds: Vec<RoundLog>,
     /// Images whose source file hash in the manifest was checked against
@@ -531,10 +530,7 @@ pub fn read_release(source: &DataSource, clean: &Dataset) -> Result<ReadRelease>
     Ok(ReadRelease {
         data,
         params: manifest.params,
-        stop_reason: manifest.report.stop_reason,
-        released_round: manifest.report.released_round,
-        seconds: manifest.report.seconds,
-        image_steps: manifest.report.image_steps,
+        run: manifest.report,
         rounds: manifest.rounds,
         hashes_checked,
     })
