@@ -56,7 +56,8 @@ enum Task {
         /// Convolutions through cuDNN (candle's `cudnn` feature): links
         /// `libcudnn.so.9` from NVIDIA's cuDNN wheel; at run time it and its
         /// engine libraries must be on the library path (the GPU machine's
-        /// torch venv has them). 1.6x faster EM rounds on an H100.
+        /// torch venv has them). EM rounds on an H100: 3769 image-steps/s
+        /// against 2403 without it (two calls).
         #[arg(long)]
         cudnn: bool,
     },
