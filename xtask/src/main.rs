@@ -290,34 +290,17 @@ fn cuda_build(
     let stubs = lib.join("stubs");
     if !stubs.join("libcuda.so").exists() {
         std::fs::create_dir_all(&stubs)?;
-        let registry = cargo_home().join("registry/src");
-        let mut names = std::collections::BTreeSet::new();
-        for reg in std::fs::read_dir(&registry)? {
-            for krate in std::fs::read_dir(reg?.path())? {
-                let p = krate?.path();
-                let is_cudarc = p
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("cudarc-0.19"));
-                let sys = p.join("src/driver/sys/mod.rs");
-                if is_cudarc && sys.exists() {
-                    let text = std::fs::read_to_string(&sys)?;
-                    for part in text.split("pub unsafe fn ").skip(1) {
-                        let name: String = part
-                            .chars()
-                            .take_while(|c| c.is_alphanumeric() || *c == '_')
-                            .collect();
-                        if name.starts_with("cu") {
-                            names.insert(name);
-                        }
-                    }
-                }
-            }
+        let mut names = cudarc_driver_symbols()?;
+        if names.is_empty() {
+            // A fresh machine has unpacked only what the CPU build used;
+            // cudarc is an optional dependency of the `cuda` feature.
+            run(cargo().arg("fetch"))?;
+            names = cudarc_driver_symbols()?;
         }
         if names.is_empty() {
             bail!(
-                "cudarc 0.19 sources not found under {}; run `cargo fetch` first",
-                registry.display()
+                "cudarc 0.19 sources not found under {} even after `cargo fetch`",
+                cargo_home().join("registry/src").display()
             );
         }
         let c: String = names
@@ -364,6 +347,39 @@ fn cuda_build(
     };
     println!("built {}", built.display());
     Ok(())
+}
+
+/// The CUDA driver functions cudarc 0.19 binds (its `driver/sys` module),
+/// read from the unpacked crate sources: the names a link stub must export.
+fn cudarc_driver_symbols() -> anyhow::Result<std::collections::BTreeSet<String>> {
+    let registry = cargo_home().join("registry/src");
+    let mut names = std::collections::BTreeSet::new();
+    if !registry.exists() {
+        return Ok(names);
+    }
+    for reg in std::fs::read_dir(&registry)? {
+        for krate in std::fs::read_dir(reg?.path())? {
+            let p = krate?.path();
+            let is_cudarc = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("cudarc-0.19"));
+            let sys = p.join("src/driver/sys/mod.rs");
+            if is_cudarc && sys.exists() {
+                let text = std::fs::read_to_string(&sys)?;
+                for part in text.split("pub unsafe fn ").skip(1) {
+                    let name: String = part
+                        .chars()
+                        .take_while(|c| c.is_alphanumeric() || *c == '_')
+                        .collect();
+                    if name.starts_with("cu") {
+                        names.insert(name);
+                    }
+                }
+            }
+        }
+    }
+    Ok(names)
 }
 
 fn cargo_home() -> PathBuf {
