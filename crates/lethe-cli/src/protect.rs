@@ -43,7 +43,9 @@ pub struct ProtectArgs {
     /// manifest.json).
     #[arg(long, short)]
     output: Option<PathBuf>,
-    /// Checkpoint folder (default: OUTPUT.checkpoint next to the output).
+    /// Checkpoint folder (default: OUTPUT.checkpoint next to the output). A
+    /// run saved there is continued with --resume or replaced with
+    /// --overwrite; with neither, protect refuses to start.
     #[arg(long)]
     checkpoint: Option<PathBuf>,
     /// Continue an interrupted run from its checkpoint.
@@ -52,7 +54,8 @@ pub struct ProtectArgs {
     /// Do not checkpoint after every round.
     #[arg(long, conflicts_with = "resume")]
     no_checkpoint: bool,
-    /// Write into a non-empty output folder.
+    /// Write into a non-empty output folder, and start over a run saved in
+    /// the checkpoint folder.
     #[arg(long)]
     overwrite: bool,
     /// Only estimate the run time (times a few steps; writes nothing).

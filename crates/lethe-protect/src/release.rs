@@ -29,13 +29,16 @@ pub struct ProtectConfig {
     pub output: PathBuf,
     /// Method and parameters.
     pub params: ProtectParams,
-    /// Where to checkpoint after every round (default: none).
+    /// Where to checkpoint after every round (default: none). A saved run
+    /// there is continued with `resume` or replaced with `overwrite`;
+    /// with neither, [`protect()`] refuses to start.
     #[serde(default)]
     pub checkpoint_dir: Option<PathBuf>,
     /// Resume from `checkpoint_dir`.
     #[serde(default)]
     pub resume: bool,
-    /// Allow writing into a non-empty output folder.
+    /// Allow writing into a non-empty output folder and starting over a
+    /// run saved in `checkpoint_dir`.
     #[serde(default)]
     pub overwrite: bool,
     /// Progress bar with ETA on stderr.
@@ -178,6 +181,19 @@ pub fn protect_with(
         return Err(Error::Config("resume needs a checkpoint_dir".into()));
     }
     check_output(cfg)?;
+    // Starting over would overwrite a saved run at the first round: that
+    // takes an explicit choice, not a rerun of the same command.
+    if let Some(dir) = cfg.checkpoint_dir.as_deref() {
+        if !cfg.resume && !cfg.overwrite {
+            if let Some(saved) = protect::checkpoint::describe_saved(dir) {
+                return Err(Error::Config(format!(
+                    "checkpoint folder {} holds {saved}: set resume to continue it or \
+                     overwrite to start over (CLI: --resume / --overwrite)",
+                    dir.display()
+                )));
+            }
+        }
+    }
     let data = formats::load(&cfg.source)?;
     let control = RunControl {
         checkpoint_dir: cfg.checkpoint_dir.clone(),

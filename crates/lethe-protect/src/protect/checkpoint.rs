@@ -177,6 +177,32 @@ fn momentum_file(k: usize) -> String {
     }
 }
 
+/// What `dir` holds, in words, when it holds a saved run ("an interrupted
+/// run after round 3", "a finished run of 12 rounds", "an unreadable
+/// checkpoint"); `None` when there is nothing to lose there.
+pub(crate) fn describe_saved(dir: &Path) -> Option<String> {
+    let state = ["current", "previous"]
+        .iter()
+        .map(|d| dir.join(d).join("state.json"))
+        .find(|p| p.is_file())?;
+    let value: Option<serde_json::Value> = fs::read(&state)
+        .ok()
+        .and_then(|t| serde_json::from_slice(&t).ok());
+    let round = value
+        .as_ref()
+        .and_then(|v| v.get("round"))
+        .and_then(|r| r.as_u64());
+    let finished = value
+        .as_ref()
+        .and_then(|v| v.get("stop"))
+        .is_some_and(|s| !s.is_null());
+    Some(match round {
+        Some(r) if finished => format!("a finished run of {r} rounds"),
+        Some(r) => format!("an interrupted run after round {r}"),
+        None => "an unreadable checkpoint".to_string(),
+    })
+}
+
 /// What [`load`] restores: the state, the surrogates and their momentum.
 pub(crate) type Restored = (State, Vec<Net>, Vec<HashMap<String, Tensor>>);
 

@@ -137,6 +137,57 @@ fn paused_runs_write_nothing_and_resume_to_the_same_release() {
 }
 
 #[test]
+fn a_saved_run_is_not_started_over_without_overwrite() {
+    let src = png_source();
+    let out = tempfile::tempdir().unwrap();
+    let ck = tempfile::tempdir().unwrap();
+    let cfg = ProtectConfig {
+        source: DataSource::Folder {
+            path: src.path().to_path_buf(),
+        },
+        output: out.path().join("a"),
+        params: params(),
+        checkpoint_dir: Some(ck.path().to_path_buf()),
+        resume: false,
+        overwrite: false,
+        progress: false,
+    };
+    // An empty checkpoint folder is nothing to lose.
+    let paused = protect_with(&cfg, Some(1), None).unwrap();
+    assert!(!paused.finished);
+    let state = ck.path().join("current").join("state.json");
+    let saved = std::fs::read(&state).unwrap();
+    // Rerunning the same command without resume would discard round 1.
+    let err = protect(&cfg).unwrap_err().to_string();
+    assert!(
+        err.contains("interrupted run after round 1") && err.contains("--resume"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&state).unwrap(), saved, "checkpoint kept");
+    // Resuming continues it; starting over is allowed when asked for.
+    let resumed = protect(&ProtectConfig {
+        resume: true,
+        ..cfg.clone()
+    })
+    .unwrap();
+    assert!(resumed.finished);
+    let again = protect(&ProtectConfig {
+        output: out.path().join("b"),
+        ..cfg.clone()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(again.contains("a finished run of 2 rounds"), "{again}");
+    let fresh = protect(&ProtectConfig {
+        output: out.path().join("b"),
+        overwrite: true,
+        ..cfg.clone()
+    })
+    .unwrap();
+    assert_eq!(fresh.quality, resumed.quality);
+}
+
+#[test]
 fn resume_without_a_checkpoint_folder_is_a_config_error() {
     let cfg = ProtectConfig {
         source: DataSource::Digits,
