@@ -141,10 +141,12 @@ struct DataArgs {
     /// For a .npy input: the .npy file of integer labels.
     #[arg(long)]
     labels: Option<PathBuf>,
-    /// For a .npz input: the images entry.
+    /// For a .npz input: the images entry (default: the first of images, x,
+    /// X, data, x_train, X_train, train_images, train_x that it holds).
     #[arg(long)]
     images_key: Option<String>,
-    /// For a .npz input: the labels entry.
+    /// For a .npz input: the labels entry (default: the one named like the
+    /// images entry, y_train for x_train, else labels, y, targets, label).
     #[arg(long)]
     labels_key: Option<String>,
 }
@@ -532,8 +534,9 @@ fn protect(data: &DataArgs, method: &MethodArgs, f: ProtectFlags) -> anyhow::Res
     );
     if let Some(out) = &report.output {
         println!(
-            "wrote {} files and {} to {}",
+            "wrote {} file{} and {} to {}",
             report.files,
+            if report.files == 1 { "" } else { "s" },
             lethe_protect::release::MANIFEST_FILE,
             out.display()
         );

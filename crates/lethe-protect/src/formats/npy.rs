@@ -253,6 +253,34 @@ impl Array {
     }
 }
 
+/// `.npz` entries tried for the images when no key is given, in order: the
+/// common names, then the training half of a Keras-style split archive
+/// (`mnist.npz` holds `x_train`, `y_train`, `x_test`, `y_test`), so the
+/// split that is released for training is the one protected.
+const IMAGES_KEYS: &[&str] = &[
+    "images",
+    "x",
+    "X",
+    "data",
+    "x_train",
+    "X_train",
+    "train_images",
+    "train_x",
+];
+
+/// `.npz` entries tried for the labels; entry `i` goes with
+/// `IMAGES_KEYS[i]` and is tried first when that images entry was found.
+const LABELS_KEYS: &[&str] = &[
+    "labels",
+    "y",
+    "targets",
+    "label",
+    "y_train",
+    "Y_train",
+    "train_labels",
+    "train_y",
+];
+
 /// Reads an image dataset from `.npy` (+ labels file) or `.npz`.
 pub(crate) fn load(
     path: &Path,
@@ -282,13 +310,23 @@ pub(crate) fn load(
                 .map(|k| k.to_string())
                 .ok_or_else(|| {
                     Error::Unsupported(format!(
-                        "{}: no {what} entry (looked for {candidates:?}; the archive has {names:?})",
+                        "{}: no {what} entry (looked for {candidates:?}; the archive has {names:?}); \
+                         name it with {what}_key (CLI: --{what}-key)",
                         path.display()
                     ))
                 })
         };
-        let ik = find(images_key, &["images", "x", "X", "data"], "images")?;
-        let lk = find(labels_key, &["labels", "y", "targets", "label"], "labels")?;
+        let ik = find(images_key, IMAGES_KEYS, "images")?;
+        // The labels that go with a default images entry are tried first
+        // (`x_train` -> `y_train`), so a split archive is never paired
+        // across its halves.
+        let mut label_defaults: Vec<&str> = IMAGES_KEYS
+            .iter()
+            .position(|k| *k == ik)
+            .map(|i| vec![LABELS_KEYS[i]])
+            .unwrap_or_default();
+        label_defaults.extend(LABELS_KEYS);
+        let lk = find(labels_key, &label_defaults, "labels")?;
         let mut read_entry = |k: &str| -> Result<Array> {
             let mut entry = zip
                 .by_name(&format!("{k}.npy"))

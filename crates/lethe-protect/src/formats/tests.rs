@@ -322,6 +322,69 @@ fn npz_float_channels_last_keeps_other_entries() {
     assert_eq!(meta, npy_bytes("|u1", &[3], vec![1, 2, 3]));
 }
 
+#[test]
+fn npz_split_archive_protects_the_training_half() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mnist.npz");
+    let entry = |n: usize, first: u8| -> Vec<u8> {
+        npy_bytes(
+            "|u1",
+            &[n, 2, 2],
+            (0..n * 4).map(|i| first + i as u8).collect(),
+        )
+    };
+    {
+        let f = std::fs::File::create(&path).unwrap();
+        let mut z = zip::ZipWriter::new(f);
+        let o = zip::write::SimpleFileOptions::default();
+        // Keras order: the test half's labels come before the training labels
+        // would under a plain name search, and `y` is a decoy of another length.
+        z.start_file("x_test.npy", o).unwrap();
+        z.write_all(&entry(1, 100)).unwrap();
+        z.start_file("x_train.npy", o).unwrap();
+        z.write_all(&entry(3, 0)).unwrap();
+        z.start_file("y.npy", o).unwrap();
+        z.write_all(&npy_bytes("|u1", &[5], vec![0; 5])).unwrap();
+        z.start_file("y_test.npy", o).unwrap();
+        z.write_all(&npy_bytes("|u1", &[1], vec![1])).unwrap();
+        z.start_file("y_train.npy", o).unwrap();
+        z.write_all(&npy_bytes("|u1", &[3], vec![0, 1, 0])).unwrap();
+        z.finish().unwrap();
+    }
+    let source = |images_key: Option<&str>| DataSource::Npy {
+        path: path.clone(),
+        images_key: images_key.map(str::to_string),
+        labels_key: None,
+        labels_path: None,
+    };
+    let data = load(&source(None)).unwrap();
+    assert_eq!(data.len(), 3);
+    assert_eq!(data.labels(), &[0, 1, 0]);
+    assert!((data.image(1)[0] - 4.0 / 255.0).abs() < 1e-7);
+    // An archive without any known name says which flag names the entry.
+    let bare = dir.path().join("bare.npz");
+    {
+        let mut z = zip::ZipWriter::new(std::fs::File::create(&bare).unwrap());
+        z.start_file("pixels.npy", zip::write::SimpleFileOptions::default())
+            .unwrap();
+        z.write_all(&entry(1, 0)).unwrap();
+        z.finish().unwrap();
+    }
+    let err = load(&DataSource::Npy {
+        path: bare,
+        images_key: None,
+        labels_key: None,
+        labels_path: None,
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("pixels.npy") && err.contains("--images-key"),
+        "{err}"
+    );
+}
+
 fn pydicom_dir() -> PathBuf {
     lethe_assets::Cache::from_env()
         .ensure(lethe_assets::Asset::PYDICOM_DATA)
