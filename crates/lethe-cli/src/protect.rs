@@ -54,6 +54,21 @@ pub struct ProtectArgs {
     /// Do not checkpoint after every round.
     #[arg(long, conflicts_with = "resume")]
     no_checkpoint: bool,
+    /// Class-wise methods: where to keep the released noise, a secret that
+    /// protects images added later the same way (--reuse-noise) and that
+    /// undoes the protection (default: OUTPUT.noise.safetensors next to the
+    /// output, never inside it).
+    #[arg(long, conflicts_with = "no_noise_file")]
+    noise_file: Option<PathBuf>,
+    /// Class-wise methods: do not keep the noise (the checkpoint still holds
+    /// it unless --no-checkpoint).
+    #[arg(long)]
+    no_noise_file: bool,
+    /// Protect with a class-wise run's noise file instead of crafting: new
+    /// images of the same classes (matched by name) and shape get exactly
+    /// the released noise; the method flags are ignored.
+    #[arg(long, conflicts_with_all = ["resume", "dry_run", "noise_file"])]
+    reuse_noise: Option<PathBuf>,
     /// Write into a non-empty output folder, and start over a run saved in
     /// the checkpoint folder.
     #[arg(long)]
@@ -431,20 +446,28 @@ pub fn run(args: ProtectArgs) -> anyhow::Result<()> {
     match args.command {
         Some(ProtectCommand::Audit(a)) => audit(*a),
         Some(ProtectCommand::Verify(v)) => verify(&v),
-        None => protect(
-            &args.data,
-            &args.method,
-            ProtectFlags {
-                output: args.output,
-                checkpoint: args.checkpoint,
-                resume: args.resume,
-                no_checkpoint: args.no_checkpoint,
-                overwrite: args.overwrite,
-                dry_run: args.dry_run,
-                quiet: args.quiet,
-                json: args.json,
-            },
-        ),
+        None => {
+            let flags = ProtectFlags::from(&args);
+            protect(&args.data, &args.method, flags)
+        }
+    }
+}
+
+impl From<&ProtectArgs> for ProtectFlags {
+    fn from(args: &ProtectArgs) -> ProtectFlags {
+        ProtectFlags {
+            output: args.output.clone(),
+            checkpoint: args.checkpoint.clone(),
+            resume: args.resume,
+            no_checkpoint: args.no_checkpoint,
+            overwrite: args.overwrite,
+            noise_file: args.noise_file.clone(),
+            no_noise_file: args.no_noise_file,
+            reuse_noise: args.reuse_noise.clone(),
+            dry_run: args.dry_run,
+            quiet: args.quiet,
+            json: args.json,
+        }
     }
 }
 
@@ -454,17 +477,34 @@ struct ProtectFlags {
     resume: bool,
     no_checkpoint: bool,
     overwrite: bool,
+    noise_file: Option<PathBuf>,
+    no_noise_file: bool,
+    reuse_noise: Option<PathBuf>,
     dry_run: bool,
     quiet: bool,
     json: bool,
 }
 
-fn default_checkpoint(output: &Path) -> PathBuf {
+/// Where a run keeps its class noise: the path given, else next to the
+/// output for a class-wise crafting run; nowhere when told not to, when
+/// reusing a noise, or for a sample-wise method (no class noise).
+fn noise_file(f: &ProtectFlags, classwise: bool, output: &Path) -> Option<PathBuf> {
+    match (&f.noise_file, f.no_noise_file) {
+        (Some(path), _) => Some(path.clone()),
+        (None, false) if f.reuse_noise.is_none() && classwise => {
+            Some(beside(output, ".noise.safetensors"))
+        }
+        _ => None,
+    }
+}
+
+/// `OUTPUT<suffix>` next to the output folder (checkpoint, noise file).
+fn beside(output: &Path, suffix: &str) -> PathBuf {
     let mut name = output
         .file_name()
         .map(|n| n.to_os_string())
         .unwrap_or_else(|| "release".into());
-    name.push(".checkpoint");
+    name.push(suffix);
     output.with_file_name(name)
 }
 
@@ -473,11 +513,16 @@ fn protect(data: &DataArgs, method: &MethodArgs, f: ProtectFlags) -> anyhow::Res
     let params = method.params(side_of(&source)?)?;
     let output = f
         .output
+        .clone()
         .ok_or_else(|| anyhow::format_err!("--output DIR is required"))?;
+    let noise_file = noise_file(&f, params.method.classwise(), &output);
     let checkpoint_dir = if f.no_checkpoint {
         None
     } else {
-        Some(f.checkpoint.unwrap_or_else(|| default_checkpoint(&output)))
+        Some(
+            f.checkpoint
+                .unwrap_or_else(|| beside(&output, ".checkpoint")),
+        )
     };
     let cfg = ProtectConfig {
         source,
@@ -487,6 +532,8 @@ fn protect(data: &DataArgs, method: &MethodArgs, f: ProtectFlags) -> anyhow::Res
         resume: f.resume,
         overwrite: f.overwrite || f.resume,
         progress: !f.quiet && !f.json,
+        noise_file,
+        reuse_noise: f.reuse_noise,
     };
     if f.dry_run {
         let e = lethe_protect::estimate(&cfg)?;
@@ -515,15 +562,24 @@ fn protect(data: &DataArgs, method: &MethodArgs, f: ProtectFlags) -> anyhow::Res
         return Ok(());
     }
     let q = &report.quality;
-    println!(
-        "{}: {} images, {}; {} rounds ({:?}) in {}",
-        report.dataset,
-        report.images,
-        report.method,
-        report.rounds,
-        report.stop_reason,
-        duration(report.seconds)
-    );
+    match &cfg.reuse_noise {
+        Some(noise) => println!(
+            "{}: {} images, {} from {}",
+            report.dataset,
+            report.images,
+            report.method,
+            noise.display()
+        ),
+        None => println!(
+            "{}: {} images, {}; {} rounds ({:?}) in {}",
+            report.dataset,
+            report.images,
+            report.method,
+            report.rounds,
+            report.stop_reason,
+            duration(report.seconds)
+        ),
+    }
     println!(
         "quality: PSNR mean {} dB (min {}), SSIM {:.4}, L-inf {:.1}/255, changed pixels {:.1}%",
         db(q.psnr_mean_db),
@@ -548,6 +604,14 @@ fn protect(data: &DataArgs, method: &MethodArgs, f: ProtectFlags) -> anyhow::Res
             data.flags(),
             out.display()
         );
+        if let Some(noise) = &cfg.noise_file {
+            println!(
+                "class noise kept in {} (secret: it removes the protection; protect images \
+                 added later with --reuse-noise {})",
+                noise.display(),
+                noise.display()
+            );
+        }
     }
     Ok(())
 }
@@ -1018,11 +1082,39 @@ mod tests {
         let a = parse(&["-i", "data/x.npz", "-o", "out/rel"]);
         assert!(matches!(a.data.source(), Ok(DataSource::Npy { .. })));
         assert_eq!(
-            default_checkpoint(Path::new("out/rel")),
+            beside(Path::new("out/rel"), ".checkpoint"),
             PathBuf::from("out/rel.checkpoint")
         );
         let none = parse(&["-o", "out/rel"]);
         assert!(none.data.source().is_err());
+    }
+
+    #[test]
+    fn class_noise_is_kept_beside_the_output_for_class_wise_crafting() {
+        let kept = |argv: &[&str]| {
+            let a = parse(argv);
+            let classwise = a.method.params(32).unwrap().method.classwise();
+            noise_file(&ProtectFlags::from(&a), classwise, Path::new("out/rel"))
+        };
+        let beside_out = Some(PathBuf::from("out/rel.noise.safetensors"));
+        assert_eq!(kept(&["--method", "code", "-o", "out/rel"]), beside_out);
+        assert_eq!(kept(&["--classwise", "-o", "out/rel"]), beside_out);
+        // Sample-wise runs have no class noise; asked not to; reusing one.
+        assert_eq!(kept(&["-o", "out/rel"]), None);
+        assert_eq!(kept(&["--method", "code", "--no-noise-file"]), None);
+        assert_eq!(
+            kept(&["--classwise", "--reuse-noise", "k.safetensors"]),
+            None
+        );
+        assert_eq!(
+            kept(&["--classwise", "--noise-file", "keys/k.safetensors"]),
+            Some(PathBuf::from("keys/k.safetensors"))
+        );
+        // Reusing a noise crafts nothing: no resume, no dry run.
+        for extra in ["--resume", "--dry-run"] {
+            let argv = ["lethe-protect", "--reuse-noise", "k.safetensors", extra];
+            assert!(Cli::try_parse_from(argv).is_err(), "{extra}");
+        }
     }
 
     #[test]

@@ -57,12 +57,15 @@
 //!     resume: false,
 //!     overwrite: false,
 //!     progress: true,
+//!     noise_file: None,
+//!     reuse_noise: None,
 //! })
 //! .unwrap();
 //! assert!(report.quality.linf_max <= 8.0 / 255.0 + 0.5 / 255.0);
 //! ```
 
 pub mod audit;
+pub mod class_noise;
 pub mod dataset;
 pub mod defence;
 mod error;
@@ -78,6 +81,7 @@ pub mod victim;
 pub use audit::{
     audit, AuditConfig, AuditReport, Headline, MethodRun, ReleaseRun, RobustnessConfig,
 };
+pub use class_noise::ClassNoise;
 pub use dataset::{Dataset, ImageShape};
 pub use defence::Defence;
 pub use error::{Error, Result};

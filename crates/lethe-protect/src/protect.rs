@@ -143,7 +143,8 @@ impl Method {
         }
     }
 
-    fn classwise(&self) -> bool {
+    /// Whether one noise (and mask) serves every image of a class.
+    pub fn classwise(&self) -> bool {
         match self {
             Method::Em { classwise } | Method::Salm { classwise, .. } => *classwise,
         }
@@ -844,6 +845,9 @@ pub struct Protection {
     pub protected: Dataset,
     /// Per-image pixel masks (`H * W` each) of SALM (`None` for EM).
     pub masks: Option<Vec<u8>>,
+    /// Class-wise runs: the released noise, to protect images added later
+    /// the same way ([`crate::ClassNoise`]; a secret).
+    pub class_noise: Option<crate::class_noise::ClassNoise>,
     /// Whether the stop rule fired (false: paused).
     pub finished: bool,
     /// Why it stopped.
@@ -1078,10 +1082,17 @@ pub fn protect_dataset(
         Method::Em { .. } => None,
         Method::Salm { .. } => Some(run.expanded_masks(&release_state)),
     };
+    let class_noise = classwise.then(|| crate::class_noise::ClassNoise {
+        shape,
+        classes: data.classes().to_vec(),
+        params: params.clone(),
+        delta: release_state.delta.clone(),
+    });
     drop(release_state);
     Ok(Protection {
         protected: released,
         masks,
+        class_noise,
         finished: state.stop.is_some(),
         stop_reason: state.stop,
         rounds: state.log,

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::class_noise::ClassNoise;
 use crate::dataset::{Dataset, Format};
 use crate::formats::{self, DataSource, WrittenFile};
 use crate::metrics::{ImageQuality, QualitySummary};
@@ -44,6 +45,16 @@ pub struct ProtectConfig {
     /// Progress bar with ETA on stderr.
     #[serde(default)]
     pub progress: bool,
+    /// Class-wise methods: where to keep the released noise, to protect
+    /// images added later the same way ([`ClassNoise`]). A secret that
+    /// undoes the protection: never inside `output`.
+    #[serde(default)]
+    pub noise_file: Option<PathBuf>,
+    /// Protect with this class-noise file instead of crafting: every image
+    /// gets its class's noise (classes matched by name); `params` is
+    /// ignored, the file's parameters go into the manifest.
+    #[serde(default)]
+    pub reuse_noise: Option<PathBuf>,
 }
 
 /// The summary `protect` returns (and the manifest's header).
@@ -103,6 +114,10 @@ pub struct Manifest {
     pub rounds: Vec<RoundLog>,
     /// Caveats that travel with the release.
     pub warnings: Vec<String>,
+    /// SHA-256 of the class-noise file this release reused (no crafting
+    /// ran); absent for a crafted release.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reused_noise: Option<String>,
 }
 
 /// One image of the manifest.
@@ -176,11 +191,32 @@ pub fn protect_with(
     pause_after_rounds: Option<usize>,
     cancel: Option<Arc<AtomicBool>>,
 ) -> Result<ProtectReport> {
+    check_output(cfg)?;
+    if let Some(path) = &cfg.noise_file {
+        if canonical(path).starts_with(canonical(&cfg.output)) {
+            return Err(Error::Config(format!(
+                "noise_file {} is inside the release: the noise undoes the protection",
+                path.display()
+            )));
+        }
+    }
+    if let Some(noise) = &cfg.reuse_noise {
+        if cfg.resume || cfg.noise_file.is_some() {
+            return Err(Error::Config(
+                "reuse_noise crafts nothing: it takes no resume and writes no noise_file".into(),
+            ));
+        }
+        return protect_with_noise(cfg, noise);
+    }
     cfg.params.validate()?;
     if cfg.resume && cfg.checkpoint_dir.is_none() {
         return Err(Error::Config("resume needs a checkpoint_dir".into()));
     }
-    check_output(cfg)?;
+    if cfg.noise_file.is_some() && !cfg.params.method.classwise() {
+        return Err(Error::Config(
+            "noise_file keeps a class-wise noise: the method is sample-wise".into(),
+        ));
+    }
     // Starting over would overwrite a saved run at the first round: that
     // takes an explicit choice, not a rerun of the same command.
     if let Some(dir) = cfg.checkpoint_dir.as_deref() {
@@ -221,20 +257,93 @@ pub fn protect_with(
     if !result.finished {
         return Ok(report);
     }
+    write_release(&data, cfg, &cfg.params, &mut report, &result, None)?;
+    if let (Some(path), Some(noise)) = (&cfg.noise_file, &result.class_noise) {
+        noise.save(path)?;
+    }
+    Ok(report)
+}
+
+/// [`protect_with`] for `reuse_noise`: applies a saved class noise.
+fn protect_with_noise(cfg: &ProtectConfig, noise_path: &Path) -> Result<ProtectReport> {
+    let t0 = std::time::Instant::now();
+    let noise = ClassNoise::load(noise_path)?;
+    let noise_sha256 = formats::sha256_hex(&formats::read_file(noise_path)?);
+    let data = formats::load(&cfg.source)?;
+    let protected = noise.apply(&data)?;
+    let (per_image, quality) =
+        crate::metrics::dataset_quality(data.pixels(), protected.pixels(), data.shape());
+    let seconds = t0.elapsed().as_secs_f64();
+    let result = protect::Protection {
+        protected,
+        masks: None,
+        class_noise: None,
+        finished: true,
+        stop_reason: None,
+        rounds: Vec::new(),
+        released_round: 0,
+        seconds,
+        image_steps: 0,
+        per_image,
+        quality,
+    };
+    let mut report = ProtectReport {
+        dataset: data.name().to_string(),
+        images: data.len(),
+        method: format!("{} (reused class noise)", noise.params.label()),
+        finished: true,
+        stop_reason: None,
+        rounds: 0,
+        released_round: 0,
+        seconds,
+        image_steps: 0,
+        image_steps_per_second: 0.0,
+        quality: result.quality.clone(),
+        output: None,
+        files: 0,
+    };
+    write_release(
+        &data,
+        cfg,
+        &noise.params,
+        &mut report,
+        &result,
+        Some(noise_sha256),
+    )?;
+    Ok(report)
+}
+
+/// Writes the release files and `manifest.json`, filling in `report`'s
+/// output and file count.
+fn write_release(
+    data: &Dataset,
+    cfg: &ProtectConfig,
+    params: &ProtectParams,
+    report: &mut ProtectReport,
+    result: &protect::Protection,
+    reused_noise: Option<String>,
+) -> Result<()> {
     let written = formats::write(&result.protected, &cfg.output)?;
     report.output = Some(cfg.output.clone());
     report.files = written.len();
-    let manifest = manifest(&data, cfg, &report, &result, &written);
+    let mut manifest = manifest(data, cfg, params, report, result, &written);
+    if let Some(sha) = &reused_noise {
+        manifest.warnings.push(format!(
+            "No noise was crafted for this release: it carries the class noise of an earlier \
+             run (noise file SHA-256 {sha}); that run's rounds are in its own manifest."
+        ));
+    }
+    manifest.reused_noise = reused_noise;
     let json = serde_json::to_vec_pretty(&manifest)
         .map_err(|e| Error::Unsupported(format!("serialising the manifest: {e}")))?;
     let path = cfg.output.join(MANIFEST_FILE);
-    std::fs::write(&path, json).map_err(|e| Error::io(e, format!("writing {}", path.display())))?;
-    Ok(report)
+    std::fs::write(&path, json).map_err(|e| Error::io(e, format!("writing {}", path.display())))
 }
 
 fn manifest(
     data: &Dataset,
     cfg: &ProtectConfig,
+    params: &ProtectParams,
     report: &ProtectReport,
     result: &protect::Protection,
     written: &[WrittenFile],
@@ -272,13 +381,14 @@ fn manifest(
             .map(|d| d.as_secs())
             .unwrap_or(0),
         report: report.clone(),
-        params: cfg.params.clone(),
+        params: params.clone(),
         source: format!("{:?}", cfg.source),
         classes: data.classes().to_vec(),
         items,
         files: written.to_vec(),
         rounds: result.rounds.clone(),
         warnings,
+        reused_noise: None,
     }
 }
 

@@ -418,6 +418,8 @@ fn a_release_on_disk_is_audited_as_it_is() {
         resume: false,
         overwrite: false,
         progress: false,
+        noise_file: None,
+        reuse_noise: None,
     })
     .unwrap();
     cfg.methods.clear();

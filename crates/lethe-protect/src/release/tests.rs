@@ -46,17 +46,7 @@ fn png_source() -> tempfile::TempDir {
 fn protect_writes_a_mirrored_release_and_a_manifest() {
     let src = png_source();
     let out = tempfile::tempdir().unwrap();
-    let cfg = ProtectConfig {
-        source: DataSource::Folder {
-            path: src.path().to_path_buf(),
-        },
-        output: out.path().join("release"),
-        params: params(),
-        checkpoint_dir: None,
-        resume: false,
-        overwrite: false,
-        progress: false,
-    };
+    let cfg = folder_config(src.path(), out.path().join("release"), params());
     let report = protect(&cfg).unwrap();
     assert!(report.finished);
     assert_eq!(report.images, 8);
@@ -104,15 +94,9 @@ fn paused_runs_write_nothing_and_resume_to_the_same_release() {
     let out = tempfile::tempdir().unwrap();
     let ck = tempfile::tempdir().unwrap();
     let cfg = ProtectConfig {
-        source: DataSource::Folder {
-            path: src.path().to_path_buf(),
-        },
-        output: out.path().join("a"),
-        params: params(),
         checkpoint_dir: Some(ck.path().to_path_buf()),
         resume: true,
-        overwrite: false,
-        progress: false,
+        ..folder_config(src.path(), out.path().join("a"), params())
     };
     let paused = protect_with(&cfg, Some(1), None).unwrap();
     assert!(!paused.finished);
@@ -142,15 +126,8 @@ fn a_saved_run_is_not_started_over_without_overwrite() {
     let out = tempfile::tempdir().unwrap();
     let ck = tempfile::tempdir().unwrap();
     let cfg = ProtectConfig {
-        source: DataSource::Folder {
-            path: src.path().to_path_buf(),
-        },
-        output: out.path().join("a"),
-        params: params(),
         checkpoint_dir: Some(ck.path().to_path_buf()),
-        resume: false,
-        overwrite: false,
-        progress: false,
+        ..folder_config(src.path(), out.path().join("a"), params())
     };
     // An empty checkpoint folder is nothing to lose.
     let paused = protect_with(&cfg, Some(1), None).unwrap();
@@ -197,6 +174,8 @@ fn resume_without_a_checkpoint_folder_is_a_config_error() {
         resume: true,
         overwrite: false,
         progress: false,
+        noise_file: None,
+        reuse_noise: None,
     };
     assert!(matches!(protect(&cfg), Err(Error::Config(_))));
 }
@@ -214,6 +193,8 @@ fn estimate_reads_the_source() {
         resume: false,
         overwrite: false,
         progress: false,
+        noise_file: None,
+        reuse_noise: None,
     };
     let e = estimate(&cfg).unwrap();
     assert_eq!(e.images, 8);
@@ -231,6 +212,8 @@ fn release_of(source: &DataSource, out: &Path, name: &str) -> DataSource {
         resume: false,
         overwrite: false,
         progress: false,
+        noise_file: None,
+        reuse_noise: None,
     };
     protect(&cfg).unwrap();
     DataSource::Folder {
@@ -456,4 +439,189 @@ fn verify_finds_changed_missing_and_added_files() {
         (old.listed, old.changed.len(), old.missing.len()),
         (8, 1, 1)
     );
+}
+
+fn classwise_params() -> ProtectParams {
+    let mut p = params();
+    if let crate::protect::Method::Salm { classwise, .. } = &mut p.method {
+        *classwise = true;
+    }
+    p
+}
+
+/// A run on the PNG folder `src` without checkpoint, noise file or reuse.
+fn folder_config(src: &Path, output: PathBuf, params: ProtectParams) -> ProtectConfig {
+    ProtectConfig {
+        source: DataSource::Folder {
+            path: src.to_path_buf(),
+        },
+        output,
+        params,
+        checkpoint_dir: None,
+        resume: false,
+        overwrite: false,
+        progress: false,
+        noise_file: None,
+        reuse_noise: None,
+    }
+}
+
+#[test]
+fn a_kept_class_noise_protects_later_images_exactly_as_the_release() {
+    let src = png_source();
+    let out = tempfile::tempdir().unwrap();
+    let key = out.path().join("keys").join("noise.safetensors");
+    let first = ProtectConfig {
+        noise_file: Some(key.clone()),
+        ..folder_config(src.path(), out.path().join("first"), classwise_params())
+    };
+    protect(&first).unwrap();
+    let noise = ClassNoise::load(&key).unwrap();
+    assert_eq!(noise.classes, vec!["cluster", "nodule", "normal", "streak"]);
+    assert_eq!(noise.params, classwise_params());
+    assert!(noise.delta.iter().any(|&d| d != 0.0));
+
+    // The same images through the kept noise: byte-identical files.
+    let again = ProtectConfig {
+        reuse_noise: Some(key.clone()),
+        ..folder_config(src.path(), out.path().join("again"), classwise_params())
+    };
+    let report = protect(&again).unwrap();
+    assert_eq!((report.rounds, report.image_steps), (0, 0));
+    for class in ["cluster", "nodule", "normal", "streak"] {
+        for entry in std::fs::read_dir(out.path().join("first").join(class)).unwrap() {
+            let name = entry.unwrap().file_name();
+            assert_eq!(
+                std::fs::read(out.path().join("first").join(class).join(&name)).unwrap(),
+                std::fs::read(out.path().join("again").join(class).join(&name)).unwrap(),
+                "{class}/{name:?}"
+            );
+        }
+    }
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(out.path().join("again").join(MANIFEST_FILE)).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        manifest["reused_noise"],
+        formats::sha256_hex(&std::fs::read(&key).unwrap())
+    );
+    assert_eq!(manifest["params"]["eps"], classwise_params().eps);
+    assert!(verify_release(&out.path().join("again")).unwrap().intact());
+
+    // New images of two of the classes (another draw, folders in another
+    // order): each moves by exactly its class's noise, snapped to 8 bits.
+    let later = tempfile::tempdir().unwrap();
+    let new = lesions(&LesionSpec {
+        seed: 9,
+        per_class: 2,
+        size: 16,
+        texture: 0.04,
+    })
+    .unwrap();
+    formats::write(&new, later.path()).unwrap();
+    for gone in ["cluster", "normal"] {
+        std::fs::remove_dir_all(later.path().join(gone)).unwrap();
+    }
+    let clean = formats::load(&DataSource::Folder {
+        path: later.path().to_path_buf(),
+    })
+    .unwrap();
+    protect(&ProtectConfig {
+        reuse_noise: Some(key.clone()),
+        ..folder_config(later.path(), out.path().join("later"), classwise_params())
+    })
+    .unwrap();
+    let released = formats::load(&DataSource::Folder {
+        path: out.path().join("later"),
+    })
+    .unwrap();
+    let v = clean.shape().values();
+    for i in 0..clean.len() {
+        let class = &clean.classes()[clean.labels()[i] as usize];
+        let u = noise.classes.iter().position(|c| c == class).unwrap();
+        for (k, (x, y)) in clean.image(i).iter().zip(released.image(i)).enumerate() {
+            let want = ((x + noise.delta[u * v + k]).clamp(0.0, 1.0) * 255.0).round() / 255.0;
+            assert!(
+                (y - want).abs() < 1e-6,
+                "image {i} value {k}: {y} vs {want}"
+            );
+        }
+    }
+}
+
+#[test]
+fn class_noise_misuse_is_refused_and_loses_nothing() {
+    let src = png_source();
+    let out = tempfile::tempdir().unwrap();
+    // The secret never goes into the release.
+    let inside = ProtectConfig {
+        noise_file: Some(out.path().join("rel").join("noise.safetensors")),
+        ..folder_config(src.path(), out.path().join("rel"), classwise_params())
+    };
+    let err = protect(&inside).unwrap_err().to_string();
+    assert!(err.contains("inside the release"), "{err}");
+    assert!(!out.path().join("rel").exists());
+    // A sample-wise run has no class noise to keep.
+    let samplewise = ProtectConfig {
+        noise_file: Some(out.path().join("n.safetensors")),
+        ..folder_config(src.path(), out.path().join("rel"), params())
+    };
+    let err = protect(&samplewise).unwrap_err().to_string();
+    assert!(err.contains("sample-wise"), "{err}");
+
+    let key = out.path().join("n.safetensors");
+    protect(&ProtectConfig {
+        noise_file: Some(key.clone()),
+        ..folder_config(src.path(), out.path().join("rel"), classwise_params())
+    })
+    .unwrap();
+    let noise = ClassNoise::load(&key).unwrap();
+    // Another image size, or a class the noise does not cover.
+    let other = lesions(&LesionSpec {
+        seed: 3,
+        per_class: 1,
+        size: 20,
+        texture: 0.04,
+    })
+    .unwrap();
+    let err = noise.apply(&other).unwrap_err().to_string();
+    assert!(err.contains("1x16x16") && err.contains("1x20x20"), "{err}");
+    let renamed = tempfile::tempdir().unwrap();
+    formats::write(
+        &formats::load(&DataSource::Folder {
+            path: src.path().into(),
+        })
+        .unwrap(),
+        renamed.path(),
+    )
+    .unwrap();
+    std::fs::rename(renamed.path().join("streak"), renamed.path().join("mass")).unwrap();
+    let err = protect(&ProtectConfig {
+        reuse_noise: Some(key.clone()),
+        ..folder_config(
+            renamed.path(),
+            out.path().join("renamed"),
+            classwise_params(),
+        )
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("\"mass\"") && err.contains("no noise"),
+        "{err}"
+    );
+    assert!(!out.path().join("renamed").exists());
+    // A noise edited past its budget is not the protection it describes.
+    let mut edited = noise.clone();
+    edited.delta[0] = 0.5;
+    let bad = out.path().join("edited.safetensors");
+    edited.save(&bad).unwrap();
+    let err = ClassNoise::load(&bad).unwrap_err().to_string();
+    assert!(err.contains("outside the budget"), "{err}");
+    // Not a noise file at all.
+    let err = ClassNoise::load(&src.path().join("normal").join("00000.png"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("safetensors"), "{err}");
 }
