@@ -69,8 +69,8 @@ pub struct ProtectArgs {
     /// the released noise; the method flags are ignored.
     #[arg(long, conflicts_with_all = ["resume", "dry_run", "noise_file"])]
     reuse_noise: Option<PathBuf>,
-    /// Write into a non-empty output folder, and start over a run saved in
-    /// the checkpoint folder.
+    /// Write into a non-empty output folder, start over a run saved in the
+    /// checkpoint folder, and replace an existing noise file.
     #[arg(long)]
     overwrite: bool,
     /// Only estimate the run time (times a few steps; writes nothing).

@@ -38,8 +38,8 @@ pub struct ProtectConfig {
     /// Resume from `checkpoint_dir`.
     #[serde(default)]
     pub resume: bool,
-    /// Allow writing into a non-empty output folder and starting over a
-    /// run saved in `checkpoint_dir`.
+    /// Allow writing into a non-empty output folder, starting over a run
+    /// saved in `checkpoint_dir` and replacing an existing `noise_file`.
     #[serde(default)]
     pub overwrite: bool,
     /// Progress bar with ETA on stderr.
@@ -196,6 +196,14 @@ pub fn protect_with(
         if canonical(path).starts_with(canonical(&cfg.output)) {
             return Err(Error::Config(format!(
                 "noise_file {} is inside the release: the noise undoes the protection",
+                path.display()
+            )));
+        }
+        // Another release's noise there would be lost, and with it the
+        // means to protect that release's later images.
+        if path.exists() && !cfg.overwrite {
+            return Err(Error::Config(format!(
+                "noise_file {} exists (set overwrite to replace it)",
                 path.display()
             )));
         }

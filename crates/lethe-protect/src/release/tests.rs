@@ -577,6 +577,15 @@ fn class_noise_misuse_is_refused_and_loses_nothing() {
     })
     .unwrap();
     let noise = ClassNoise::load(&key).unwrap();
+    // A second release does not take the first one's noise file.
+    let err = protect(&ProtectConfig {
+        noise_file: Some(key.clone()),
+        ..folder_config(src.path(), out.path().join("second"), classwise_params())
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("exists"), "{err}");
+    assert_eq!(ClassNoise::load(&key).unwrap(), noise);
     // Another image size, or a class the noise does not cover.
     let other = lesions(&LesionSpec {
         seed: 3,
