@@ -473,7 +473,7 @@ pub fn audit(cfg: &AuditConfig) -> Result<AuditReport> {
     let accuracy = accuracy_table(&victims, &releases, &cfg.victims);
     let summary = summary(cfg, &info, &methods, &victims, &robustness)?;
     let kind = headline_kind(&methods, &cfg.headline.salm);
-    let mut notes = notes(&summary, &methods, &accuracy, &info, kind);
+    let mut notes = notes(&summary, &methods, &accuracy, &info, kind, &cfg.victim);
     notes.extend(early_peak_notes(&victims, cfg.victim.epochs));
     let mut report = AuditReport {
         summary,
@@ -673,12 +673,33 @@ fn headline_kind(methods: &[MethodResult], headline: &str) -> &'static str {
     }
 }
 
+/// Fewer SGD steps than this and a victim has barely trained, whatever
+/// the data (the reported datasets' victims take 440-450).
+const FEW_VICTIM_STEPS: usize = 100;
+
+/// " Victims took only N SGD steps ...": said when a small training split
+/// and few epochs leave the victims barely trained (a batch per epoch on a
+/// few dozen images), so the fix is named.
+fn short_training(train: usize, victim: &VictimConfig) -> Option<String> {
+    let steps = train.div_ceil(victim.batch.min(train).max(1)) * victim.epochs;
+    (train > 0 && steps < FEW_VICTIM_STEPS).then(|| {
+        format!(
+            " Victims took only {steps} SGD steps ({train} training images in batches of {}, \
+             {} epochs): raise the epochs (at least {} steps) before reading these numbers.",
+            victim.batch.min(train),
+            victim.epochs,
+            FEW_VICTIM_STEPS
+        )
+    })
+}
+
 fn notes(
     s: &Summary,
     methods: &[MethodResult],
     accuracy: &[AccuracyRow],
     info: &DatasetInfo,
     kind: &str,
+    victim: &VictimConfig,
 ) -> Vec<String> {
     let mut notes: Vec<String> = methods
         .iter()
@@ -696,8 +717,9 @@ fn notes(
     if s.clean_acc < 0.9 {
         notes.push(format!(
             "Clean victims reach only {:.1}% (< 90%): the victim recipe or the data is too hard; \
-             protection numbers on this dataset are weak evidence.",
-            100.0 * s.clean_acc
+             protection numbers on this dataset are weak evidence.{}",
+            100.0 * s.clean_acc,
+            short_training(info.train, victim).unwrap_or_default()
         ));
     }
     if s.salm_acc > 0.3 {

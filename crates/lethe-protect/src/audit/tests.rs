@@ -529,3 +529,26 @@ fn early_peaks_are_put_beside_clean_victims_at_the_same_epoch() {
          their best is 25, 31% (mean 28.0%)."
     );
 }
+
+#[test]
+fn barely_trained_victims_are_named_with_their_step_count() {
+    // The audits' victim batch (evals/protect/*.json, CLI default).
+    let victim = |epochs| VictimConfig {
+        epochs,
+        batch: 64,
+        sgd: SgdParams::unlearnable_examples(),
+    };
+    // 38 images in one batch an epoch, 5 epochs: 5 steps.
+    let note = short_training(38, &victim(5)).expect("a note");
+    assert!(
+        note.contains("only 5 SGD steps") && note.contains("38 training images"),
+        "{note}"
+    );
+    // The reported lesions recipe (900 images, 30 epochs) is not flagged;
+    // the step count, not the epoch count, decides.
+    assert_eq!(short_training(900, &victim(30)), None);
+    let epochs = FEW_VICTIM_STEPS.div_ceil(900usize.div_ceil(64));
+    assert_eq!(short_training(900, &victim(epochs)), None);
+    assert!(short_training(900, &victim(epochs - 1)).is_some());
+    assert_eq!(short_training(0, &victim(5)), None);
+}
