@@ -798,6 +798,9 @@ pub struct RunControl {
     /// Continue from `checkpoint_dir` if it holds a checkpoint of the same
     /// data and parameters (a different one is an error).
     pub resume: bool,
+    /// Start over even when `checkpoint_dir` holds a saved run (without
+    /// `resume` or this, a saved run there is an error: nothing is lost).
+    pub overwrite: bool,
     /// Return (resumably) after this many rounds of this call.
     pub pause_after_rounds: Option<usize>,
     /// Set to true from another thread to stop at the next batch.
@@ -962,6 +965,18 @@ pub fn protect_dataset(
     let loaded = match (&control.checkpoint_dir, control.resume) {
         (Some(dir), true) => {
             checkpoint::load(dir, &fingerprint, shape, 1 + params.ensemble.len(), &device)?
+        }
+        // Starting over would replace a saved run at the first save: that
+        // takes an explicit choice, not a rerun of the same command.
+        (Some(dir), false) if !control.overwrite => {
+            if let Some(saved) = checkpoint::describe_saved(dir) {
+                return Err(Error::Config(format!(
+                    "checkpoint folder {} holds {saved}: set resume to continue it or \
+                     overwrite to start over (CLI: --resume / --overwrite)",
+                    dir.display()
+                )));
+            }
+            None
         }
         _ => None,
     };

@@ -225,23 +225,11 @@ pub fn protect_with(
             "noise_file keeps a class-wise noise: the method is sample-wise".into(),
         ));
     }
-    // Starting over would overwrite a saved run at the first round: that
-    // takes an explicit choice, not a rerun of the same command.
-    if let Some(dir) = cfg.checkpoint_dir.as_deref() {
-        if !cfg.resume && !cfg.overwrite {
-            if let Some(saved) = protect::checkpoint::describe_saved(dir) {
-                return Err(Error::Config(format!(
-                    "checkpoint folder {} holds {saved}: set resume to continue it or \
-                     overwrite to start over (CLI: --resume / --overwrite)",
-                    dir.display()
-                )));
-            }
-        }
-    }
     let data = formats::load(&cfg.source)?;
     let control = RunControl {
         checkpoint_dir: cfg.checkpoint_dir.clone(),
         resume: cfg.resume,
+        overwrite: cfg.overwrite,
         pause_after_rounds,
         cancel,
         progress: cfg.progress,
