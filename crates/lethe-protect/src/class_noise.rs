@@ -21,7 +21,7 @@ use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::dataset::{Dataset, ImageShape};
-use crate::formats::read_file;
+use crate::formats::{read_file, write_file};
 use crate::protect::ProtectParams;
 use crate::{Error, Result};
 
@@ -56,18 +56,18 @@ impl ClassNoise {
         ]);
         let out = safetensors::serialize([("delta", view)], Some(meta))
             .map_err(|e| Error::Unsupported(format!("serialising the class noise: {e}")))?;
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| Error::io(e, format!("creating {}", parent.display())))?;
-        }
-        std::fs::write(path, out).map_err(|e| Error::io(e, format!("writing {}", path.display())))
+        write_file(Path::new(""), path, &out).map(drop)
     }
 
     /// Reads a noise file written by [`ClassNoise::save`].
     pub fn load(path: &Path) -> Result<ClassNoise> {
-        let bytes = read_file(path)?;
+        ClassNoise::from_bytes(&read_file(path)?, path)
+    }
+
+    /// [`ClassNoise::load`] on the file's bytes (`path` names it in errors).
+    pub(crate) fn from_bytes(bytes: &[u8], path: &Path) -> Result<ClassNoise> {
         let bad = |detail: String| Error::decode(path, detail);
-        let (_, header) = SafeTensors::read_metadata(&bytes)
+        let (_, header) = SafeTensors::read_metadata(bytes)
             .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
         let meta = header.metadata().clone().unwrap_or_default();
         if meta.get("format").map(String::as_str) != Some(FORMAT) {
@@ -84,7 +84,7 @@ impl ClassNoise {
             .map_err(|e| bad(format!("metadata classes: {e}")))?;
         let params: ProtectParams = serde_json::from_str(field("params")?)
             .map_err(|e| bad(format!("metadata params: {e}")))?;
-        let tensors = SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
+        let tensors = SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
         let t = tensors
             .tensor("delta")
             .map_err(|e| bad(format!("tensor delta: {e}")))?;

@@ -253,7 +253,14 @@ pub fn protect_with(
     if !result.finished {
         return Ok(report);
     }
-    write_release(&data, cfg, &cfg.params, &mut report, &result, None)?;
+    let content = ReleaseContent {
+        params: &cfg.params,
+        protected: &result.protected,
+        per_image: &result.per_image,
+        rounds: &result.rounds,
+        reused_noise: None,
+    };
+    write_release(&data, cfg, &content, &mut report)?;
     if let (Some(path), Some(noise)) = (&cfg.noise_file, &result.class_noise) {
         noise.save(path)?;
     }
@@ -263,26 +270,13 @@ pub fn protect_with(
 /// [`protect_with`] for `reuse_noise`: applies a saved class noise.
 fn protect_with_noise(cfg: &ProtectConfig, noise_path: &Path) -> Result<ProtectReport> {
     let t0 = std::time::Instant::now();
-    let noise = ClassNoise::load(noise_path)?;
-    let noise_sha256 = formats::sha256_hex(&formats::read_file(noise_path)?);
+    let bytes = formats::read_file(noise_path)?;
+    let noise = ClassNoise::from_bytes(&bytes, noise_path)?;
     let data = formats::load(&cfg.source)?;
     let protected = noise.apply(&data)?;
     let (per_image, quality) =
         crate::metrics::dataset_quality(data.pixels(), protected.pixels(), data.shape());
     let seconds = t0.elapsed().as_secs_f64();
-    let result = protect::Protection {
-        protected,
-        masks: None,
-        class_noise: None,
-        finished: true,
-        stop_reason: None,
-        rounds: Vec::new(),
-        released_round: 0,
-        seconds,
-        image_steps: 0,
-        per_image,
-        quality,
-    };
     let mut report = ProtectReport {
         dataset: data.name().to_string(),
         images: data.len(),
@@ -294,19 +288,34 @@ fn protect_with_noise(cfg: &ProtectConfig, noise_path: &Path) -> Result<ProtectR
         seconds,
         image_steps: 0,
         image_steps_per_second: 0.0,
-        quality: result.quality.clone(),
+        quality,
         output: None,
         files: 0,
     };
-    write_release(
-        &data,
-        cfg,
-        &noise.params,
-        &mut report,
-        &result,
-        Some(noise_sha256),
-    )?;
+    let content = ReleaseContent {
+        params: &noise.params,
+        protected: &protected,
+        per_image: &per_image,
+        rounds: &[],
+        reused_noise: Some(formats::sha256_hex(&bytes)),
+    };
+    write_release(&data, cfg, &content, &mut report)?;
     Ok(report)
+}
+
+/// What a release holds besides its source's layout: the protected
+/// images and how they were made.
+struct ReleaseContent<'a> {
+    /// The parameters that made the noise.
+    params: &'a ProtectParams,
+    /// The protected images, on their release grid.
+    protected: &'a Dataset,
+    /// Per-image quality against the source.
+    per_image: &'a [ImageQuality],
+    /// The crafting run's rounds (none when a noise was reused).
+    rounds: &'a [RoundLog],
+    /// SHA-256 of the class-noise file a reuse applied.
+    reused_noise: Option<String>,
 }
 
 /// Writes the release files and `manifest.json`, filling in `report`'s
@@ -314,22 +323,13 @@ fn protect_with_noise(cfg: &ProtectConfig, noise_path: &Path) -> Result<ProtectR
 fn write_release(
     data: &Dataset,
     cfg: &ProtectConfig,
-    params: &ProtectParams,
+    content: &ReleaseContent<'_>,
     report: &mut ProtectReport,
-    result: &protect::Protection,
-    reused_noise: Option<String>,
 ) -> Result<()> {
-    let written = formats::write(&result.protected, &cfg.output)?;
+    let written = formats::write(content.protected, &cfg.output)?;
     report.output = Some(cfg.output.clone());
     report.files = written.len();
-    let mut manifest = manifest(data, cfg, params, report, result, &written);
-    if let Some(sha) = &reused_noise {
-        manifest.warnings.push(format!(
-            "No noise was crafted for this release: it carries the class noise of an earlier \
-             run (noise file SHA-256 {sha}); that run's rounds are in its own manifest."
-        ));
-    }
-    manifest.reused_noise = reused_noise;
+    let manifest = manifest(data, cfg, report, content, &written);
     let json = serde_json::to_vec_pretty(&manifest)
         .map_err(|e| Error::Unsupported(format!("serialising the manifest: {e}")))?;
     let path = cfg.output.join(MANIFEST_FILE);
@@ -339,9 +339,8 @@ fn write_release(
 fn manifest(
     data: &Dataset,
     cfg: &ProtectConfig,
-    params: &ProtectParams,
     report: &ProtectReport,
-    result: &protect::Protection,
+    content: &ReleaseContent<'_>,
     written: &[WrittenFile],
 ) -> Manifest {
     let per_file = written.len() == data.len();
@@ -354,7 +353,7 @@ fn manifest(
                 output: per_file.then(|| written[i].path.clone()),
                 output_sha256: per_file.then(|| written[i].sha256.clone()),
                 class: data.classes()[data.labels()[i] as usize].clone(),
-                quality: result.per_image[i],
+                quality: content.per_image[i],
             }
         })
         .collect();
@@ -369,6 +368,12 @@ fn manifest(
     if matches!(data.format(), Format::Npy(_)) && !per_file {
         warnings.push("array output: per-image output hashes are not defined".into());
     }
+    if let Some(sha) = &content.reused_noise {
+        warnings.push(format!(
+            "No noise was crafted for this release: it carries the class noise of an earlier \
+             run (noise file SHA-256 {sha}); that run's rounds are in its own manifest."
+        ));
+    }
     Manifest {
         tool: "lethe-protect",
         version: env!("CARGO_PKG_VERSION"),
@@ -377,14 +382,14 @@ fn manifest(
             .map(|d| d.as_secs())
             .unwrap_or(0),
         report: report.clone(),
-        params: params.clone(),
+        params: content.params.clone(),
         source: format!("{:?}", cfg.source),
         classes: data.classes().to_vec(),
         items,
         files: written.to_vec(),
-        rounds: result.rounds.clone(),
+        rounds: content.rounds.to_vec(),
         warnings,
-        reused_noise: None,
+        reused_noise: content.reused_noise.clone(),
     }
 }
 
