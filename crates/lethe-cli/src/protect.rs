@@ -161,7 +161,8 @@ struct DataArgs {
     #[arg(long)]
     images_key: Option<String>,
     /// For a .npz input: the labels entry (default: the one named like the
-    /// images entry, y_train for x_train, else labels, y, targets, label).
+    /// images entry, y_train for x_train, else labels, y, Y, targets, ...,
+    /// label).
     #[arg(long)]
     labels_key: Option<String>,
 }

@@ -253,32 +253,21 @@ impl Array {
     }
 }
 
-/// `.npz` entries tried for the images when no key is given, in order: the
-/// common names, then the training half of a Keras-style split archive
-/// (`mnist.npz` holds `x_train`, `y_train`, `x_test`, `y_test`), so the
-/// split that is released for training is the one protected.
-const IMAGES_KEYS: &[&str] = &[
-    "images",
-    "x",
-    "X",
-    "data",
-    "x_train",
-    "X_train",
-    "train_images",
-    "train_x",
-];
-
-/// `.npz` entries tried for the labels; entry `i` goes with
-/// `IMAGES_KEYS[i]` and is tried first when that images entry was found.
-const LABELS_KEYS: &[&str] = &[
-    "labels",
-    "y",
-    "targets",
-    "label",
-    "y_train",
-    "Y_train",
-    "train_labels",
-    "train_y",
+/// `.npz` (images, labels) entry pairs tried when no key is given, in
+/// order: the common names, then the training half of a Keras-style split
+/// archive (`mnist.npz` holds `x_train`, `y_train`, `x_test`, `y_test`),
+/// so the split that is released for training is the one protected. The
+/// found images entry's partner is tried first for the labels, then every
+/// pair's, then `label`.
+const NPZ_KEYS: &[(&str, &str)] = &[
+    ("images", "labels"),
+    ("x", "y"),
+    ("X", "Y"),
+    ("data", "targets"),
+    ("x_train", "y_train"),
+    ("X_train", "Y_train"),
+    ("train_images", "train_labels"),
+    ("train_x", "train_y"),
 ];
 
 /// Reads an image dataset from `.npy` (+ labels file) or `.npz`.
@@ -316,16 +305,21 @@ pub(crate) fn load(
                     ))
                 })
         };
-        let ik = find(images_key, IMAGES_KEYS, "images")?;
-        // The labels that go with a default images entry are tried first
-        // (`x_train` -> `y_train`), so a split archive is never paired
-        // across its halves.
-        let mut label_defaults: Vec<&str> = IMAGES_KEYS
-            .iter()
-            .position(|k| *k == ik)
-            .map(|i| vec![LABELS_KEYS[i]])
-            .unwrap_or_default();
-        label_defaults.extend(LABELS_KEYS);
+        let image_defaults: Vec<&str> = NPZ_KEYS.iter().map(|(i, _)| *i).collect();
+        let ik = find(images_key, &image_defaults, "images")?;
+        // The partner of the images entry first (`x_train` -> `y_train`), so
+        // a split archive is never paired across its halves.
+        let partner = NPZ_KEYS.iter().find(|(i, _)| *i == ik).map(|(_, l)| *l);
+        let label_defaults: Vec<&str> = partner
+            .into_iter()
+            .chain(
+                NPZ_KEYS
+                    .iter()
+                    .map(|(_, l)| *l)
+                    .filter(|l| Some(*l) != partner),
+            )
+            .chain(["label"])
+            .collect();
         let lk = find(labels_key, &label_defaults, "labels")?;
         let mut read_entry = |k: &str| -> Result<Array> {
             let mut entry = zip
