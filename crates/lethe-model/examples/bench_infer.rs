@@ -54,6 +54,8 @@ library still holds the letters, account books and photographs in which those ch
 traced, one family and one street at a time.";
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // The C allocator setting of the `lethe` binary (see the function).
+    lethe_model::device::keep_freed_cpu_memory();
     let reps: usize = std::env::var("BENCH_REPS")
         .ok()
         .and_then(|s| s.parse().ok())

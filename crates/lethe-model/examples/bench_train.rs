@@ -35,6 +35,8 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // The C allocator setting of the `lethe` binary (see the function).
+    lethe_model::device::keep_freed_cpu_memory();
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);

@@ -22,7 +22,7 @@
 //!   [`causal_attention`] (scale + causal mask + softmax in one kernel),
 //!   [`Rotary::apply_bthd`] (rotation fused with the head transpose),
 //!   [`swiglu`], [`token_log_probs`], [`conv2d`] (im2col + one gemm; col2im
-//!   as backward) and [`batch_norm2d`], each a candle `CustomOp` whose
+//!   as backward), [`batch_norm2d`] and [`max_pool2x2`], each a candle `CustomOp` whose
 //!   `bwd` is another kernel. candle's backward pass allocates a zero tensor
 //!   and an addition for every edge of the graph, so a norm built from seven
 //!   primitive ops costs about twenty passes over memory in training; one
@@ -570,12 +570,24 @@ pub fn channel_stats(x: &Tensor) -> Result<(Tensor, Tensor)> {
 /// after two 2x2 pools). Here the window is split into its two rows and two
 /// columns and reduced with `max` and `maximum`, whose backward passes route
 /// the full gradient to the maximum.
+///
+/// On the CPU (f32) it is one fused kernel with the same values and the
+/// same gradient, ties included: an entry equal to its row's maximum gets
+/// that row's gradient, and a row gets the window's gradient if it holds
+/// the larger maximum, half of it if the two rows tie (four equal entries,
+/// as in a flat background, share twice the window's gradient). The
+/// primitive-op form is seven graph nodes over the largest activations of
+/// a CNN, each with a zero tensor and an addition in candle's backward
+/// pass (1.3x on a CNN's noise steps).
 pub fn max_pool2x2(x: &Tensor) -> Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
     if h % 2 != 0 || w % 2 != 0 {
         return Err(Error::InvalidArgument(format!(
             "2x2 max-pooling needs even height and width, got {h}x{w}"
         )));
+    }
+    if fused(&[x]) {
+        return Ok(x.contiguous()?.apply_op1(kernels::MaxPool2x2)?);
     }
     let cols = x.reshape((n, c, h / 2, 2, w / 2, 2))?.max(5)?;
     let top = cols.narrow(3, 0, 1)?;
@@ -1108,6 +1120,119 @@ mod kernels {
             let mut x = vec![0f32; n * c * h * w];
             self.0.for_each(|col, dst| x[dst] += cols[col]);
             Ok((CpuStorage::F32(x), Shape::from((n, c, h, w))))
+        }
+    }
+
+    /// 2x2 max-pooling with stride 2 of a contiguous NCHW tensor (even
+    /// height and width, checked by the caller).
+    ///
+    /// The backward is the primitive-op form's (`max` over the columns of
+    /// each row, then `maximum` of the two rows), ties included, so both
+    /// forms train the same: an entry equal to its row's maximum gets that
+    /// row's gradient, and a row gets the window's gradient if it holds the
+    /// larger maximum, half of it if the two rows tie. Ties are common: a
+    /// flat background (black in sparse medical images) gives four equal
+    /// activations, which share twice the window's gradient.
+    pub(super) struct MaxPool2x2;
+
+    /// `(h, w)` of a 4-d layout.
+    fn plane(l: &Layout) -> KResult<(usize, usize)> {
+        match l.dims() {
+            [_, _, h, w] if h % 2 == 0 && w % 2 == 0 => Ok((*h, *w)),
+            d => candle_core::bail!("2x2 max-pool of {d:?}"),
+        }
+    }
+
+    /// Indices in the plane of the window at output `(oy, ox)`: top left,
+    /// top right, bottom left, bottom right.
+    fn window(w: usize, oy: usize, ox: usize) -> [usize; 4] {
+        let tl = 2 * oy * w + 2 * ox;
+        [tl, tl + 1, tl + w, tl + w + 1]
+    }
+
+    impl CustomOp1 for MaxPool2x2 {
+        fn name(&self) -> &'static str {
+            "lethe-max-pool-2x2"
+        }
+
+        fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> KResult<(CpuStorage, Shape)> {
+            let x = slice(s, l)?;
+            let (h, w) = plane(l)?;
+            let (oh, ow) = (h / 2, w / 2);
+            let mut y = vec![0f32; x.len() / 4];
+            for (p, out) in x.chunks_exact(h * w).zip(y.chunks_exact_mut(oh * ow)) {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let [a, b, c, d] = window(w, oy, ox).map(|i| p[i]);
+                        out[oy * ow + ox] = a.max(b).max(c.max(d));
+                    }
+                }
+            }
+            let d = l.dims();
+            Ok((CpuStorage::F32(y), Shape::from((d[0], d[1], oh, ow))))
+        }
+
+        fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> KResult<Option<Tensor>> {
+            Ok(Some(x.apply_op2_no_bwd(&g.contiguous()?, &MaxPool2x2Bwd)?))
+        }
+    }
+
+    /// `dx` of [`MaxPool2x2`] from `(x, g)` (the tie rule is there).
+    struct MaxPool2x2Bwd;
+
+    impl CustomOp2 for MaxPool2x2Bwd {
+        fn name(&self) -> &'static str {
+            "lethe-max-pool-2x2-bwd"
+        }
+
+        fn cpu_fwd(
+            &self,
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+        ) -> KResult<(CpuStorage, Shape)> {
+            let x = slice(s1, l1)?;
+            let g = slice(s2, l2)?;
+            let (h, w) = plane(l1)?;
+            let (oh, ow) = (h / 2, w / 2);
+            if g.len() * 4 != x.len() {
+                candle_core::bail!(
+                    "max-pool backward: {} gradients for {} inputs",
+                    g.len(),
+                    x.len()
+                )
+            }
+            let mut dx = vec![0f32; x.len()];
+            for ((p, gp), dp) in x
+                .chunks_exact(h * w)
+                .zip(g.chunks_exact(oh * ow))
+                .zip(dx.chunks_exact_mut(h * w))
+            {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let idx = window(w, oy, ox);
+                        let [a, b, c, d] = idx.map(|i| p[i]);
+                        let (top, bottom) = (a.max(b), c.max(d));
+                        let g = gp[oy * ow + ox];
+                        let (gt, gb) = match top.partial_cmp(&bottom) {
+                            Some(std::cmp::Ordering::Greater) => (g, 0.0),
+                            Some(std::cmp::Ordering::Less) => (0.0, g),
+                            _ => (g / 2.0, g / 2.0),
+                        };
+                        for (k, (v, row_max, row_g)) in
+                            [(a, top, gt), (b, top, gt), (c, bottom, gb), (d, bottom, gb)]
+                                .into_iter()
+                                .enumerate()
+                        {
+                            if v == row_max {
+                                dp[idx[k]] = row_g;
+                            }
+                        }
+                    }
+                }
+            }
+            Ok((CpuStorage::F32(dx), l1.shape().clone()))
         }
     }
 

@@ -43,6 +43,8 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // The C allocator setting of the `lethe` binary (see the function).
+    lethe_model::device::keep_freed_cpu_memory();
     let cores = lethe_protect::tune_cpu_threads();
     let args: Vec<String> = std::env::args().collect();
     let arg = |name: &str| {

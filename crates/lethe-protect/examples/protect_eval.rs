@@ -22,6 +22,8 @@ use lethe_protect::AuditConfig;
 use serde_json::{json, Value};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // The C allocator setting of the `lethe` binary (see the function).
+    lethe_model::device::keep_freed_cpu_memory();
     let cores = lethe_protect::tune_cpu_threads();
     if std::env::var_os("RUST_LOG").is_none() {
         std::env::set_var("RUST_LOG", "info");

@@ -116,6 +116,8 @@ fn collateral(
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // The C allocator setting of the `lethe` binary (see the function).
+    lethe_model::device::keep_freed_cpu_memory();
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }

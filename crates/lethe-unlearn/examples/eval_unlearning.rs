@@ -124,6 +124,8 @@ struct O3Eval {
 }
 
 fn main() -> Result<(), BoxError> {
+    // The C allocator setting of the `lethe` binary (see the function).
+    lethe_model::device::keep_freed_cpu_memory();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");

@@ -96,6 +96,8 @@ fn gate_on(o3: &O3Unlearner, model: &Decoder, set: &TextSet) -> Result<f64, BoxE
 }
 
 fn main() -> Result<(), BoxError> {
+    // The C allocator setting of the `lethe` binary (see the function).
+    lethe_model::device::keep_freed_cpu_memory();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let out_path = std::env::args()
         .nth(1)

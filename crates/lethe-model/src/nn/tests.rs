@@ -434,6 +434,42 @@ fn check_fused(name: &str, inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Tensor, t
 }
 
 #[test]
+fn fused_max_pool_matches_reference() {
+    check_fused(
+        "max_pool2x2",
+        &[randn(&[3, 4, 6, 8], 23)],
+        |t| max_pool2x2(&t[0]).unwrap(),
+        1e-6,
+    );
+    // Ties, as in a flat background: whole windows of one value, and
+    // equal entries within and across rows.
+    let ties = randn(&[2, 3, 6, 8], 25)
+        .round()
+        .unwrap()
+        .clamp(-1f32, 1f32)
+        .unwrap();
+    check_fused(
+        "max_pool2x2 with ties",
+        &[ties],
+        |t| max_pool2x2(&t[0]).unwrap(),
+        1e-6,
+    );
+    check_fused(
+        "max_pool2x2 of a constant",
+        &[Tensor::ones((1, 2, 4, 4), DType::F32, &dev()).unwrap()],
+        |t| max_pool2x2(&t[0]).unwrap(),
+        1e-6,
+    );
+    // A non-contiguous input (height and width swapped).
+    check_fused(
+        "max_pool2x2 of a transpose",
+        &[randn(&[2, 3, 8, 6], 24)],
+        |t| max_pool2x2(&t[0].transpose(2, 3).unwrap()).unwrap(),
+        1e-6,
+    );
+}
+
+#[test]
 fn fused_rms_norm_matches_reference() {
     check_fused(
         "rms_norm",
