@@ -20,9 +20,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use clap::{Args, Subcommand, ValueEnum};
 use lethe_protect::{
-    Arch, AuditConfig, DataSource, Defence, Headline, LesionSpec, MaskRefresh, MaskStrategy,
-    Method, MethodRun, Objective, ProtectConfig, ProtectParams, ReleaseRun, RobustnessConfig,
-    SgdParams, VictimConfig,
+    Arch, AuditConfig, DataSource, Dataset, Defence, Headline, LesionSpec, MaskRefresh,
+    MaskStrategy, Method, MethodRun, Objective, ProtectConfig, ProtectParams, ReleaseRun,
+    RobustnessConfig, SgdParams, StopReason, VictimConfig,
 };
 
 /// `lethe protect [OPTIONS]` protects a dataset; `lethe protect audit`
@@ -426,17 +426,19 @@ impl MethodArgs {
     }
 }
 
-/// Image side of a source without loading pixel data where that is cheap.
-fn side_of(source: &DataSource) -> anyhow::Result<usize> {
+/// Image side of a source (it picks the surrogate's depth), and the
+/// dataset when finding the side meant loading it (the built-in datasets'
+/// sides are known), so that a protect run reads its source once.
+fn side_of(source: &DataSource) -> anyhow::Result<(usize, Option<Dataset>)> {
     Ok(match source {
-        DataSource::Digits => 8,
-        DataSource::Lesions(spec) => spec.size,
-        DataSource::LfwSubset => 25,
-        DataSource::DicomPatches { patch } => *patch,
+        DataSource::Digits => (8, None),
+        DataSource::Lesions(spec) => (spec.size, None),
+        DataSource::LfwSubset => (25, None),
+        DataSource::DicomPatches { patch } => (*patch, None),
         other => {
             let data = lethe_protect::formats::load(other)?;
             let s = data.shape();
-            s.height.max(s.width)
+            (s.height.max(s.width), Some(data))
         }
     })
 }
@@ -511,7 +513,8 @@ fn beside(output: &Path, suffix: &str) -> PathBuf {
 
 fn protect(data: &DataArgs, method: &MethodArgs, f: ProtectFlags) -> anyhow::Result<()> {
     let source = data.source()?;
-    let params = method.params(side_of(&source)?)?;
+    let (side, loaded) = side_of(&source)?;
+    let params = method.params(side)?;
     let output = f
         .output
         .clone()
@@ -537,9 +540,18 @@ fn protect(data: &DataArgs, method: &MethodArgs, f: ProtectFlags) -> anyhow::Res
         reuse_noise: f.reuse_noise,
     };
     if f.dry_run {
-        let e = lethe_protect::estimate(&cfg)?;
+        let e = match &loaded {
+            Some(dataset) => lethe_protect::estimate_loaded(&cfg, dataset)?,
+            None => lethe_protect::estimate(&cfg)?,
+        };
         if f.json {
             println!("{}", serde_json::to_string_pretty(&e)?);
+        } else if cfg.params.model_free() {
+            println!(
+                "{} images, model-free (no surrogate, no rounds): the time is reading and \
+                 writing the files",
+                e.images
+            );
         } else {
             println!(
                 "{} images, {} noise steps per round at {:.0} image-steps/s: about {} per round, \
@@ -557,7 +569,10 @@ fn protect(data: &DataArgs, method: &MethodArgs, f: ProtectFlags) -> anyhow::Res
         return Ok(());
     }
     tracing::info!(method = %cfg.params.label(), "protecting");
-    let report = lethe_protect::protect(&cfg)?;
+    let report = match &loaded {
+        Some(dataset) => lethe_protect::protect_loaded(&cfg, dataset)?,
+        None => lethe_protect::protect(&cfg)?,
+    };
     if f.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
@@ -570,6 +585,13 @@ fn protect(data: &DataArgs, method: &MethodArgs, f: ProtectFlags) -> anyhow::Res
             report.images,
             report.method,
             noise.display()
+        ),
+        None if report.stop_reason == Some(StopReason::ModelFree) => println!(
+            "{}: {} images, {}; model-free (no surrogate, no rounds) in {}",
+            report.dataset,
+            report.images,
+            report.method,
+            duration(report.seconds)
         ),
         None => println!(
             "{}: {} images, {}; {} rounds ({:?}) in {}",
@@ -764,7 +786,9 @@ fn release_runs(paths: &[PathBuf], data: &DataArgs, cfg: &AuditConfig) -> Vec<Re
 /// `--release`, no crafting: the releases are the audited data.
 fn default_audit(a: &AuditArgs) -> anyhow::Result<AuditConfig> {
     let source = a.data.source()?;
-    let side = side_of(&source)?;
+    // The audit reads its data itself (a second read, small beside the
+    // victims' training).
+    let (side, _) = side_of(&source)?;
     let salm = MethodArgs {
         method: MethodArg::Salm,
         params: None,

@@ -56,7 +56,7 @@ impl ClassNoise {
         ]);
         let out = safetensors::serialize([("delta", view)], Some(meta))
             .map_err(|e| Error::Unsupported(format!("serialising the class noise: {e}")))?;
-        write_file(Path::new(""), path, &out).map(drop)
+        write_file(Path::new(""), path, &sorted_metadata(out)?).map(drop)
     }
 
     /// Reads a noise file written by [`ClassNoise::save`].
@@ -166,6 +166,39 @@ impl ClassNoise {
         }
         Ok(data.with_pixels(pixels)?.quantize())
     }
+}
+
+/// `bytes` (a safetensors file) with its metadata keys in sorted order.
+///
+/// safetensors writes the metadata map in hash order, which changes from
+/// run to run: the same noise would give files of different bytes, and so
+/// different SHA-256s in the manifests of the releases that reuse it. The
+/// header keeps its length (the same keys and values, reordered).
+fn sorted_metadata(mut bytes: Vec<u8>) -> Result<Vec<u8>> {
+    let bad = |detail: &str| Error::Unsupported(format!("serialising the class noise: {detail}"));
+    let len = bytes
+        .get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_le_bytes)
+        .and_then(|n| usize::try_from(n).ok())
+        .filter(|&n| bytes.len() >= 8 + n)
+        .ok_or_else(|| bad("no header"))?;
+    let header = &bytes[8..8 + len];
+    let mut doc: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(header).map_err(|e| bad(&e.to_string()))?;
+    if let Some(serde_json::Value::Object(meta)) = doc.get_mut("__metadata__") {
+        let sorted: std::collections::BTreeMap<String, serde_json::Value> =
+            std::mem::take(meta).into_iter().collect();
+        meta.extend(sorted);
+    }
+    let mut text = serde_json::to_vec(&doc).map_err(|e| bad(&e.to_string()))?;
+    if text.len() > len {
+        return Err(bad("the sorted header grew"));
+    }
+    // safetensors pads its header with spaces to keep the data aligned.
+    text.resize(len, b' ');
+    bytes[8..8 + len].copy_from_slice(&text);
+    Ok(bytes)
 }
 
 /// A metadata value as JSON.

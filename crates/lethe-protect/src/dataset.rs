@@ -91,6 +91,10 @@ pub struct Item {
     /// 8-bit, 65535 for 16-bit, `hi - lo` for DICOM); `None` for
     /// floating-point storage.
     pub levels: Option<u32>,
+    /// A PNG source's alpha channel, one value per pixel at the file's
+    /// bit depth: not protected (a model trains on the colour), written
+    /// back unchanged. `None` for every other source.
+    pub alpha: Option<Vec<u16>>,
 }
 
 impl Item {
@@ -100,6 +104,7 @@ impl Item {
             path: None,
             sha256: None,
             levels,
+            alpha: None,
         }
     }
 }

@@ -89,11 +89,12 @@ pub use formats::DataSource;
 pub use model::{Arch, SgdParams};
 pub use protect::mask::{MaskRefresh, MaskStrategy};
 pub use protect::{
-    Estimate, Method, Objective, ProtectParams, ProxyVictim, Release, RunControl, StopRule,
+    Estimate, Method, Objective, ProtectParams, ProxyVictim, Release, RunControl, StopReason,
+    StopRule,
 };
 pub use release::{
-    estimate, protect, protect_with, read_release, verify_release, ProtectConfig, ProtectReport,
-    ReadRelease, ReleasedRun, VerifyReport,
+    estimate, estimate_loaded, protect, protect_loaded, protect_with, read_release, verify_release,
+    ProtectConfig, ProtectReport, ReadRelease, ReleasedRun, VerifyReport,
 };
 pub use sources::LesionSpec;
 pub use victim::VictimConfig;

@@ -258,6 +258,10 @@ pub enum StopReason {
     TrainAccuracy,
     /// The loss threshold was met.
     LossThreshold,
+    /// A model-free run ([`ProtectParams::model_free`]): no surrogate
+    /// shapes the noise, so its start is released after no round (an
+    /// untrained surrogate's accuracy would measure nothing).
+    ModelFree,
 }
 
 /// Which round's noise a run releases.
@@ -566,9 +570,10 @@ impl ProtectParams {
 
     /// The model-free class-wise lattice code: `+eps` on one sparse
     /// lattice of the pixel grid per class ([`MaskStrategy::Grating`],
-    /// `rho` of the pixels) and nothing else. No surrogate shapes it: one
-    /// round with no training and no noise steps releases the start, so
-    /// resume, manifest and audit work as for every method. Measured on the lesions (`evals/results/protect/
+    /// `rho` of the pixels) and nothing else. No surrogate shapes it (no
+    /// training and no noise steps, [`ProtectParams::model_free`]): the
+    /// start is released after no round, through the same release,
+    /// manifest and audit as every method. Measured on the lesions (`evals/results/protect/
     /// supplementary-lattice-code`): 45 % victim peak accuracy against 52 %
     /// for error-minimising SALM at the same budgets, in seconds instead of
     /// minutes; filtering (JPEG, blur) and adversarial training remove it.
@@ -589,6 +594,13 @@ impl ProtectParams {
             stop: StopRule::new(1, 1, None, None),
             ..ProtectParams::salm(eps, rho)
         }
+    }
+
+    /// Whether no surrogate shapes the noise: no training steps and no
+    /// noise steps, so the start (a synthetic code, random or zero noise)
+    /// is the release and there is nothing to run rounds for.
+    pub fn model_free(&self) -> bool {
+        self.pgd_steps == 0 && self.train_steps_per_round == 0
     }
 
     /// The step size in use.
@@ -690,6 +702,13 @@ impl ProtectParams {
             return Err(Error::Config(
                 "the targeted objective has no cross pairs or shortcut accuracy \
                  (they are min-min notions): drop cross_pairs / stop.shortcut_accuracy"
+                    .into(),
+            ));
+        }
+        if self.model_free() && self.release.proxy().is_some() {
+            return Err(Error::Config(
+                "a proxy_victim release picks among rounds: a model-free run (no training \
+                 and no noise steps) has none"
                     .into(),
             ));
         }
@@ -991,6 +1010,9 @@ pub fn protect_dataset(
             None,
         ),
     };
+    if params.model_free() && state.stop.is_none() {
+        state.stop = Some(StopReason::ModelFree);
+    }
     let mut nets = nets;
     let mut opts = optimisers(params, &nets)?;
     if let Some(momentum) = momentum {
@@ -1896,7 +1918,8 @@ pub struct Estimate {
     pub images: usize,
     /// Noise steps per round (images x pgd_steps).
     pub image_steps_per_round: u64,
-    /// Measured noise-step throughput on this machine.
+    /// Measured noise-step throughput on this machine (0 for a model-free
+    /// run: nothing is timed).
     pub image_steps_per_second: f64,
     /// Estimated seconds per round (noise steps, surrogate steps and the
     /// accuracy pass).
@@ -1911,6 +1934,17 @@ pub struct Estimate {
 /// run (a few seconds; nothing is written).
 pub fn estimate_dataset(data: &Dataset, params: &ProtectParams) -> Result<Estimate> {
     params.validate()?;
+    if params.model_free() {
+        // No round runs: the time is reading and writing the files.
+        return Ok(Estimate {
+            images: data.len(),
+            image_steps_per_round: 0,
+            image_steps_per_second: 0.0,
+            seconds_per_round: 0.0,
+            min_seconds: 0.0,
+            max_seconds: 0.0,
+        });
+    }
     let device = params.device_spec()?.open()?;
     let shape = data.shape();
     let v = shape.values();

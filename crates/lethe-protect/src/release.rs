@@ -184,10 +184,41 @@ pub fn protect(cfg: &ProtectConfig) -> Result<ProtectReport> {
     protect_with(cfg, None, None)
 }
 
+/// [`protect()`] of `data`, already loaded from `cfg.source` (by a caller
+/// that read it to choose the parameters): the images are not loaded
+/// again (a PNG release reads no source file; DICOM and `.npz` releases
+/// still copy their tags and other entries from the source files). `data`
+/// must be what `cfg.source` holds: the manifest describes the source
+/// from it.
+pub fn protect_loaded(cfg: &ProtectConfig, data: &Dataset) -> Result<ProtectReport> {
+    run(cfg, Some(data), None, None)
+}
+
 /// [`protect()`] that may pause after `pause_after_rounds` rounds (nothing is
 /// written then; resume with `resume: true`) and can be cancelled.
 pub fn protect_with(
     cfg: &ProtectConfig,
+    pause_after_rounds: Option<usize>,
+    cancel: Option<Arc<AtomicBool>>,
+) -> Result<ProtectReport> {
+    run(cfg, None, pause_after_rounds, cancel)
+}
+
+/// `cfg.source`'s dataset: `loaded` if the caller has it, else read now.
+fn dataset<'a>(
+    cfg: &ProtectConfig,
+    loaded: Option<&'a Dataset>,
+) -> Result<std::borrow::Cow<'a, Dataset>> {
+    Ok(match loaded {
+        Some(data) => std::borrow::Cow::Borrowed(data),
+        None => std::borrow::Cow::Owned(formats::load(&cfg.source)?),
+    })
+}
+
+/// [`protect_with`] of a dataset the caller may have loaded already.
+fn run(
+    cfg: &ProtectConfig,
+    loaded: Option<&Dataset>,
     pause_after_rounds: Option<usize>,
     cancel: Option<Arc<AtomicBool>>,
 ) -> Result<ProtectReport> {
@@ -214,7 +245,7 @@ pub fn protect_with(
                 "reuse_noise crafts nothing: it takes no resume and writes no noise_file".into(),
             ));
         }
-        return protect_with_noise(cfg, noise);
+        return protect_with_noise(cfg, noise, loaded);
     }
     cfg.params.validate()?;
     if cfg.resume && cfg.checkpoint_dir.is_none() {
@@ -225,7 +256,7 @@ pub fn protect_with(
             "noise_file keeps a class-wise noise: the method is sample-wise".into(),
         ));
     }
-    let data = formats::load(&cfg.source)?;
+    let data = dataset(cfg, loaded)?;
     let control = RunControl {
         checkpoint_dir: cfg.checkpoint_dir.clone(),
         resume: cfg.resume,
@@ -268,11 +299,15 @@ pub fn protect_with(
 }
 
 /// [`protect_with`] for `reuse_noise`: applies a saved class noise.
-fn protect_with_noise(cfg: &ProtectConfig, noise_path: &Path) -> Result<ProtectReport> {
+fn protect_with_noise(
+    cfg: &ProtectConfig,
+    noise_path: &Path,
+    loaded: Option<&Dataset>,
+) -> Result<ProtectReport> {
     let t0 = std::time::Instant::now();
     let bytes = formats::read_file(noise_path)?;
     let noise = ClassNoise::from_bytes(&bytes, noise_path)?;
-    let data = formats::load(&cfg.source)?;
+    let data = dataset(cfg, loaded)?;
     let protected = noise.apply(&data)?;
     let (per_image, quality) =
         crate::metrics::dataset_quality(data.pixels(), protected.pixels(), data.shape());
@@ -397,6 +432,11 @@ fn manifest(
 pub fn estimate(cfg: &ProtectConfig) -> Result<Estimate> {
     let data = formats::load(&cfg.source)?;
     protect::estimate_dataset(&data, &cfg.params)
+}
+
+/// [`estimate()`] of `data`, already loaded from `cfg.source`.
+pub fn estimate_loaded(cfg: &ProtectConfig, data: &Dataset) -> Result<Estimate> {
+    protect::estimate_dataset(data, &cfg.params)
 }
 
 /// The parts of a `manifest.json` an audit needs, read back.

@@ -298,6 +298,7 @@ pub(crate) fn load_files(
             path: Some(p.strip_prefix(root).unwrap_or(p).to_path_buf()),
             sha256: Some(h),
             levels,
+            alpha: None,
         })
         .collect();
     Dataset::new(

@@ -473,13 +473,7 @@ fn from_arrays(
             }
         }
     }
-    let items = (0..n)
-        .map(|_| Item {
-            path: None,
-            sha256: None,
-            levels,
-        })
-        .collect();
+    let items = (0..n).map(|_| Item::in_memory(levels)).collect();
     tracing::debug!(file = %path.display(), sha256 = file_hash, n, "loaded numpy dataset");
     Dataset::new(
         crate::formats::file_name(path),

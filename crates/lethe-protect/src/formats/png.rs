@@ -2,9 +2,10 @@
 //!
 //! Each file keeps its bit depth on the way back out (an 8-bit file is
 //! quantised to 1/255, a 16-bit one to 1/65535). An alpha channel is not
-//! protected (a model trains on the colour) but travels: the writer copies
-//! it from the source file, so an RGBA or gray+alpha PNG is released as
-//! one, its transparency unchanged. Palette files are released as RGB.
+//! protected (a model trains on the colour) but travels: it is kept with
+//! the image when the file is read ([`Item::alpha`]) and written back, so
+//! an RGBA or gray+alpha PNG is released as one, its transparency
+//! unchanged. Palette files are released as RGB.
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
@@ -15,11 +16,14 @@ use crate::dataset::{Dataset, Format, ImageShape, Item};
 use crate::formats::{read_file, sha256_hex, write_file, WrittenFile};
 use crate::{Error, Result};
 
-/// A decoded PNG: shape, values in `[0, 1]` (channel-first), grid.
+/// A decoded PNG: shape, values in `[0, 1]` (channel-first), grid, and
+/// its alpha channel if it has one.
 pub(crate) struct Decoded {
     pub shape: ImageShape,
     pub values: Vec<f32>,
     pub levels: u32,
+    /// One value per pixel at the file's bit depth.
+    pub alpha: Option<Vec<u16>>,
 }
 
 /// Decodes PNG bytes (`path` only names the file in errors).
@@ -27,6 +31,7 @@ pub(crate) fn decode(bytes: &[u8], path: &Path) -> Result<Decoded> {
     let img = image::load_from_memory_with_format(bytes, ImageFormat::Png)
         .map_err(|e| Error::decode(path, format!("PNG decode failed: {e}")))?;
     let (w, h) = (img.width() as usize, img.height() as usize);
+    let alpha = alpha_of(&img);
     let (channels, levels, interleaved): (usize, u32, Vec<f32>) = match img {
         DynamicImage::ImageLuma8(b) => (1, 255, b.into_raw().iter().map(|&v| v as f32).collect()),
         DynamicImage::ImageLuma16(b) => {
@@ -76,6 +81,7 @@ pub(crate) fn decode(bytes: &[u8], path: &Path) -> Result<Decoded> {
         shape,
         values,
         levels,
+        alpha,
     })
 }
 
@@ -108,18 +114,16 @@ fn chw_to_hwc_int(src: &[f32], s: ImageShape, levels: u32) -> Vec<u32> {
     out
 }
 
-/// The alpha channel of a PNG, one value per pixel at the file's bit depth
-/// (`None` without one).
-fn alpha_of(bytes: &[u8], path: &Path) -> Result<Option<Vec<u16>>> {
-    let img = image::load_from_memory_with_format(bytes, ImageFormat::Png)
-        .map_err(|e| Error::decode(path, format!("PNG decode failed: {e}")))?;
-    Ok(match img {
+/// The alpha channel of a decoded PNG, one value per pixel at the file's
+/// bit depth (`None` without one).
+fn alpha_of(img: &DynamicImage) -> Option<Vec<u16>> {
+    match img {
         DynamicImage::ImageLumaA8(b) => Some(b.as_raw().chunks(2).map(|p| p[1].into()).collect()),
         DynamicImage::ImageLumaA16(b) => Some(b.as_raw().chunks(2).map(|p| p[1]).collect()),
         DynamicImage::ImageRgba8(b) => Some(b.as_raw().chunks(4).map(|p| p[3].into()).collect()),
         DynamicImage::ImageRgba16(b) => Some(b.as_raw().chunks(4).map(|p| p[3]).collect()),
         _ => None,
-    })
+    }
 }
 
 /// Interleaved colour values with `alpha` (one per pixel) appended to each
@@ -228,6 +232,7 @@ pub(crate) fn load_files(
             path: Some(path.strip_prefix(root).unwrap_or(path).to_path_buf()),
             sha256: Some(sha256_hex(&bytes)),
             levels: Some(d.levels),
+            alpha: d.alpha,
         });
     }
     let (shape, _) = shape.ok_or_else(|| Error::Unsupported("no PNG files".into()))?;
@@ -246,13 +251,9 @@ pub(crate) fn load_files(
 }
 
 /// Writes every image as a PNG under `out` (same relative path and bit
-/// depth as its source, and the source file's alpha channel when it has
-/// one; generated images go to `class/00000.png`).
+/// depth as its source, and the source file's alpha channel when it had
+/// one; generated images go to `class/00000.png`). Reads no source file.
 pub(crate) fn write_folder(data: &Dataset, out: &Path) -> Result<Vec<WrittenFile>> {
-    let root = match data.format() {
-        Format::PngFolder { root } => Some(root),
-        _ => None,
-    };
     let mut written = Vec::with_capacity(data.len());
     for (i, item) in data.items().iter().enumerate() {
         let rel = match &item.path {
@@ -262,15 +263,8 @@ pub(crate) fn write_folder(data: &Dataset, out: &Path) -> Result<Vec<WrittenFile
                 PathBuf::from(safe_component(class)).join(format!("{i:05}.png"))
             }
         };
-        let alpha = match (root, &item.path) {
-            (Some(root), Some(p)) => {
-                let src = root.join(p);
-                alpha_of(&read_file(&src)?, &src)?
-            }
-            _ => None,
-        };
         let sixteen = item.levels.is_some_and(|l| l > 255);
-        let bytes = encode(data.image(i), data.shape(), sixteen, alpha.as_deref())?;
+        let bytes = encode(data.image(i), data.shape(), sixteen, item.alpha.as_deref())?;
         written.push(write_file(out, &rel, &bytes)?);
     }
     Ok(written)

@@ -1443,8 +1443,30 @@ fn lattice_code_brightens_exactly_the_class_lattice() {
     let eps = 8.0 / 255.0;
     let p = ProtectParams::lattice_code(eps, 0.25);
     p.validate().unwrap();
+    assert!(p.model_free());
     let out = protect_dataset(&data, &p, &quiet()).unwrap();
-    assert_eq!(out.rounds.len(), 1);
+    // No surrogate shapes the code: no round runs (an untrained
+    // surrogate's accuracy would measure nothing), and the run is done.
+    assert!(out.rounds.is_empty());
+    assert_eq!(out.released_round, 0);
+    assert_eq!(out.image_steps, 0);
+    assert!(out.finished);
+    assert_eq!(out.stop_reason, Some(StopReason::ModelFree));
+    let estimate = estimate_dataset(&data, &p).unwrap();
+    assert_eq!((estimate.images, estimate.max_seconds), (data.len(), 0.0));
+    // A proxy victim picks among rounds: there are none.
+    let mut proxied = p.clone();
+    proxied.release = Release::ProxyVictim(tiny_proxy());
+    let err = proxied.validate().unwrap_err().to_string();
+    assert!(err.contains("model-free"), "{err}");
+    // Training the surrogate on the code makes rounds measurable again.
+    let mut trained = p.clone();
+    trained.train_steps_per_round = 1;
+    trained.train_batch = 8;
+    assert!(!trained.model_free());
+    let measured = protect_dataset(&data, &trained, &quiet()).unwrap();
+    assert_eq!(measured.rounds.len(), 1);
+    assert_eq!(measured.protected.pixels(), out.protected.pixels());
     let s = data.shape();
     let hw = s.pixels();
     let codes = mask::class_gratings(4, 0.25, s);

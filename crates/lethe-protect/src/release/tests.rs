@@ -305,11 +305,7 @@ fn a_release_of_files_is_checked_against_the_source_hashes() {
 
 #[test]
 fn a_dicom_release_is_renormalised_to_the_clean_range() {
-    let item = Item {
-        path: None,
-        sha256: None,
-        levels: Some(80),
-    };
+    let item = Item::in_memory(Some(80));
     let set = |values: Vec<f32>, range| {
         Dataset::new(
             "d",
@@ -586,6 +582,15 @@ fn class_noise_misuse_is_refused_and_loses_nothing() {
     .to_string();
     assert!(err.contains("exists"), "{err}");
     assert_eq!(ClassNoise::load(&key).unwrap(), noise);
+    // The same noise saved again gives the same bytes (the metadata is
+    // written in one order, not the hash map's), so a reuse's recorded
+    // SHA-256 names the noise, not the run that saved it.
+    let first = std::fs::read(&key).unwrap();
+    for k in 0..8 {
+        let again = out.path().join(format!("again{k}.safetensors"));
+        noise.save(&again).unwrap();
+        assert_eq!(std::fs::read(&again).unwrap(), first, "save {k}");
+    }
     // Another image size, or a class the noise does not cover.
     let other = lesions(&LesionSpec {
         seed: 3,
@@ -633,4 +638,43 @@ fn class_noise_misuse_is_refused_and_loses_nothing() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("safetensors"), "{err}");
+}
+
+#[test]
+fn a_loaded_dataset_is_protected_without_reading_its_source_again() {
+    let src = png_source();
+    let out = tempfile::tempdir().unwrap();
+    let first = folder_config(src.path(), out.path().join("a"), params());
+    protect(&first).unwrap();
+    let data = formats::load(&first.source).unwrap();
+    let second = ProtectConfig {
+        output: out.path().join("b"),
+        ..first.clone()
+    };
+    // The source is gone: only the loaded copy can be protected.
+    let moved = out.path().join("moved-source");
+    std::fs::rename(src.path(), &moved).unwrap();
+    assert!(protect(&second).is_err());
+    let estimate = estimate_loaded(&second, &data).unwrap();
+    assert_eq!(estimate.images, 8);
+    let report = protect_loaded(&second, &data).unwrap();
+    assert_eq!(report.files, 8);
+    std::fs::rename(&moved, src.path()).unwrap();
+    let items = |dir: &str| -> Vec<(String, String, String)> {
+        let m: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(out.path().join(dir).join(MANIFEST_FILE)).unwrap(),
+        )
+        .unwrap();
+        m["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| {
+                let s = |k: &str| i[k].as_str().unwrap().to_string();
+                (s("output"), s("source_sha256"), s("output_sha256"))
+            })
+            .collect()
+    };
+    assert_eq!(items("a"), items("b"));
+    assert!(verify_release(&out.path().join("b")).unwrap().intact());
 }
