@@ -851,6 +851,8 @@ fn fused(ts: &[&Tensor]) -> bool {
 mod kernels {
     use super::*;
 
+    use rayon::prelude::*;
+
     type KResult<T> = candle_core::Result<T>;
 
     fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> KResult<&'a [f32]> {
@@ -1038,35 +1040,21 @@ mod kernels {
             )
         }
 
-        /// Calls `f(index into cols, index into the input)` for every
-        /// in-bounds (non-padding) entry of the column matrix.
-        fn for_each(&self, mut f: impl FnMut(usize, usize)) {
-            let (n, c, h, w) = self.dims;
-            let (kh, kw) = self.kernel;
+        /// For kernel tap `(ki, kj)`, calls `f(output pixel, input pixel)`
+        /// (indices within one image plane) for every output pixel whose
+        /// tap falls inside the image (not in the padding), row-major.
+        fn taps(&self, ki: usize, kj: usize, mut f: impl FnMut(usize, usize)) {
+            let (_, _, h, w) = self.dims;
             let (oh, ow) = self.out_hw();
-            let cols = n * oh * ow;
-            for ci in 0..c {
-                for ki in 0..kh {
-                    for kj in 0..kw {
-                        let row = (ci * kh + ki) * kw + kj;
-                        for b in 0..n {
-                            let img = (b * c + ci) * h * w;
-                            for oy in 0..oh {
-                                let iy = (oy * self.stride + ki) as isize - self.padding as isize;
-                                if iy < 0 || iy >= h as isize {
-                                    continue;
-                                }
-                                let src_row = img + iy as usize * w;
-                                let dst_row = row * cols + (b * oh + oy) * ow;
-                                for ox in 0..ow {
-                                    let ix =
-                                        (ox * self.stride + kj) as isize - self.padding as isize;
-                                    if ix >= 0 && ix < w as isize {
-                                        f(dst_row + ox, src_row + ix as usize);
-                                    }
-                                }
-                            }
-                        }
+            for oy in 0..oh {
+                let iy = (oy * self.stride + ki) as isize - self.padding as isize;
+                if iy < 0 || iy >= h as isize {
+                    continue;
+                }
+                for ox in 0..ow {
+                    let ix = (ox * self.stride + kj) as isize - self.padding as isize;
+                    if ix >= 0 && ix < w as isize {
+                        f(oy * ow + ox, iy as usize * w + ix as usize);
                     }
                 }
             }
@@ -1086,8 +1074,19 @@ mod kernels {
             }
             let (kh, kw) = self.kernel;
             let (oh, ow) = self.out_hw();
-            let mut cols = vec![0f32; c * kh * kw * n * oh * ow];
-            self.for_each(|dst, src| cols[dst] = x[src]);
+            let per_row = n * oh * ow;
+            let mut cols = vec![0f32; c * kh * kw * per_row];
+            // One row per (channel, tap), in parallel: disjoint outputs.
+            cols.par_chunks_mut(per_row.max(1))
+                .enumerate()
+                .for_each(|(row, dst)| {
+                    let (ci, ki, kj) = (row / (kh * kw), row / kw % kh, row % kw);
+                    for b in 0..n {
+                        let src = &x[(b * c + ci) * h * w..(b * c + ci + 1) * h * w];
+                        let out = &mut dst[b * oh * ow..(b + 1) * oh * ow];
+                        self.taps(ki, kj, |o, i| out[o] = src[i]);
+                    }
+                });
             Ok((
                 CpuStorage::F32(cols),
                 Shape::from((c * kh * kw, n * oh * ow)),
@@ -1117,8 +1116,28 @@ mod kernels {
         fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> KResult<(CpuStorage, Shape)> {
             let cols = slice(s, l)?;
             let (n, c, h, w) = self.0.dims;
+            let (kh, kw) = self.0.kernel;
+            let (oh, ow) = self.0.out_hw();
+            let per_row = n * oh * ow;
+            if cols.len() != c * kh * kw * per_row {
+                candle_core::bail!("col2im: {} entries for dims {:?}", cols.len(), self.0.dims)
+            }
             let mut x = vec![0f32; n * c * h * w];
-            self.0.for_each(|col, dst| x[dst] += cols[col]);
+            // One image plane (b, ci) per task, taps in a fixed order: the
+            // sums are the same, bit for bit, on any number of threads.
+            x.par_chunks_mut((h * w).max(1))
+                .enumerate()
+                .for_each(|(plane, dst)| {
+                    let (b, ci) = (plane / c, plane % c);
+                    for ki in 0..kh {
+                        for kj in 0..kw {
+                            let row = (ci * kh + ki) * kw + kj;
+                            let start = row * per_row + b * oh * ow;
+                            let src = &cols[start..start + oh * ow];
+                            self.0.taps(ki, kj, |o, i| dst[i] += src[o]);
+                        }
+                    }
+                });
             Ok((CpuStorage::F32(x), Shape::from((n, c, h, w))))
         }
     }
@@ -1160,14 +1179,16 @@ mod kernels {
             let (h, w) = plane(l)?;
             let (oh, ow) = (h / 2, w / 2);
             let mut y = vec![0f32; x.len() / 4];
-            for (p, out) in x.chunks_exact(h * w).zip(y.chunks_exact_mut(oh * ow)) {
-                for oy in 0..oh {
-                    for ox in 0..ow {
-                        let [a, b, c, d] = window(w, oy, ox).map(|i| p[i]);
-                        out[oy * ow + ox] = a.max(b).max(c.max(d));
+            x.par_chunks_exact(h * w)
+                .zip(y.par_chunks_exact_mut(oh * ow))
+                .for_each(|(p, out)| {
+                    for oy in 0..oh {
+                        for ox in 0..ow {
+                            let [a, b, c, d] = window(w, oy, ox).map(|i| p[i]);
+                            out[oy * ow + ox] = a.max(b).max(c.max(d));
+                        }
                     }
-                }
-            }
+                });
             let d = l.dims();
             Ok((CpuStorage::F32(y), Shape::from((d[0], d[1], oh, ow))))
         }
@@ -1204,34 +1225,33 @@ mod kernels {
                 )
             }
             let mut dx = vec![0f32; x.len()];
-            for ((p, gp), dp) in x
-                .chunks_exact(h * w)
-                .zip(g.chunks_exact(oh * ow))
-                .zip(dx.chunks_exact_mut(h * w))
-            {
-                for oy in 0..oh {
-                    for ox in 0..ow {
-                        let idx = window(w, oy, ox);
-                        let [a, b, c, d] = idx.map(|i| p[i]);
-                        let (top, bottom) = (a.max(b), c.max(d));
-                        let g = gp[oy * ow + ox];
-                        let (gt, gb) = match top.partial_cmp(&bottom) {
-                            Some(std::cmp::Ordering::Greater) => (g, 0.0),
-                            Some(std::cmp::Ordering::Less) => (0.0, g),
-                            _ => (g / 2.0, g / 2.0),
-                        };
-                        for (k, (v, row_max, row_g)) in
-                            [(a, top, gt), (b, top, gt), (c, bottom, gb), (d, bottom, gb)]
-                                .into_iter()
-                                .enumerate()
-                        {
-                            if v == row_max {
-                                dp[idx[k]] = row_g;
+            x.par_chunks_exact(h * w)
+                .zip(g.par_chunks_exact(oh * ow))
+                .zip(dx.par_chunks_exact_mut(h * w))
+                .for_each(|((p, gp), dp)| {
+                    for oy in 0..oh {
+                        for ox in 0..ow {
+                            let idx = window(w, oy, ox);
+                            let [a, b, c, d] = idx.map(|i| p[i]);
+                            let (top, bottom) = (a.max(b), c.max(d));
+                            let g = gp[oy * ow + ox];
+                            let (gt, gb) = match top.partial_cmp(&bottom) {
+                                Some(std::cmp::Ordering::Greater) => (g, 0.0),
+                                Some(std::cmp::Ordering::Less) => (0.0, g),
+                                _ => (g / 2.0, g / 2.0),
+                            };
+                            for (k, (v, row_max, row_g)) in
+                                [(a, top, gt), (b, top, gt), (c, bottom, gb), (d, bottom, gb)]
+                                    .into_iter()
+                                    .enumerate()
+                            {
+                                if v == row_max {
+                                    dp[idx[k]] = row_g;
+                                }
                             }
                         }
                     }
-                }
-            }
+                });
             Ok((CpuStorage::F32(dx), l1.shape().clone()))
         }
     }
