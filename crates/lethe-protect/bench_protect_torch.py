@@ -77,9 +77,27 @@ class ResNet18(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+def pgd_descent(model, images, labels, delta, steps, batch=512):
+    """Huang et al.'s noise step: `steps` sign-gradient descent steps (eps
+    8/255, step 0.8/255) for every image in batches of `batch`, model in
+    eval mode with frozen weights; updates `delta` in place."""
+    eps, alpha = 8 / 255, 0.8 / 255
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for s in range(0, images.shape[0], batch):
+        x0, y, d = images[s : s + batch], labels[s : s + batch], delta[s : s + batch]
+        for _ in range(steps):
+            x = (x0 + d).clamp(0, 1).requires_grad_(True)
+            loss = F.cross_entropy(model(x), y)
+            (grad,) = torch.autograd.grad(loss, x)
+            d = (d - alpha * grad.sign()).clamp(-eps, eps)
+            d = (x0 + d).clamp(0, 1) - x0
+        delta[s : s + batch] = d.detach()
+
+
 def em_round(images, labels, steps, device):
     n = images.shape[0]
-    eps, alpha = 8 / 255, 0.8 / 255
     model = ResNet18().to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     delta = torch.zeros_like(images)
@@ -100,18 +118,7 @@ def em_round(images, labels, steps, device):
     torch.cuda.synchronize()
     t_train = time.perf_counter() - t0
     # (b) PGD descent over every batch.
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for s in range(0, n, 512):
-        x0, y, d = images[s : s + 512], labels[s : s + 512], delta[s : s + 512]
-        for _ in range(steps):
-            x = (x0 + d).clamp(0, 1).requires_grad_(True)
-            loss = F.cross_entropy(model(x), y)
-            (grad,) = torch.autograd.grad(loss, x)
-            d = (d - alpha * grad.sign()).clamp(-eps, eps)
-            d = (x0 + d).clamp(0, 1) - x0
-        delta[s : s + 512] = d.detach()
+    pgd_descent(model, images, labels, delta, steps)
     torch.cuda.synchronize()
     t_pgd = time.perf_counter() - t0 - t_train
     # (c) accuracy pass.

@@ -38,10 +38,9 @@ import time
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_protect_torch import ResNet18  # noqa: E402  (the H100 script's model)
+from bench_protect_torch import ResNet18, pgd_descent  # noqa: E402  (the H100 script's)
 
 
 class SmallCnn(nn.Module):
@@ -61,22 +60,10 @@ class SmallCnn(nn.Module):
 def pgd_only(model, images, labels, steps, batch=512):
     """lethe's `pgd_only` unit: PGD descent over every batch, then the
     accuracy pass; seconds and image-steps per second."""
-    eps, alpha = 8 / 255, 0.8 / 255
     n = images.shape[0]
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
     delta = torch.zeros_like(images)
     t0 = time.perf_counter()
-    for s in range(0, n, batch):
-        x0, y, d = images[s : s + batch], labels[s : s + batch], delta[s : s + batch]
-        for _ in range(steps):
-            x = (x0 + d).clamp(0, 1).requires_grad_(True)
-            loss = F.cross_entropy(model(x), y)
-            (grad,) = torch.autograd.grad(loss, x)
-            d = (d - alpha * grad.sign()).clamp(-eps, eps)
-            d = (x0 + d).clamp(0, 1) - x0
-        delta[s : s + batch] = d
+    pgd_descent(model, images, labels, delta, steps, batch)
     with torch.no_grad():
         for s in range(0, n, batch):
             model((images[s : s + batch] + delta[s : s + batch]).clamp(0, 1)).argmax(1)

@@ -578,7 +578,7 @@ pub fn channel_stats(x: &Tensor) -> Result<(Tensor, Tensor)> {
 /// as in a flat background, share twice the window's gradient). The
 /// primitive-op form is seven graph nodes over the largest activations of
 /// a CNN, each with a zero tensor and an addition in candle's backward
-/// pass (1.3x on a CNN's noise steps).
+/// pass (lesions CNN noise steps: 346-354 -> 423 image-steps/s, 2 cores).
 pub fn max_pool2x2(x: &Tensor) -> Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
     if h % 2 != 0 || w % 2 != 0 {

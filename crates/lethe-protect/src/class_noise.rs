@@ -176,13 +176,8 @@ impl ClassNoise {
 /// header keeps its length (the same keys and values, reordered).
 fn sorted_metadata(mut bytes: Vec<u8>) -> Result<Vec<u8>> {
     let bad = |detail: &str| Error::Unsupported(format!("serialising the class noise: {detail}"));
-    let len = bytes
-        .get(..8)
-        .and_then(|b| <[u8; 8]>::try_from(b).ok())
-        .map(u64::from_le_bytes)
-        .and_then(|n| usize::try_from(n).ok())
-        .filter(|&n| bytes.len() >= 8 + n)
-        .ok_or_else(|| bad("no header"))?;
+    // The header follows its length, a little-endian u64.
+    let (len, _) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(&e.to_string()))?;
     let header = &bytes[8..8 + len];
     let mut doc: serde_json::Map<String, serde_json::Value> =
         serde_json::from_slice(header).map_err(|e| bad(&e.to_string()))?;
