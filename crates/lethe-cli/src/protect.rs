@@ -640,11 +640,13 @@ fn protect(data: &DataArgs, method: &MethodArgs, f: ProtectFlags) -> anyhow::Res
 }
 
 fn audit(a: AuditArgs) -> anyhow::Result<()> {
-    let mut cfg: AuditConfig = match &a.spec {
+    let (mut cfg, loaded): (AuditConfig, Option<Dataset>) = match &a.spec {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading {}", path.display()))?;
-            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
+            let cfg = serde_json::from_str(&text)
+                .with_context(|| format!("parsing {}", path.display()))?;
+            (cfg, None)
         }
         None => default_audit(&a)?,
     };
@@ -660,7 +662,10 @@ fn audit(a: AuditArgs) -> anyhow::Result<()> {
     cfg.releases.extend(extra);
     cfg.out_dir = Some(a.out.clone());
     cfg.progress = !a.json;
-    let report = lethe_protect::audit(&cfg)?;
+    let report = match &loaded {
+        Some(data) => lethe_protect::audit_loaded(&cfg, data)?,
+        None => lethe_protect::audit(&cfg)?,
+    };
     let s = &report.summary;
     if a.json {
         println!("{}", serde_json::to_string_pretty(s)?);
@@ -783,12 +788,12 @@ fn release_runs(paths: &[PathBuf], data: &DataArgs, cfg: &AuditConfig) -> Vec<Re
 }
 
 /// SALM (the flags) and EM at the same eps, two victims, the suite; with
-/// `--release`, no crafting: the releases are the audited data.
-fn default_audit(a: &AuditArgs) -> anyhow::Result<AuditConfig> {
+/// `--release`, no crafting: the releases are the audited data. Also
+/// returns the dataset when sizing the models meant reading it, for the
+/// audit to use instead of reading it again.
+fn default_audit(a: &AuditArgs) -> anyhow::Result<(AuditConfig, Option<Dataset>)> {
     let source = a.data.source()?;
-    // The audit reads its data itself (a second read, small beside the
-    // victims' training).
-    let (side, _) = side_of(&source)?;
+    let (side, loaded) = side_of(&source)?;
     let salm = MethodArgs {
         method: MethodArg::Salm,
         params: None,
@@ -826,7 +831,7 @@ fn default_audit(a: &AuditArgs) -> anyhow::Result<AuditConfig> {
             steps: 3,
         },
     ];
-    Ok(AuditConfig {
+    let cfg = AuditConfig {
         source,
         test_fraction: a.test_fraction,
         split_seed: 0,
@@ -875,7 +880,8 @@ fn default_audit(a: &AuditArgs) -> anyhow::Result<AuditConfig> {
         out_dir: None,
         device: a.method.device.clone(),
         progress: true,
-    })
+    };
+    Ok((cfg, loaded))
 }
 
 impl DataArgs {
@@ -1092,7 +1098,7 @@ mod tests {
         let Some(ProtectCommand::Audit(audit)) = a.command else {
             panic!("audit was not parsed as the subcommand");
         };
-        let cfg = default_audit(&audit).expect("a default audit");
+        let (cfg, _) = default_audit(&audit).expect("a default audit");
         assert_eq!(cfg.methods.len(), 2);
         assert!(matches!(
             cfg.methods[1].params.method,
@@ -1149,7 +1155,7 @@ mod tests {
             _ => panic!("audit was not parsed as the subcommand"),
         };
         let digits = audit_of(&["audit", "--builtin", "digits", "--release", "out/rel"]);
-        let cfg = default_audit(&digits).expect("a default audit");
+        let (cfg, _) = default_audit(&digits).expect("a default audit");
         assert!(cfg.methods.is_empty());
         let audit = audit_of(&[
             "audit",

@@ -353,13 +353,22 @@ impl AuditConfig {
 /// `out_dir` is set.
 pub fn audit(cfg: &AuditConfig) -> Result<AuditReport> {
     cfg.validate()?;
+    let data = formats::load(&cfg.source)?;
+    audit_loaded(cfg, &data)
+}
+
+/// [`audit`] on `data`, already read from `cfg.source` by the caller (a
+/// caller that had to read the source anyway, to size its models, does
+/// not read it twice). `data` must be what `cfg.source` holds: the
+/// releases in `cfg.releases` are matched against it image by image.
+pub fn audit_loaded(cfg: &AuditConfig, data: &Dataset) -> Result<AuditReport> {
+    cfg.validate()?;
     let t0 = Instant::now();
     let device = cfg
         .device
         .parse::<lethe_model::DeviceSpec>()
         .map_err(|e| Error::Config(e.to_string()))?
         .open()?;
-    let data = formats::load(&cfg.source)?;
     let (tr, te) = data.split(cfg.test_fraction, cfg.split_seed)?;
     let train = data.subset(&tr)?;
     let test = data.subset(&te)?;
@@ -401,7 +410,7 @@ pub fn audit(cfg: &AuditConfig) -> Result<AuditReport> {
     }
     for r in &cfg.releases {
         tracing::info!(release = %r.name, "reading a release");
-        let read = crate::release::read_release(&r.source, &data)?;
+        let read = crate::release::read_release(&r.source, data)?;
         let protected = read.data.subset(&tr)?;
         let (_, quality) =
             crate::metrics::dataset_quality(train.pixels(), protected.pixels(), train.shape());

@@ -79,7 +79,8 @@ pub mod sources;
 pub mod victim;
 
 pub use audit::{
-    audit, AuditConfig, AuditReport, Headline, MethodRun, ReleaseRun, RobustnessConfig,
+    audit, audit_loaded, AuditConfig, AuditReport, Headline, MethodRun, ReleaseRun,
+    RobustnessConfig,
 };
 pub use class_noise::ClassNoise;
 pub use dataset::{Dataset, ImageShape};

@@ -552,3 +552,49 @@ fn barely_trained_victims_are_named_with_their_step_count() {
     assert!(short_training(900, &victim(epochs - 1)).is_some());
     assert_eq!(short_training(0, &victim(5)), None);
 }
+
+#[test]
+fn a_loaded_dataset_is_audited_without_reading_its_source_again() {
+    let dir = tempfile::tempdir().unwrap();
+    // A folder-per-class PNG dataset: a model-free release of the lesions.
+    let mut cfg = config(None);
+    crate::release::protect(&crate::ProtectConfig {
+        source: cfg.source.clone(),
+        output: dir.path().join("src"),
+        params: ProtectParams::lattice_code(8.0 / 255.0, 0.25),
+        checkpoint_dir: None,
+        resume: false,
+        overwrite: false,
+        progress: false,
+        noise_file: None,
+        reuse_noise: None,
+    })
+    .unwrap();
+    cfg.source = DataSource::Folder {
+        path: dir.path().join("src"),
+    };
+    cfg.methods.truncate(1);
+    cfg.robustness = None;
+    cfg.seeds = vec![0];
+    cfg.victims.truncate(1);
+    cfg.headline = Headline {
+        salm: "salm".into(),
+        em: None,
+    };
+    let data = formats::load(&cfg.source).unwrap();
+    let moved = dir.path().join("moved");
+    std::fs::rename(dir.path().join("src"), &moved).unwrap();
+    assert!(audit(&cfg).is_err());
+    let loaded = audit_loaded(&cfg, &data).unwrap();
+    std::fs::rename(&moved, dir.path().join("src")).unwrap();
+    let read = audit(&cfg).unwrap();
+    let accs = |r: &AuditReport| -> Vec<(String, f64, f64)> {
+        r.accuracy
+            .iter()
+            .map(|a| (a.data.clone(), a.peak_mean, a.final_mean))
+            .collect()
+    };
+    assert_eq!(accs(&loaded).len(), 2);
+    assert_eq!(accs(&loaded), accs(&read));
+    assert_eq!(loaded.summary.salm_psnr_db, read.summary.salm_psnr_db);
+}
