@@ -177,6 +177,9 @@ enum Builtin {
     Lfw,
     /// 16x16 tiles of pydicom's CT and MR slices (CT vs MR).
     DicomPatches,
+    /// 16x16 RGB tiles of scikit-image's histology and fundus photographs
+    /// (histology vs fundus).
+    MedicalPatches,
 }
 
 #[derive(Args, Debug)]
@@ -323,6 +326,7 @@ impl DataArgs {
                 Builtin::Lesions => DataSource::Lesions(LesionSpec::default()),
                 Builtin::Lfw => DataSource::LfwSubset,
                 Builtin::DicomPatches => DataSource::DicomPatches { patch: 16 },
+                Builtin::MedicalPatches => DataSource::MedicalPatches { patch: 16 },
             }),
             (None, None) => Err(anyhow::format_err!(
                 "say what to protect: --input PATH (class folders or .npy/.npz) or --builtin NAME"
@@ -434,7 +438,7 @@ fn side_of(source: &DataSource) -> anyhow::Result<(usize, Option<Dataset>)> {
         DataSource::Digits => (8, None),
         DataSource::Lesions(spec) => (spec.size, None),
         DataSource::LfwSubset => (25, None),
-        DataSource::DicomPatches { patch } => (*patch, None),
+        DataSource::DicomPatches { patch } | DataSource::MedicalPatches { patch } => (*patch, None),
         other => {
             let data = lethe_protect::formats::load(other)?;
             let s = data.shape();
@@ -1187,5 +1191,10 @@ mod tests {
         assert_eq!(audit.data.flags(), "--input data/x.npy --labels data/y.npy");
         let builtin = parse(&["--builtin", "dicom-patches", "-o", "o"]);
         assert_eq!(builtin.data.flags(), "--builtin dicom-patches");
+        let colour = parse(&["--builtin", "medical-patches", "-o", "o"]);
+        assert!(matches!(
+            colour.data.source(),
+            Ok(DataSource::MedicalPatches { patch: 16 })
+        ));
     }
 }

@@ -173,6 +173,7 @@ fn dataset_name(cfg: &AuditConfig) -> String {
         DataSource::Lesions(_) => "lesions".into(),
         DataSource::LfwSubset => "lfw-subset".into(),
         DataSource::DicomPatches { .. } => "dicom-patches".into(),
+        DataSource::MedicalPatches { .. } => "medical-patches".into(),
         DataSource::Folder { path } | DataSource::Npy { path, .. } => Path::new(path)
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())

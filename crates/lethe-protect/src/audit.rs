@@ -782,10 +782,12 @@ fn notes(
 }
 
 /// For each protected training set whose victims mostly peak in the first
-/// tenth of training (at least one epoch): where those peaks are, what clean
-/// victims of the same architecture and seed reach at the same epoch, and
-/// the best accuracy of every run after that window. The headline peak is
-/// unchanged; this says whether it is a transient of barely trained models.
+/// tenth of training (at least one epoch) and never reach that peak again:
+/// where those peaks are, what clean victims of the same architecture and
+/// seed reach at the same epoch, and the best accuracy of every run after
+/// that window. The headline peak is unchanged; this says whether it is a
+/// transient of barely trained models. A run that reaches its peak early
+/// and holds it (a task learned in an epoch) is no transient.
 fn early_peak_notes(victims: &[VictimRow], epochs: usize) -> Vec<String> {
     let window = (epochs / 10).max(1);
     let plain = |v: &&VictimRow| v.run.defence == "none";
@@ -803,7 +805,11 @@ fn early_peak_notes(victims: &[VictimRow], epochs: usize) -> Vec<String> {
             .filter(|v| v.data == name)
             .map(|v| &v.run)
             .collect();
-        let early: Vec<&&VictimRun> = runs.iter().filter(|r| r.peak_epoch <= window).collect();
+        let best_after = |r: &VictimRun| r.curve.iter().skip(window).copied().fold(0.0, f64::max);
+        let early: Vec<&&VictimRun> = runs
+            .iter()
+            .filter(|r| r.peak_epoch <= window && best_after(r) < r.test_acc_peak)
+            .collect();
         if early.len() * 2 <= runs.len() {
             continue;
         }
@@ -819,10 +825,7 @@ fn early_peak_notes(victims: &[VictimRow], epochs: usize) -> Vec<String> {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let later: Vec<f64> = runs
-            .iter()
-            .map(|r| r.curve.iter().skip(window).copied().fold(0.0, f64::max))
-            .collect();
+        let later: Vec<f64> = runs.iter().map(|r| best_after(r)).collect();
         let clean: Vec<f64> = early.iter().filter_map(|r| clean_at(r)).collect();
         notes.push(format!(
             "{name}: {} of {} victims peak within the first {window} of {epochs} epochs (at {}%; \

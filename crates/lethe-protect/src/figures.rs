@@ -4,7 +4,10 @@
 //! * [`examples_grid`]: one row per image; columns: the original, then per
 //!   method the protected image and a heat map of `|delta| / eps` (black =
 //!   unchanged, red -> yellow -> white = up to the full budget). Tiles are
-//!   enlarged with nearest-neighbour so that single pixels stay visible.
+//!   enlarged with nearest-neighbour so that single pixels stay visible,
+//!   and sit on a mid-gray canvas so that neither a black tile nor an
+//!   all-white one (a noise at the full budget on every pixel) merges
+//!   into the background.
 //! * [`line_chart`]: lines with square markers on a `[x0, x1] x [0, 1]`
 //!   grid (horizontal grid lines every 0.1, dashed line at chance level).
 
@@ -17,6 +20,9 @@ use crate::{Error, Result};
 
 const GAP: u32 = 4;
 const WHITE: Rgb<u8> = Rgb([255, 255, 255]);
+/// The canvas between the tiles of [`examples_grid`]: neither end of the
+/// heat map's or an image's range.
+const CANVAS: Rgb<u8> = Rgb([128, 128, 128]);
 
 /// The "hot" colour map on `[0, 1]`.
 pub fn hot(t: f32) -> Rgb<u8> {
@@ -55,7 +61,7 @@ pub fn examples_grid(
     let mut out = RgbImage::from_pixel(
         cols * (tw + GAP) + GAP,
         rows.len() as u32 * (th + GAP) + GAP,
-        WHITE,
+        CANVAS,
     );
     let hw = shape.pixels();
     for (r, (clean, prots)) in rows.iter().enumerate() {
@@ -223,3 +229,6 @@ pub const PALETTE: [Rgb<u8>; 6] = [
 
 /// Names of [`PALETTE`] for captions.
 pub const PALETTE_NAMES: [&str; 6] = ["blue", "red", "green", "orange", "purple", "cyan"];
+
+#[cfg(test)]
+mod tests;

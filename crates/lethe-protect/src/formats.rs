@@ -74,6 +74,13 @@ pub enum DataSource {
         /// Tile side in pixels (8..=32).
         patch: usize,
     },
+    /// `patch`x`patch` RGB tiles cut from scikit-image's histology and
+    /// fundus sample photographs, labelled by modality (a small real
+    /// colour medical classification task).
+    MedicalPatches {
+        /// Tile side in pixels (8..=32).
+        patch: usize,
+    },
 }
 
 /// Loads a dataset.
@@ -95,6 +102,7 @@ pub fn load(source: &DataSource) -> Result<Dataset> {
         DataSource::Lesions(spec) => crate::sources::lesions(spec),
         DataSource::LfwSubset => crate::sources::lfw_subset(),
         DataSource::DicomPatches { patch } => crate::sources::dicom_patches(*patch),
+        DataSource::MedicalPatches { patch } => crate::sources::medical_patches(*patch),
     }
 }
 

@@ -8,6 +8,8 @@
 //!   non-faces.
 //! * [`dicom_patches`]: tiles of pydicom's CT and MR test slices,
 //!   labelled by modality.
+//! * [`medical_patches`]: colour tiles of scikit-image's histology and
+//!   fundus sample photographs, labelled by modality.
 //! * [`lesions`]: a deterministic synthetic set that mimics the sparsity of
 //!   medical images (see `datasets/protect/README.md`): a black background
 //!   (air), one textured "organ" covering about a third of the image, faint
@@ -394,6 +396,111 @@ pub fn dicom_patches(patch: usize) -> Result<Dataset> {
         vec![Item::in_memory(Some(65535)); n],
         Format::Generated,
     )
+}
+
+/// Tiles of scikit-image's two colour medical sample images, labelled by
+/// modality: `histology` (an immunohistochemistry stain, `ihc.png`,
+/// 512x512) and `fundus` (a retina photograph, `retina.jpg`, 1411x1411,
+/// box-averaged 4x4 to a comparable scale, 352x352).
+///
+/// Tiles are `patch`x`patch` at a stride of half a tile. Near-uniform tiles
+/// (the fundus photograph's black surround) are dropped, then the larger
+/// class is thinned evenly to the smaller one's count. The only colour set
+/// among the built-ins, so the one on which the grayscale countermeasure
+/// applies; the fundus tiles on the field's rim are half black, the
+/// sparsity of the lesions set in a real photograph.
+pub fn medical_patches(patch: usize) -> Result<Dataset> {
+    if !(8..=32).contains(&patch) {
+        return Err(Error::Config(format!(
+            "medical patch side must be 8..=32, got {patch}"
+        )));
+    }
+    let dir = Cache::from_env().ensure(Asset::SKIMAGE_DATA)?;
+    let mut classes = Vec::new();
+    for (file, factor) in [("ihc.png", 1), ("retina.jpg", 4)] {
+        let (h, w, planes) = rgb_planes(&dir.join(file), factor)?;
+        classes.push(rgb_tiles(&planes, h, w, patch));
+    }
+    let n = classes.iter().map(Vec::len).min().unwrap_or(0);
+    let mut pixels = Vec::with_capacity(2 * n * 3 * patch * patch);
+    let mut labels = Vec::with_capacity(2 * n);
+    for (label, tiles) in classes.iter().enumerate() {
+        // Evenly spaced over the image, in scan order.
+        for i in 0..n {
+            pixels.extend_from_slice(&tiles[i * tiles.len() / n]);
+            labels.push(label as u32);
+        }
+    }
+    Dataset::new(
+        "medical-patches",
+        ImageShape {
+            channels: 3,
+            height: patch,
+            width: patch,
+        },
+        pixels,
+        labels,
+        vec!["histology".into(), "fundus".into()],
+        vec![Item::in_memory(Some(255)); 2 * n],
+        Format::Generated,
+    )
+}
+
+/// An RGB image file as planar `(3, h, w)` values on the 8-bit grid,
+/// box-averaged `factor`x`factor` (the remainder rows and columns dropped).
+fn rgb_planes(path: &std::path::Path, factor: usize) -> Result<(usize, usize, Vec<f32>)> {
+    let bytes = crate::formats::read_file(path)?;
+    let img = image::load_from_memory(&bytes)
+        .map_err(|e| Error::decode(path, format!("image decode failed: {e}")))?
+        .to_rgb8();
+    let full_w = img.width() as usize;
+    let (h, w) = (img.height() as usize / factor, full_w / factor);
+    let raw = img.as_raw();
+    let mut out = vec![0f32; 3 * h * w];
+    for y in 0..h {
+        for x in 0..w {
+            for c in 0..3 {
+                let mut acc = 0u32;
+                for dy in 0..factor {
+                    for dx in 0..factor {
+                        acc +=
+                            u32::from(raw[((y * factor + dy) * full_w + x * factor + dx) * 3 + c]);
+                    }
+                }
+                let mean = acc as f32 / (factor * factor) as f32;
+                out[(c * h + y) * w + x] = mean.round() / 255.0;
+            }
+        }
+    }
+    Ok((h, w, out))
+}
+
+/// `patch`x`patch` tiles (planar RGB) of an `(3, h, w)` image at a stride of
+/// half a tile, in scan order, without the near-uniform ones.
+fn rgb_tiles(planes: &[f32], h: usize, w: usize, patch: usize) -> Vec<Vec<f32>> {
+    let stride = (patch / 2).max(1);
+    let mut tiles = Vec::new();
+    let mut y = 0;
+    while y + patch <= h {
+        let mut x = 0;
+        while x + patch <= w {
+            let mut tile = Vec::with_capacity(3 * patch * patch);
+            for c in 0..3 {
+                for r in 0..patch {
+                    let row = (c * h + y + r) * w + x;
+                    tile.extend_from_slice(&planes[row..row + patch]);
+                }
+            }
+            let mean = tile.iter().sum::<f32>() / tile.len() as f32;
+            let var = tile.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / tile.len() as f32;
+            if var.sqrt() >= 0.02 {
+                tiles.push(tile);
+            }
+            x += stride;
+        }
+        y += stride;
+    }
+    tiles
 }
 
 #[cfg(test)]

@@ -507,6 +507,9 @@ fn early_peaks_are_put_beside_clean_victims_at_the_same_epoch() {
                 ],
             ),
         ),
+        // Peaks at once and holds it (a task learned in an epoch): no note.
+        row("held", "cnn", 0, &curve([100, 100], &[100; 18])),
+        row("held", "cnn", 1, &curve([90, 100], &[100; 18])),
         // Peaks late: no note for this training set.
         row(
             "late",

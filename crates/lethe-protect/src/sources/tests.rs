@@ -104,3 +104,36 @@ fn lfw_subset_and_dicom_patches_load() {
     assert!(counts[0] > 50 && counts[1] > 50, "{counts:?}");
     assert!(dicom_patches(4).is_err());
 }
+
+#[test]
+fn medical_patches_are_balanced_colour_tiles_on_the_8bit_grid() {
+    let data = medical_patches(16).unwrap();
+    assert_eq!(data.classes(), ["histology", "fundus"]);
+    let counts = data.class_counts();
+    assert_eq!(counts[0], counts[1]);
+    assert!(counts[0] > 500, "{counts:?}");
+    let s = data.shape();
+    assert_eq!((s.channels, s.height, s.width), (3, 16, 16));
+    assert!(data
+        .pixels()
+        .iter()
+        .all(|&v| (0.0..=1.0).contains(&v) && ((v * 255.0).round() - v * 255.0).abs() < 1e-3));
+    // Colour, not gray: the channels differ.
+    let plane = 16 * 16;
+    let differs = (0..data.len()).any(|i| {
+        let img = data.image(i);
+        img[..plane] != img[plane..2 * plane]
+    });
+    assert!(differs);
+    // Some fundus tiles lie on the field's rim: part black, part retina.
+    let fundus = data.labels().iter().position(|&l| l == 1).unwrap();
+    let rim = (fundus..data.len()).any(|i| {
+        let black = data.image(i).iter().filter(|&&v| v == 0.0).count();
+        black > 3 * plane / 4 / 2 && black < 3 * plane - 16
+    });
+    assert!(rim);
+    // Deterministic.
+    assert_eq!(medical_patches(16).unwrap().pixels(), data.pixels());
+    assert!(medical_patches(4).is_err());
+    assert!(medical_patches(64).is_err());
+}
