@@ -20,8 +20,8 @@
 //!   image where it came from, so the release is written in the source's
 //!   format ([`formats`]: folder-per-class PNG 8/16-bit gray/RGB, NumPy
 //!   `.npy`/`.npz`, DICOM with every tag kept) or comes from [`sources`]
-//!   (scikit-learn digits, scikit-image LFW subset, pydicom CT/MR tiles, a
-//!   generated sparse "lesion" set).
+//!   (scikit-learn digits, scikit-image LFW subset and histology/fundus
+//!   colour tiles, pydicom CT/MR tiles, a generated sparse "lesion" set).
 //! * [`mod@protect`]: the min-min optimisation with stop rules that do not fire
 //!   too early, checkpoint/resume, determinism per seed, progress, a
 //!   dry-run [`estimate`] and the choice of the released round's noise
