@@ -352,9 +352,9 @@ impl AuditConfig {
 /// Runs the audit (see the module docs) and writes the report when
 /// `out_dir` is set.
 pub fn audit(cfg: &AuditConfig) -> Result<AuditReport> {
+    // Checked before the data is read: a bad config costs no loading.
     cfg.validate()?;
-    let data = formats::load(&cfg.source)?;
-    audit_loaded(cfg, &data)
+    run(cfg, &formats::load(&cfg.source)?)
 }
 
 /// [`audit`] on `data`, already read from `cfg.source` by the caller (a
@@ -363,6 +363,11 @@ pub fn audit(cfg: &AuditConfig) -> Result<AuditReport> {
 /// releases in `cfg.releases` are matched against it image by image.
 pub fn audit_loaded(cfg: &AuditConfig, data: &Dataset) -> Result<AuditReport> {
     cfg.validate()?;
+    run(cfg, data)
+}
+
+/// The audit of a checked config on its data.
+fn run(cfg: &AuditConfig, data: &Dataset) -> Result<AuditReport> {
     let t0 = Instant::now();
     let device = cfg
         .device

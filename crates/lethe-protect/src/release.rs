@@ -430,8 +430,7 @@ fn manifest(
 
 /// Dry run: loads the data, times a few steps and extrapolates.
 pub fn estimate(cfg: &ProtectConfig) -> Result<Estimate> {
-    let data = formats::load(&cfg.source)?;
-    protect::estimate_dataset(&data, &cfg.params)
+    estimate_loaded(cfg, &formats::load(&cfg.source)?)
 }
 
 /// [`estimate()`] of `data`, already loaded from `cfg.source`.

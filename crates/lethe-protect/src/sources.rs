@@ -344,11 +344,7 @@ pub fn lfw_subset() -> Result<Dataset> {
 /// and `MR_small.dcm` (stride `patch / 4`), each slice min-max normalised,
 /// nearly uniform tiles (std < 0.02) dropped; released as 16-bit PNG.
 pub fn dicom_patches(patch: usize) -> Result<Dataset> {
-    if !(8..=32).contains(&patch) {
-        return Err(Error::Config(format!(
-            "DICOM patch side must be 8..=32, got {patch}"
-        )));
-    }
+    check_patch_side("DICOM", patch)?;
     let dir = Cache::from_env().ensure(Asset::PYDICOM_DATA)?;
     let mut pixels = Vec::new();
     let mut labels = Vec::new();
@@ -360,26 +356,13 @@ pub fn dicom_patches(patch: usize) -> Result<Dataset> {
         let lo = stored.iter().min().copied().unwrap_or(0) as f32;
         let hi = stored.iter().max().copied().unwrap_or(0) as f32;
         let span = (hi - lo).max(1.0);
-        let (h, w) = (shape.height, shape.width);
-        let mut y = 0;
-        while y + patch <= h {
-            let mut x = 0;
-            while x + patch <= w {
-                let tile: Vec<f32> = (0..patch * patch)
-                    .map(|k| {
-                        let v = stored[(y + k / patch) * w + x + k % patch] as f32;
-                        ((v - lo) / span * 65535.0).round() / 65535.0
-                    })
-                    .collect();
-                let mean = tile.iter().sum::<f32>() / tile.len() as f32;
-                let var = tile.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / tile.len() as f32;
-                if var.sqrt() >= 0.02 {
-                    pixels.extend(tile);
-                    labels.push(label as u32);
-                }
-                x += stride.max(1);
-            }
-            y += stride.max(1);
+        let plane: Vec<f32> = stored
+            .iter()
+            .map(|&v| ((v as f32 - lo) / span * 65535.0).round() / 65535.0)
+            .collect();
+        for tile in textured_tiles(&plane, 1, shape.height, shape.width, patch, stride) {
+            pixels.extend(tile);
+            labels.push(label as u32);
         }
     }
     let n = labels.len();
@@ -410,16 +393,12 @@ pub fn dicom_patches(patch: usize) -> Result<Dataset> {
 /// applies; the fundus tiles on the field's rim are half black, the
 /// sparsity of the lesions set in a real photograph.
 pub fn medical_patches(patch: usize) -> Result<Dataset> {
-    if !(8..=32).contains(&patch) {
-        return Err(Error::Config(format!(
-            "medical patch side must be 8..=32, got {patch}"
-        )));
-    }
+    check_patch_side("medical", patch)?;
     let dir = Cache::from_env().ensure(Asset::SKIMAGE_DATA)?;
     let mut classes = Vec::new();
     for (file, factor) in [("ihc.png", 1), ("retina.jpg", 4)] {
         let (h, w, planes) = rgb_planes(&dir.join(file), factor)?;
-        classes.push(rgb_tiles(&planes, h, w, patch));
+        classes.push(textured_tiles(&planes, 3, h, w, patch, patch / 2));
     }
     let n = classes.iter().map(Vec::len).min().unwrap_or(0);
     let mut pixels = Vec::with_capacity(2 * n * 3 * patch * patch);
@@ -475,17 +454,37 @@ fn rgb_planes(path: &std::path::Path, factor: usize) -> Result<(usize, usize, Ve
     Ok((h, w, out))
 }
 
-/// `patch`x`patch` tiles (planar RGB) of an `(3, h, w)` image at a stride of
-/// half a tile, in scan order, without the near-uniform ones.
-fn rgb_tiles(planes: &[f32], h: usize, w: usize, patch: usize) -> Vec<Vec<f32>> {
-    let stride = (patch / 2).max(1);
+/// A tile side of the tiled built-ins (`what` names the set in the error).
+fn check_patch_side(what: &str, patch: usize) -> Result<()> {
+    if (8..=32).contains(&patch) {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "{what} patch side must be 8..=32, got {patch}"
+        )))
+    }
+}
+
+/// `patch`x`patch` tiles of a planar `(channels, h, w)` image at `stride`
+/// (at least 1), in scan order, each planar `(channels, patch, patch)`,
+/// without the near-uniform ones (standard deviation over the tile's
+/// values below 0.02: a uniform background teaches nothing).
+fn textured_tiles(
+    planes: &[f32],
+    channels: usize,
+    h: usize,
+    w: usize,
+    patch: usize,
+    stride: usize,
+) -> Vec<Vec<f32>> {
+    let stride = stride.max(1);
     let mut tiles = Vec::new();
     let mut y = 0;
     while y + patch <= h {
         let mut x = 0;
         while x + patch <= w {
-            let mut tile = Vec::with_capacity(3 * patch * patch);
-            for c in 0..3 {
+            let mut tile = Vec::with_capacity(channels * patch * patch);
+            for c in 0..channels {
                 for r in 0..patch {
                     let row = (c * h + y + r) * w + x;
                     tile.extend_from_slice(&planes[row..row + patch]);
