@@ -50,15 +50,12 @@
 //! ```no_run
 //! use lethe_protect::{protect, DataSource, ProtectConfig, ProtectParams};
 //! let report = protect(&ProtectConfig {
-//!     source: DataSource::Folder { path: "scans/".into() },
-//!     output: "scans-protected/".into(),
-//!     params: ProtectParams::salm(8.0 / 255.0, 0.1),
-//!     checkpoint_dir: None,
-//!     resume: false,
-//!     overwrite: false,
 //!     progress: true,
-//!     noise_file: None,
-//!     reuse_noise: None,
+//!     ..ProtectConfig::new(
+//!         DataSource::Folder { path: "scans/".into() },
+//!         "scans-protected/",
+//!         ProtectParams::salm(8.0 / 255.0, 0.1),
+//!     )
 //! })
 //! .unwrap();
 //! assert!(report.quality.linf_max <= 8.0 / 255.0 + 0.5 / 255.0);

@@ -57,6 +57,25 @@ pub struct ProtectConfig {
     pub reuse_noise: Option<PathBuf>,
 }
 
+impl ProtectConfig {
+    /// Protect `source` into `output` with `params`: no checkpoint, no
+    /// resume or overwrite, no progress bar, no noise file kept or reused
+    /// (the serde defaults; set the fields to change them).
+    pub fn new(source: DataSource, output: impl Into<PathBuf>, params: ProtectParams) -> Self {
+        ProtectConfig {
+            source,
+            output: output.into(),
+            params,
+            checkpoint_dir: None,
+            resume: false,
+            overwrite: false,
+            progress: false,
+            noise_file: None,
+            reuse_noise: None,
+        }
+    }
+}
+
 /// The summary `protect` returns (and the manifest's header).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ProtectReport {

@@ -410,17 +410,11 @@ fn a_release_on_disk_is_audited_as_it_is() {
     let mut cfg = config(Some(dir.path().join("audit")));
     // A class-wise EM release: the report calls the headline run EM.
     let params = cfg.methods[1].params.clone();
-    crate::release::protect(&crate::ProtectConfig {
-        source: cfg.source.clone(),
-        output: dir.path().join("rel"),
-        params: params.clone(),
-        checkpoint_dir: None,
-        resume: false,
-        overwrite: false,
-        progress: false,
-        noise_file: None,
-        reuse_noise: None,
-    })
+    crate::release::protect(&crate::ProtectConfig::new(
+        cfg.source.clone(),
+        dir.path().join("rel"),
+        params.clone(),
+    ))
     .unwrap();
     cfg.methods.clear();
     cfg.releases = vec![ReleaseRun {
@@ -561,17 +555,11 @@ fn a_loaded_dataset_is_audited_without_reading_its_source_again() {
     let dir = tempfile::tempdir().unwrap();
     // A folder-per-class PNG dataset: a model-free release of the lesions.
     let mut cfg = config(None);
-    crate::release::protect(&crate::ProtectConfig {
-        source: cfg.source.clone(),
-        output: dir.path().join("src"),
-        params: ProtectParams::lattice_code(8.0 / 255.0, 0.25),
-        checkpoint_dir: None,
-        resume: false,
-        overwrite: false,
-        progress: false,
-        noise_file: None,
-        reuse_noise: None,
-    })
+    crate::release::protect(&crate::ProtectConfig::new(
+        cfg.source.clone(),
+        dir.path().join("src"),
+        ProtectParams::lattice_code(8.0 / 255.0, 0.25),
+    ))
     .unwrap();
     cfg.source = DataSource::Folder {
         path: dir.path().join("src"),

@@ -183,19 +183,7 @@ fn resume_without_a_checkpoint_folder_is_a_config_error() {
 #[test]
 fn estimate_reads_the_source() {
     let src = png_source();
-    let cfg = ProtectConfig {
-        source: DataSource::Folder {
-            path: src.path().to_path_buf(),
-        },
-        output: "unused".into(),
-        params: params(),
-        checkpoint_dir: None,
-        resume: false,
-        overwrite: false,
-        progress: false,
-        noise_file: None,
-        reuse_noise: None,
-    };
+    let cfg = folder_config(src.path(), "unused".into(), params());
     let e = estimate(&cfg).unwrap();
     assert_eq!(e.images, 8);
     assert!(e.seconds_per_round > 0.0);
@@ -447,19 +435,10 @@ fn classwise_params() -> ProtectParams {
 
 /// A run on the PNG folder `src` without checkpoint, noise file or reuse.
 fn folder_config(src: &Path, output: PathBuf, params: ProtectParams) -> ProtectConfig {
-    ProtectConfig {
-        source: DataSource::Folder {
-            path: src.to_path_buf(),
-        },
-        output,
-        params,
-        checkpoint_dir: None,
-        resume: false,
-        overwrite: false,
-        progress: false,
-        noise_file: None,
-        reuse_noise: None,
-    }
+    let source = DataSource::Folder {
+        path: src.to_path_buf(),
+    };
+    ProtectConfig::new(source, output, params)
 }
 
 #[test]
