@@ -222,10 +222,28 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             ExitCode::from(1)
         }
     }
+}
+
+/// The error and its causes, `: `-separated, leaving out a cause whose text
+/// the message already holds (the libraries' I/O errors print their source
+/// in their own message).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = cause.to_string();
+        if text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
 }
 
 fn init_tracing() {
@@ -234,6 +252,7 @@ fn init_tracing() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
@@ -276,7 +295,22 @@ fn actor(principal: &Option<String>) -> Actor {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    // `protect` needs no engine and takes its arguments by value.
+    // `protect` needs no engine and takes its arguments by value. It reads
+    // no configuration file, but a named one that does not exist is a
+    // mistake worth stopping for.
+    if let Some(path) = cli
+        .config
+        .as_deref()
+        .filter(|_| matches!(cli.command, Command::Protect(_)))
+    {
+        if !path.is_file() {
+            anyhow::bail!("configuration file {} not found", path.display());
+        }
+        tracing::warn!(
+            "protect reads no settings from {}: its options are its flags",
+            path.display()
+        );
+    }
     if let Command::Protect(args) = cli.command {
         return protect::run(*args).map(|()| ExitCode::SUCCESS);
     }

@@ -188,10 +188,10 @@ struct MethodArgs {
     #[arg(long, value_enum, default_value_t = MethodArg::Salm)]
     method: MethodArg,
     /// L-inf budget as a fraction of full scale: `8/255` or `0.0314`.
-    #[arg(long, default_value = "8/255", value_parser = parse_fraction)]
+    #[arg(long, default_value = "8/255", value_parser = parse_fraction, allow_negative_numbers = true)]
     eps: f64,
     /// SALM: fraction of pixel locations that may change.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, allow_negative_numbers = true)]
     rho: f64,
     /// One noise (and mask) per class instead of one per image.
     #[arg(long)]
@@ -219,10 +219,10 @@ struct MethodArgs {
     max_rounds: Option<usize>,
     /// Stop (after --min-rounds) at this surrogate accuracy on the protected
     /// images.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     target_acc: Option<f64>,
     /// Stop (after --min-rounds) when the surrogate's loss falls below this.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     loss_below: Option<f64>,
     /// Surrogate architecture.
     #[arg(long, value_enum, default_value_t = SurrogateArg::Cnn)]
@@ -233,10 +233,10 @@ struct MethodArgs {
     /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Full parameters as JSON (`ProtectParams`); other method flags are
-    /// then ignored.
+    /// Full parameters (`ProtectParams`): a JSON file, or the JSON itself
+    /// (`{...}`); other method flags are then ignored.
     #[arg(long)]
-    params: Option<PathBuf>,
+    params: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -320,7 +320,20 @@ impl DataArgs {
                 labels_key: self.labels_key.clone(),
                 labels_path: self.labels.clone(),
             }),
-            (Some(path), _) => Ok(DataSource::Folder { path: path.clone() }),
+            (Some(path), _) => {
+                anyhow::ensure!(
+                    !path.is_file(),
+                    "input {} is a file but not .npy/.npz: give a folder with one sub-folder \
+                     per class, or a .npy/.npz array",
+                    path.display()
+                );
+                anyhow::ensure!(
+                    self.labels.is_none() && self.images_key.is_none() && self.labels_key.is_none(),
+                    "--labels, --images-key and --labels-key are for .npy/.npz input; a folder's \
+                     classes are its sub-folders"
+                );
+                Ok(DataSource::Folder { path: path.clone() })
+            }
             (None, Some(b)) => Ok(match b {
                 Builtin::Digits => DataSource::Digits,
                 Builtin::Lesions => DataSource::Lesions(LesionSpec::default()),
@@ -338,11 +351,16 @@ impl DataArgs {
 impl MethodArgs {
     /// The parameters for images of side `side` (picks the surrogate depth).
     fn params(&self, side: usize) -> anyhow::Result<ProtectParams> {
-        if let Some(path) = &self.params {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            let p: ProtectParams = serde_json::from_str(&text)
-                .with_context(|| format!("parsing {}", path.display()))?;
+        if let Some(arg) = &self.params {
+            let (text, what) = if arg.trim_start().starts_with('{') {
+                (arg.clone(), "the --params JSON".to_string())
+            } else {
+                let text = std::fs::read_to_string(arg)
+                    .with_context(|| format!("reading the --params file {arg}"))?;
+                (text, arg.clone())
+            };
+            let p: ProtectParams =
+                serde_json::from_str(&text).with_context(|| format!("parsing {what}"))?;
             p.validate()?;
             return Ok(p);
         }
@@ -408,6 +426,12 @@ impl MethodArgs {
         }
         if let Some(s) = self.steps {
             p.pgd_steps = s;
+        }
+        if let (Some(min), Some(max)) = (self.min_rounds, self.max_rounds) {
+            anyhow::ensure!(
+                min <= max,
+                "--min-rounds {min} is more than --max-rounds {max}"
+            );
         }
         if let Some(r) = self.min_rounds {
             p.stop.min_rounds = r;
@@ -598,12 +622,13 @@ fn protect(data: &DataArgs, method: &MethodArgs, f: ProtectFlags) -> anyhow::Res
             duration(report.seconds)
         ),
         None => println!(
-            "{}: {} images, {}; {} rounds ({:?}) in {}",
+            "{}: {} images, {}; {} round{} ({}) in {}",
             report.dataset,
             report.images,
             report.method,
             report.rounds,
-            report.stop_reason,
+            if report.rounds == 1 { "" } else { "s" },
+            StopReason::describe(report.stop_reason),
             duration(report.seconds)
         ),
     }
@@ -1122,6 +1147,43 @@ mod tests {
         );
         let none = parse(&["-o", "out/rel"]);
         assert!(none.data.source().is_err());
+    }
+
+    #[test]
+    fn inconsistent_flags_are_refused_and_params_may_be_inline() {
+        let a = parse(&["-o", "o", "--min-rounds", "3", "--max-rounds", "1"]);
+        let e = a.method.params(32).unwrap_err().to_string();
+        assert!(
+            e.contains("--min-rounds 3 is more than --max-rounds 1"),
+            "{e}"
+        );
+        // One bound alone moves the default other one.
+        let a = parse(&["-o", "o", "--max-rounds", "1"]);
+        let p = a.method.params(32).unwrap();
+        assert_eq!((p.stop.min_rounds, p.stop.max_rounds), (1, 1));
+        // Negative numbers reach the range checks instead of clap's
+        // "unexpected argument".
+        let a = parse(&["-o", "o", "--rho", "-0.1"]);
+        let e = a.method.params(32).unwrap_err().to_string();
+        assert!(e.contains("rho must be in (0, 1]"), "{e}");
+        let json = serde_json::to_string(&ProtectParams::em(4.0 / 255.0)).unwrap();
+        let a = parse(&["-o", "o", "--params", &json]);
+        let p = a.method.params(32).unwrap();
+        assert!((p.eps - 4.0 / 255.0).abs() < 1e-12);
+        let a = parse(&["-o", "o", "--params", "{bad"]);
+        let e = format!("{:#}", a.method.params(32).unwrap_err());
+        assert!(e.contains("parsing the --params JSON"), "{e}");
+        // Array options on a folder would be ignored: refused instead.
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_str().unwrap();
+        let a = parse(&["-i", d, "-o", "o", "--labels", "y.npy"]);
+        let e = a.data.source().unwrap_err().to_string();
+        assert!(e.contains("for .npy/.npz input"), "{e}");
+        let file = dir.path().join("notes.txt");
+        std::fs::write(&file, b"x").unwrap();
+        let a = parse(&["-i", file.to_str().unwrap(), "-o", "o"]);
+        let e = a.data.source().unwrap_err().to_string();
+        assert!(e.contains("is a file but not .npy/.npz"), "{e}");
     }
 
     #[test]

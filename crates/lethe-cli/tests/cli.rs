@@ -188,3 +188,40 @@ fn a_protected_release_verifies_until_a_file_changes() {
     assert_eq!(bad.status.code(), Some(1), "{}", text(&bad));
     assert!(text(&bad).contains("changed: 0/"), "{}", text(&bad));
 }
+
+#[test]
+fn protect_errors_are_said_once_and_a_missing_config_is_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nonexist.npy");
+    let out = lethe(
+        dir.path(),
+        &[
+            "protect",
+            "-i",
+            missing.to_str().unwrap(),
+            "-o",
+            dir.path().join("o").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(err.matches("os error 2").count(), 1, "{err}");
+    assert!(
+        !err.contains('\u{1b}'),
+        "no colour codes off a terminal: {err}"
+    );
+
+    let out = Command::new(env!("CARGO_BIN_EXE_lethe"))
+        .args(["--config", "nope.toml", "protect", "--builtin", "digits"])
+        .args(["--dry-run", "-o"])
+        .arg(dir.path().join("o2"))
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("configuration file nope.toml not found"),
+        "{}",
+        text(&out)
+    );
+}

@@ -795,6 +795,10 @@ fn notes(
 /// and holds it (a task learned in an epoch) is no transient.
 fn early_peak_notes(victims: &[VictimRow], epochs: usize) -> Vec<String> {
     let window = (epochs / 10).max(1);
+    if epochs <= window {
+        // No epoch after the window: nothing to compare a peak with.
+        return Vec::new();
+    }
     let plain = |v: &&VictimRow| v.run.defence == "none";
     let mut names: Vec<&str> = Vec::new();
     for v in victims.iter().filter(plain).filter(|v| v.data != "clean") {
@@ -1132,7 +1136,7 @@ pub fn markdown(r: &AuditReport, sweep_caption: &str, curve_caption: &str) -> St
         let (acc, _) = peak_stats(&r.victims, &m.name);
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} / {} | {:.3} | {:.1} | {:.3} | {} ({:?}) | {} | {} | {:.0} | {:.0} |",
+            "| {} | {} | {} | {} / {} | {:.3} | {:.1} | {:.3} | {} ({}) | {} | {} | {:.0} | {:.0} |",
             m.name,
             m.label,
             pct(acc),
@@ -1142,7 +1146,7 @@ pub fn markdown(r: &AuditReport, sweep_caption: &str, curve_caption: &str) -> St
             m.quality.linf_max * 255.0,
             m.quality.l0_mean,
             m.rounds,
-            m.stop_reason,
+            StopReason::describe(m.stop_reason),
             m.released_round,
             m.round_log
                 .iter()

@@ -127,6 +127,7 @@ impl ClassNoise {
     /// snapped to its release grid. Classes are matched by name, so `data`
     /// may hold any subset of the noise's classes, in any order.
     pub fn apply(&self, data: &Dataset) -> Result<Dataset> {
+        data.check_eps(self.params.eps)?;
         if data.shape() != self.shape {
             return Err(Error::Config(format!(
                 "the class noise fits {}x{}x{} images, {} holds {}x{}x{}",
@@ -164,7 +165,8 @@ impl ClassNoise {
                     .map(|(x, d)| (x + d).clamp(0.0, 1.0)),
             );
         }
-        Ok(data.with_pixels(pixels)?.quantize())
+        data.with_pixels(pixels)?
+            .quantize_within(data, self.params.eps)
     }
 }
 

@@ -296,8 +296,92 @@ impl Dataset {
         self
     }
 
+    /// The release of `self`, a perturbed copy of `original`, on the
+    /// release grid without breaking the `eps` budget: each value is
+    /// rounded to the nearest grid step, then kept within
+    /// [`budget_steps`]`(eps, levels)` steps of the original's value (the
+    /// nearest step can lie up to half a step beyond `eps` when `eps` is
+    /// not a whole number of steps). Floating-point items are clamped to
+    /// `original +- eps`. `original` must be this dataset's source (same
+    /// shape, items and length).
+    pub fn quantize_within(&self, original: &Dataset, eps: f64) -> Result<Dataset> {
+        if original.shape != self.shape || original.items.len() != self.items.len() {
+            return Err(Error::Config(format!(
+                "quantize_within: {} images of {} against {} of {}",
+                self.items.len(),
+                self.shape,
+                original.items.len(),
+                original.shape
+            )));
+        }
+        let v = self.shape.values();
+        let mut pixels = self.pixels.clone();
+        for (i, item) in self.items.iter().enumerate() {
+            let range = i * v..(i + 1) * v;
+            let clean = &original.pixels[range.clone()];
+            let noisy = &mut pixels[range];
+            match item.levels {
+                Some(levels) => {
+                    let l = f64::from(levels);
+                    let steps = f64::from(budget_steps(eps, levels));
+                    for (p, &x) in noisy.iter_mut().zip(clean) {
+                        let k0 = (f64::from(x) * l).round();
+                        let k = (f64::from(*p) * l)
+                            .round()
+                            .clamp(k0 - steps, k0 + steps)
+                            .clamp(0.0, l);
+                        *p = (k / l) as f32;
+                    }
+                }
+                None => {
+                    let e = eps as f32;
+                    for (p, &x) in noisy.iter_mut().zip(clean) {
+                        *p = p.clamp(x - e, x + e).clamp(0.0, 1.0);
+                    }
+                }
+            }
+        }
+        Ok(Dataset {
+            pixels,
+            ..self.clone()
+        })
+    }
+
+    /// Checks that `eps` allows at least one step on every item's release
+    /// grid (an `eps` below one step would release the images unchanged)
+    /// and says, as a caveat for the manifest, where it is not a whole
+    /// number of steps (changes are then capped at the whole steps below
+    /// it, see [`Dataset::quantize_within`]).
+    pub fn check_eps(&self, eps: f64) -> Result<Option<String>> {
+        let mut grids: Vec<u32> = self.items.iter().filter_map(|i| i.levels).collect();
+        grids.sort_unstable();
+        grids.dedup();
+        let mut notes = Vec::new();
+        for levels in grids {
+            let steps = budget_steps(eps, levels);
+            if steps == 0 {
+                return Err(Error::Config(format!(
+                    "eps {eps} is below one step of the release grid (1/{levels} = {:.6}): \
+                     no pixel could change; use eps >= 1/{levels}",
+                    1.0 / f64::from(levels)
+                )));
+            }
+            let exact = eps * f64::from(levels);
+            if exact - f64::from(steps) > GRID_TOLERANCE {
+                notes.push(format!(
+                    "eps {eps} is {exact:.2} steps of the 1/{levels} grid: changes are capped at \
+                     {steps} steps ({:.5})",
+                    f64::from(steps) / f64::from(levels)
+                ));
+            }
+        }
+        Ok((!notes.is_empty()).then(|| notes.join("; ")))
+    }
+
     /// Every value snapped to its item's release grid (round to nearest
     /// multiple of `1 / levels`); floating-point items are unchanged.
+    /// A release is snapped with [`Dataset::quantize_within`], which also
+    /// keeps the budget.
     pub fn quantize(&self) -> Dataset {
         let v = self.shape.values();
         let mut pixels = self.pixels.clone();
@@ -351,3 +435,22 @@ impl Dataset {
         Ok((train, test))
     }
 }
+
+/// How far `eps * levels` may fall short of a whole number and still count
+/// as that number (an `8/255` stored in floating point).
+const GRID_TOLERANCE: f64 = 1e-3;
+
+/// The largest change, in steps of a `levels` grid (values `k / levels`),
+/// that stays within `eps`: `floor(eps * levels)`, with `8/255` on the
+/// 255 grid counted as 8 despite floating-point error.
+pub fn budget_steps(eps: f64, levels: u32) -> u32 {
+    let steps = (eps * f64::from(levels) + GRID_TOLERANCE).floor();
+    if steps.is_finite() && steps > 0.0 {
+        steps.min(f64::from(levels)) as u32
+    } else {
+        0
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -151,23 +151,53 @@ fn load_folder(root: &Path) -> Result<Dataset> {
         )));
     }
     let mut files: Vec<(u32, PathBuf, FileKind)> = Vec::new();
-    for (label, (_, dir)) in classes.iter().enumerate() {
-        let walk = walkdir::WalkDir::new(dir)
-            .sort_by_file_name()
-            .into_iter()
-            .filter_entry(|e| e.depth() == 0 || !e.file_name().to_string_lossy().starts_with('.'));
-        for entry in walk {
-            let entry = entry.map_err(|e| walk_error(e, dir))?;
+    let mut kept_classes = Vec::new();
+    for (name, dir) in classes {
+        let label = kept_classes.len() as u32;
+        let before = files.len();
+        let mut walk = walkdir::WalkDir::new(&dir).sort_by_file_name().into_iter();
+        while let Some(entry) = walk.next() {
+            let entry = entry.map_err(|e| walk_error(e, &dir))?;
+            if entry.depth() > 0 && entry.file_name().to_string_lossy().starts_with('.') {
+                // Hidden entries (.DS_Store, ._name AppleDouble files,
+                // .git) are never data; say so for what looks like an image.
+                if entry.file_type().is_dir() {
+                    walk.skip_current_dir();
+                } else if looks_like_image(entry.path()) {
+                    tracing::warn!(path = %entry.path().display(), "skipping a hidden file");
+                }
+                continue;
+            }
             // Files, and links to files (links to folders are not followed).
             let path = entry.into_path();
             if !path.is_file() {
+                if !path.is_dir() && !path.exists() {
+                    tracing::warn!(path = %path.display(), "skipping a broken link");
+                }
                 continue;
             }
             match detect_kind(&path)? {
-                Some(kind) => files.push((label as u32, path, kind)),
+                Some(kind) => files.push((label, path, kind)),
                 None => tracing::warn!(path = %path.display(), "skipping: neither PNG nor DICOM"),
             }
         }
+        if files.len() == before {
+            tracing::warn!(
+                class = %name,
+                folder = %dir.display(),
+                "skipping a class folder with no PNG or DICOM image"
+            );
+        } else {
+            kept_classes.push(name);
+        }
+    }
+    if kept_classes.len() < 2 {
+        return Err(Error::Unsupported(format!(
+            "{} must hold at least two class sub-folders with images, found {} ({:?})",
+            root.display(),
+            kept_classes.len(),
+            kept_classes
+        )));
     }
     let Some(&(_, _, kind)) = files.first() else {
         return Err(Error::Unsupported(format!(
@@ -182,7 +212,7 @@ fn load_folder(root: &Path) -> Result<Dataset> {
             p.display()
         )));
     }
-    let names = classes.into_iter().map(|(n, _)| n).collect();
+    let names = kept_classes;
     match kind {
         FileKind::Png => png::load_files(root, &files_of(&files), names),
         FileKind::Dicom => dicom::load_files(root, &files_of(&files), names),
@@ -191,6 +221,15 @@ fn load_folder(root: &Path) -> Result<Dataset> {
 
 fn files_of(files: &[(u32, PathBuf, FileKind)]) -> Vec<(u32, PathBuf)> {
     files.iter().map(|(l, p, _)| (*l, p.clone())).collect()
+}
+
+/// An image file by its extension (for warnings about skipped files).
+fn looks_like_image(path: &Path) -> bool {
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    matches!(ext.as_str(), "png" | "dcm" | "dicom")
 }
 
 /// PNG by signature, DICOM by the `DICM` preamble (extension-less DICOM

@@ -264,6 +264,25 @@ pub enum StopReason {
     ModelFree,
 }
 
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StopReason::MaxRounds => "max rounds",
+            StopReason::TrainAccuracy => "accuracy target met",
+            StopReason::LossThreshold => "loss threshold met",
+            StopReason::ModelFree => "model-free",
+        })
+    }
+}
+
+impl StopReason {
+    /// How a run with this outcome ended, for reports: the reason, or
+    /// "not stopped" for a paused run.
+    pub fn describe(reason: Option<StopReason>) -> String {
+        reason.map_or_else(|| "not stopped".into(), |r| r.to_string())
+    }
+}
+
 /// Which round's noise a run releases.
 ///
 /// `best_round` and `proxy_victim` keep a copy of the noise (and mask) of
@@ -635,7 +654,9 @@ impl ProtectParams {
         }
         if self.pgd_steps == 0 && self.synthetic_start.is_none() {
             return Err(Error::Config(
-                "pgd_steps 0 releases the start as it is: it needs a synthetic_start".into(),
+                "pgd_steps 0 (CLI: --steps 0) releases the start as it is: it needs a \
+                 synthetic_start (CLI: --method code)"
+                    .into(),
             ));
         }
         if self.ensemble.len() > 7 {
@@ -666,15 +687,20 @@ impl ProtectParams {
         let s = &self.stop;
         if s.min_rounds == 0 || s.min_rounds > s.max_rounds || s.max_rounds > 100_000 {
             return Err(Error::Config(format!(
-                "need 1 <= min_rounds ({}) <= max_rounds ({}) <= 100000",
+                "need 1 <= min_rounds ({}) <= max_rounds ({}) <= 100000 \
+                 (CLI: --min-rounds, --max-rounds)",
                 s.min_rounds, s.max_rounds
             )));
         }
         if s.train_accuracy.is_some_and(|a| !(a > 0.0 && a <= 1.0)) {
-            return Err(Error::Config("train_accuracy must be in (0, 1]".into()));
+            return Err(Error::Config(
+                "train_accuracy (CLI: --target-acc) must be in (0, 1]".into(),
+            ));
         }
         if s.loss_below.is_some_and(|l| !(l > 0.0 && l.is_finite())) {
-            return Err(Error::Config("loss_below must be positive".into()));
+            return Err(Error::Config(
+                "loss_below (CLI: --loss-below) must be positive".into(),
+            ));
         }
         if s.patience > s.max_rounds {
             return Err(Error::Config(format!(
@@ -973,6 +999,7 @@ pub fn protect_dataset(
     control: &RunControl,
 ) -> Result<Protection> {
     params.validate()?;
+    data.check_eps(params.eps)?;
     let device = params.device_spec()?.open()?;
     let shape = data.shape();
     let classes = data.classes().len();
@@ -990,8 +1017,8 @@ pub fn protect_dataset(
         (Some(dir), false) if !control.overwrite => {
             if let Some(saved) = checkpoint::describe_saved(dir) {
                 return Err(Error::Config(format!(
-                    "checkpoint folder {} holds {saved}: set resume to continue it or \
-                     overwrite to start over (CLI: --resume / --overwrite)",
+                    "checkpoint folder {} holds {saved}: resume continues it, \
+                     overwrite starts over (CLI: --resume / --overwrite)",
                     dir.display()
                 )));
             }
@@ -1000,8 +1027,14 @@ pub fn protect_dataset(
         _ => None,
     };
     let (mut state, nets, momentum) = match loaded {
-        Some((state, nets, momentum)) => {
+        Some((mut state, nets, momentum)) => {
             tracing::info!(round = state.round, "resuming protection from checkpoint");
+            // The stop rule is not part of the run's identity: a run
+            // resumed under another rule (more rounds, another target)
+            // stops or goes on by that rule.
+            if state.stop != Some(StopReason::ModelFree) {
+                state.stop = stop_reason(&params.stop, &state.log);
+            }
             (state, nets, Some(momentum))
         }
         None => (
@@ -1071,7 +1104,9 @@ pub fn protect_dataset(
         state.stop = stop_reason(&params.stop, &state.log);
         let proxy_accuracy = match &proxy {
             Some((cfg, px)) if cfg.due(r, state.stop.is_some()) => {
-                let protected = data.with_pixels(perturbed)?.quantize();
+                let protected = data
+                    .with_pixels(perturbed)?
+                    .quantize_within(data, params.eps)?;
                 Some(px.measure(&protected, &device)?)
             }
             _ => None,
@@ -1113,7 +1148,7 @@ pub fn protect_dataset(
     let release_state = state.released();
     let released = data
         .with_pixels(run.perturbed_all(&release_state))?
-        .quantize();
+        .quantize_within(data, params.eps)?;
     let (per_image, quality) = dataset_quality(data.pixels(), released.pixels(), shape);
     let masks = match &params.method {
         Method::Em { .. } => None,
@@ -1934,6 +1969,7 @@ pub struct Estimate {
 /// run (a few seconds; nothing is written).
 pub fn estimate_dataset(data: &Dataset, params: &ProtectParams) -> Result<Estimate> {
     params.validate()?;
+    data.check_eps(params.eps)?;
     if params.model_free() {
         // No round runs: the time is reading and writing the files.
         return Ok(Estimate {

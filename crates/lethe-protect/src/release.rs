@@ -121,7 +121,7 @@ pub struct Manifest {
     /// Every parameter, the seed included.
     pub params: ProtectParams,
     /// Where the data came from.
-    pub source: String,
+    pub source: DataSource,
     /// Class names in label order.
     pub classes: Vec<String>,
     /// One entry per image.
@@ -156,6 +156,10 @@ pub struct ManifestItem {
     pub quality: ImageQuality,
 }
 
+/// Refuses an output folder that would publish the clean data or lose
+/// files: the output must not be the source, lie inside it or contain it,
+/// and must be empty unless `overwrite`, which replaces an earlier release
+/// there and nothing else (see [`stale_release_files`]).
 fn check_output(cfg: &ProtectConfig) -> Result<()> {
     let out = &cfg.output;
     if let DataSource::Folder { path } | DataSource::Npy { path, .. } = &cfg.source {
@@ -166,17 +170,151 @@ fn check_output(cfg: &ProtectConfig) -> Result<()> {
                 out.display()
             )));
         }
+        if src.starts_with(&dst) {
+            return Err(Error::Config(format!(
+                "output {} contains the source {}: the release would publish the clean images",
+                out.display(),
+                path.display()
+            )));
+        }
     }
-    if out.exists() && !cfg.overwrite {
+    if out.exists() && !out.is_dir() {
+        return Err(Error::Config(format!(
+            "output {} exists and is not a folder",
+            out.display()
+        )));
+    }
+    if out.exists() {
         let non_empty = std::fs::read_dir(out)
             .map_err(|e| Error::io(e, format!("listing {}", out.display())))?
             .next()
             .is_some();
-        if non_empty {
+        if non_empty && !cfg.overwrite {
             return Err(Error::Config(format!(
-                "output {} is not empty (set overwrite to write into it)",
+                "output {} is not empty (overwrite replaces an earlier release there; \
+                 CLI: --overwrite)",
                 out.display()
             )));
+        }
+        if non_empty {
+            stale_release_files(out)?;
+        }
+    }
+    Ok(())
+}
+
+/// The files of the earlier release in `out` (its manifest and every file
+/// the manifest lists), which `overwrite` removes before writing so that
+/// the new release is exactly what its manifest lists. Any other file
+/// there is refused: overwriting replaces a release, it does not delete
+/// what lethe did not write.
+fn stale_release_files(out: &Path) -> Result<Vec<PathBuf>> {
+    let listed: std::collections::HashSet<PathBuf> = match read_manifest(out) {
+        Ok(m) => m
+            .files
+            .into_iter()
+            .map(|f| f.path)
+            .chain(m.items.into_iter().filter_map(|i| i.output))
+            .collect(),
+        Err(_) => Default::default(),
+    };
+    let mut stale = Vec::new();
+    let mut foreign = Vec::new();
+    for entry in walkdir::WalkDir::new(out).min_depth(1).sort_by_file_name() {
+        let entry = entry.map_err(|e| formats::walk_error(e, out))?;
+        if entry.file_type().is_dir() {
+            continue;
+        }
+        let rel = entry.path().strip_prefix(out).unwrap_or(entry.path());
+        if rel == Path::new(MANIFEST_FILE) || listed.contains(rel) {
+            stale.push(entry.path().to_path_buf());
+        } else {
+            foreign.push(rel.display().to_string());
+        }
+    }
+    if !foreign.is_empty() {
+        let shown = foreign
+            .iter()
+            .take(5)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ");
+        let more = foreign.len().saturating_sub(5);
+        return Err(Error::Config(format!(
+            "output {} holds {} file(s) that no earlier release there lists ({shown}{}): \
+             overwrite only replaces a release written by `lethe protect`; move them or \
+             choose another output",
+            out.display(),
+            foreign.len(),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
+        )));
+    }
+    Ok(stale)
+}
+
+/// Removes the earlier release in `out` (see [`stale_release_files`]) and
+/// the folders it leaves empty.
+fn clear_earlier_release(out: &Path) -> Result<()> {
+    if !out.is_dir() {
+        return Ok(());
+    }
+    for file in stale_release_files(out)? {
+        std::fs::remove_file(&file)
+            .map_err(|e| Error::io(e, format!("removing {}", file.display())))?;
+    }
+    let mut dirs: Vec<PathBuf> = walkdir::WalkDir::new(out)
+        .min_depth(1)
+        .into_iter()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_dir())
+        .map(|e| e.path().to_path_buf())
+        .collect();
+    // Deepest first, so a parent is empty once its children are gone.
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+    for dir in dirs {
+        let _ = std::fs::remove_dir(dir);
+    }
+    Ok(())
+}
+
+/// Refuses a checkpoint folder or noise file inside the release (both
+/// hold the noise, which undoes the protection) or inside the source
+/// folder (writing there changes the dataset being protected).
+fn check_side_paths(cfg: &ProtectConfig) -> Result<()> {
+    let out = canonical(&cfg.output);
+    let source = match &cfg.source {
+        DataSource::Folder { path } => Some((canonical(path), true)),
+        DataSource::Npy { path, .. } => Some((canonical(path), false)),
+        _ => None,
+    };
+    let sides = [
+        ("checkpoint folder", &cfg.checkpoint_dir, "--checkpoint"),
+        ("noise file", &cfg.noise_file, "--noise-file"),
+    ];
+    for (what, path, flag) in sides {
+        let Some(path) = path else { continue };
+        let p = canonical(path);
+        if p.starts_with(&out) {
+            return Err(Error::Config(format!(
+                "{what} {} is inside the release {}: it holds the noise, which undoes the \
+                 protection (CLI: {flag} outside the output)",
+                path.display(),
+                cfg.output.display()
+            )));
+        }
+        if let Some((src, is_folder)) = &source {
+            if (*is_folder && p.starts_with(src)) || (!is_folder && &p == src) {
+                return Err(Error::Config(format!(
+                    "{what} {} is inside the source {}: writing there would change the \
+                     dataset being protected (CLI: {flag} elsewhere)",
+                    path.display(),
+                    src.display()
+                )));
+            }
         }
     }
     Ok(())
@@ -242,18 +380,13 @@ fn run(
     cancel: Option<Arc<AtomicBool>>,
 ) -> Result<ProtectReport> {
     check_output(cfg)?;
+    check_side_paths(cfg)?;
     if let Some(path) = &cfg.noise_file {
-        if canonical(path).starts_with(canonical(&cfg.output)) {
-            return Err(Error::Config(format!(
-                "noise_file {} is inside the release: the noise undoes the protection",
-                path.display()
-            )));
-        }
         // Another release's noise there would be lost, and with it the
         // means to protect that release's later images.
         if path.exists() && !cfg.overwrite {
             return Err(Error::Config(format!(
-                "noise_file {} exists (set overwrite to replace it)",
+                "noise file {} exists (overwrite replaces it; CLI: --overwrite)",
                 path.display()
             )));
         }
@@ -380,6 +513,9 @@ fn write_release(
     content: &ReleaseContent<'_>,
     report: &mut ProtectReport,
 ) -> Result<()> {
+    if cfg.overwrite {
+        clear_earlier_release(&cfg.output)?;
+    }
     let written = formats::write(content.protected, &cfg.output)?;
     report.output = Some(cfg.output.clone());
     report.files = written.len();
@@ -419,6 +555,9 @@ fn manifest(
          and read its robustness table before relying on it."
             .to_string(),
     ];
+    if let Ok(Some(note)) = data.check_eps(content.params.eps) {
+        warnings.push(note);
+    }
     if matches!(data.format(), Format::Npy(_)) && !per_file {
         warnings.push("array output: per-image output hashes are not defined".into());
     }
@@ -437,7 +576,7 @@ fn manifest(
             .unwrap_or(0),
         report: report.clone(),
         params: content.params.clone(),
-        source: format!("{:?}", cfg.source),
+        source: cfg.source.clone(),
         classes: data.classes().to_vec(),
         items,
         files: written.to_vec(),
@@ -533,19 +672,21 @@ impl VerifyReport {
 /// from before the file list have per-image output hashes, used instead.)
 pub fn verify_release(folder: &Path) -> Result<VerifyReport> {
     let manifest = read_manifest(folder)?;
-    let listed: Vec<(PathBuf, String)> = if manifest.files.is_empty() {
-        manifest
-            .items
-            .iter()
-            .filter_map(|i| Some((i.output.clone()?, i.output_sha256.clone()?)))
-            .collect()
-    } else {
-        manifest
-            .files
-            .into_iter()
-            .map(|f| (f.path, f.sha256))
-            .collect()
-    };
+    // The file list, and every image's own output and hash: an image the
+    // manifest describes is checked even when its file was struck from the
+    // list.
+    let mut listed: Vec<(PathBuf, String)> = manifest
+        .files
+        .into_iter()
+        .map(|f| (f.path, f.sha256))
+        .collect();
+    for item in &manifest.items {
+        if let (Some(path), Some(sha)) = (&item.output, &item.output_sha256) {
+            if !listed.iter().any(|(p, _)| p == path) {
+                listed.push((path.clone(), sha.clone()));
+            }
+        }
+    }
     if listed.is_empty() {
         return Err(Error::Config(format!(
             "{} lists no files to check",
@@ -570,7 +711,8 @@ pub fn verify_release(folder: &Path) -> Result<VerifyReport> {
         listed.iter().map(|(p, _)| p.as_path()).collect();
     for entry in walkdir::WalkDir::new(folder).sort_by_file_name() {
         let entry = entry.map_err(|e| formats::walk_error(e, folder))?;
-        if !entry.file_type().is_file() {
+        // Links count as added files: a release is plain files.
+        if entry.file_type().is_dir() {
             continue;
         }
         let rel = entry.path().strip_prefix(folder).unwrap_or(entry.path());
@@ -604,7 +746,7 @@ pub struct ReadRelease {
 /// `clean`: its manifest lists the same classes and images (source file
 /// hashes equal where both sides have them), the labels and shape agree,
 /// and no image differs from its clean version by more than the manifest's
-/// epsilon (plus one 8-bit level for rounding).
+/// epsilon.
 pub fn read_release(source: &DataSource, clean: &Dataset) -> Result<ReadRelease> {
     let folder = match source {
         DataSource::Folder { path } => path.clone(),
@@ -696,7 +838,9 @@ pub fn read_release(source: &DataSource, clean: &Dataset) -> Result<ReadRelease>
         }
     }
     let data = renormalised_like(released, clean)?;
-    let tolerance = manifest.params.eps + 1.0 / 255.0 + 1e-6;
+    // Releases keep the budget on their grid (`Dataset::quantize_within`);
+    // the slack covers float error of the renormalisation only.
+    let tolerance = manifest.params.eps + 1e-5;
     for i in 0..clean.len() {
         let linf = clean
             .image(i)

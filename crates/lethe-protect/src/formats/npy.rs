@@ -282,7 +282,9 @@ pub(crate) fn load(
     let (images, labels, key) = if is_npz {
         if labels_path.is_some() {
             return Err(Error::Config(
-                "labels_path is for .npy files; a .npz holds its labels (labels_key)".into(),
+                "labels_path (CLI: --labels) is for .npy files; a .npz holds its labels \
+                 (labels_key, CLI: --labels-key)"
+                    .into(),
             ));
         }
         let mut zip = zip::ZipArchive::new(std::io::Cursor::new(&bytes))
@@ -338,7 +340,8 @@ pub(crate) fn load(
         let images = parse(&bytes, path)?;
         let lp = labels_path.ok_or_else(|| {
             Error::Config(format!(
-                "{} is a .npy of images: give labels_path (a .npy of labels) or use a .npz",
+                "{} is a .npy of images: give labels_path (a .npy of labels; CLI: --labels) \
+                 or use a .npz",
                 path.display()
             ))
         })?;
@@ -447,7 +450,8 @@ fn from_arrays(
     if levels.is_none() {
         if let Some(v) = raw.iter().find(|v| !(0.0..=1.0).contains(*v)) {
             return Err(Error::Unsupported(format!(
-                "{}: float images must lie in [0, 1], found {v}",
+                "{}: float images must lie in [0, 1], found {v} (values in [0, 255]: divide by \
+                 255, or store them as uint8)",
                 path.display()
             )));
         }

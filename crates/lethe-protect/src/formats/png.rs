@@ -26,6 +26,45 @@ pub(crate) struct Decoded {
     pub alpha: Option<Vec<u16>>,
 }
 
+/// How the release of a PNG file will differ from it besides its pixel
+/// values (the release is written from decoded pixels): read from the
+/// file's header and chunk list, for a warning.
+pub(crate) fn storage_changes(bytes: &[u8]) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    if bytes.len() < 33 || &bytes[12..16] != b"IHDR" {
+        return out;
+    }
+    let (depth, colour, interlace) = (bytes[24], bytes[25], bytes[28]);
+    if colour == 3 {
+        out.push("with a palette are released as RGB");
+    } else if depth < 8 {
+        out.push("of 1, 2 or 4 bits are released as 8-bit");
+    }
+    if interlace != 0 {
+        out.push("that are interlaced are released non-interlaced");
+    }
+    let mut at = 8;
+    let mut metadata = false;
+    while at + 8 <= bytes.len() {
+        let len = u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+        let kind = &bytes[at + 4..at + 8];
+        match kind {
+            b"tRNS" if colour == 0 || colour == 2 => {
+                out.push("with a transparent colour (tRNS) are released with an alpha channel")
+            }
+            b"IHDR" | b"PLTE" | b"IDAT" | b"IEND" | b"tRNS" => {}
+            _ => metadata = true,
+        }
+        at = at.saturating_add(12).saturating_add(len as usize);
+    }
+    if metadata {
+        out.push(
+            "with metadata chunks (text, resolution, colour profile) are released without them",
+        );
+    }
+    out
+}
+
 /// Decodes PNG bytes (`path` only names the file in errors).
 pub(crate) fn decode(bytes: &[u8], path: &Path) -> Result<Decoded> {
     let img = image::load_from_memory_with_format(bytes, ImageFormat::Png)
@@ -205,9 +244,16 @@ pub(crate) fn load_files(
     let mut pixels = Vec::new();
     let mut labels = Vec::with_capacity(files.len());
     let mut items = Vec::with_capacity(files.len());
+    let mut changes: Vec<(&'static str, usize, PathBuf)> = Vec::new();
     for (label, path) in files {
         let bytes = read_file(path)?;
         let d = decode(&bytes, path)?;
+        for change in storage_changes(&bytes) {
+            match changes.iter_mut().find(|c| c.0 == change) {
+                Some(c) => c.1 += 1,
+                None => changes.push((change, 1, path.clone())),
+            }
+        }
         match &shape {
             None => shape = Some((d.shape, path.clone())),
             Some((s, first)) if *s != d.shape => {
@@ -234,6 +280,13 @@ pub(crate) fn load_files(
             levels: Some(d.levels),
             alpha: d.alpha,
         });
+    }
+    for (change, count, example) in changes {
+        tracing::warn!(
+            files = count,
+            example = %example.display(),
+            "PNG files {change}"
+        );
     }
     let (shape, _) = shape.ok_or_else(|| Error::Unsupported("no PNG files".into()))?;
     let name = crate::formats::file_name(root);

@@ -234,6 +234,31 @@ fn nested_class_folders_are_read_in_order_and_released_in_place() {
     assert!(!out.path().join("b/.cache").exists());
 }
 
+#[test]
+fn class_folders_without_images_are_left_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = gray(4, 4);
+    put_png(dir.path(), "a/0.png", &pattern(16, 255.0, 0), s, false);
+    put_png(dir.path(), "c/0.png", &pattern(16, 255.0, 1), s, false);
+    // An empty class, and one that holds only files that are not images.
+    std::fs::create_dir_all(dir.path().join("b")).unwrap();
+    std::fs::create_dir_all(dir.path().join("d")).unwrap();
+    std::fs::write(dir.path().join("d/readme.txt"), b"notes").unwrap();
+    let source = DataSource::Folder {
+        path: dir.path().to_path_buf(),
+    };
+    let data = load(&source).unwrap();
+    assert_eq!(data.classes(), ["a", "c"]);
+    assert_eq!(data.labels(), [0, 1]);
+    // With one class of images left there is nothing to protect.
+    std::fs::remove_file(dir.path().join("c/0.png")).unwrap();
+    let err = load(&source).unwrap_err().to_string();
+    assert!(
+        err.contains("at least two class sub-folders with images"),
+        "{err}"
+    );
+}
+
 fn npy_bytes(descr: &str, shape: &[usize], data: Vec<u8>) -> Vec<u8> {
     npy::Array {
         descr: descr.into(),
@@ -681,4 +706,45 @@ fn bad_inputs_give_clear_errors() {
         },
         "needs 18",
     );
+}
+
+/// PNG bytes with the given IHDR depth, colour type and interlace flag and
+/// these further chunks (empty bodies; only the layout matters here).
+fn png_layout(depth: u8, colour: u8, interlace: u8, chunks: &[&[u8; 4]]) -> Vec<u8> {
+    let mut b = b"\x89PNG\r\n\x1a\n".to_vec();
+    let chunk = |b: &mut Vec<u8>, kind: &[u8; 4], body: &[u8]| {
+        b.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        b.extend_from_slice(kind);
+        b.extend_from_slice(body);
+        b.extend_from_slice(&[0; 4]);
+    };
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&4u32.to_be_bytes());
+    ihdr.extend_from_slice(&4u32.to_be_bytes());
+    ihdr.extend_from_slice(&[depth, colour, 0, 0, interlace]);
+    chunk(&mut b, b"IHDR", &ihdr);
+    for kind in chunks {
+        chunk(&mut b, kind, &[1, 2]);
+    }
+    chunk(&mut b, b"IEND", &[]);
+    b
+}
+
+#[test]
+fn png_storage_changes_are_named_from_the_file_layout() {
+    // What this crate writes comes back as it is.
+    let own = png::encode(&pattern(16, 255.0, 0), gray(4, 4), false, None).unwrap();
+    assert!(png::storage_changes(&own).is_empty());
+    let palette = png::storage_changes(&png_layout(8, 3, 0, &[b"PLTE", b"tRNS", b"IDAT"]));
+    assert_eq!(palette, ["with a palette are released as RGB"]);
+    let low = png::storage_changes(&png_layout(1, 0, 1, &[b"tEXt", b"pHYs", b"IDAT"]));
+    assert_eq!(low.len(), 3, "{low:?}");
+    assert!(low[0].contains("1, 2 or 4 bits"));
+    assert!(low[1].contains("interlaced"));
+    assert!(low[2].contains("metadata"));
+    let key = png::storage_changes(&png_layout(8, 2, 0, &[b"tRNS", b"IDAT"]));
+    assert_eq!(key.len(), 1);
+    assert!(key[0].contains("alpha channel"));
+    // Not a PNG header at all: nothing to say.
+    assert!(png::storage_changes(b"GIF89a").is_empty());
 }

@@ -239,7 +239,7 @@ pub(crate) fn load(
         return Err(ck_err(
             dir,
             "it belongs to a run with other data or parameters; use another checkpoint folder \
-             or start without resume",
+             or start over with overwrite (CLI: --checkpoint DIR / --overwrite)",
         ));
     }
     let read_delta = |name: &str| -> Result<Vec<f32>> {
