@@ -558,6 +558,15 @@ fn manifest(
     if let Ok(Some(note)) = data.check_eps(content.params.eps) {
         warnings.push(note);
     }
+    if matches!(data.format(), Format::Dicom { .. }) {
+        warnings.push(
+            "DICOM files keep every tag of their source, SOP Instance UIDs and Image Type \
+             included: a released file shares its UID with its original although its pixels \
+             differ. Never import a release and its originals into one archive (the one would \
+             replace the other); assign new UIDs first if both must coexist."
+                .into(),
+        );
+    }
     if matches!(data.format(), Format::Npy(_)) && !per_file {
         warnings.push("array output: per-image output hashes are not defined".into());
     }

@@ -857,3 +857,33 @@ fn the_release_keeps_eps_on_its_grid_and_the_manifest_says_so() {
     assert!(err.contains("below one step"), "{err}");
     assert!(!out.path().join("tiny").exists());
 }
+
+#[test]
+fn a_dicom_release_warns_that_it_keeps_the_source_uids() {
+    let pydicom = lethe_assets::Cache::from_env()
+        .ensure(lethe_assets::Asset::PYDICOM_DATA)
+        .unwrap();
+    let src = tempfile::tempdir().unwrap();
+    for (class, name) in [("a", "x.dcm"), ("b", "y.dcm")] {
+        std::fs::create_dir_all(src.path().join(class)).unwrap();
+        std::fs::copy(
+            pydicom.join("MR_small.dcm"),
+            src.path().join(class).join(name),
+        )
+        .unwrap();
+    }
+    let out = tempfile::tempdir().unwrap();
+    let rel = out.path().join("rel");
+    let p = ProtectParams::lattice_code(8.0 / 255.0, 0.25);
+    protect(&folder_config(src.path(), rel.clone(), p)).unwrap();
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(rel.join(MANIFEST_FILE)).unwrap()).unwrap();
+    let warnings = m["warnings"].to_string();
+    assert!(warnings.contains("SOP Instance UIDs"), "{warnings}");
+    // A PNG release has no such caveat.
+    let png = png_source();
+    let rel2 = out.path().join("rel2");
+    protect(&folder_config(png.path(), rel2.clone(), params())).unwrap();
+    let text = std::fs::read_to_string(rel2.join(MANIFEST_FILE)).unwrap();
+    assert!(!text.contains("SOP Instance UIDs"));
+}
