@@ -7,7 +7,7 @@
 //! projected sign-gradient steps (the delta-step), so that the noise
 //! becomes a shortcut a fresh model learns instead of the real features.
 //! SALM additionally confines each image's noise to a mask of
-//! `round(rho * H * W)` pixel locations chosen by [`mask`]; with `rho = 1`
+//! `floor(rho * H * W)` pixel locations chosen by [`mask`]; with `rho = 1`
 //! it is EM. The loop, in the notation of the research notes section 7:
 //!
 //! ```text
@@ -1000,6 +1000,7 @@ pub fn protect_dataset(
 ) -> Result<Protection> {
     params.validate()?;
     data.check_eps(params.eps)?;
+    check_rho(data, params)?;
     let device = params.device_spec()?.open()?;
     let shape = data.shape();
     let classes = data.classes().len();
@@ -1220,6 +1221,14 @@ fn progress_bar(show: bool, total: u64) -> ProgressBar {
         bar.set_style(style.progress_chars("=> "));
     }
     bar
+}
+
+/// Refuses a SALM `rho` that allows no pixel of the dataset's images.
+fn check_rho(data: &Dataset, params: &ProtectParams) -> Result<()> {
+    match &params.method {
+        Method::Salm { rho, .. } => mask::check_mask_size(*rho, data.shape().pixels()),
+        Method::Em { .. } => Ok(()),
+    }
 }
 
 /// Fresh state: zero (or random) noise, model-free masks chosen.
@@ -1970,6 +1979,7 @@ pub struct Estimate {
 pub fn estimate_dataset(data: &Dataset, params: &ProtectParams) -> Result<Estimate> {
     params.validate()?;
     data.check_eps(params.eps)?;
+    check_rho(data, params)?;
     if params.model_free() {
         // No round runs: the time is reading and writing the files.
         return Ok(Estimate {

@@ -14,7 +14,7 @@
 //! brightens.
 //!
 //! A black pixel that must darken scores 0; a black pixel that should
-//! brighten scores `|g| * eps`. The top `k = round(rho * H * W)` locations
+//! brighten scores `|g| * eps`. The top `k = floor(rho * H * W)` locations
 //! of each image (ties broken by position, so masks are deterministic) form
 //! the mask, shared by all channels.
 //!
@@ -81,9 +81,23 @@ pub enum MaskRefresh {
     PerStep,
 }
 
-/// Number of mask locations for `rho` of `pixels` (at least 1).
+/// Number of mask locations for `rho` of `pixels`: the most that stay
+/// within the fraction, `floor(rho * pixels)` (at least 1; a `rho` that
+/// allows no location is refused before a run, see
+/// [`check_mask_size`]).
 pub fn mask_size(rho: f64, pixels: usize) -> usize {
-    ((rho * pixels as f64).round() as usize).clamp(1, pixels)
+    ((rho * pixels as f64 + 1e-9).floor() as usize).clamp(1, pixels)
+}
+
+/// Refuses a pixel fraction that allows no location of an image of
+/// `pixels` locations.
+pub fn check_mask_size(rho: f64, pixels: usize) -> crate::Result<()> {
+    if rho * pixels as f64 + 1e-9 < 1.0 {
+        return Err(crate::Error::Config(format!(
+            "rho {rho} allows no pixel of a {pixels}-pixel image: use rho >= 1/{pixels}"
+        )));
+    }
+    Ok(())
 }
 
 /// Per-location foreground strength of one planar image: the distance of

@@ -473,6 +473,28 @@ fn top_k_is_exact_and_breaks_ties_by_position() {
 }
 
 #[test]
+fn the_mask_never_exceeds_rho() {
+    // round(3.5) would be 4 of 35 pixels, 11.4 %.
+    assert_eq!(mask_size(0.1, 35), 3);
+    assert_eq!(mask_size(0.25, 1024), 256);
+    assert_eq!(mask_size(0.1, 10), 1);
+    assert!(super::mask::check_mask_size(0.1, 10).is_ok());
+    let err = super::mask::check_mask_size(0.1, 4)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("allows no pixel"), "{err}");
+    // A dataset whose images are too small for rho is refused up front.
+    let data = tiny(2);
+    let pixels = data.shape().pixels();
+    let p = fast(ProtectParams::salm(8.0 / 255.0, 0.5 / pixels as f64));
+    let err = protect_dataset(&data, &p, &RunControl::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("allows no pixel"), "{err}");
+    assert!(estimate_dataset(&data, &p).is_err());
+}
+
+#[test]
 fn estimate_gives_positive_times() {
     let data = tiny(2);
     let p = fast(ProtectParams::salm(8.0 / 255.0, 0.1));
