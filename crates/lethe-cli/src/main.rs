@@ -217,6 +217,7 @@ fn main() -> ExitCode {
     // Tensor-sized buffers stay in the heap for reuse instead of being
     // mapped and faulted in again at every step (1.5x on CPU protection).
     lethe_model::device::keep_freed_cpu_memory();
+    quiet_on_closed_stdout();
     init_tracing();
     let cli = Cli::parse();
     match run(cli) {
@@ -226,6 +227,27 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// A reader that stops early (`lethe ... | head`) closes stdout: the next
+/// print fails with a broken pipe, which `println!` turns into a panic.
+/// That is the reader's choice, not an error: exit quietly, as the shell
+/// tools do (status 141, a SIGPIPE death, without the signal). Every
+/// other panic keeps the default report.
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if payload.starts_with("failed printing to stdout") && payload.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
 }
 
 /// The error and its causes, `: `-separated, leaving out a cause whose text

@@ -767,6 +767,28 @@ fn is_array_file(path: &Path) -> bool {
         .is_some_and(|e| e.eq_ignore_ascii_case("npy") || e.eq_ignore_ascii_case("npz"))
 }
 
+/// The array file of an array release given by its folder: a folder
+/// without sub-folders holding one `.npz`, or one `.npy` besides the
+/// labels file. `None` for anything else (a folder release).
+fn array_release_file(path: &Path, data: &DataArgs) -> Option<PathBuf> {
+    let entries: Vec<PathBuf> = std::fs::read_dir(path)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    if entries.iter().any(|p| p.is_dir()) {
+        return None;
+    }
+    let labels = data.labels.as_ref().and_then(|l| l.file_name());
+    let arrays: Vec<&PathBuf> = entries
+        .iter()
+        .filter(|p| is_array_file(p) && p.file_name() != labels)
+        .collect();
+    match arrays.as_slice() {
+        [one] => Some((*one).clone()),
+        _ => None,
+    }
+}
+
 /// `--release` paths as audit entries, named after their folders (made
 /// unique among `cfg`'s methods and releases).
 fn release_runs(paths: &[PathBuf], data: &DataArgs, cfg: &AuditConfig) -> Vec<ReleaseRun> {
@@ -780,6 +802,8 @@ fn release_runs(paths: &[PathBuf], data: &DataArgs, cfg: &AuditConfig) -> Vec<Re
     paths
         .iter()
         .map(|path| {
+            let array_in_folder = array_release_file(path, data);
+            let path = array_in_folder.as_ref().unwrap_or(path);
             let is_array = is_array_file(path);
             let folder = if is_array {
                 path.parent()
@@ -1258,5 +1282,55 @@ mod tests {
             colour.data.source(),
             Ok(DataSource::MedicalPatches { patch: 16 })
         ));
+    }
+
+    #[test]
+    fn an_array_release_may_be_named_by_its_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let npz = dir.path().join("npz-rel");
+        std::fs::create_dir(&npz).unwrap();
+        std::fs::write(npz.join("d.npz"), b"x").unwrap();
+        std::fs::write(npz.join("manifest.json"), b"{}").unwrap();
+        let npy = dir.path().join("npy-rel");
+        std::fs::create_dir(&npy).unwrap();
+        std::fs::write(npy.join("x.npy"), b"x").unwrap();
+        std::fs::write(npy.join("y.npy"), b"x").unwrap();
+        let folder = dir.path().join("png-rel");
+        std::fs::create_dir_all(folder.join("a")).unwrap();
+        let s = |p: &Path| p.to_str().unwrap().to_string();
+        let audit = match parse(&[
+            "audit",
+            "-i",
+            "data/x.npy",
+            "--labels",
+            "data/y.npy",
+            "--release",
+            &s(&npz),
+            "--release",
+            &s(&npy),
+            "--release",
+            &s(&folder),
+        ])
+        .command
+        {
+            Some(ProtectCommand::Audit(audit)) => audit,
+            _ => panic!("audit was not parsed as the subcommand"),
+        };
+        let digits = match parse(&["audit", "--builtin", "digits", "--release", "r"]).command {
+            Some(ProtectCommand::Audit(audit)) => audit,
+            _ => panic!("audit was not parsed as the subcommand"),
+        };
+        let (cfg, _) = default_audit(&digits).expect("a default audit");
+        let runs = release_runs(&audit.releases, &audit.data, &cfg);
+        let names: Vec<&str> = runs.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["npz-rel", "npy-rel", "png-rel"]);
+        let array = |r: &ReleaseRun| match &r.source {
+            DataSource::Npy { path, .. } => Some(path.clone()),
+            _ => None,
+        };
+        assert_eq!(array(&runs[0]), Some(npz.join("d.npz")));
+        // The labels file is told apart by the source's labels name.
+        assert_eq!(array(&runs[1]), Some(npy.join("x.npy")));
+        assert_eq!(array(&runs[2]), None);
     }
 }

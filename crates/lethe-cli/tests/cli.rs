@@ -169,6 +169,18 @@ fn a_protected_release_verifies_until_a_file_changes() {
     );
     let ok = lethe(dir.path(), &["protect", "verify", rel_s]);
     assert!(ok.status.success(), "{}", text(&ok));
+    // A reader that closes the pipe at once (`| head -c 10`) is no crash.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lethe"))
+        .args(["protect", "verify", "--json", rel_s])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let closed = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&closed.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_ne!(closed.status.code(), Some(101), "{err}");
     assert!(
         text(&ok).contains("1797 files listed, 0 changed"),
         "{}",

@@ -153,8 +153,10 @@ pub struct Summary {
     pub eps: f64,
     /// SALM's pixel fraction.
     pub rho: f64,
-    /// Normalised unlearnability `(clean - salm) / (clean - chance)`.
-    pub salm_unlearnability: f64,
+    /// Normalised unlearnability `(clean - salm) / (clean - chance)`;
+    /// `None` when clean victims are within [`MIN_LEARNED`] of chance
+    /// (nothing was learned that protection could take away).
+    pub salm_unlearnability: Option<f64>,
     /// Worst SALM peak accuracy over the robustness suite.
     pub salm_acc_worst_defence: Option<f64>,
     /// The countermeasure that reached it.
@@ -179,6 +181,11 @@ pub struct DatasetInfo {
     /// Fraction of exactly-zero pixel values in the training split (how
     /// sparse the data is).
     pub zero_fraction: f64,
+    /// Test images per class.
+    pub test_per_class: Vec<usize>,
+    /// The chance level: the test accuracy of always answering the most
+    /// frequent test class (`1 / classes` when they are balanced).
+    pub chance: f64,
 }
 
 /// The protection run of one method.
@@ -325,6 +332,22 @@ impl AuditConfig {
                 "method and release names must be unique and not `clean`".into(),
             ));
         }
+        if let Some(bad) = names.iter().find(|n| {
+            n.trim().is_empty() || n.chars().any(|c| c.is_control() || c == '|' || c == '`')
+        }) {
+            return Err(Error::Config(format!(
+                "method and release names must be non-empty, without control characters, `|` \
+                 or backticks (they head report columns): {bad:?}"
+            )));
+        }
+        let mut seeds = self.seeds.clone();
+        seeds.sort_unstable();
+        if seeds.windows(2).any(|w| w[0] == w[1]) {
+            return Err(Error::Config(format!(
+                "victim seeds repeat ({:?}): a repeated seed trains the same victim twice",
+                self.seeds
+            )));
+        }
         if !known(&self.headline.salm) || self.headline.em.as_deref().is_some_and(|e| !known(e)) {
             return Err(Error::Config(format!(
                 "headline names {:?} must be method or release names",
@@ -345,7 +368,63 @@ impl AuditConfig {
         for m in &self.methods {
             m.params.validate()?;
         }
+        if let Some(out) = &self.out_dir {
+            self.check_out_dir(out)?;
+        }
         self.victim.validate()
+    }
+
+    /// Refuses a report folder inside the data or a release (the report
+    /// would become part of what is read and verified next time), a file,
+    /// and a non-empty folder that is not an earlier audit report.
+    fn check_out_dir(&self, out: &Path) -> Result<()> {
+        let dst = crate::release::canonical(out);
+        let mut guarded: Vec<(&str, PathBuf)> = Vec::new();
+        match &self.source {
+            DataSource::Folder { path } => guarded.push(("the data", path.clone())),
+            DataSource::Npy { path, .. } => guarded.push(("the data", path.clone())),
+            _ => {}
+        }
+        for r in &self.releases {
+            match &r.source {
+                DataSource::Folder { path } => guarded.push(("a release", path.clone())),
+                DataSource::Npy { path, .. } => {
+                    let folder = path.parent().unwrap_or(Path::new("."));
+                    guarded.push(("a release", folder.to_path_buf()));
+                }
+                _ => {}
+            }
+        }
+        for (what, path) in guarded {
+            if dst.starts_with(crate::release::canonical(&path)) {
+                return Err(Error::Config(format!(
+                    "report folder {} is inside {what} ({}): the report would become part of it \
+                     (CLI: --out elsewhere)",
+                    out.display(),
+                    path.display()
+                )));
+            }
+        }
+        if out.exists() && !out.is_dir() {
+            return Err(Error::Config(format!(
+                "report folder {} exists and is not a folder",
+                out.display()
+            )));
+        }
+        if out.is_dir() && !out.join("report.json").is_file() {
+            let non_empty = std::fs::read_dir(out)
+                .map_err(|e| Error::io(e, format!("listing {}", out.display())))?
+                .next()
+                .is_some();
+            if non_empty {
+                return Err(Error::Config(format!(
+                    "report folder {} holds files and no earlier report.json: choose an empty \
+                     or new folder (an earlier audit's folder is rewritten in place)",
+                    out.display()
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -385,6 +464,9 @@ fn run(cfg: &AuditConfig, data: &Dataset) -> Result<AuditReport> {
         train: train.len(),
         test: test.len(),
         zero_fraction: zeros as f64 / train.pixels().len() as f64,
+        test_per_class: test.class_counts(),
+        chance: test.class_counts().into_iter().max().unwrap_or(0) as f64
+            / test.len().max(1) as f64,
     };
     tracing::info!(dataset = %info.name, train = info.train, test = info.test, "audit");
 
@@ -641,8 +723,7 @@ fn summary(
         Method::Salm { rho, .. } => *rho,
         Method::Em { .. } => 1.0,
     };
-    let chance = 1.0 / info.classes.len() as f64;
-    let denom = (clean_acc - chance).max(1e-9);
+    let learned = clean_acc - info.chance;
     let worst = robustness
         .iter()
         .filter_map(|r| {
@@ -663,7 +744,7 @@ fn summary(
         em_psnr_db: em.and_then(|e| e.quality.psnr_mean_db),
         eps: salm.params.eps,
         rho,
-        salm_unlearnability: (clean_acc - salm_acc) / denom,
+        salm_unlearnability: (learned >= MIN_LEARNED).then(|| (clean_acc - salm_acc) / learned),
         salm_acc_worst_defence: worst.as_ref().map(|w| w.1),
         worst_defence: worst.map(|w| w.0),
         meets_acceptance: clean_acc >= 0.9
@@ -687,9 +768,16 @@ fn headline_kind(methods: &[MethodResult], headline: &str) -> &'static str {
     }
 }
 
+/// How far above chance clean victims must be for unlearnability to be
+/// defined (below it the ratio divides by noise).
+pub const MIN_LEARNED: f64 = 0.1;
+
 /// Fewer SGD steps than this and a victim has barely trained, whatever
 /// the data (the reported datasets' victims take 440-450).
 const FEW_VICTIM_STEPS: usize = 100;
+
+/// Fewer test images of a class than this and the report says so.
+const MIN_TEST_PER_CLASS: usize = 5;
 
 /// " Victims took only N SGD steps ...": said when a small training split
 /// and few epochs leave the victims barely trained (a batch per epoch on a
@@ -731,9 +819,44 @@ fn notes(
     if s.clean_acc < 0.9 {
         notes.push(format!(
             "Clean victims reach only {:.1}% (< 90%): the victim recipe or the data is too hard; \
-             protection numbers on this dataset are weak evidence.{}",
+             protection numbers on this dataset are weak evidence.",
             100.0 * s.clean_acc,
-            short_training(info.train, victim).unwrap_or_default()
+        ));
+    }
+    if let Some(short) = short_training(info.train, victim) {
+        notes.push(short.trim_start().to_string());
+    }
+    if s.salm_unlearnability.is_none() {
+        notes.push(format!(
+            "Unlearnability is not defined here: clean victims ({:.1}%) are within {:.0} points \
+             of chance ({:.1}%).",
+            100.0 * s.clean_acc,
+            100.0 * MIN_LEARNED,
+            100.0 * info.chance
+        ));
+    }
+    let smallest = info.test_per_class.iter().copied().min().unwrap_or(0);
+    if smallest < MIN_TEST_PER_CLASS {
+        notes.push(format!(
+            "The test split is small: {} images, per class {:?} ({}); one image moves an \
+             accuracy by {:.1} points.",
+            info.test,
+            info.test_per_class,
+            if smallest == 0 {
+                "a class without test images has no recall: n/a"
+            } else {
+                "recalls are coarse"
+            },
+            100.0 / info.test.max(1) as f64
+        ));
+    }
+    let uniform = 1.0 / info.classes.len().max(1) as f64;
+    if info.chance > uniform + 0.05 {
+        notes.push(format!(
+            "The test classes are unbalanced: always answering the largest one scores {:.1}% \
+             (the chance level used here, not {:.1}%).",
+            100.0 * info.chance,
+            100.0 * uniform
         ));
     }
     if s.salm_acc > 0.3 {
@@ -1000,11 +1123,7 @@ fn write_report(
             series.push((figures::PALETTE[c], pts.clone()));
             names.push(format!("{}: {name}", figures::PALETTE_NAMES[c]));
         }
-        let chart = figures::line_chart(
-            &series,
-            (0.0, xmax),
-            Some(1.0 / report.dataset.classes.len() as f64),
-        );
+        let chart = figures::line_chart(&series, (0.0, xmax), Some(report.dataset.chance));
         figures::save(&chart, &dir.join("figures/accuracy_vs_eps.png"))?;
         files.push("figures/accuracy_vs_eps.png".into());
         sweep_caption = format!(
@@ -1041,11 +1160,7 @@ fn write_report(
             curve_names.push(format!("{}: {name}", figures::PALETTE_NAMES[c]));
         }
     }
-    let chart = figures::line_chart(
-        &series,
-        (1.0, epochs.max(2.0)),
-        Some(1.0 / report.dataset.classes.len() as f64),
-    );
+    let chart = figures::line_chart(&series, (1.0, epochs.max(2.0)), Some(report.dataset.chance));
     figures::save(&chart, &dir.join("figures/test_accuracy_curves.png"))?;
     files.push("figures/test_accuracy_curves.png".into());
 
@@ -1108,8 +1223,11 @@ pub fn markdown(r: &AuditReport, sweep_caption: &str, curve_caption: &str) -> St
     let _ = writeln!(md, "| {kind} PSNR | {} dB |", opt_db(s.salm_psnr_db));
     let _ = writeln!(
         md,
-        "| {kind} unlearnability U | {:.2} |",
-        s.salm_unlearnability
+        "| {kind} unlearnability U | {} |",
+        s.salm_unlearnability.map_or_else(
+            || "n/a (clean is near chance)".into(),
+            |u| format!("{u:.2}")
+        )
     );
     if let (Some(w), Some(d)) = (s.salm_acc_worst_defence, &s.worst_defence) {
         let _ = writeln!(md, "| {kind} worst countermeasure | {d}: {} |", pct(w));
@@ -1219,7 +1337,11 @@ pub fn markdown(r: &AuditReport, sweep_caption: &str, curve_caption: &str) -> St
                 .recall_peak
                 .iter()
                 .zip(&a.recall_final)
-                .map(|(p, f)| format!("{} / {}", pct(*p), pct(*f)))
+                .enumerate()
+                .map(|(c, (p, f))| match r.dataset.test_per_class.get(c) {
+                    Some(0) => "n/a".to_string(),
+                    _ => format!("{} / {}", pct(*p), pct(*f)),
+                })
                 .collect();
             let _ = writeln!(md, "| {} | {} | {} |", a.data, a.arch, cells.join(" | "));
         }
@@ -1246,7 +1368,8 @@ pub fn markdown(r: &AuditReport, sweep_caption: &str, curve_caption: &str) -> St
         for row in &r.robustness {
             match &row.not_applicable {
                 Some(why) => {
-                    let _ = writeln!(md, "| {} | n/a: {why} |", row.defence);
+                    let rest = " n/a |".repeat(cols.len().saturating_sub(1));
+                    let _ = writeln!(md, "| {} | n/a: {why} |{rest}", row.defence);
                 }
                 None => {
                     let cells: Vec<String> = row

@@ -71,6 +71,17 @@ pub enum Defence {
     },
 }
 
+/// A fraction of full scale in 1/255ths for a label: `8` for 8/255, `7.6`
+/// for 0.03 (a whole number only when it is one).
+fn per_255(x: f32) -> String {
+    let v = f64::from(x) * 255.0;
+    if (v - v.round()).abs() < 1e-4 {
+        format!("{:.0}", v)
+    } else {
+        format!("{:.1}", v)
+    }
+}
+
 impl Defence {
     /// A short label, e.g. `jpeg-q10`.
     pub fn label(&self) -> String {
@@ -80,12 +91,12 @@ impl Defence {
             Defence::Jpeg { quality } => format!("jpeg-q{quality}"),
             Defence::Blur { sigma } => format!("blur-s{sigma}"),
             Defence::Median => "median3".into(),
-            Defence::Noise { sigma } => format!("noise-s{:.0}/255", sigma * 255.0),
+            Defence::Noise { sigma } => format!("noise-s{}/255", per_255(*sigma)),
             Defence::FlipCrop => "flip-crop".into(),
             Defence::Cutout { size } => format!("cutout-{size}"),
             Defence::Mixup { alpha } => format!("mixup-a{alpha}"),
             Defence::Adversarial { eps, steps } => {
-                format!("adv-train-eps{:.0}/255-k{steps}", eps * 255.0)
+                format!("adv-train-eps{}/255-k{steps}", per_255(*eps))
             }
         }
     }

@@ -321,7 +321,7 @@ fn check_side_paths(cfg: &ProtectConfig) -> Result<()> {
 }
 
 /// The absolute form of a path that may not exist yet.
-fn canonical(p: &Path) -> PathBuf {
+pub(crate) fn canonical(p: &Path) -> PathBuf {
     if let Ok(c) = p.canonicalize() {
         return c;
     }
@@ -652,7 +652,30 @@ fn read_manifest(folder: &Path) -> Result<ManifestOnDisk> {
             ),
         )
     })?;
-    serde_json::from_str(&text).map_err(|e| Error::decode(&path, format!("manifest: {e}")))
+    let manifest: ManifestOnDisk =
+        serde_json::from_str(&text).map_err(|e| Error::decode(&path, format!("manifest: {e}")))?;
+    // Every path a manifest names is read (and hashed) by verify and the
+    // audit: none may lead out of the release.
+    let named = manifest
+        .files
+        .iter()
+        .map(|f| &f.path)
+        .chain(manifest.items.iter().filter_map(|i| i.output.as_ref()));
+    for p in named {
+        let inside = p
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !inside || p.as_os_str().is_empty() {
+            return Err(Error::decode(
+                &path,
+                format!(
+                    "manifest lists {}: a release's paths are relative and stay inside it",
+                    p.display()
+                ),
+            ));
+        }
+    }
+    Ok(manifest)
 }
 
 /// What [`verify_release`] found.
@@ -683,17 +706,21 @@ pub fn verify_release(folder: &Path) -> Result<VerifyReport> {
     let manifest = read_manifest(folder)?;
     // The file list, and every image's own output and hash: an image the
     // manifest describes is checked even when its file was struck from the
-    // list.
-    let mut listed: Vec<(PathBuf, String)> = manifest
+    // list, and a file the two lists give different hashes fails.
+    let mut listed: Vec<(PathBuf, String)> = Vec::new();
+    let pairs = manifest
         .files
         .into_iter()
         .map(|f| (f.path, f.sha256))
-        .collect();
-    for item in &manifest.items {
-        if let (Some(path), Some(sha)) = (&item.output, &item.output_sha256) {
-            if !listed.iter().any(|(p, _)| p == path) {
-                listed.push((path.clone(), sha.clone()));
-            }
+        .chain(
+            manifest
+                .items
+                .iter()
+                .filter_map(|i| Some((i.output.clone()?, i.output_sha256.clone()?))),
+        );
+    for (path, sha) in pairs {
+        if !listed.iter().any(|(p, h)| *p == path && *h == sha) {
+            listed.push((path, sha));
         }
     }
     if listed.is_empty() {
@@ -702,8 +729,10 @@ pub fn verify_release(folder: &Path) -> Result<VerifyReport> {
             folder.join(MANIFEST_FILE).display()
         )));
     }
+    let unique: std::collections::HashSet<&Path> =
+        listed.iter().map(|(p, _)| p.as_path()).collect();
     let mut report = VerifyReport {
-        listed: listed.len(),
+        listed: unique.len(),
         changed: Vec::new(),
         missing: Vec::new(),
         unlisted: Vec::new(),
@@ -711,8 +740,12 @@ pub fn verify_release(folder: &Path) -> Result<VerifyReport> {
     for (rel, sha) in &listed {
         let path = folder.join(rel);
         if !path.is_file() {
-            report.missing.push(rel.clone());
-        } else if formats::sha256_hex(&formats::read_file(&path)?) != *sha {
+            if !report.missing.contains(rel) {
+                report.missing.push(rel.clone());
+            }
+        } else if formats::sha256_hex(&formats::read_file(&path)?) != *sha
+            && !report.changed.contains(rel)
+        {
             report.changed.push(rel.clone());
         }
     }
@@ -770,6 +803,27 @@ pub fn read_release(source: &DataSource, clean: &Dataset) -> Result<ReadRelease>
         }
     };
     let manifest = read_manifest(&folder)?;
+    // The files are what the manifest says they are (what `verify`
+    // checks): an audit of edited files would measure another release.
+    let check = verify_release(&folder)?;
+    if !check.changed.is_empty() || !check.missing.is_empty() {
+        let name = |v: &[PathBuf]| {
+            v.iter()
+                .take(3)
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        return Err(Error::Config(format!(
+            "release {} does not match its manifest: {} file(s) changed ({}), {} missing ({}); \
+             `lethe protect verify` lists them",
+            folder.display(),
+            check.changed.len(),
+            name(&check.changed),
+            check.missing.len(),
+            name(&check.missing)
+        )));
+    }
     let released = formats::load(source)?;
     let released = in_manifest_order(released, &manifest, &folder)?;
     let mismatch = |what: String| {

@@ -226,7 +226,18 @@ fn inconsistent_audit_configs_are_refused() {
         name: "salm".into(),
         source: DataSource::Folder { path: "rel".into() },
     });
+    let mut twice = config(None);
+    twice.seeds = vec![0, 0];
+    let mut blank = config(None);
+    blank.methods[1].name = " ".into();
+    blank.headline.em = None;
+    let mut pipe = config(None);
+    pipe.methods[1].name = "a|b".into();
+    pipe.headline.em = None;
     for (what, cfg) in [
+        ("repeated seed", twice),
+        ("blank name", blank),
+        ("name with |", pipe),
         ("release duplicate", release_dup),
         ("duplicate", dup),
         ("clean", clean),
@@ -588,4 +599,115 @@ fn a_loaded_dataset_is_audited_without_reading_its_source_again() {
     assert_eq!(accs(&loaded).len(), 2);
     assert_eq!(accs(&loaded), accs(&read));
     assert_eq!(loaded.summary.salm_psnr_db, read.summary.salm_psnr_db);
+}
+
+fn info(test_per_class: Vec<usize>) -> DatasetInfo {
+    let test: usize = test_per_class.iter().sum();
+    DatasetInfo {
+        name: "d".into(),
+        shape: crate::dataset::ImageShape {
+            channels: 1,
+            height: 8,
+            width: 8,
+        },
+        classes: (0..test_per_class.len()).map(|c| c.to_string()).collect(),
+        train: 900,
+        test,
+        zero_fraction: 0.0,
+        chance: *test_per_class.iter().max().unwrap() as f64 / test as f64,
+        test_per_class,
+    }
+}
+
+fn summary_of(clean_acc: f64, salm_acc: f64, chance: f64) -> Summary {
+    let learned = clean_acc - chance;
+    Summary {
+        dataset: "d".into(),
+        clean_acc,
+        salm_acc,
+        em_acc: None,
+        salm_acc_worst: salm_acc,
+        salm_psnr_db: Some(36.0),
+        em_psnr_db: None,
+        eps: 8.0 / 255.0,
+        rho: 0.25,
+        salm_unlearnability: (learned >= MIN_LEARNED).then(|| (clean_acc - salm_acc) / learned),
+        salm_acc_worst_defence: None,
+        worst_defence: None,
+        meets_acceptance: false,
+    }
+}
+
+#[test]
+fn reports_say_when_their_numbers_cannot_carry_a_conclusion() {
+    let victim = VictimConfig {
+        epochs: 30,
+        batch: 64,
+        sgd: SgdParams::unlearnable_examples(),
+    };
+    let notes_of = |s: &Summary, i: &DatasetInfo| notes(s, &[], &[], i, "SALM", &victim).join("\n");
+    // A balanced, well-sized split with a clear result: none of these notes.
+    let ok = info(vec![75; 4]);
+    let text = notes_of(&summary_of(0.94, 0.5, ok.chance), &ok);
+    assert!(
+        !text.contains("not defined") && !text.contains("small") && !text.contains("unbalanced"),
+        "{text}"
+    );
+    // Clean victims at chance: no unlearnability, said so.
+    let s = summary_of(0.52, 0.56, 0.5);
+    assert_eq!(s.salm_unlearnability, None);
+    let two = info(vec![50, 50]);
+    assert!(notes_of(&s, &two).contains("Unlearnability is not defined"));
+    // 8 + 1 test images: the chance level is the majority's 88.9 %, and a
+    // class with one image makes the split small.
+    let unbalanced = info(vec![8, 1]);
+    assert!((unbalanced.chance - 8.0 / 9.0).abs() < 1e-12);
+    let text = notes_of(&summary_of(0.889, 0.889, unbalanced.chance), &unbalanced);
+    assert!(
+        text.contains("unbalanced") && text.contains("88.9%"),
+        "{text}"
+    );
+    assert!(text.contains("test split is small"), "{text}");
+    // A class without test images has no recall.
+    let empty = info(vec![3, 0]);
+    let text = notes_of(&summary_of(1.0, 1.0, empty.chance), &empty);
+    assert!(text.contains("no recall: n/a"), "{text}");
+}
+
+#[test]
+fn the_report_never_lands_in_the_data_or_a_release() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let rel = dir.path().join("rel");
+    std::fs::create_dir_all(data.join("a")).unwrap();
+    std::fs::create_dir_all(&rel).unwrap();
+    let with = |out: PathBuf| {
+        let mut cfg = config(Some(out));
+        cfg.source = DataSource::Folder { path: data.clone() };
+        cfg.releases.push(ReleaseRun {
+            name: "rel".into(),
+            source: DataSource::Folder { path: rel.clone() },
+        });
+        cfg.validate()
+    };
+    for (out, what) in [
+        (data.clone(), "inside the data"),
+        (data.join("a/report"), "inside the data"),
+        (rel.join("audit"), "inside a release"),
+    ] {
+        let err = with(out.clone()).unwrap_err().to_string();
+        assert!(err.contains(what), "{}: {err}", out.display());
+    }
+    // A folder of other files is not rewritten; an earlier report's is.
+    let other = dir.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("notes.txt"), b"mine").unwrap();
+    let err = with(other.clone()).unwrap_err().to_string();
+    assert!(err.contains("no earlier report.json"), "{err}");
+    std::fs::write(other.join("report.json"), b"{}").unwrap();
+    assert!(with(other).is_ok());
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"x").unwrap();
+    assert!(with(file).unwrap_err().to_string().contains("not a folder"));
+    assert!(with(dir.path().join("new")).is_ok());
 }

@@ -118,3 +118,17 @@ fn bad_defence_parameters_are_refused() {
     assert!(Defence::Jpeg { quality: 10 }.validate().is_ok());
     assert_eq!(Defence::Jpeg { quality: 10 }.label(), "jpeg-q10");
 }
+
+#[test]
+fn labels_say_the_budget_they_ran_with() {
+    assert_eq!(
+        Defence::Noise { sigma: 8.0 / 255.0 }.label(),
+        "noise-s8/255"
+    );
+    assert_eq!(Defence::Noise { sigma: 0.03 }.label(), "noise-s7.6/255");
+    let adv = Defence::Adversarial {
+        eps: 4.0 / 255.0,
+        steps: 3,
+    };
+    assert_eq!(adv.label(), "adv-train-eps4/255-k3");
+}

@@ -241,7 +241,7 @@ fn a_release_reads_back_in_the_clean_order_and_within_eps() {
         .zip(read.data.pixels())
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f32, f32::max);
-    assert!(linf > 0.0 && linf <= 8.5 / 255.0, "linf {linf}");
+    assert!(linf > 0.0 && linf <= 8.0 / 255.0 + 1e-6, "linf {linf}");
 
     // The same release against other data is refused, whatever differs.
     let other = formats::load(&DataSource::Lesions(LesionSpec { seed: 6, ..spec })).unwrap();
@@ -886,4 +886,84 @@ fn a_dicom_release_warns_that_it_keeps_the_source_uids() {
     protect(&folder_config(png.path(), rel2.clone(), params())).unwrap();
     let text = std::fs::read_to_string(rel2.join(MANIFEST_FILE)).unwrap();
     assert!(!text.contains("SOP Instance UIDs"));
+}
+
+/// The release's manifest as JSON, edited by `edit`, written back.
+fn edit_manifest(rel: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = rel.join(MANIFEST_FILE);
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    edit(&mut m);
+    std::fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
+}
+
+#[test]
+fn manifest_paths_never_lead_out_of_the_release() {
+    let src = png_source();
+    let out = tempfile::tempdir().unwrap();
+    let outside = out.path().join("secret.txt");
+    std::fs::write(&outside, b"secret").unwrap();
+    let sha = formats::sha256_hex(b"secret");
+    let rel = out.path().join("rel");
+    protect(&folder_config(src.path(), rel.clone(), params())).unwrap();
+    let pristine = std::fs::read(rel.join(MANIFEST_FILE)).unwrap();
+    for bad in [
+        outside.to_str().unwrap().to_string(),
+        "../secret.txt".to_string(),
+        "a/../../secret.txt".to_string(),
+    ] {
+        std::fs::write(rel.join(MANIFEST_FILE), &pristine).unwrap();
+        let entry = serde_json::json!({"path": bad.clone(), "sha256": sha});
+        edit_manifest(&rel, |m| m["files"].as_array_mut().unwrap().push(entry));
+        let err = verify_release(&rel).unwrap_err().to_string();
+        assert!(err.contains("stay inside it"), "{bad}: {err}");
+        // An image's own output path is checked the same way.
+        std::fs::write(rel.join(MANIFEST_FILE), &pristine).unwrap();
+        edit_manifest(&rel, |m| m["items"][0]["output"] = bad.clone().into());
+        let err = verify_release(&rel).unwrap_err().to_string();
+        assert!(err.contains("stay inside it"), "{bad}: {err}");
+    }
+}
+
+#[test]
+fn a_release_whose_files_left_its_manifest_is_not_audited() {
+    let src = png_source();
+    let source = DataSource::Folder {
+        path: src.path().to_path_buf(),
+    };
+    let clean = formats::load(&source).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let rel = out.path().join("rel");
+    protect(&folder_config(src.path(), rel.clone(), params())).unwrap();
+    let released = DataSource::Folder { path: rel.clone() };
+    assert!(read_release(&released, &clean).is_ok());
+    let pristine = std::fs::read(rel.join(MANIFEST_FILE)).unwrap();
+
+    // A file listed twice counts once; two different hashes for one file
+    // cannot both hold.
+    edit_manifest(&rel, |m| {
+        let first = m["files"][0].clone();
+        m["files"].as_array_mut().unwrap().push(first);
+    });
+    let report = verify_release(&rel).unwrap();
+    assert!(report.intact() && report.listed == 8, "{report:?}");
+    std::fs::write(rel.join(MANIFEST_FILE), &pristine).unwrap();
+    edit_manifest(&rel, |m| {
+        m["items"][0]["output_sha256"] = "00".repeat(32).into()
+    });
+    let report = verify_release(&rel).unwrap();
+    assert_eq!(report.changed.len(), 1, "{report:?}");
+    let err = read_release(&released, &clean).unwrap_err().to_string();
+    assert!(err.contains("does not match its manifest"), "{err}");
+
+    // One pixel moved by a level, within eps, manifest untouched.
+    std::fs::write(rel.join(MANIFEST_FILE), &pristine).unwrap();
+    let m: serde_json::Value = serde_json::from_slice(&pristine).unwrap();
+    let file = rel.join(m["files"][0]["path"].as_str().unwrap());
+    let img = image::open(&file).unwrap().to_luma8();
+    let mut edited = img.clone();
+    let p = edited.get_pixel_mut(0, 0);
+    p.0[0] = if p.0[0] > 0 { p.0[0] - 1 } else { 1 };
+    edited.save(&file).unwrap();
+    let err = read_release(&released, &clean).unwrap_err().to_string();
+    assert!(err.contains("1 file(s) changed"), "{err}");
 }
