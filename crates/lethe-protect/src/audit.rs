@@ -571,6 +571,15 @@ fn run(cfg: &AuditConfig, data: &Dataset) -> Result<AuditReport> {
     let kind = headline_kind(&methods, &cfg.headline.salm);
     let mut notes = notes(&summary, &methods, &accuracy, &info, kind, &cfg.victim);
     notes.extend(early_peak_notes(&victims, cfg.victim.epochs));
+    if let Some(r) = &cfg.robustness {
+        if !r.methods.contains(&cfg.headline.salm) {
+            notes.push(format!(
+                "The robustness suite did not run `{}` (it ran {:?}): the headline has no worst \
+                 countermeasure.",
+                cfg.headline.salm, r.methods
+            ));
+        }
+    }
     let mut report = AuditReport {
         summary,
         dataset: info,
@@ -1126,6 +1135,30 @@ fn write_report(
         let chart = figures::line_chart(&series, (0.0, xmax), Some(report.dataset.chance));
         figures::save(&chart, &dir.join("figures/accuracy_vs_eps.png"))?;
         files.push("figures/accuracy_vs_eps.png".into());
+        let named: Vec<figures::NamedSeries> = std::iter::once("clean".to_string())
+            .chain(sweeps.iter().map(|s| s.0.clone()))
+            .zip(&series)
+            .map(|(name, (color, points))| figures::NamedSeries {
+                name,
+                color: *color,
+                points: points.clone(),
+            })
+            .collect();
+        figures::line_chart_svg(
+            &dir.join("figures/accuracy_vs_eps.svg"),
+            figures::ChartText {
+                title: &format!(
+                    "{}: victim peak test accuracy against eps",
+                    report.dataset.name
+                ),
+                x_desc: "eps (x/255)",
+                y_desc: "peak test accuracy",
+            },
+            &named,
+            (0.0, xmax),
+            Some(report.dataset.chance),
+        )?;
+        files.push("figures/accuracy_vs_eps.svg".into());
         sweep_caption = format!(
             "x: epsilon in 1/255 units (0 to {xmax:.0}); y: victim peak test accuracy (0 to 1, \
              grid every 0.1); dashed: chance. {}.",
@@ -1136,8 +1169,9 @@ fn write_report(
     // Test accuracy per epoch, first architecture and seed.
     let first_arch = report.config.victims[0].label();
     let first_seed = report.config.seeds[0];
-    let mut series = Vec::new();
+    let mut series: Vec<figures::Series> = Vec::new();
     let mut curve_names = Vec::new();
+    let mut named = Vec::new();
     let mut epochs = 1.0;
     for (k, (name, _)) in releases.iter().enumerate() {
         if let Some(v) = report.victims.iter().find(|v| {
@@ -1158,11 +1192,33 @@ fn write_report(
                     .collect(),
             ));
             curve_names.push(format!("{}: {name}", figures::PALETTE_NAMES[c]));
+            if let Some((color, points)) = series.last() {
+                named.push(figures::NamedSeries {
+                    name: name.clone(),
+                    color: *color,
+                    points: points.clone(),
+                });
+            }
         }
     }
     let chart = figures::line_chart(&series, (1.0, epochs.max(2.0)), Some(report.dataset.chance));
     figures::save(&chart, &dir.join("figures/test_accuracy_curves.png"))?;
     files.push("figures/test_accuracy_curves.png".into());
+    figures::line_chart_svg(
+        &dir.join("figures/test_accuracy_curves.svg"),
+        figures::ChartText {
+            title: &format!(
+                "{}: test accuracy per epoch ({first_arch}, seed {first_seed})",
+                report.dataset.name
+            ),
+            x_desc: "epoch",
+            y_desc: "test accuracy (clean test split)",
+        },
+        &named,
+        (1.0, epochs.max(2.0)),
+        Some(report.dataset.chance),
+    )?;
+    files.push("figures/test_accuracy_curves.svg".into());
 
     files.push("report.json".into());
     files.push("report.md".into());
@@ -1399,13 +1455,15 @@ pub fn markdown(r: &AuditReport, sweep_caption: &str, curve_caption: &str) -> St
     if !sweep_caption.is_empty() {
         let _ = writeln!(
             md,
-            "![accuracy vs eps](figures/accuracy_vs_eps.png)\n\n{sweep_caption}\n"
+            "![accuracy vs eps](figures/accuracy_vs_eps.svg)\n\n{sweep_caption} \
+             (The same chart without text: `figures/accuracy_vs_eps.png`.)\n"
         );
     }
     let _ = writeln!(
         md,
-        "![curves](figures/test_accuracy_curves.png)\n\nTest accuracy per epoch ({}, seed {}); \
-         y from 0 to 1, dashed: chance. {curve_caption}.\n",
+        "![curves](figures/test_accuracy_curves.svg)\n\nTest accuracy per epoch ({}, seed {}); \
+         y from 0 to 1, dashed: chance. {curve_caption}. (The same chart without text: \
+         `figures/test_accuracy_curves.png`.)\n",
         r.config.victims[0].label(),
         r.config.seeds[0]
     );

@@ -10,6 +10,10 @@
 //!   into the background.
 //! * [`line_chart`]: lines with square markers on a `[x0, x1] x [0, 1]`
 //!   grid (horizontal grid lines every 0.1, dashed line at chance level).
+//! * [`line_chart_svg`]: the same chart as SVG drawn with `plotters`, with
+//!   a title, axis values and labels and a legend (text is rendered by the
+//!   viewer, so no font is needed where the audit runs); series that
+//!   coincide stay told apart by their markers.
 
 use std::path::Path;
 
@@ -232,3 +236,117 @@ pub const PALETTE_NAMES: [&str; 6] = ["blue", "red", "green", "orange", "purple"
 
 #[cfg(test)]
 mod tests;
+
+/// One named line of a [`line_chart_svg`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamedSeries {
+    /// Legend text.
+    pub name: String,
+    /// Line colour.
+    pub color: Rgb<u8>,
+    /// `(x, y)` points, `y` in `[0, 1]`.
+    pub points: Vec<(f64, f64)>,
+}
+
+/// What an SVG chart says besides its lines.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ChartText<'a> {
+    /// Title above the plot.
+    pub title: &'a str,
+    /// Label of the x axis.
+    pub x_desc: &'a str,
+    /// Label of the y axis.
+    pub y_desc: &'a str,
+}
+
+/// Writes `series` as an SVG line chart on `[x0, x1] x [0, 1]` with a
+/// dashed line at `chance` (labelled in the legend).
+pub fn line_chart_svg(
+    path: &Path,
+    text: ChartText<'_>,
+    series: &[NamedSeries],
+    x_range: (f64, f64),
+    chance: Option<f64>,
+) -> Result<()> {
+    use plotters::prelude::*;
+    let err =
+        |e: &dyn std::fmt::Display| Error::Unsupported(format!("drawing {}: {e}", path.display()));
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| Error::io(e, format!("creating {}", parent.display())))?;
+    }
+    let (x0, x1) = if x_range.1 > x_range.0 {
+        x_range
+    } else {
+        (x_range.0, x_range.0 + 1.0)
+    };
+    let root = SVGBackend::new(path, (760, 460)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(text.title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(x0..x1, 0.0..1.0)
+        .map_err(|e| err(&e))?;
+    // Whole numbers (epochs, eps in 1/255) print without decimals.
+    let x_label = |x: &f64| {
+        if (x - x.round()).abs() < 1e-9 {
+            format!("{x:.0}")
+        } else {
+            format!("{x:.1}")
+        }
+    };
+    chart
+        .configure_mesh()
+        .x_desc(text.x_desc)
+        .y_desc(text.y_desc)
+        .x_labels(((x1 - x0).round() as usize + 1).clamp(2, 16))
+        .x_label_formatter(&x_label)
+        .y_labels(11)
+        .draw()
+        .map_err(|e| err(&e))?;
+    if let Some(c) = chance {
+        let style = RGBColor(110, 110, 110).stroke_width(1);
+        chart
+            .draw_series(DashedLineSeries::new(vec![(x0, c), (x1, c)], 6, 4, style))
+            .map_err(|e| err(&e))?
+            .label(format!("chance ({:.1}%)", 100.0 * c))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
+    }
+    for (k, s) in series.iter().enumerate() {
+        let color = RGBColor(s.color.0[0], s.color.0[1], s.color.0[2]);
+        chart
+            .draw_series(LineSeries::new(
+                s.points.iter().copied(),
+                color.stroke_width(2),
+            ))
+            .map_err(|e| err(&e))?
+            .label(s.name.clone())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+            });
+        // Markers differ by series: coinciding lines stay visible.
+        let points = s.points.iter().copied();
+        match k % 3 {
+            0 => chart
+                .draw_series(points.map(|p| Circle::new(p, 4, color.filled())))
+                .map(|_| ()),
+            1 => chart
+                .draw_series(points.map(|p| TriangleMarker::new(p, 6, color.stroke_width(2))))
+                .map(|_| ()),
+            _ => chart
+                .draw_series(points.map(|p| Cross::new(p, 5, color.stroke_width(2))))
+                .map(|_| ()),
+        }
+        .map_err(|e| err(&e))?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))
+}

@@ -203,6 +203,24 @@ fn audit_writes_report_tables_summary_and_figures() {
         assert!(img.width() > 16 && img.height() > 16, "{f}");
         assert!(report.files.iter().any(|x| x == f), "{f} not listed");
     }
+    // The SVG chart names its axes and every series in a legend.
+    let svg = std::fs::read_to_string(out.join("figures/test_accuracy_curves.svg")).unwrap();
+    assert!(svg.starts_with("<svg"), "{}", &svg[..40.min(svg.len())]);
+    for text in [
+        "epoch",
+        "test accuracy",
+        "clean",
+        "salm",
+        "em-cw",
+        "chance (25.0%)",
+    ] {
+        assert!(svg.contains(text), "{text} missing from the SVG");
+    }
+    assert!(md.contains("figures/test_accuracy_curves.svg"), "{md}");
+    assert!(report
+        .files
+        .iter()
+        .any(|x| x == "figures/test_accuracy_curves.svg"));
 }
 
 #[test]
