@@ -186,7 +186,9 @@ fn dataset_name(cfg: &AuditConfig) -> String {
 fn shift_markdown(md: &str, name: &str) -> String {
     md.lines()
         .map(|l| {
-            let l = l.replace("](figures/", &format!("]({name}/figures/"));
+            let l = l
+                .replace("](figures/", &format!("]({name}/figures/"))
+                .replace("`figures/", &format!("`{name}/figures/"));
             if l.starts_with('#') {
                 format!("#{l}")
             } else {

@@ -326,9 +326,11 @@ pub fn line_chart_svg(
             .legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
             });
-        // Markers differ by series: coinciding lines stay visible.
+        // Markers differ by series, and differ again where the caller's
+        // palette repeats its colours: coinciding lines stay visible and
+        // no two of the first 18 series look alike.
         let points = s.points.iter().copied();
-        match k % 3 {
+        match (k + k / PALETTE.len()) % 3 {
             0 => chart
                 .draw_series(points.map(|p| Circle::new(p, 4, color.filled())))
                 .map(|_| ()),
