@@ -380,10 +380,8 @@ impl AuditConfig {
     fn check_out_dir(&self, out: &Path) -> Result<()> {
         let dst = crate::release::canonical(out);
         let mut guarded: Vec<(&str, PathBuf)> = Vec::new();
-        match &self.source {
-            DataSource::Folder { path } => guarded.push(("the data", path.clone())),
-            DataSource::Npy { path, .. } => guarded.push(("the data", path.clone())),
-            _ => {}
+        if let DataSource::Folder { path } | DataSource::Npy { path, .. } = &self.source {
+            guarded.push(("the data", path.clone()));
         }
         for r in &self.releases {
             match &r.source {
@@ -405,24 +403,14 @@ impl AuditConfig {
                 )));
             }
         }
-        if out.exists() && !out.is_dir() {
+        if crate::release::holds_entries(out, "report folder")?
+            && !out.join("report.json").is_file()
+        {
             return Err(Error::Config(format!(
-                "report folder {} exists and is not a folder",
+                "report folder {} holds files and no earlier report.json: choose an empty \
+                 or new folder (an earlier audit's folder is rewritten in place)",
                 out.display()
             )));
-        }
-        if out.is_dir() && !out.join("report.json").is_file() {
-            let non_empty = std::fs::read_dir(out)
-                .map_err(|e| Error::io(e, format!("listing {}", out.display())))?
-                .next()
-                .is_some();
-            if non_empty {
-                return Err(Error::Config(format!(
-                    "report folder {} holds files and no earlier report.json: choose an empty \
-                     or new folder (an earlier audit's folder is rewritten in place)",
-                    out.display()
-                )));
-            }
         }
         Ok(())
     }

@@ -178,29 +178,35 @@ fn check_output(cfg: &ProtectConfig) -> Result<()> {
             )));
         }
     }
-    if out.exists() && !out.is_dir() {
-        return Err(Error::Config(format!(
-            "output {} exists and is not a folder",
-            out.display()
-        )));
-    }
-    if out.exists() {
-        let non_empty = std::fs::read_dir(out)
-            .map_err(|e| Error::io(e, format!("listing {}", out.display())))?
-            .next()
-            .is_some();
-        if non_empty && !cfg.overwrite {
+    if holds_entries(out, "output")? {
+        if !cfg.overwrite {
             return Err(Error::Config(format!(
                 "output {} is not empty (overwrite replaces an earlier release there; \
                  CLI: --overwrite)",
                 out.display()
             )));
         }
-        if non_empty {
-            stale_release_files(out)?;
-        }
+        stale_release_files(out)?;
     }
     Ok(())
+}
+
+/// Whether the folder `dir` exists and holds anything; a file there is an
+/// error (`what` names the folder's role in it).
+pub(crate) fn holds_entries(dir: &Path, what: &str) -> Result<bool> {
+    if !dir.exists() {
+        return Ok(false);
+    }
+    if !dir.is_dir() {
+        return Err(Error::Config(format!(
+            "{what} {} exists and is not a folder",
+            dir.display()
+        )));
+    }
+    Ok(std::fs::read_dir(dir)
+        .map_err(|e| Error::io(e, format!("listing {}", dir.display())))?
+        .next()
+        .is_some())
 }
 
 /// The files of the earlier release in `out` (its manifest and every file
@@ -209,15 +215,11 @@ fn check_output(cfg: &ProtectConfig) -> Result<()> {
 /// there is refused: overwriting replaces a release, it does not delete
 /// what lethe did not write.
 fn stale_release_files(out: &Path) -> Result<Vec<PathBuf>> {
-    let listed: std::collections::HashSet<PathBuf> = match read_manifest(out) {
-        Ok(m) => m
-            .files
-            .into_iter()
-            .map(|f| f.path)
-            .chain(m.items.into_iter().filter_map(|i| i.output))
-            .collect(),
-        Err(_) => Default::default(),
-    };
+    let manifest = read_manifest(out).ok();
+    let listed: std::collections::HashSet<&Path> = manifest
+        .as_ref()
+        .map(|m| vouched_files(m).into_iter().map(|(p, _)| p).collect())
+        .unwrap_or_default();
     let mut stale = Vec::new();
     let mut foreign = Vec::new();
     for entry in walkdir::WalkDir::new(out).min_depth(1).sort_by_file_name() {
@@ -229,31 +231,35 @@ fn stale_release_files(out: &Path) -> Result<Vec<PathBuf>> {
         if rel == Path::new(MANIFEST_FILE) || listed.contains(rel) {
             stale.push(entry.path().to_path_buf());
         } else {
-            foreign.push(rel.display().to_string());
+            foreign.push(rel.to_path_buf());
         }
     }
     if !foreign.is_empty() {
-        let shown = foreign
-            .iter()
-            .take(5)
-            .cloned()
-            .collect::<Vec<_>>()
-            .join(", ");
-        let more = foreign.len().saturating_sub(5);
         return Err(Error::Config(format!(
-            "output {} holds {} file(s) that no earlier release there lists ({shown}{}): \
+            "output {} holds {} file(s) that no earlier release there lists ({}): \
              overwrite only replaces a release written by `lethe protect`; move them or \
              choose another output",
             out.display(),
             foreign.len(),
-            if more > 0 {
-                format!(" and {more} more")
-            } else {
-                String::new()
-            }
+            some_paths(&foreign)
         )));
     }
     Ok(stale)
+}
+
+/// The first few of `paths` for a message (`a, b, c and 4 more`).
+fn some_paths(paths: &[PathBuf]) -> String {
+    const SHOWN: usize = 5;
+    let mut text = paths
+        .iter()
+        .take(SHOWN)
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    if paths.len() > SHOWN {
+        text.push_str(&format!(" and {} more", paths.len() - SHOWN));
+    }
+    text
 }
 
 /// Removes the earlier release in `out` (see [`stale_release_files`]) and
@@ -703,54 +709,65 @@ impl VerifyReport {
 /// there with the same SHA-256, and no other file was added. (Manifests
 /// from before the file list have per-image output hashes, used instead.)
 pub fn verify_release(folder: &Path) -> Result<VerifyReport> {
-    let manifest = read_manifest(folder)?;
-    // The file list, and every image's own output and hash: an image the
-    // manifest describes is checked even when its file was struck from the
-    // list, and a file the two lists give different hashes fails.
-    let mut listed: Vec<(PathBuf, String)> = Vec::new();
+    verify_with(folder, &read_manifest(folder)?)
+}
+
+/// Every file `manifest` vouches for, in its order, with each hash it gives
+/// it: the file list and every image's own output. An image is checked
+/// even when its file was struck from the list, and a file the two lists
+/// give different hashes cannot match both.
+fn vouched_files(manifest: &ManifestOnDisk) -> Vec<(&Path, Vec<&str>)> {
     let pairs = manifest
         .files
-        .into_iter()
-        .map(|f| (f.path, f.sha256))
+        .iter()
+        .map(|f| (f.path.as_path(), f.sha256.as_str()))
         .chain(
             manifest
                 .items
                 .iter()
-                .filter_map(|i| Some((i.output.clone()?, i.output_sha256.clone()?))),
+                .filter_map(|i| Some((i.output.as_deref()?, i.output_sha256.as_deref()?))),
         );
+    let mut files: Vec<(&Path, Vec<&str>)> = Vec::new();
+    let mut index: std::collections::HashMap<&Path, usize> = Default::default();
     for (path, sha) in pairs {
-        if !listed.iter().any(|(p, h)| *p == path && *h == sha) {
-            listed.push((path, sha));
+        let k = *index.entry(path).or_insert_with(|| {
+            files.push((path, Vec::new()));
+            files.len() - 1
+        });
+        if !files[k].1.contains(&sha) {
+            files[k].1.push(sha);
         }
     }
-    if listed.is_empty() {
+    files
+}
+
+/// [`verify_release`] against a manifest already read from `folder`.
+fn verify_with(folder: &Path, manifest: &ManifestOnDisk) -> Result<VerifyReport> {
+    let files = vouched_files(manifest);
+    if files.is_empty() {
         return Err(Error::Config(format!(
             "{} lists no files to check",
             folder.join(MANIFEST_FILE).display()
         )));
     }
-    let unique: std::collections::HashSet<&Path> =
-        listed.iter().map(|(p, _)| p.as_path()).collect();
     let mut report = VerifyReport {
-        listed: unique.len(),
+        listed: files.len(),
         changed: Vec::new(),
         missing: Vec::new(),
         unlisted: Vec::new(),
     };
-    for (rel, sha) in &listed {
+    for (rel, hashes) in &files {
         let path = folder.join(rel);
         if !path.is_file() {
-            if !report.missing.contains(rel) {
-                report.missing.push(rel.clone());
-            }
-        } else if formats::sha256_hex(&formats::read_file(&path)?) != *sha
-            && !report.changed.contains(rel)
-        {
-            report.changed.push(rel.clone());
+            report.missing.push(rel.to_path_buf());
+            continue;
+        }
+        let sha = formats::sha256_hex(&formats::read_file(&path)?);
+        if hashes.iter().any(|h| *h != sha) {
+            report.changed.push(rel.to_path_buf());
         }
     }
-    let listed_paths: std::collections::HashSet<&Path> =
-        listed.iter().map(|(p, _)| p.as_path()).collect();
+    let listed: std::collections::HashSet<&Path> = files.iter().map(|(p, _)| *p).collect();
     for entry in walkdir::WalkDir::new(folder).sort_by_file_name() {
         let entry = entry.map_err(|e| formats::walk_error(e, folder))?;
         // Links count as added files: a release is plain files.
@@ -758,7 +775,7 @@ pub fn verify_release(folder: &Path) -> Result<VerifyReport> {
             continue;
         }
         let rel = entry.path().strip_prefix(folder).unwrap_or(entry.path());
-        if rel != Path::new(MANIFEST_FILE) && !listed_paths.contains(rel) {
+        if rel != Path::new(MANIFEST_FILE) && !listed.contains(rel) {
             report.unlisted.push(rel.to_path_buf());
         }
     }
@@ -805,23 +822,16 @@ pub fn read_release(source: &DataSource, clean: &Dataset) -> Result<ReadRelease>
     let manifest = read_manifest(&folder)?;
     // The files are what the manifest says they are (what `verify`
     // checks): an audit of edited files would measure another release.
-    let check = verify_release(&folder)?;
+    let check = verify_with(&folder, &manifest)?;
     if !check.changed.is_empty() || !check.missing.is_empty() {
-        let name = |v: &[PathBuf]| {
-            v.iter()
-                .take(3)
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
         return Err(Error::Config(format!(
             "release {} does not match its manifest: {} file(s) changed ({}), {} missing ({}); \
              `lethe protect verify` lists them",
             folder.display(),
             check.changed.len(),
-            name(&check.changed),
+            some_paths(&check.changed),
             check.missing.len(),
-            name(&check.missing)
+            some_paths(&check.missing)
         )));
     }
     let released = formats::load(source)?;
