@@ -7,9 +7,10 @@
 //! can be written back in the format they were read from ([`Format`]).
 //! Pixel values are normalised on load (8-bit PNG: `v / 255`, 16-bit:
 //! `v / 65535`, DICOM: the stored value mapped from the dataset's stored
-//! range, see [`Format::Dicom`]); [`Dataset::quantize`] snaps them back onto
-//! the grid the release format can hold, because protection must be judged
-//! on what is actually published, never on float tensors.
+//! range, see [`Format::Dicom`]); [`Dataset::quantize_within`] snaps them
+//! back onto the grid the release format can hold, within the budget,
+//! because protection must be judged on what is actually published, never
+//! on float tensors.
 
 use std::path::PathBuf;
 
@@ -376,27 +377,6 @@ impl Dataset {
             }
         }
         Ok((!notes.is_empty()).then(|| notes.join("; ")))
-    }
-
-    /// Every value snapped to its item's release grid (round to nearest
-    /// multiple of `1 / levels`); floating-point items are unchanged.
-    /// A release is snapped with [`Dataset::quantize_within`], which also
-    /// keeps the budget.
-    pub fn quantize(&self) -> Dataset {
-        let v = self.shape.values();
-        let mut pixels = self.pixels.clone();
-        for (i, item) in self.items.iter().enumerate() {
-            if let Some(levels) = item.levels {
-                let l = levels as f32;
-                for p in &mut pixels[i * v..(i + 1) * v] {
-                    *p = ((*p * l).round() / l).clamp(0.0, 1.0);
-                }
-            }
-        }
-        Dataset {
-            pixels,
-            ..self.clone()
-        }
     }
 
     /// A stratified split: per class, `round(test_fraction * count)` images

@@ -115,7 +115,7 @@ pub struct WrittenFile {
     pub sha256: String,
 }
 
-/// Writes `data` (already quantised, see [`Dataset::quantize`]) under
+/// Writes `data` (already quantised, see [`Dataset::quantize_within`]) under
 /// `out` in the format it was read from. `out` must not be the source
 /// folder.
 pub fn write(data: &Dataset, out: &Path) -> Result<Vec<WrittenFile>> {

@@ -47,7 +47,7 @@ fn nudge(v: &[f32], step: f32) -> Vec<f32> {
 
 fn check_roundtrip(data: &Dataset, out: &Path, max_err: f32) -> Dataset {
     let changed = data.with_pixels(nudge(data.pixels(), 3.0 / 255.0)).unwrap();
-    let released = changed.quantize();
+    let released = changed.quantize_within(data, 3.0 / 255.0).unwrap();
     write(&released, out).unwrap();
     let back = match data.format() {
         Format::Npy(src) => {
