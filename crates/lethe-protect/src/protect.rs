@@ -998,9 +998,7 @@ pub fn protect_dataset(
     params: &ProtectParams,
     control: &RunControl,
 ) -> Result<Protection> {
-    params.validate()?;
-    data.check_eps(params.eps)?;
-    check_rho(data, params)?;
+    check_fits(data, params)?;
     let device = params.device_spec()?.open()?;
     let shape = data.shape();
     let classes = data.classes().len();
@@ -1223,8 +1221,11 @@ fn progress_bar(show: bool, total: u64) -> ProgressBar {
     bar
 }
 
-/// Refuses a SALM `rho` that allows no pixel of the dataset's images.
-fn check_rho(data: &Dataset, params: &ProtectParams) -> Result<()> {
+/// Checks `params` and that they can change `data` at all: eps allows a
+/// step of its release grid, a SALM rho a pixel of its images.
+fn check_fits(data: &Dataset, params: &ProtectParams) -> Result<()> {
+    params.validate()?;
+    data.check_eps(params.eps)?;
     match &params.method {
         Method::Salm { rho, .. } => mask::check_mask_size(*rho, data.shape().pixels()),
         Method::Em { .. } => Ok(()),
@@ -1977,9 +1978,7 @@ pub struct Estimate {
 /// Times a few surrogate and noise steps on `data` and extrapolates a full
 /// run (a few seconds; nothing is written).
 pub fn estimate_dataset(data: &Dataset, params: &ProtectParams) -> Result<Estimate> {
-    params.validate()?;
-    data.check_eps(params.eps)?;
-    check_rho(data, params)?;
+    check_fits(data, params)?;
     if params.model_free() {
         // No round runs: the time is reading and writing the files.
         return Ok(Estimate {

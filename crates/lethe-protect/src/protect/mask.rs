@@ -86,13 +86,19 @@ pub enum MaskRefresh {
 /// allows no location is refused before a run, see
 /// [`check_mask_size`]).
 pub fn mask_size(rho: f64, pixels: usize) -> usize {
-    ((rho * pixels as f64 + 1e-9).floor() as usize).clamp(1, pixels)
+    whole_pixels(rho, pixels).clamp(1, pixels)
+}
+
+/// `floor(rho * pixels)`, with a fraction that is a whole number of
+/// pixels counted as one despite floating-point error.
+fn whole_pixels(rho: f64, pixels: usize) -> usize {
+    (rho * pixels as f64 + 1e-9).floor() as usize
 }
 
 /// Refuses a pixel fraction that allows no location of an image of
 /// `pixels` locations.
 pub fn check_mask_size(rho: f64, pixels: usize) -> crate::Result<()> {
-    if rho * pixels as f64 + 1e-9 < 1.0 {
+    if whole_pixels(rho, pixels) == 0 {
         return Err(crate::Error::Config(format!(
             "rho {rho} allows no pixel of a {pixels}-pixel image: use rho >= 1/{pixels}"
         )));
