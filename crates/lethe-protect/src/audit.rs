@@ -445,6 +445,7 @@ fn run(cfg: &AuditConfig, data: &Dataset) -> Result<AuditReport> {
     let train = data.subset(&tr)?;
     let test = data.subset(&te)?;
     let zeros = train.pixels().iter().filter(|&&v| v == 0.0).count();
+    let test_per_class = test.class_counts();
     let info = DatasetInfo {
         name: data.name().to_string(),
         shape: data.shape(),
@@ -452,9 +453,8 @@ fn run(cfg: &AuditConfig, data: &Dataset) -> Result<AuditReport> {
         train: train.len(),
         test: test.len(),
         zero_fraction: zeros as f64 / train.pixels().len() as f64,
-        test_per_class: test.class_counts(),
-        chance: test.class_counts().into_iter().max().unwrap_or(0) as f64
-            / test.len().max(1) as f64,
+        chance: test_per_class.iter().copied().max().unwrap_or(0) as f64 / test.len().max(1) as f64,
+        test_per_class,
     };
     tracing::info!(dataset = %info.name, train = info.train, test = info.test, "audit");
 
@@ -776,14 +776,14 @@ const FEW_VICTIM_STEPS: usize = 100;
 /// Fewer test images of a class than this and the report says so.
 const MIN_TEST_PER_CLASS: usize = 5;
 
-/// " Victims took only N SGD steps ...": said when a small training split
+/// "Victims took only N SGD steps ...": said when a small training split
 /// and few epochs leave the victims barely trained (a batch per epoch on a
 /// few dozen images), so the fix is named.
 fn short_training(train: usize, victim: &VictimConfig) -> Option<String> {
     let steps = train.div_ceil(victim.batch.min(train).max(1)) * victim.epochs;
     (train > 0 && steps < FEW_VICTIM_STEPS).then(|| {
         format!(
-            " Victims took only {steps} SGD steps ({train} training images in batches of {}, \
+            "Victims took only {steps} SGD steps ({train} training images in batches of {}, \
              {} epochs): raise the epochs (at least {} steps) before reading these numbers.",
             victim.batch.min(train),
             victim.epochs,
@@ -820,9 +820,7 @@ fn notes(
             100.0 * s.clean_acc,
         ));
     }
-    if let Some(short) = short_training(info.train, victim) {
-        notes.push(short.trim_start().to_string());
-    }
+    notes.extend(short_training(info.train, victim));
     if s.salm_unlearnability.is_none() {
         notes.push(format!(
             "Unlearnability is not defined here: clean victims ({:.1}%) are within {:.0} points \
@@ -1112,28 +1110,24 @@ fn write_report(
             .flat_map(|s| s.1.iter().map(|p| p.0))
             .fold(0.0, f64::max);
         let (clean, _) = peak_stats(&report.victims, "clean");
-        let mut series: Vec<figures::Series> =
-            vec![(image::Rgb([0, 0, 0]), vec![(0.0, clean), (xmax, clean)])];
+        let mut series = vec![figures::NamedSeries {
+            name: "clean".into(),
+            color: image::Rgb([0, 0, 0]),
+            points: vec![(0.0, clean), (xmax, clean)],
+        }];
         let mut names = vec!["black: clean".to_string()];
         for (k, (name, pts)) in sweeps.iter().enumerate() {
             let c = k % figures::PALETTE.len();
-            series.push((figures::PALETTE[c], pts.clone()));
+            series.push(figures::NamedSeries {
+                name: name.clone(),
+                color: figures::PALETTE[c],
+                points: pts.clone(),
+            });
             names.push(format!("{}: {name}", figures::PALETTE_NAMES[c]));
         }
-        let chart = figures::line_chart(&series, (0.0, xmax), Some(report.dataset.chance));
-        figures::save(&chart, &dir.join("figures/accuracy_vs_eps.png"))?;
-        files.push("figures/accuracy_vs_eps.png".into());
-        let named: Vec<figures::NamedSeries> = std::iter::once("clean".to_string())
-            .chain(sweeps.iter().map(|s| s.0.clone()))
-            .zip(&series)
-            .map(|(name, (color, points))| figures::NamedSeries {
-                name,
-                color: *color,
-                points: points.clone(),
-            })
-            .collect();
-        figures::line_chart_svg(
-            &dir.join("figures/accuracy_vs_eps.svg"),
+        files.extend(figures::save_line_charts(
+            dir,
+            "accuracy_vs_eps",
             figures::ChartText {
                 title: &format!(
                     "{}: victim peak test accuracy against eps",
@@ -1142,11 +1136,10 @@ fn write_report(
                 x_desc: "eps (x/255)",
                 y_desc: "peak test accuracy",
             },
-            &named,
+            &series,
             (0.0, xmax),
             Some(report.dataset.chance),
-        )?;
-        files.push("figures/accuracy_vs_eps.svg".into());
+        )?);
         sweep_caption = format!(
             "x: epsilon in 1/255 units (0 to {xmax:.0}); y: victim peak test accuracy (0 to 1, \
              grid every 0.1); dashed: chance. {}.",
@@ -1157,9 +1150,8 @@ fn write_report(
     // Test accuracy per epoch, first architecture and seed.
     let first_arch = report.config.victims[0].label();
     let first_seed = report.config.seeds[0];
-    let mut series: Vec<figures::Series> = Vec::new();
+    let mut series = Vec::new();
     let mut curve_names = Vec::new();
-    let mut named = Vec::new();
     let mut epochs = 1.0;
     for (k, (name, _)) in releases.iter().enumerate() {
         if let Some(v) = report.victims.iter().find(|v| {
@@ -1170,30 +1162,23 @@ fn write_report(
         }) {
             let c = k % figures::PALETTE.len();
             epochs = v.run.curve.len() as f64;
-            series.push((
-                figures::PALETTE[c],
-                v.run
+            series.push(figures::NamedSeries {
+                name: name.clone(),
+                color: figures::PALETTE[c],
+                points: v
+                    .run
                     .curve
                     .iter()
                     .enumerate()
                     .map(|(e, a)| ((e + 1) as f64, *a))
                     .collect(),
-            ));
+            });
             curve_names.push(format!("{}: {name}", figures::PALETTE_NAMES[c]));
-            if let Some((color, points)) = series.last() {
-                named.push(figures::NamedSeries {
-                    name: name.clone(),
-                    color: *color,
-                    points: points.clone(),
-                });
-            }
         }
     }
-    let chart = figures::line_chart(&series, (1.0, epochs.max(2.0)), Some(report.dataset.chance));
-    figures::save(&chart, &dir.join("figures/test_accuracy_curves.png"))?;
-    files.push("figures/test_accuracy_curves.png".into());
-    figures::line_chart_svg(
-        &dir.join("figures/test_accuracy_curves.svg"),
+    files.extend(figures::save_line_charts(
+        dir,
+        "test_accuracy_curves",
         figures::ChartText {
             title: &format!(
                 "{}: test accuracy per epoch ({first_arch}, seed {first_seed})",
@@ -1202,11 +1187,10 @@ fn write_report(
             x_desc: "epoch",
             y_desc: "test accuracy (clean test split)",
         },
-        &named,
+        &series,
         (1.0, epochs.max(2.0)),
         Some(report.dataset.chance),
-    )?;
-    files.push("figures/test_accuracy_curves.svg".into());
+    )?);
 
     files.push("report.json".into());
     files.push("report.md".into());

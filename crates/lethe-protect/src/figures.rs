@@ -96,14 +96,12 @@ pub fn examples_grid(
     Ok(out)
 }
 
-/// One line of a [`line_chart`]: its colour and its `(x, y)` points.
-pub type Series = (Rgb<u8>, Vec<(f64, f64)>);
-
 /// A tile renderer of [`examples_grid`]: colour at `(y, x)`.
 type Tile<'a> = Box<dyn Fn(usize, usize) -> Rgb<u8> + 'a>;
 
-/// A chart of `series` (colour, points `(x, y)` with `y` in `[0, 1]`).
-pub fn line_chart(series: &[Series], x_range: (f64, f64), chance: Option<f64>) -> RgbImage {
+/// A chart of `series` (colour, points `(x, y)` with `y` in `[0, 1]`;
+/// names are for [`line_chart_svg`]'s legend, this chart has no text).
+pub fn line_chart(series: &[NamedSeries], x_range: (f64, f64), chance: Option<f64>) -> RgbImage {
     let (w, h) = (560u32, 360u32);
     let (l, r, t, b) = (30i64, 15i64, 15i64, 30i64);
     let mut img = RgbImage::from_pixel(w, h, WHITE);
@@ -149,7 +147,10 @@ pub fn line_chart(series: &[Series], x_range: (f64, f64), chance: Option<f64>) -
             true,
         );
     }
-    for (color, pts) in series {
+    for NamedSeries {
+        color, points: pts, ..
+    } in series
+    {
         for win in pts.windows(2) {
             line(
                 &mut img,
@@ -237,7 +238,24 @@ pub const PALETTE_NAMES: [&str; 6] = ["blue", "red", "green", "orange", "purple"
 #[cfg(test)]
 mod tests;
 
-/// One named line of a [`line_chart_svg`].
+/// Writes the chart of `series` twice under `dir/figures/`: `STEM.png`
+/// ([`line_chart`], no text) and `STEM.svg` ([`line_chart_svg`], with
+/// `text` and a legend). Returns the two paths relative to `dir`.
+pub fn save_line_charts(
+    dir: &Path,
+    stem: &str,
+    text: ChartText<'_>,
+    series: &[NamedSeries],
+    x_range: (f64, f64),
+    chance: Option<f64>,
+) -> Result<[String; 2]> {
+    let (png, svg) = (format!("figures/{stem}.png"), format!("figures/{stem}.svg"));
+    save(&line_chart(series, x_range, chance), &dir.join(&png))?;
+    line_chart_svg(&dir.join(&svg), text, series, x_range, chance)?;
+    Ok([png, svg])
+}
+
+/// One named line of a [`line_chart`] or [`line_chart_svg`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct NamedSeries {
     /// Legend text.
