@@ -163,7 +163,7 @@ fn load_folder(root: &Path) -> Result<Dataset> {
                 // .git) are never data; say so for what looks like an image.
                 if entry.file_type().is_dir() {
                     walk.skip_current_dir();
-                } else if looks_like_image(entry.path()) {
+                } else if kind_by_name(entry.path()).is_some() {
                     tracing::warn!(path = %entry.path().display(), "skipping a hidden file");
                 }
                 continue;
@@ -223,13 +223,14 @@ fn files_of(files: &[(u32, PathBuf, FileKind)]) -> Vec<(u32, PathBuf)> {
     files.iter().map(|(l, p, _)| (*l, p.clone())).collect()
 }
 
-/// An image file by its extension (for warnings about skipped files).
-fn looks_like_image(path: &Path) -> bool {
-    let ext = path
-        .extension()
-        .map(|e| e.to_string_lossy().to_ascii_lowercase())
-        .unwrap_or_default();
-    matches!(ext.as_str(), "png" | "dcm" | "dicom")
+/// What a file's name says it holds (`.png`, `.dcm`, `.dicom`, any case).
+fn kind_by_name(path: &Path) -> Option<FileKind> {
+    let ext = path.extension()?.to_string_lossy().to_ascii_lowercase();
+    match ext.as_str() {
+        "png" => Some(FileKind::Png),
+        "dcm" | "dicom" => Some(FileKind::Dicom),
+        _ => None,
+    }
 }
 
 /// PNG by signature, DICOM by the `DICM` preamble (extension-less DICOM
@@ -249,10 +250,6 @@ fn detect_kind(path: &Path) -> Result<Option<FileKind>> {
         }
         n += k;
     }
-    let ext = path
-        .extension()
-        .map(|e| e.to_string_lossy().to_ascii_lowercase())
-        .unwrap_or_default();
     if n >= 8 && head[..8] == *b"\x89PNG\r\n\x1a\n" {
         return Ok(Some(FileKind::Png));
     }
@@ -260,10 +257,10 @@ fn detect_kind(path: &Path) -> Result<Option<FileKind>> {
         return Ok(Some(FileKind::Dicom));
     }
     // A file named like an image that is not one is corrupt, not ignorable.
-    match ext.as_str() {
-        "png" => Err(Error::decode(path, "not a PNG file (bad signature)")),
-        "dcm" | "dicom" => Err(Error::decode(path, "not a DICOM file (no DICM preamble)")),
-        _ => Ok(None),
+    match kind_by_name(path) {
+        Some(FileKind::Png) => Err(Error::decode(path, "not a PNG file (bad signature)")),
+        Some(FileKind::Dicom) => Err(Error::decode(path, "not a DICOM file (no DICM preamble)")),
+        None => Ok(None),
     }
 }
 

@@ -26,9 +26,9 @@ pub(crate) struct Decoded {
     pub alpha: Option<Vec<u16>>,
 }
 
-/// How the release of a PNG file will differ from it besides its pixel
-/// values (the release is written from decoded pixels): read from the
-/// file's header and chunk list, for a warning.
+/// How a PNG file's decoded form, and so its release (written from the
+/// decoded pixels), differs from the file besides its pixel values: read
+/// from the file's header and chunk list, for a warning at load time.
 pub(crate) fn storage_changes(bytes: &[u8]) -> Vec<&'static str> {
     let mut out = Vec::new();
     if bytes.len() < 33 || &bytes[12..16] != b"IHDR" {
