@@ -1024,6 +1024,14 @@ mod tests {
         }
     }
 
+    /// `argv` parsed as the `audit` subcommand.
+    fn audit_args(argv: &[&str]) -> AuditArgs {
+        match parse(argv).command {
+            Some(ProtectCommand::Audit(audit)) => *audit,
+            _ => panic!("audit was not parsed as the subcommand"),
+        }
+    }
+
     #[test]
     fn eps_accepts_fractions_and_refuses_nonsense() {
         assert!((parse_fraction("8/255").unwrap_or(0.0) - 8.0 / 255.0).abs() < 1e-12);
@@ -1140,7 +1148,7 @@ mod tests {
 
     #[test]
     fn audit_is_a_subcommand_and_bad_rho_is_refused() {
-        let a = parse(&[
+        let audit = audit_args(&[
             "audit",
             "--builtin",
             "digits",
@@ -1148,9 +1156,6 @@ mod tests {
             "--rho",
             "0.25",
         ]);
-        let Some(ProtectCommand::Audit(audit)) = a.command else {
-            panic!("audit was not parsed as the subcommand");
-        };
         let (cfg, _) = default_audit(&audit).expect("a default audit");
         assert_eq!(cfg.methods.len(), 2);
         assert!(matches!(
@@ -1240,14 +1245,10 @@ mod tests {
 
     #[test]
     fn releases_are_audited_without_crafting_under_unique_names() {
-        let audit_of = |argv: &[&str]| match parse(argv).command {
-            Some(ProtectCommand::Audit(audit)) => audit,
-            _ => panic!("audit was not parsed as the subcommand"),
-        };
-        let digits = audit_of(&["audit", "--builtin", "digits", "--release", "out/rel"]);
+        let digits = audit_args(&["audit", "--builtin", "digits", "--release", "out/rel"]);
         let (cfg, _) = default_audit(&digits).expect("a default audit");
         assert!(cfg.methods.is_empty());
-        let audit = audit_of(&[
+        let audit = audit_args(&[
             "audit",
             "-i",
             "data/x.npy",
@@ -1298,7 +1299,7 @@ mod tests {
         let folder = dir.path().join("png-rel");
         std::fs::create_dir_all(folder.join("a")).unwrap();
         let s = |p: &Path| p.to_str().unwrap().to_string();
-        let audit = match parse(&[
+        let audit = audit_args(&[
             "audit",
             "-i",
             "data/x.npy",
@@ -1310,16 +1311,8 @@ mod tests {
             &s(&npy),
             "--release",
             &s(&folder),
-        ])
-        .command
-        {
-            Some(ProtectCommand::Audit(audit)) => audit,
-            _ => panic!("audit was not parsed as the subcommand"),
-        };
-        let digits = match parse(&["audit", "--builtin", "digits", "--release", "r"]).command {
-            Some(ProtectCommand::Audit(audit)) => audit,
-            _ => panic!("audit was not parsed as the subcommand"),
-        };
+        ]);
+        let digits = audit_args(&["audit", "--builtin", "digits", "--release", "r"]);
         let (cfg, _) = default_audit(&digits).expect("a default audit");
         let runs = release_runs(&audit.releases, &audit.data, &cfg);
         let names: Vec<&str> = runs.iter().map(|r| r.name.as_str()).collect();

@@ -192,18 +192,12 @@ fn estimate_reads_the_source() {
 /// Protects `source` into `out/name` with [`params`] and returns the
 /// release's source description.
 fn release_of(source: &DataSource, out: &Path, name: &str) -> DataSource {
-    let cfg = ProtectConfig {
-        source: source.clone(),
-        output: out.join(name),
-        params: params(),
-        checkpoint_dir: None,
-        resume: false,
-        overwrite: false,
-        progress: false,
-        noise_file: None,
-        reuse_noise: None,
-    };
-    protect(&cfg).unwrap();
+    protect(&ProtectConfig::new(
+        source.clone(),
+        out.join(name),
+        params(),
+    ))
+    .unwrap();
     DataSource::Folder {
         path: out.join(name),
     }
@@ -932,9 +926,8 @@ fn a_release_whose_files_left_its_manifest_is_not_audited() {
     };
     let clean = formats::load(&source).unwrap();
     let out = tempfile::tempdir().unwrap();
+    let released = release_of(&source, out.path(), "rel");
     let rel = out.path().join("rel");
-    protect(&folder_config(src.path(), rel.clone(), params())).unwrap();
-    let released = DataSource::Folder { path: rel.clone() };
     assert!(read_release(&released, &clean).is_ok());
     let pristine = std::fs::read(rel.join(MANIFEST_FILE)).unwrap();
 
