@@ -348,10 +348,11 @@ impl AuditConfig {
                 self.seeds
             )));
         }
-        if !known(&self.headline.salm) || self.headline.em.as_deref().is_some_and(|e| !known(e)) {
+        let headline = std::iter::once(&self.headline.salm).chain(&self.headline.em);
+        if let Some(bad) = headline.into_iter().find(|n| !known(n)) {
             return Err(Error::Config(format!(
-                "headline names {:?} must be method or release names",
-                self.headline
+                "headline name `{bad}` is not a method or release name (known: {})",
+                names.join(", ")
             )));
         }
         if let Some(r) = &self.robustness {
@@ -1113,17 +1114,19 @@ fn write_report(
         let mut series = vec![figures::NamedSeries {
             name: "clean".into(),
             color: image::Rgb([0, 0, 0]),
+            marker: figures::Marker::Circle,
             points: vec![(0.0, clean), (xmax, clean)],
         }];
-        let mut names = vec!["black: clean".to_string()];
+        let mut names = vec!["black circles: clean".to_string()];
         for (k, (name, pts)) in sweeps.iter().enumerate() {
-            let c = k % figures::PALETTE.len();
+            let (color, colour_name, marker) = figures::series_style(k);
             series.push(figures::NamedSeries {
                 name: name.clone(),
-                color: figures::PALETTE[c],
+                color,
+                marker,
                 points: pts.clone(),
             });
-            names.push(format!("{}: {name}", figures::PALETTE_NAMES[c]));
+            names.push(format!("{colour_name} {}: {name}", marker.plural()));
         }
         files.extend(figures::save_line_charts(
             dir,
@@ -1160,11 +1163,12 @@ fn write_report(
                 && v.run.seed == first_seed
                 && v.run.defence == "none"
         }) {
-            let c = k % figures::PALETTE.len();
+            let (color, colour_name, marker) = figures::series_style(k);
             epochs = v.run.curve.len() as f64;
             series.push(figures::NamedSeries {
                 name: name.clone(),
-                color: figures::PALETTE[c],
+                color,
+                marker,
                 points: v
                     .run
                     .curve
@@ -1173,7 +1177,7 @@ fn write_report(
                     .map(|(e, a)| ((e + 1) as f64, *a))
                     .collect(),
             });
-            curve_names.push(format!("{}: {name}", figures::PALETTE_NAMES[c]));
+            curve_names.push(format!("{colour_name} {}: {name}", marker.plural()));
         }
     }
     files.extend(figures::save_line_charts(

@@ -13,7 +13,8 @@
 //! * [`line_chart_svg`]: the same chart as SVG drawn with `plotters`, with
 //!   a title, axis values and labels and a legend (text is rendered by the
 //!   viewer, so no font is needed where the audit runs); series that
-//!   coincide stay told apart by their markers.
+//!   coincide stay told apart by their markers ([`series_style`]), which
+//!   the legend shows too.
 
 use std::path::Path;
 
@@ -223,17 +224,62 @@ pub fn save(img: &RgbImage, path: &Path) -> Result<()> {
 }
 
 /// Distinct colours for chart series.
-pub const PALETTE: [Rgb<u8>; 6] = [
+pub const PALETTE: [Rgb<u8>; 9] = [
     Rgb([31, 119, 180]),
     Rgb([214, 39, 40]),
     Rgb([44, 160, 44]),
     Rgb([255, 127, 14]),
     Rgb([148, 103, 189]),
     Rgb([23, 190, 207]),
+    Rgb([140, 86, 75]),
+    Rgb([227, 119, 194]),
+    Rgb([188, 189, 34]),
 ];
 
 /// Names of [`PALETTE`] for captions.
-pub const PALETTE_NAMES: [&str; 6] = ["blue", "red", "green", "orange", "purple", "cyan"];
+pub const PALETTE_NAMES: [&str; 9] = [
+    "blue", "red", "green", "orange", "purple", "cyan", "brown", "pink", "olive",
+];
+
+/// The marker drawn on a series' points (and beside its legend entry) in
+/// [`line_chart_svg`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Marker {
+    /// A filled circle.
+    Circle,
+    /// An open triangle.
+    Triangle,
+    /// A cross.
+    Cross,
+}
+
+impl Marker {
+    /// The marker's name in the plural, for captions ("blue circles").
+    pub fn plural(self) -> &'static str {
+        match self {
+            Marker::Circle => "circles",
+            Marker::Triangle => "triangles",
+            Marker::Cross => "crosses",
+        }
+    }
+}
+
+/// The look of the `k`-th series of a chart: a colour (with its caption
+/// name) and a marker. Neighbouring series differ in both, and colour and
+/// marker together repeat only after 27 series, so a caption or legend
+/// never names two series alike.
+pub fn series_style(k: usize) -> (Rgb<u8>, &'static str, Marker) {
+    let c = k % PALETTE.len();
+    // Each pass through the palette shifts the markers by one: with a
+    // palette of a multiple of 3 colours, neighbours (across a pass too)
+    // differ in marker, and a colour meets each marker once in 3 passes.
+    let marker = match (c + k / PALETTE.len()) % 3 {
+        0 => Marker::Circle,
+        1 => Marker::Triangle,
+        _ => Marker::Cross,
+    };
+    (PALETTE[c], PALETTE_NAMES[c], marker)
+}
 
 #[cfg(test)]
 mod tests;
@@ -262,6 +308,8 @@ pub struct NamedSeries {
     pub name: String,
     /// Line colour.
     pub color: Rgb<u8>,
+    /// Marker on the points and in the legend (SVG only).
+    pub marker: Marker,
     /// `(x, y)` points, `y` in `[0, 1]`.
     pub points: Vec<(f64, f64)>,
 }
@@ -298,9 +346,12 @@ pub fn line_chart_svg(
     } else {
         (x_range.0, x_range.0 + 1.0)
     };
-    let root = SVGBackend::new(path, (760, 460)).into_drawing_area();
+    // The legend sits right of the plot, where it hides no line (inside,
+    // any corner covers some runs' curves).
+    let root = SVGBackend::new(path, (990, 460)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
-    let mut chart = ChartBuilder::on(&root)
+    let (plot, legend) = root.split_horizontally(760);
+    let mut chart = ChartBuilder::on(&plot)
         .caption(text.title, ("sans-serif", 18))
         .margin(12)
         .x_label_area_size(40)
@@ -324,49 +375,68 @@ pub fn line_chart_svg(
         .y_labels(11)
         .draw()
         .map_err(|e| err(&e))?;
+    // Legend rows: a line sample with the series' marker, then its name.
+    let row = |k: usize| (6, 40 + 18 * k as i32);
+    let font = ("sans-serif", 13).into_font();
+    let mut rows = 0;
     if let Some(c) = chance {
         let style = RGBColor(110, 110, 110).stroke_width(1);
         chart
             .draw_series(DashedLineSeries::new(vec![(x0, c), (x1, c)], 6, 4, style))
-            .map_err(|e| err(&e))?
-            .label(format!("chance ({:.1}%)", 100.0 * c))
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
+            .map_err(|e| err(&e))?;
+        let (x, y) = row(rows);
+        for dash in [x, x + 8, x + 16] {
+            legend
+                .draw(&PathElement::new(vec![(dash, y), (dash + 5, y)], style))
+                .map_err(|e| err(&e))?;
+        }
+        legend
+            .draw(&Text::new(
+                format!("chance ({:.1}%)", 100.0 * c),
+                (x + 30, y - 7),
+                font.clone(),
+            ))
+            .map_err(|e| err(&e))?;
+        rows += 1;
     }
-    for (k, s) in series.iter().enumerate() {
+    for s in series {
         let color = RGBColor(s.color.0[0], s.color.0[1], s.color.0[2]);
         chart
             .draw_series(LineSeries::new(
                 s.points.iter().copied(),
                 color.stroke_width(2),
             ))
-            .map_err(|e| err(&e))?
-            .label(s.name.clone())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
-            });
-        // Markers differ by series, and differ again where the caller's
-        // palette repeats its colours: coinciding lines stay visible and
-        // no two of the first 18 series look alike.
+            .map_err(|e| err(&e))?;
+        let (x, y) = row(rows);
+        rows += 1;
+        legend
+            .draw(&PathElement::new(
+                vec![(x, y), (x + 22, y)],
+                color.stroke_width(2),
+            ))
+            .map_err(|e| err(&e))?;
+        legend
+            .draw(&Text::new(s.name.clone(), (x + 30, y - 7), font.clone()))
+            .map_err(|e| err(&e))?;
+        // The marker on every point and on the legend's line sample, so
+        // that series sharing a colour stay told apart in both places.
         let points = s.points.iter().copied();
-        match (k + k / PALETTE.len()) % 3 {
-            0 => chart
+        let (style, at) = (color.stroke_width(2), (x + 11, y));
+        match s.marker {
+            Marker::Circle => chart
                 .draw_series(points.map(|p| Circle::new(p, 4, color.filled())))
-                .map(|_| ()),
-            1 => chart
-                .draw_series(points.map(|p| TriangleMarker::new(p, 6, color.stroke_width(2))))
-                .map(|_| ()),
-            _ => chart
-                .draw_series(points.map(|p| Cross::new(p, 5, color.stroke_width(2))))
-                .map(|_| ()),
+                .map(|_| ())
+                .and_then(|()| legend.draw(&Circle::new(at, 4, color.filled()))),
+            Marker::Triangle => chart
+                .draw_series(points.map(|p| TriangleMarker::new(p, 6, style)))
+                .map(|_| ())
+                .and_then(|()| legend.draw(&TriangleMarker::new(at, 6, style))),
+            Marker::Cross => chart
+                .draw_series(points.map(|p| Cross::new(p, 5, style)))
+                .map(|_| ())
+                .and_then(|()| legend.draw(&Cross::new(at, 5, style))),
         }
         .map_err(|e| err(&e))?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| err(&e))?;
     root.present().map_err(|e| err(&e))
 }

@@ -217,6 +217,11 @@ fn audit_writes_report_tables_summary_and_figures() {
         assert!(svg.contains(text), "{text} missing from the SVG");
     }
     assert!(md.contains("figures/test_accuracy_curves.svg"), "{md}");
+    // The caption names each series by colour and marker, as drawn.
+    assert!(
+        md.contains("blue circles: clean; red triangles: salm"),
+        "{md}"
+    );
     assert!(report
         .files
         .iter()
@@ -249,6 +254,12 @@ fn inconsistent_audit_configs_are_refused() {
     let mut blank = config(None);
     blank.methods[1].name = " ".into();
     blank.headline.em = None;
+    let mut headline_em = config(None);
+    headline_em.headline.em = Some("missing-em".into());
+    match audit(&headline_em) {
+        Err(Error::Config(m)) => assert!(m.contains("`missing-em`"), "{m}"),
+        other => panic!("an unknown headline em was accepted: {:?}", other.err()),
+    }
     let mut pipe = config(None);
     pipe.methods[1].name = "a|b".into();
     pipe.headline.em = None;

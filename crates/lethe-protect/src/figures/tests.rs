@@ -33,3 +33,53 @@ fn a_full_budget_heat_map_stands_out_from_the_canvas() {
     }
     assert!(examples_grid(&[], shape, eps).is_err());
 }
+
+#[test]
+fn series_styles_never_repeat_within_27_series() {
+    let styles: Vec<_> = (0..27)
+        .map(|k| {
+            let (color, name, marker) = series_style(k);
+            (color, name, marker)
+        })
+        .collect();
+    for (i, a) in styles.iter().enumerate() {
+        for b in &styles[i + 1..] {
+            assert!(
+                (a.1, a.2) != (b.1, b.2),
+                "two series captioned alike: {} {}",
+                a.1,
+                a.2.plural()
+            );
+        }
+    }
+    for w in styles.windows(2) {
+        assert!(
+            w[0].0 != w[1].0 && w[0].2 != w[1].2,
+            "neighbours look alike"
+        );
+    }
+}
+
+#[test]
+fn the_svg_legend_shows_each_series_marker() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("chart.svg");
+    let pts = vec![(1.0, 0.2), (2.0, 0.5), (3.0, 0.9)];
+    // Same colour, different markers: only the markers tell them apart.
+    let series = [Marker::Circle, Marker::Cross].map(|marker| NamedSeries {
+        name: format!("run-{}", marker.plural()),
+        color: PALETTE[0],
+        marker,
+        points: pts.clone(),
+    });
+    let text = ChartText {
+        title: "t",
+        x_desc: "x",
+        y_desc: "y",
+    };
+    line_chart_svg(&path, text, &series, (1.0, 3.0), None).unwrap();
+    let svg = std::fs::read_to_string(&path).unwrap();
+    // Three point markers and one legend marker for the circle series.
+    assert_eq!(svg.matches("<circle").count(), pts.len() + 1, "{svg}");
+    assert!(svg.contains("run-circles") && svg.contains("run-crosses"));
+}
