@@ -66,8 +66,9 @@ pub struct ProtectArgs {
     no_noise_file: bool,
     /// Protect with a class-wise run's noise file instead of crafting: new
     /// images of the same classes (matched by name) and shape get exactly
-    /// the released noise; the method flags are ignored.
-    #[arg(long, conflicts_with_all = ["resume", "dry_run", "noise_file"])]
+    /// the released noise. The noise file holds its method and budget, so
+    /// the method flags are refused beside it.
+    #[arg(long, conflicts_with_all = REUSE_CONFLICTS)]
     reuse_noise: Option<PathBuf>,
     /// Write into a non-empty output folder, start over a run saved in the
     /// checkpoint folder, and replace an existing noise file.
@@ -103,12 +104,102 @@ struct VerifyArgs {
     json: bool,
 }
 
+/// The flags that only shape crafting (`MethodArgs` less `--device`, which
+/// victims use too): meaningless beside `audit --release`.
+const CRAFTING_FLAGS: [&str; 15] = [
+    "method",
+    "eps",
+    "rho",
+    "classwise",
+    "targeted",
+    "mask",
+    "refresh",
+    "steps",
+    "min_rounds",
+    "max_rounds",
+    "target_acc",
+    "loss_below",
+    "surrogate",
+    "seed",
+    "params",
+];
+
+/// What `--params` fixes itself: every other `MethodArgs` flag.
+const PARAMS_SETS: [&str; 15] = [
+    "method",
+    "eps",
+    "rho",
+    "classwise",
+    "targeted",
+    "mask",
+    "refresh",
+    "steps",
+    "min_rounds",
+    "max_rounds",
+    "target_acc",
+    "loss_below",
+    "surrogate",
+    "seed",
+    "device",
+];
+
+/// What `--reuse-noise` excludes: crafting (resume, dry run, a new noise
+/// file) and every method flag (the noise file holds them).
+const REUSE_CONFLICTS: [&str; 19] = [
+    "resume",
+    "dry_run",
+    "noise_file",
+    "method",
+    "eps",
+    "rho",
+    "classwise",
+    "targeted",
+    "mask",
+    "refresh",
+    "steps",
+    "min_rounds",
+    "max_rounds",
+    "target_acc",
+    "loss_below",
+    "surrogate",
+    "seed",
+    "device",
+    "params",
+];
+
+/// What `audit --spec` fixes itself: the crafting flags, `--device` and the
+/// victim and split flags.
+const SPEC_SETS: [&str; 20] = [
+    "method",
+    "eps",
+    "rho",
+    "classwise",
+    "targeted",
+    "mask",
+    "refresh",
+    "steps",
+    "min_rounds",
+    "max_rounds",
+    "target_acc",
+    "loss_below",
+    "surrogate",
+    "seed",
+    "params",
+    "device",
+    "epochs",
+    "seeds",
+    "no_robustness",
+    "test_fraction",
+];
+
 #[derive(Args, Debug)]
 struct AuditArgs {
     /// An audit specification (JSON `AuditConfig`, e.g.
     /// evals/protect/lesions.json); without it the audit is built from the
-    /// data and method flags (SALM and EM at the same eps).
-    #[arg(long)]
+    /// data and method flags (SALM and EM at the same eps). The spec says
+    /// everything the method and victim flags would: they are refused
+    /// beside it.
+    #[arg(long, conflicts_with_all = SPEC_SETS)]
     spec: Option<PathBuf>,
     /// What to audit (ignored with --spec); with --release, the clean data
     /// the release was made from.
@@ -118,22 +209,23 @@ struct AuditArgs {
     /// array file in it), audited as it is instead of crafting SALM and EM:
     /// checked against the clean data (manifest, file hashes, eps), victims
     /// train on its training-split images and are tested on the clean
-    /// held-out ones. Repeatable; with --spec, added to the spec's.
-    #[arg(long = "release")]
+    /// held-out ones. Repeatable; with --spec, added to the spec's. Nothing
+    /// is crafted, so the crafting flags are refused beside it.
+    #[arg(long = "release", conflicts_with_all = CRAFTING_FLAGS)]
     releases: Vec<PathBuf>,
-    /// SALM's budget (ignored with --spec).
+    /// SALM's budget.
     #[command(flatten)]
     method: MethodArgs,
     /// Where report.json, report.md and figures/ go.
     #[arg(long, default_value = "evals/results/protect/audit")]
     out: PathBuf,
-    /// Victim training epochs (ignored with --spec).
+    /// Victim training epochs.
     #[arg(long, default_value_t = 20)]
     epochs: usize,
-    /// Victim seeds (ignored with --spec).
+    /// Victim seeds.
     #[arg(long, value_delimiter = ',', default_value = "0,1")]
     seeds: Vec<u64>,
-    /// Skip the robustness suite (ignored with --spec).
+    /// Skip the robustness suite.
     #[arg(long)]
     no_robustness: bool,
     /// Fraction of the data held out (clean) for testing.
@@ -234,8 +326,9 @@ struct MethodArgs {
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Full parameters (`ProtectParams`): a JSON file, or the JSON itself
-    /// (`{...}`); other method flags are then ignored.
-    #[arg(long)]
+    /// (`{...}`). They hold every method setting (seed and device too), so
+    /// the other method flags are refused beside them.
+    #[arg(long, conflicts_with_all = PARAMS_SETS)]
     params: Option<String>,
 }
 
@@ -845,6 +938,16 @@ fn release_runs(paths: &[PathBuf], data: &DataArgs, cfg: &AuditConfig) -> Vec<Re
 /// returns the dataset when sizing the models meant reading it, for the
 /// audit to use instead of reading it again.
 fn default_audit(a: &AuditArgs) -> anyhow::Result<(AuditConfig, Option<Dataset>)> {
+    // The default audit crafts SALM and EM from the budget flags; a method
+    // of the caller's own choosing is an audit spec's job.
+    anyhow::ensure!(
+        a.method.params.is_none(),
+        "audit crafts SALM and EM from the budget flags (--eps, --rho, ...) and does not take          --params: to audit other parameters, list them in an audit spec (--spec FILE, the          JSON of evals/protect/lesions.json), or protect with them and audit the release          (--release DIR)"
+    );
+    anyhow::ensure!(
+        a.method.method == MethodArg::Salm,
+        "audit crafts SALM and EM both, so --method does not apply: to audit another method,          protect with it and audit the release (--release DIR), or write an audit spec (--spec)"
+    );
     let source = a.data.source()?;
     let (side, loaded) = side_of(&source)?;
     let salm = MethodArgs {
@@ -1146,6 +1249,69 @@ mod tests {
         assert!(e.contains("--targeted"), "{e}");
     }
 
+    /// `argv`'s parse error, or a panic when it parses.
+    fn refused(argv: &[&str]) -> String {
+        let mut full = vec!["lethe-protect"];
+        full.extend_from_slice(argv);
+        match Cli::try_parse_from(full) {
+            Ok(_) => panic!("{argv:?} parsed"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn flags_that_would_be_ignored_are_refused() {
+        // Nothing is crafted for a written release.
+        let e = refused(&[
+            "audit",
+            "--builtin",
+            "digits",
+            "--release",
+            "r",
+            "--eps",
+            "4/255",
+        ]);
+        assert!(e.contains("--eps") && e.contains("--release"), "{e}");
+        refused(&[
+            "audit",
+            "--builtin",
+            "lesions",
+            "--release",
+            "r",
+            "--method",
+            "em",
+        ]);
+        // A spec fixes the method, victims and split.
+        for flag in [["--epochs", "3"], ["--rho", "0.2"], ["--device", "cuda"]] {
+            let e = refused(&["audit", "--spec", "s.json", flag[0], flag[1]]);
+            assert!(e.contains(flag[0]), "{e}");
+        }
+        refused(&["audit", "--spec", "s.json", "--no-robustness"]);
+        // Full parameters fix every method flag, seed included.
+        let e = refused(&["-o", "o", "--params", "{}", "--seed", "3"]);
+        assert!(e.contains("--params") && e.contains("--seed"), "{e}");
+        refused(&["-o", "o", "--params", "p.json", "--classwise"]);
+        // Still fine: the release with victim flags, a spec with a release.
+        let ok = audit_args(&[
+            "audit",
+            "--builtin",
+            "digits",
+            "--release",
+            "r",
+            "--epochs",
+            "3",
+        ]);
+        assert_eq!(ok.epochs, 3);
+        audit_args(&["audit", "--spec", "s.json", "--release", "r"]);
+        // The default audit crafts SALM and EM itself.
+        let p = audit_args(&["audit", "--builtin", "digits", "--params", "{}"]);
+        let e = format!("{:#}", default_audit(&p).unwrap_err());
+        assert!(e.contains("--params") && e.contains("--spec"), "{e}");
+        let m = audit_args(&["audit", "--builtin", "digits", "--method", "code"]);
+        let e = format!("{:#}", default_audit(&m).unwrap_err());
+        assert!(e.contains("--method"), "{e}");
+    }
+
     #[test]
     fn audit_is_a_subcommand_and_bad_rho_is_refused() {
         let audit = audit_args(&[
@@ -1228,16 +1394,20 @@ mod tests {
         // Sample-wise runs have no class noise; asked not to; reusing one.
         assert_eq!(kept(&["-o", "out/rel"]), None);
         assert_eq!(kept(&["--method", "code", "--no-noise-file"]), None);
-        assert_eq!(
-            kept(&["--classwise", "--reuse-noise", "k.safetensors"]),
-            None
-        );
+        assert_eq!(kept(&["--reuse-noise", "k.safetensors"]), None);
         assert_eq!(
             kept(&["--classwise", "--noise-file", "keys/k.safetensors"]),
             Some(PathBuf::from("keys/k.safetensors"))
         );
-        // Reusing a noise crafts nothing: no resume, no dry run.
-        for extra in ["--resume", "--dry-run"] {
+        // Reusing a noise crafts nothing: no resume, no dry run, and the
+        // noise file's own method and budget.
+        for extra in [
+            "--resume",
+            "--dry-run",
+            "--classwise",
+            "--seed=2",
+            "--eps=4/255",
+        ] {
             let argv = ["lethe-protect", "--reuse-noise", "k.safetensors", extra];
             assert!(Cli::try_parse_from(argv).is_err(), "{extra}");
         }
