@@ -8,7 +8,7 @@
 //!   and sit on a mid-gray canvas so that neither a black tile nor an
 //!   all-white one (a noise at the full budget on every pixel) merges
 //!   into the background.
-//! * [`line_chart`]: lines with square markers on a `[x0, x1] x [0, 1]`
+//! * [`line_chart`]: lines with each series' marker on a `[x0, x1] x [0, 1]`
 //!   grid (horizontal grid lines every 0.1, dashed line at chance level).
 //! * [`line_chart_svg`]: the same chart as SVG drawn with `plotters`, with
 //!   a title, axis values and labels and a legend (text is rendered by the
@@ -149,7 +149,10 @@ pub fn line_chart(series: &[NamedSeries], x_range: (f64, f64), chance: Option<f6
         );
     }
     for NamedSeries {
-        color, points: pts, ..
+        color,
+        marker,
+        points: pts,
+        ..
     } in series
     {
         for win in pts.windows(2) {
@@ -164,9 +167,18 @@ pub fn line_chart(series: &[NamedSeries], x_range: (f64, f64), chance: Option<f6
         }
         for &(x, y) in pts {
             let (cx, cy) = (px(x), py(y));
-            for dy in -3..=3 {
-                for dx in -3..=3 {
-                    put(&mut img, cx + dx, cy + dy, *color);
+            for dy in -4i64..=4 {
+                for dx in -4i64..=4 {
+                    // The SVG's markers: a disc, a triangle (apex up), a
+                    // cross of two diagonals.
+                    let on = match marker {
+                        Marker::Circle => dx * dx + dy * dy <= 10,
+                        Marker::Triangle => dy >= -4 && 2 * dx.abs() <= dy + 4,
+                        Marker::Cross => (dx.abs() - dy.abs()).abs() <= 1,
+                    };
+                    if on {
+                        put(&mut img, cx + dx, cy + dy, *color);
+                    }
                 }
             }
         }

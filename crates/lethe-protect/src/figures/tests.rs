@@ -83,3 +83,35 @@ fn the_svg_legend_shows_each_series_marker() {
     assert_eq!(svg.matches("<circle").count(), pts.len() + 1, "{svg}");
     assert!(svg.contains("run-circles") && svg.contains("run-crosses"));
 }
+
+#[test]
+fn the_png_chart_draws_each_series_marker() {
+    let red = Rgb([200, 0, 0]);
+    let one = |marker| {
+        let s = NamedSeries {
+            name: String::new(),
+            color: red,
+            marker,
+            points: vec![(0.5, 0.5)],
+        };
+        line_chart(&[s], (0.0, 1.0), None)
+    };
+    let (circle, cross) = (one(Marker::Circle), one(Marker::Cross));
+    // Find the point's centre: the middle of the red pixels.
+    let reds: Vec<(u32, u32)> = circle
+        .enumerate_pixels()
+        .filter(|p| *p.2 == red)
+        .map(|p| (p.0, p.1))
+        .collect();
+    let n = reds.len() as u32;
+    let (cx, cy) = (
+        reds.iter().map(|p| p.0).sum::<u32>() / n,
+        reds.iter().map(|p| p.1).sum::<u32>() / n,
+    );
+    // Right of the centre: inside the disc, between the cross's arms; on a
+    // diagonal: both.
+    assert_eq!(*circle.get_pixel(cx + 3, cy), red);
+    assert_ne!(*cross.get_pixel(cx + 3, cy), red);
+    assert_eq!(*cross.get_pixel(cx + 3, cy + 3), red);
+    assert_eq!(*cross.get_pixel(cx, cy), red);
+}
