@@ -104,93 +104,41 @@ struct VerifyArgs {
     json: bool,
 }
 
-/// The flags that only shape crafting (`MethodArgs` less `--device`, which
-/// victims use too): meaningless beside `audit --release`.
-const CRAFTING_FLAGS: [&str; 15] = [
-    "method",
-    "eps",
-    "rho",
-    "classwise",
-    "targeted",
-    "mask",
-    "refresh",
-    "steps",
-    "min_rounds",
-    "max_rounds",
-    "target_acc",
-    "loss_below",
-    "surrogate",
-    "seed",
-    "params",
-];
+/// The ids of the `MethodArgs` flags that shape crafting (all but
+/// `--device` and `--params`), followed by `extra`: the lists of flags
+/// that an option holding its own settings refuses beside it.
+macro_rules! crafting_flags_and {
+    ($($extra:literal),*) => {
+        [
+            "method", "eps", "rho", "classwise", "targeted", "mask", "refresh", "steps",
+            "min_rounds", "max_rounds", "target_acc", "loss_below", "surrogate", "seed",
+            $($extra),*
+        ]
+    };
+}
+
+/// Meaningless beside `audit --release`: nothing is crafted (`--device`
+/// stays: the victims use it).
+const CRAFTING_FLAGS: [&str; 15] = crafting_flags_and!("params");
 
 /// What `--params` fixes itself: every other `MethodArgs` flag.
-const PARAMS_SETS: [&str; 15] = [
-    "method",
-    "eps",
-    "rho",
-    "classwise",
-    "targeted",
-    "mask",
-    "refresh",
-    "steps",
-    "min_rounds",
-    "max_rounds",
-    "target_acc",
-    "loss_below",
-    "surrogate",
-    "seed",
-    "device",
-];
+const PARAMS_SETS: [&str; 15] = crafting_flags_and!("device");
 
-/// What `--reuse-noise` excludes: crafting (resume, dry run, a new noise
-/// file) and every method flag (the noise file holds them).
-const REUSE_CONFLICTS: [&str; 19] = [
-    "resume",
-    "dry_run",
-    "noise_file",
-    "method",
-    "eps",
-    "rho",
-    "classwise",
-    "targeted",
-    "mask",
-    "refresh",
-    "steps",
-    "min_rounds",
-    "max_rounds",
-    "target_acc",
-    "loss_below",
-    "surrogate",
-    "seed",
+/// What `--reuse-noise` excludes: every method flag (the noise file holds
+/// them) and crafting itself (resume, dry run, a new noise file).
+const REUSE_CONFLICTS: [&str; 19] =
+    crafting_flags_and!("device", "params", "resume", "dry_run", "noise_file");
+
+/// What `audit --spec` fixes itself: the method flags and the victim and
+/// split flags.
+const SPEC_SETS: [&str; 20] = crafting_flags_and!(
     "device",
     "params",
-];
-
-/// What `audit --spec` fixes itself: the crafting flags, `--device` and the
-/// victim and split flags.
-const SPEC_SETS: [&str; 20] = [
-    "method",
-    "eps",
-    "rho",
-    "classwise",
-    "targeted",
-    "mask",
-    "refresh",
-    "steps",
-    "min_rounds",
-    "max_rounds",
-    "target_acc",
-    "loss_below",
-    "surrogate",
-    "seed",
-    "params",
-    "device",
     "epochs",
     "seeds",
     "no_robustness",
-    "test_fraction",
-];
+    "test_fraction"
+);
 
 #[derive(Args, Debug)]
 struct AuditArgs {
@@ -1257,6 +1205,27 @@ mod tests {
             Ok(_) => panic!("{argv:?} parsed"),
             Err(e) => e.to_string(),
         }
+    }
+
+    #[test]
+    fn the_refusal_lists_name_every_method_flag() {
+        use clap::Args as _;
+        let cmd = MethodArgs::augment_args(clap::Command::new("m"));
+        let ids: Vec<&str> = cmd.get_arguments().map(|a| a.get_id().as_str()).collect();
+        // A flag added to MethodArgs must join the lists (or be --device /
+        // --params, which they name by hand).
+        for id in &ids {
+            assert!(
+                CRAFTING_FLAGS.contains(id) || *id == "device",
+                "--{id} is missing from crafting_flags_and!"
+            );
+            assert!(PARAMS_SETS.contains(id) || *id == "params", "{id}");
+            assert!(
+                REUSE_CONFLICTS.contains(id) && SPEC_SETS.contains(id),
+                "{id}"
+            );
+        }
+        assert_eq!(ids.len(), 16);
     }
 
     #[test]
