@@ -348,8 +348,8 @@ impl AuditConfig {
                 self.seeds
             )));
         }
-        let headline = std::iter::once(&self.headline.salm).chain(&self.headline.em);
-        if let Some(bad) = headline.into_iter().find(|n| !known(n)) {
+        let mut headline = std::iter::once(&self.headline.salm).chain(&self.headline.em);
+        if let Some(bad) = headline.find(|n| !known(n)) {
             return Err(Error::Config(format!(
                 "headline name `{bad}` is not a method or release name (known: {})",
                 names.join(", ")
@@ -1041,6 +1041,15 @@ fn opt_db(x: Option<f64>) -> String {
     x.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into())
 }
 
+/// The caption's key to a chart: each series' colour, marker and name.
+fn captions(series: &[figures::NamedSeries]) -> String {
+    series
+        .iter()
+        .map(figures::NamedSeries::caption)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// Writes `report.json`, `report.md` and the figures; returns the files.
 fn write_report(
     report: &mut AuditReport,
@@ -1111,23 +1120,22 @@ fn write_report(
             .flat_map(|s| s.1.iter().map(|p| p.0))
             .fold(0.0, f64::max);
         let (clean, _) = peak_stats(&report.victims, "clean");
-        let mut series = vec![figures::NamedSeries {
+        let series: Vec<figures::NamedSeries> = std::iter::once(figures::NamedSeries {
             name: "clean".into(),
-            color: image::Rgb([0, 0, 0]),
-            marker: figures::Marker::Circle,
+            style: figures::Style::REFERENCE,
             points: vec![(0.0, clean), (xmax, clean)],
-        }];
-        let mut names = vec!["black circles: clean".to_string()];
-        for (k, (name, pts)) in sweeps.iter().enumerate() {
-            let (color, colour_name, marker) = figures::series_style(k);
-            series.push(figures::NamedSeries {
-                name: name.clone(),
-                color,
-                marker,
-                points: pts.clone(),
-            });
-            names.push(format!("{colour_name} {}: {name}", marker.plural()));
-        }
+        })
+        .chain(
+            sweeps
+                .iter()
+                .enumerate()
+                .map(|(k, (name, pts))| figures::NamedSeries {
+                    name: name.clone(),
+                    style: figures::Style::nth(k),
+                    points: pts.clone(),
+                }),
+        )
+        .collect();
         files.extend(figures::save_line_charts(
             dir,
             "accuracy_vs_eps",
@@ -1146,7 +1154,7 @@ fn write_report(
         sweep_caption = format!(
             "x: epsilon in 1/255 units (0 to {xmax:.0}); y: victim peak test accuracy (0 to 1, \
              grid every 0.1); dashed: chance. {}.",
-            names.join("; ")
+            captions(&series)
         );
     }
 
@@ -1154,7 +1162,6 @@ fn write_report(
     let first_arch = report.config.victims[0].label();
     let first_seed = report.config.seeds[0];
     let mut series = Vec::new();
-    let mut curve_names = Vec::new();
     let mut epochs = 1.0;
     for (k, (name, _)) in releases.iter().enumerate() {
         if let Some(v) = report.victims.iter().find(|v| {
@@ -1163,12 +1170,10 @@ fn write_report(
                 && v.run.seed == first_seed
                 && v.run.defence == "none"
         }) {
-            let (color, colour_name, marker) = figures::series_style(k);
             epochs = v.run.curve.len() as f64;
             series.push(figures::NamedSeries {
                 name: name.clone(),
-                color,
-                marker,
+                style: figures::Style::nth(k),
                 points: v
                     .run
                     .curve
@@ -1177,7 +1182,6 @@ fn write_report(
                     .map(|(e, a)| ((e + 1) as f64, *a))
                     .collect(),
             });
-            curve_names.push(format!("{colour_name} {}: {name}", marker.plural()));
         }
     }
     files.extend(figures::save_line_charts(
@@ -1199,7 +1203,7 @@ fn write_report(
     files.push("report.json".into());
     files.push("report.md".into());
     report.files = files.clone();
-    let md = markdown(report, &sweep_caption, &curve_names.join("; "));
+    let md = markdown(report, &sweep_caption, &captions(&series));
     std::fs::write(dir.join("report.md"), md)
         .map_err(|e| Error::io(e, format!("writing {}", dir.display())))?;
     let json = serde_json::to_vec_pretty(report)

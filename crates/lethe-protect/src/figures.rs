@@ -13,7 +13,7 @@
 //! * [`line_chart_svg`]: the same chart as SVG drawn with `plotters`, with
 //!   a title, axis values and labels and a legend (text is rendered by the
 //!   viewer, so no font is needed where the audit runs); series that
-//!   coincide stay told apart by their markers ([`series_style`]), which
+//!   coincide stay told apart by their markers ([`Style::nth`]), which
 //!   the legend shows too.
 
 use std::path::Path;
@@ -149,8 +149,7 @@ pub fn line_chart(series: &[NamedSeries], x_range: (f64, f64), chance: Option<f6
         );
     }
     for NamedSeries {
-        color,
-        marker,
+        style: Style { color, marker, .. },
         points: pts,
         ..
     } in series
@@ -235,33 +234,27 @@ pub fn save(img: &RgbImage, path: &Path) -> Result<()> {
         .map_err(|e| Error::Unsupported(format!("writing {}: {e}", path.display())))
 }
 
-/// Distinct colours for chart series.
-pub const PALETTE: [Rgb<u8>; 9] = [
-    Rgb([31, 119, 180]),
-    Rgb([214, 39, 40]),
-    Rgb([44, 160, 44]),
-    Rgb([255, 127, 14]),
-    Rgb([148, 103, 189]),
-    Rgb([23, 190, 207]),
-    Rgb([140, 86, 75]),
-    Rgb([227, 119, 194]),
-    Rgb([188, 189, 34]),
+/// Distinct colours for chart series, with their names for captions.
+const PALETTE: [(Rgb<u8>, &str); 9] = [
+    (Rgb([31, 119, 180]), "blue"),
+    (Rgb([214, 39, 40]), "red"),
+    (Rgb([44, 160, 44]), "green"),
+    (Rgb([255, 127, 14]), "orange"),
+    (Rgb([148, 103, 189]), "purple"),
+    (Rgb([23, 190, 207]), "cyan"),
+    (Rgb([140, 86, 75]), "brown"),
+    (Rgb([227, 119, 194]), "pink"),
+    (Rgb([188, 189, 34]), "olive"),
 ];
 
-/// Names of [`PALETTE`] for captions.
-pub const PALETTE_NAMES: [&str; 9] = [
-    "blue", "red", "green", "orange", "purple", "cyan", "brown", "pink", "olive",
-];
-
-/// The marker drawn on a series' points (and beside its legend entry) in
-/// [`line_chart_svg`].
+/// The marker drawn on a series' points and beside its legend entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Marker {
     /// A filled circle.
     Circle,
-    /// An open triangle.
+    /// A filled triangle, apex up.
     Triangle,
-    /// A cross.
+    /// A diagonal cross.
     Cross,
 }
 
@@ -276,21 +269,46 @@ impl Marker {
     }
 }
 
-/// The look of the `k`-th series of a chart: a colour (with its caption
-/// name) and a marker. Neighbouring series differ in both, and colour and
-/// marker together repeat only after 27 series, so a caption or legend
-/// never names two series alike.
-pub fn series_style(k: usize) -> (Rgb<u8>, &'static str, Marker) {
-    let c = k % PALETTE.len();
-    // Each pass through the palette shifts the markers by one: with a
-    // palette of a multiple of 3 colours, neighbours (across a pass too)
-    // differ in marker, and a colour meets each marker once in 3 passes.
-    let marker = match (c + k / PALETTE.len()) % 3 {
-        0 => Marker::Circle,
-        1 => Marker::Triangle,
-        _ => Marker::Cross,
+/// How a series looks: a colour (with its name for captions) and a marker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Style {
+    /// Line and marker colour.
+    pub color: Rgb<u8>,
+    /// The colour's name in captions.
+    pub color_name: &'static str,
+    /// Marker on the points and in the legend.
+    pub marker: Marker,
+}
+
+impl Style {
+    /// Black circles: a reference line (the clean accuracy) apart from the
+    /// [`Style::nth`] series.
+    pub const REFERENCE: Style = Style {
+        color: Rgb([0, 0, 0]),
+        color_name: "black",
+        marker: Marker::Circle,
     };
-    (PALETTE[c], PALETTE_NAMES[c], marker)
+
+    /// The look of the `k`-th series of a chart. Neighbouring series differ
+    /// in colour and marker, and the pair repeats only after 27 series, so
+    /// a caption or legend never names two series alike.
+    pub fn nth(k: usize) -> Style {
+        let c = k % PALETTE.len();
+        // Each pass through the palette shifts the markers by one: with a
+        // palette of a multiple of 3 colours, neighbours (across a pass too)
+        // differ in marker, and a colour meets each marker once in 3 passes.
+        let marker = match (c + k / PALETTE.len()) % 3 {
+            0 => Marker::Circle,
+            1 => Marker::Triangle,
+            _ => Marker::Cross,
+        };
+        let (color, color_name) = PALETTE[c];
+        Style {
+            color,
+            color_name,
+            marker,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -318,12 +336,22 @@ pub fn save_line_charts(
 pub struct NamedSeries {
     /// Legend text.
     pub name: String,
-    /// Line colour.
-    pub color: Rgb<u8>,
-    /// Marker on the points and in the legend (SVG only).
-    pub marker: Marker,
+    /// Colour and marker.
+    pub style: Style,
     /// `(x, y)` points, `y` in `[0, 1]`.
     pub points: Vec<(f64, f64)>,
+}
+
+impl NamedSeries {
+    /// The series as a caption names it: "red triangles: salm".
+    pub fn caption(&self) -> String {
+        format!(
+            "{} {}: {}",
+            self.style.color_name,
+            self.style.marker.plural(),
+            self.name
+        )
+    }
 }
 
 /// What an SVG chart says besides its lines.
@@ -387,54 +415,51 @@ pub fn line_chart_svg(
         .y_labels(11)
         .draw()
         .map_err(|e| err(&e))?;
-    // Legend rows: a line sample with the series' marker, then its name.
+    // Legend rows (chance first): a line sample with the series' marker,
+    // then its name.
     let row = |k: usize| (6, 40 + 18 * k as i32);
     let font = ("sans-serif", 13).into_font();
-    let mut rows = 0;
+    let label = |text: String, (x, y): (i32, i32)| {
+        legend
+            .draw(&Text::new(text, (x + 30, y - 7), font.clone()))
+            .map_err(|e| err(&e))
+    };
     if let Some(c) = chance {
         let style = RGBColor(110, 110, 110).stroke_width(1);
         chart
             .draw_series(DashedLineSeries::new(vec![(x0, c), (x1, c)], 6, 4, style))
             .map_err(|e| err(&e))?;
-        let (x, y) = row(rows);
+        let (x, y) = row(0);
         for dash in [x, x + 8, x + 16] {
             legend
                 .draw(&PathElement::new(vec![(dash, y), (dash + 5, y)], style))
                 .map_err(|e| err(&e))?;
         }
-        legend
-            .draw(&Text::new(
-                format!("chance ({:.1}%)", 100.0 * c),
-                (x + 30, y - 7),
-                font.clone(),
-            ))
-            .map_err(|e| err(&e))?;
-        rows += 1;
+        label(format!("chance ({:.1}%)", 100.0 * c), (x, y))?;
     }
-    for s in series {
-        let color = RGBColor(s.color.0[0], s.color.0[1], s.color.0[2]);
+    let first = usize::from(chance.is_some());
+    for (i, s) in series.iter().enumerate() {
+        let [r, g, b] = s.style.color.0;
+        let color = RGBColor(r, g, b);
         chart
             .draw_series(LineSeries::new(
                 s.points.iter().copied(),
                 color.stroke_width(2),
             ))
             .map_err(|e| err(&e))?;
-        let (x, y) = row(rows);
-        rows += 1;
+        let (x, y) = row(first + i);
         legend
             .draw(&PathElement::new(
                 vec![(x, y), (x + 22, y)],
                 color.stroke_width(2),
             ))
             .map_err(|e| err(&e))?;
-        legend
-            .draw(&Text::new(s.name.clone(), (x + 30, y - 7), font.clone()))
-            .map_err(|e| err(&e))?;
+        label(s.name.clone(), (x, y))?;
         // The marker on every point and on the legend's line sample, so
         // that series sharing a colour stay told apart in both places.
         let points = s.points.iter().copied();
         let (style, at) = (color.stroke_width(2), (x + 11, y));
-        match s.marker {
+        match s.style.marker {
             Marker::Circle => chart
                 .draw_series(points.map(|p| Circle::new(p, 4, color.filled())))
                 .map(|_| ())

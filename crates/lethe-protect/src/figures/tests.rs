@@ -36,25 +36,20 @@ fn a_full_budget_heat_map_stands_out_from_the_canvas() {
 
 #[test]
 fn series_styles_never_repeat_within_27_series() {
-    let styles: Vec<_> = (0..27)
-        .map(|k| {
-            let (color, name, marker) = series_style(k);
-            (color, name, marker)
-        })
-        .collect();
+    let styles: Vec<Style> = (0..27).map(Style::nth).collect();
     for (i, a) in styles.iter().enumerate() {
         for b in &styles[i + 1..] {
             assert!(
-                (a.1, a.2) != (b.1, b.2),
+                (a.color_name, a.marker) != (b.color_name, b.marker),
                 "two series captioned alike: {} {}",
-                a.1,
-                a.2.plural()
+                a.color_name,
+                a.marker.plural()
             );
         }
     }
     for w in styles.windows(2) {
         assert!(
-            w[0].0 != w[1].0 && w[0].2 != w[1].2,
+            w[0].color != w[1].color && w[0].marker != w[1].marker,
             "neighbours look alike"
         );
     }
@@ -68,8 +63,10 @@ fn the_svg_legend_shows_each_series_marker() {
     // Same colour, different markers: only the markers tell them apart.
     let series = [Marker::Circle, Marker::Cross].map(|marker| NamedSeries {
         name: format!("run-{}", marker.plural()),
-        color: PALETTE[0],
-        marker,
+        style: Style {
+            marker,
+            ..Style::nth(0)
+        },
         points: pts.clone(),
     });
     let text = ChartText {
@@ -90,8 +87,11 @@ fn the_png_chart_draws_each_series_marker() {
     let one = |marker| {
         let s = NamedSeries {
             name: String::new(),
-            color: red,
-            marker,
+            style: Style {
+                color: red,
+                color_name: "red",
+                marker,
+            },
             points: vec![(0.5, 0.5)],
         };
         line_chart(&[s], (0.0, 1.0), None)
