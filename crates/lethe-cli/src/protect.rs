@@ -890,11 +890,15 @@ fn default_audit(a: &AuditArgs) -> anyhow::Result<(AuditConfig, Option<Dataset>)
     // of the caller's own choosing is an audit spec's job.
     anyhow::ensure!(
         a.method.params.is_none(),
-        "audit crafts SALM and EM from the budget flags (--eps, --rho, ...) and does not take          --params: to audit other parameters, list them in an audit spec (--spec FILE, the          JSON of evals/protect/lesions.json), or protect with them and audit the release          (--release DIR)"
+        "audit crafts SALM and EM from the budget flags (--eps, --rho, ...) and does not take \
+         --params: to audit other parameters, list them in an audit spec (--spec FILE, the \
+         JSON of evals/protect/lesions.json), or protect with them and audit the release \
+         (--release DIR)"
     );
     anyhow::ensure!(
         a.method.method == MethodArg::Salm,
-        "audit crafts SALM and EM both, so --method does not apply: to audit another method,          protect with it and audit the release (--release DIR), or write an audit spec (--spec)"
+        "audit crafts SALM and EM both, so --method does not apply: to audit another method, \
+         protect with it and audit the release (--release DIR), or write an audit spec (--spec)"
     );
     let source = a.data.source()?;
     let (side, loaded) = side_of(&source)?;
@@ -1276,9 +1280,10 @@ mod tests {
         let p = audit_args(&["audit", "--builtin", "digits", "--params", "{}"]);
         let e = format!("{:#}", default_audit(&p).unwrap_err());
         assert!(e.contains("--params") && e.contains("--spec"), "{e}");
+        assert!(!e.contains("  "), "a message runs on with spaces: {e}");
         let m = audit_args(&["audit", "--builtin", "digits", "--method", "code"]);
         let e = format!("{:#}", default_audit(&m).unwrap_err());
-        assert!(e.contains("--method"), "{e}");
+        assert!(e.contains("--method") && !e.contains("  "), "{e}");
     }
 
     #[test]
