@@ -21,9 +21,10 @@ second (one forward+backward of one image = one image-step), the unit of
   * lesions_cnn:    256 32x32 gray images, CNN 32-64-128 (batch norm);
   * cifar_resnet18: 64 32x32 RGB images, ResNet-18 width 64, 2 steps.
 
-The CNN is lethe-model's `SmallCnn`: per block conv3x3 (padding 1) ->
-batch norm -> ReLU -> 2x2 max-pool, then one linear layer on the
-flattened features. Random pixels: the timing does not depend on content.
+The CNN is lethe-model's `SmallCnn`: per block conv3x3 (padding 1, no
+bias) -> batch norm -> 2x2 max-pool -> ReLU (pooling first, as lethe does:
+the two commute and ReLU then touches a quarter of the activations), then
+one linear layer on the flattened features. Random pixels: the timing does not depend on content.
 lethe's side is `bench_protect` on the CPU (`CANDLE_NUM_THREADS=1`,
 `RAYON_NUM_THREADS` = threads, its own defaults), read from the JSON it
 writes; each side is timed `--repeats` times and the fastest run kept.
@@ -48,7 +49,12 @@ class SmallCnn(nn.Module):
         super().__init__()
         blocks = []
         for cout in channels:
-            blocks += [nn.Conv2d(cin, cout, 3, 1, 1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2)]
+            blocks += [
+                nn.Conv2d(cin, cout, 3, 1, 1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.MaxPool2d(2),
+                nn.ReLU(),
+            ]
             cin, side = cout, side // 2
         self.blocks = nn.Sequential(*blocks)
         self.head = nn.Linear(cin * side * side, classes)

@@ -21,8 +21,10 @@
 //! * **Fused CPU kernels with a hand-written backward**: [`rms_norm`],
 //!   [`causal_attention`] (scale + causal mask + softmax in one kernel),
 //!   [`Rotary::apply_bthd`] (rotation fused with the head transpose),
-//!   [`swiglu`], [`token_log_probs`], [`conv2d`] (im2col + one gemm; col2im
-//!   as backward), [`batch_norm2d`] and [`max_pool2x2`], each a candle `CustomOp` whose
+//!   [`swiglu`], [`token_log_probs`], [`conv2d`] (im2col and a gemm per
+//!   image; col2im in the backward, which skips the products of a frozen
+//!   kernel or an untracked input), [`relu`], [`batch_norm2d`] and
+//!   [`max_pool2x2`], each a candle `CustomOp` whose
 //!   `bwd` is another kernel. candle's backward pass allocates a zero tensor
 //!   and an addition for every edge of the graph, so a norm built from seven
 //!   primitive ops costs about twenty passes over memory in training; one
@@ -311,10 +313,20 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Te
 /// `(c_out, c_in, k_h, k_w)`, zero `padding` and `stride`, plus an optional
 /// `bias` `(c_out)`. Returns `(n, c_out, h_out, w_out)`.
 ///
-/// On the CPU (f32): im2col (a custom op whose backward is col2im) and one
-/// matrix product `W (c_out, c_in k_h k_w) x cols (c_in k_h k_w, n h_out
-/// w_out)`, so both the forward and the backward run in gemm. On the CPU
-/// for other types, candle's `conv2d`. On a GPU, candle's forward with a
+/// On the CPU (f32): one graph node (`kernels::Conv2d`) that, image by
+/// image and images in parallel, builds the image's im2col in a buffer of
+/// its thread and writes `W (c_out, c_in k_h k_w) x cols (c_in k_h k_w,
+/// h_out w_out)` straight into the output. Its backward is the same per
+/// image (`W^T g`, then col2im) and computes only the gradients the graph
+/// needs: none for a frozen kernel (noise steps), none for untracked
+/// images (training). It replaced im2col + one batch-wide product +
+/// reshape + transpose + copy, five nodes each costing candle's backward
+/// a zero tensor and an addition, one of them the size of the whole
+/// batch's column matrix (with the fused ReLU, on the 2-core dev machine:
+/// lesions CNN noise steps 418 -> 990-1120 image-steps/s, ResNet-18 13 ->
+/// 29-31, peak memory of the protection eval 1.25 -> 0.37 GB;
+/// `evals/results/protect-bench.json`). On the CPU for other types,
+/// candle's `conv2d`. On a GPU, candle's forward with a
 /// backward made of convolutions (module `conv_grad`), or what
 /// `LETHE_GPU_CONV` selects (`candle`, `im2col`).
 pub fn conv2d(
@@ -343,19 +355,29 @@ pub fn conv2d(
     }
     let oh = (h + 2 * padding - kh) / stride + 1;
     let ow = (w + 2 * padding - kw) / stride + 1;
-    let fused = fused(&[x, weight]);
-    let path = if fused {
+    let path = if fused(&[x, weight]) {
         None
     } else if x.device().is_cpu() && !gpu_path_forced() {
         Some(GpuConv::Candle)
     } else {
         Some(gpu_conv())
     };
-    // Candle's forward (with its backward or ours): no column matrix here.
+    // One node for the whole convolution (ours on the CPU, candle's forward
+    // with its backward or ours elsewhere): no column matrix here.
     let direct = match path {
+        None => {
+            let geometry = kernels::ConvGeometry {
+                dims: (n, c, h, w),
+                kernel: (kh, kw),
+                stride,
+                padding,
+            };
+            let op = kernels::Conv2d(geometry);
+            Some(x.contiguous()?.apply_op2(&weight.contiguous()?, op)?)
+        }
         Some(GpuConv::Candle) => Some(x.conv2d(weight, padding, stride, 1, 1)?),
         Some(GpuConv::Gemm) => Some(conv_grad::conv2d_gemm_backward(x, weight, stride, padding)?),
-        Some(GpuConv::Im2col) | None => None,
+        Some(GpuConv::Im2col) => None,
     };
     if let Some(y) = direct {
         return match bias {
@@ -363,16 +385,7 @@ pub fn conv2d(
             Some(b) => Ok(y.broadcast_add(&b.reshape((1, co, 1, 1))?)?),
         };
     }
-    let cols = if fused {
-        x.contiguous()?.apply_op1(kernels::Im2Col {
-            dims: (n, c, h, w),
-            kernel: (kh, kw),
-            stride,
-            padding,
-        })?
-    } else {
-        im2col_ops(x, (kh, kw), stride, padding, (oh, ow))?
-    };
+    let cols = im2col_ops(x, (kh, kw), stride, padding, (oh, ow))?;
     let y = weight.reshape((co, c * kh * kw))?.matmul(&cols)?;
     let y = match bias {
         None => y,
@@ -559,6 +572,19 @@ pub fn channel_stats(x: &Tensor) -> Result<(Tensor, Tensor)> {
     let mean = x.mean_keepdim((0, 2, 3))?;
     let var = x.broadcast_sub(&mean)?.sqr()?.mean_keepdim((0, 2, 3))?;
     Ok((mean.reshape(c)?, var.reshape(c)?))
+}
+
+/// `max(x, 0)`, with candle's gradient convention (`x >= 0` passes the
+/// gradient, so a zero input does too).
+///
+/// On the CPU (f32) one fused kernel whose backward is one pass; candle's
+/// `relu` backward builds a zero tensor, a comparison, a cast and a
+/// product before its accumulation, five passes over the activation.
+pub fn relu(x: &Tensor) -> Result<Tensor> {
+    if fused(&[x]) {
+        return Ok(x.contiguous()?.apply_op1(kernels::Relu)?);
+    }
+    Ok(x.relu()?)
 }
 
 /// 2x2 max-pooling with stride 2 over `(n, c, h, w)` (even `h`, `w`), from
@@ -1020,17 +1046,17 @@ mod kernels {
         }
     }
 
-    /// `(n, c, h, w) -> (c kh kw, n oh ow)`: column `(b, oy, ox)` holds the
-    /// input patch under output pixel `(oy, ox)` of image `b` (zeros in the
-    /// padding). Its backward is col2im (the transpose: a scatter-add).
-    pub(super) struct Im2Col {
+    /// Where the taps of one convolution fall: input `(n, c, h, w)`,
+    /// kernel `(k_h, k_w)`, stride and zero padding.
+    #[derive(Clone, Copy, Debug)]
+    pub(super) struct ConvGeometry {
         pub(super) dims: (usize, usize, usize, usize),
         pub(super) kernel: (usize, usize),
         pub(super) stride: usize,
         pub(super) padding: usize,
     }
 
-    impl Im2Col {
+    impl ConvGeometry {
         fn out_hw(&self) -> (usize, usize) {
             let (_, _, h, w) = self.dims;
             let (kh, kw) = self.kernel;
@@ -1040,105 +1066,407 @@ mod kernels {
             )
         }
 
-        /// For kernel tap `(ki, kj)`, calls `f(output pixel, input pixel)`
-        /// (indices within one image plane) for every output pixel whose
-        /// tap falls inside the image (not in the padding), row-major.
-        fn taps(&self, ki: usize, kj: usize, mut f: impl FnMut(usize, usize)) {
+        /// Rows of one image's column matrix: `c k_h k_w`.
+        fn patch_len(&self) -> usize {
+            let (_, c, _, _) = self.dims;
+            c * self.kernel.0 * self.kernel.1
+        }
+
+        /// Output pixels of one image: `h_out w_out`.
+        fn out_pixels(&self) -> usize {
+            let (oh, ow) = self.out_hw();
+            oh * ow
+        }
+
+        /// A 1x1 kernel with stride 1 and no padding: an image *is* its
+        /// column matrix.
+        fn is_pointwise(&self) -> bool {
+            self.kernel == (1, 1) && self.stride == 1 && self.padding == 0
+        }
+
+        /// The output columns `ox` in `lo..hi` whose tap `kj` falls inside
+        /// an input row of width `w` (not in the padding).
+        fn valid_columns(&self, kj: usize, w: usize, ow: usize) -> (usize, usize) {
+            let (s, pad) = (self.stride, self.padding);
+            // ix = ox s + kj - pad must lie in 0..w.
+            let lo = if pad > kj { (pad - kj).div_ceil(s) } else { 0 };
+            let hi = if w + pad > kj {
+                ((w + pad - kj - 1) / s + 1).min(ow)
+            } else {
+                0
+            };
+            (lo.min(hi), hi)
+        }
+
+        /// For kernel tap `(ki, kj)`, calls `f(oy, columns, ix0)` for every
+        /// output row `oy`: `columns` is the range of output columns whose
+        /// tap falls inside the image (empty when the tap's input row is
+        /// padding), `ix0` the input index (within one image plane) of the
+        /// first of them; the next ones follow every `stride` pixels.
+        fn tap_rows(
+            &self,
+            ki: usize,
+            kj: usize,
+            mut f: impl FnMut(usize, std::ops::Range<usize>, usize),
+        ) {
             let (_, _, h, w) = self.dims;
             let (oh, ow) = self.out_hw();
+            let (lo, hi) = self.valid_columns(kj, w, ow);
             for oy in 0..oh {
                 let iy = (oy * self.stride + ki) as isize - self.padding as isize;
-                if iy < 0 || iy >= h as isize {
+                if iy < 0 || iy >= h as isize || lo == hi {
+                    f(oy, 0..0, 0);
                     continue;
                 }
-                for ox in 0..ow {
-                    let ix = (ox * self.stride + kj) as isize - self.padding as isize;
-                    if ix >= 0 && ix < w as isize {
-                        f(oy * ow + ox, iy as usize * w + ix as usize);
-                    }
-                }
+                let ix0 = lo * self.stride + kj - self.padding;
+                f(oy, lo..hi, iy as usize * w + ix0);
             }
         }
-    }
 
-    impl CustomOp1 for Im2Col {
-        fn name(&self) -> &'static str {
-            "lethe-im2col"
-        }
-
-        fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> KResult<(CpuStorage, Shape)> {
-            let x = slice(s, l)?;
-            let (n, c, h, w) = self.dims;
-            if x.len() != n * c * h * w {
-                candle_core::bail!("im2col: {} elements for dims {:?}", x.len(), self.dims)
-            }
+        /// im2col of one image `(c, h, w)` into `cols` `(c k_h k_w, h_out
+        /// w_out)`: row `(ci, ki, kj)` holds the input under tap `(ki, kj)`
+        /// of every output pixel, zeros in the padding.
+        fn im2col(&self, image: &[f32], cols: &mut [f32]) {
+            let (_, _, h, w) = self.dims;
             let (kh, kw) = self.kernel;
-            let (oh, ow) = self.out_hw();
-            let per_row = n * oh * ow;
-            let mut cols = vec![0f32; c * kh * kw * per_row];
-            // One row per (channel, tap), in parallel: disjoint outputs.
-            cols.par_chunks_mut(per_row.max(1))
-                .enumerate()
-                .for_each(|(row, dst)| {
-                    let (ci, ki, kj) = (row / (kh * kw), row / kw % kh, row % kw);
-                    for b in 0..n {
-                        let src = &x[(b * c + ci) * h * w..(b * c + ci + 1) * h * w];
-                        let out = &mut dst[b * oh * ow..(b + 1) * oh * ow];
-                        self.taps(ki, kj, |o, i| out[o] = src[i]);
-                    }
-                });
-            Ok((
-                CpuStorage::F32(cols),
-                Shape::from((c * kh * kw, n * oh * ow)),
-            ))
-        }
-
-        fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> KResult<Option<Tensor>> {
-            let back = Col2Im(Im2Col {
-                dims: self.dims,
-                kernel: self.kernel,
-                stride: self.stride,
-                padding: self.padding,
-            });
-            Ok(Some(g.contiguous()?.apply_op1_no_bwd(&back)?))
-        }
-    }
-
-    /// The adjoint of [`Im2Col`]: sums every column entry back into the
-    /// input pixel it was copied from.
-    struct Col2Im(Im2Col);
-
-    impl CustomOp1 for Col2Im {
-        fn name(&self) -> &'static str {
-            "lethe-col2im"
-        }
-
-        fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> KResult<(CpuStorage, Shape)> {
-            let cols = slice(s, l)?;
-            let (n, c, h, w) = self.0.dims;
-            let (kh, kw) = self.0.kernel;
-            let (oh, ow) = self.0.out_hw();
-            let per_row = n * oh * ow;
-            if cols.len() != c * kh * kw * per_row {
-                candle_core::bail!("col2im: {} entries for dims {:?}", cols.len(), self.0.dims)
-            }
-            let mut x = vec![0f32; n * c * h * w];
-            // One image plane (b, ci) per task, taps in a fixed order: the
-            // sums are the same, bit for bit, on any number of threads.
-            x.par_chunks_mut((h * w).max(1))
-                .enumerate()
-                .for_each(|(plane, dst)| {
-                    let (b, ci) = (plane / c, plane % c);
-                    for ki in 0..kh {
-                        for kj in 0..kw {
-                            let row = (ci * kh + ki) * kw + kj;
-                            let start = row * per_row + b * oh * ow;
-                            let src = &cols[start..start + oh * ow];
-                            self.0.taps(ki, kj, |o, i| dst[i] += src[o]);
+            let (_, ow) = self.out_hw();
+            let (p, s) = (self.out_pixels(), self.stride);
+            for (row, out) in cols.chunks_exact_mut(p.max(1)).enumerate() {
+                let (ci, ki, kj) = (row / (kh * kw), row / kw % kh, row % kw);
+                let src = &image[ci * h * w..(ci + 1) * h * w];
+                self.tap_rows(ki, kj, |oy, columns, ix0| {
+                    let line = &mut out[oy * ow..(oy + 1) * ow];
+                    line[..columns.start].fill(0.0);
+                    line[columns.end..].fill(0.0);
+                    let dst = &mut line[columns.clone()];
+                    if s == 1 {
+                        dst.copy_from_slice(&src[ix0..ix0 + dst.len()]);
+                    } else {
+                        for (d, v) in dst.iter_mut().zip(src[ix0..].iter().step_by(s)) {
+                            *d = *v;
                         }
                     }
                 });
-            Ok((CpuStorage::F32(x), Shape::from((n, c, h, w))))
+            }
+        }
+
+        /// The adjoint of [`Self::im2col`]: adds every column entry into the
+        /// pixel of `image` it was copied from, taps in a fixed order.
+        fn col2im(&self, cols: &[f32], image: &mut [f32]) {
+            let (_, _, h, w) = self.dims;
+            let (kh, kw) = self.kernel;
+            let (_, ow) = self.out_hw();
+            let (p, s) = (self.out_pixels(), self.stride);
+            for (row, src) in cols.chunks_exact(p.max(1)).enumerate() {
+                let (ci, ki, kj) = (row / (kh * kw), row / kw % kh, row % kw);
+                let dst = &mut image[ci * h * w..(ci + 1) * h * w];
+                self.tap_rows(ki, kj, |oy, columns, ix0| {
+                    let from = &src[oy * ow + columns.start..oy * ow + columns.end];
+                    for (d, v) in dst[ix0..].iter_mut().step_by(s).zip(from) {
+                        *d += v;
+                    }
+                });
+            }
+        }
+    }
+
+    /// A dense row-major or transposed view of a matrix in a slice:
+    /// element `(i, j)` at `i * row_stride + j * col_stride`.
+    #[derive(Clone, Copy)]
+    struct View<'a> {
+        data: &'a [f32],
+        row_stride: usize,
+        col_stride: usize,
+    }
+
+    impl<'a> View<'a> {
+        /// `rows x cols` stored row by row.
+        fn rows(data: &'a [f32], cols: usize) -> Self {
+            View {
+                data,
+                row_stride: cols,
+                col_stride: 1,
+            }
+        }
+
+        /// The `rows x _` transpose of a matrix stored row by row (so with
+        /// `rows` columns).
+        fn transposed(data: &'a [f32], rows: usize) -> Self {
+            View {
+                data,
+                row_stride: 1,
+                col_stride: rows,
+            }
+        }
+
+        /// Whether a `rows x cols` matrix fits in the slice.
+        fn holds(&self, rows: usize, cols: usize) -> bool {
+            rows == 0
+                || cols == 0
+                || (rows - 1) * self.row_stride + (cols - 1) * self.col_stride < self.data.len()
+        }
+    }
+
+    /// `dst (m x n, row by row) = [dst +] lhs (m x k) rhs (k x n)` on this
+    /// thread (the callers run one product per image in parallel).
+    #[allow(unsafe_code)] // `gemm::gemm` takes raw pointers and strides
+    fn matmul(
+        dst: &mut [f32],
+        accumulate: bool,
+        (m, n, k): (usize, usize, usize),
+        lhs: View,
+        rhs: View,
+    ) -> KResult<()> {
+        if dst.len() < m * n || !lhs.holds(m, k) || !rhs.holds(k, n) {
+            candle_core::bail!("lethe conv: a {m}x{k} by {k}x{n} product does not fit its buffers")
+        }
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        if k == 0 {
+            if !accumulate {
+                dst[..m * n].fill(0.0);
+            }
+            return Ok(());
+        }
+        // SAFETY: the checks above keep every index the product touches
+        // ((m-1, n-1) of `dst`, (m-1, k-1) of `lhs`, (k-1, n-1) of `rhs`,
+        // all strides non-negative) inside its slice; `dst` is borrowed
+        // mutably, so it aliases neither input.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst.as_mut_ptr(),
+                1,
+                n as isize,
+                accumulate,
+                lhs.data.as_ptr(),
+                lhs.col_stride as isize,
+                lhs.row_stride as isize,
+                rhs.data.as_ptr(),
+                rhs.col_stride as isize,
+                rhs.row_stride as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        Ok(())
+    }
+
+    /// Images per partial sum of the kernel gradient: the partials are
+    /// added in a fixed order, so the sum is the same, bit for bit, on any
+    /// number of threads.
+    const IMAGES_PER_PARTIAL: usize = 8;
+
+    /// 2-D convolution `(x (n, c, h, w), weight (c_out, c, k_h, k_w)) ->
+    /// (n, c_out, h_out, w_out)`, one image at a time: its im2col in a
+    /// buffer of the thread's own, one matrix product written straight into
+    /// the output. Images run in parallel. One node in candle's graph
+    /// where im2col + matmul + reshape + transpose + copy were five (each
+    /// a zero tensor and an addition in the backward pass, one of them the
+    /// size of the column matrix).
+    pub(super) struct Conv2d(pub(super) ConvGeometry);
+
+    /// `(x, weight)` as slices, their sizes checked against the geometry;
+    /// also the number of output channels.
+    fn conv_operands<'a>(
+        g: &ConvGeometry,
+        s1: &'a CpuStorage,
+        l1: &Layout,
+        s2: &'a CpuStorage,
+        l2: &Layout,
+    ) -> KResult<(&'a [f32], &'a [f32], usize)> {
+        let x = slice(s1, l1)?;
+        let w = slice(s2, l2)?;
+        let (n, c, h, wd) = g.dims;
+        let co = match l2.dims() {
+            [co, ci, kh, kw] if *ci == c && (*kh, *kw) == g.kernel => *co,
+            d => candle_core::bail!("lethe conv: kernel {d:?} for geometry {g:?}"),
+        };
+        if x.len() != n * c * h * wd {
+            candle_core::bail!("lethe conv: {} inputs for dims {:?}", x.len(), g.dims)
+        }
+        Ok((x, w, co))
+    }
+
+    impl CustomOp2 for Conv2d {
+        fn name(&self) -> &'static str {
+            "lethe-conv2d"
+        }
+
+        fn cpu_fwd(
+            &self,
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+        ) -> KResult<(CpuStorage, Shape)> {
+            let g = &self.0;
+            let (x, w, co) = conv_operands(g, s1, l1, s2, l2)?;
+            let (n, c, h, wd) = g.dims;
+            let (oh, ow) = g.out_hw();
+            let (k, p) = (g.patch_len(), g.out_pixels());
+            let mut y = vec![0f32; n * co * p];
+            let shape = Shape::from((n, co, oh, ow));
+            if y.is_empty() {
+                return Ok((CpuStorage::F32(y), shape));
+            }
+            y.par_chunks_mut(co * p)
+                .zip(x.par_chunks((c * h * wd).max(1)))
+                .try_for_each_init(
+                    || vec![0f32; if g.is_pointwise() { 0 } else { k * p }],
+                    |cols, (out, image)| {
+                        let cols: &[f32] = if g.is_pointwise() {
+                            image
+                        } else {
+                            g.im2col(image, cols);
+                            cols
+                        };
+                        matmul(
+                            out,
+                            false,
+                            (co, p, k),
+                            View::rows(w, k),
+                            View::rows(cols, p),
+                        )
+                    },
+                )?;
+            Ok((CpuStorage::F32(y), shape))
+        }
+
+        fn bwd(
+            &self,
+            x: &Tensor,
+            w: &Tensor,
+            _y: &Tensor,
+            g: &Tensor,
+        ) -> KResult<(Option<Tensor>, Option<Tensor>)> {
+            // A frozen kernel (a noise step) or an untracked input (the
+            // images, in training) needs no gradient: skip its products.
+            let back = Conv2dBwd {
+                geometry: self.0,
+                input: x.track_op(),
+                kernel: w.track_op(),
+            };
+            if !back.input && !back.kernel {
+                return Ok((None, None));
+            }
+            let packed = x.apply_op3_no_bwd(w, &g.contiguous()?, &back)?;
+            let mut shapes = Vec::new();
+            if back.input {
+                shapes.push(x.shape());
+            }
+            if back.kernel {
+                shapes.push(w.shape());
+            }
+            let mut parts = unpack(&packed, &shapes)?.into_iter();
+            let dx = if back.input { parts.next() } else { None };
+            let dw = if back.kernel { parts.next() } else { None };
+            Ok((dx, dw))
+        }
+    }
+
+    /// `[dx, dw]` of [`Conv2d`] from `(x, weight, g)`, each only if asked
+    /// for: `dx` image by image (`W^T g` then col2im), `dw = sum g cols^T`
+    /// in partial sums of [`IMAGES_PER_PARTIAL`] images.
+    struct Conv2dBwd {
+        geometry: ConvGeometry,
+        input: bool,
+        kernel: bool,
+    }
+
+    impl CustomOp3 for Conv2dBwd {
+        fn name(&self) -> &'static str {
+            "lethe-conv2d-bwd"
+        }
+
+        fn cpu_fwd(
+            &self,
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+            s3: &CpuStorage,
+            l3: &Layout,
+        ) -> KResult<(CpuStorage, Shape)> {
+            let geo = &self.geometry;
+            let (x, w, co) = conv_operands(geo, s1, l1, s2, l2)?;
+            let g = slice(s3, l3)?;
+            let (n, c, h, wd) = geo.dims;
+            let (k, p) = (geo.patch_len(), geo.out_pixels());
+            if g.len() != n * co * p {
+                candle_core::bail!(
+                    "lethe conv backward: {} gradients, {} outputs",
+                    g.len(),
+                    n * co * p
+                )
+            }
+            let image_len = c * h * wd;
+            let mut out = Vec::with_capacity(
+                if self.input { x.len() } else { 0 } + if self.kernel { w.len() } else { 0 },
+            );
+            if self.input {
+                let mut dx = vec![0f32; x.len()];
+                if image_len > 0 && p > 0 {
+                    dx.par_chunks_mut(image_len)
+                        .zip(g.par_chunks(co * p))
+                        .try_for_each_init(
+                            || vec![0f32; k * p],
+                            |gcols, (dst, gi)| {
+                                let wt = View::transposed(w, k);
+                                if geo.is_pointwise() {
+                                    return matmul(dst, false, (k, p, co), wt, View::rows(gi, p));
+                                }
+                                matmul(gcols, false, (k, p, co), wt, View::rows(gi, p))?;
+                                geo.col2im(gcols, dst);
+                                Ok(())
+                            },
+                        )?;
+                }
+                out.extend_from_slice(&dx);
+            }
+            if self.kernel {
+                let mut dw = vec![0f32; w.len()];
+                if image_len > 0 && p > 0 {
+                    let partials = x
+                        .par_chunks(image_len * IMAGES_PER_PARTIAL)
+                        .zip(g.par_chunks(co * p * IMAGES_PER_PARTIAL))
+                        .map_init(
+                            || vec![0f32; if geo.is_pointwise() { 0 } else { k * p }],
+                            |cols, (images, grads)| -> KResult<Vec<f32>> {
+                                let mut acc = vec![0f32; co * k];
+                                for (image, gi) in
+                                    images.chunks(image_len).zip(grads.chunks(co * p))
+                                {
+                                    let cols: &[f32] = if geo.is_pointwise() {
+                                        image
+                                    } else {
+                                        geo.im2col(image, cols);
+                                        cols
+                                    };
+                                    let ct = View::transposed(cols, p);
+                                    matmul(&mut acc, true, (co, k, p), View::rows(gi, p), ct)?;
+                                }
+                                Ok(acc)
+                            },
+                        )
+                        .collect::<KResult<Vec<_>>>()?;
+                    for part in &partials {
+                        for (d, v) in dw.iter_mut().zip(part) {
+                            *d += v;
+                        }
+                    }
+                }
+                out.extend_from_slice(&dw);
+            }
+            let len = out.len();
+            Ok((CpuStorage::F32(out), Shape::from(len)))
         }
     }
 
@@ -1256,27 +1584,95 @@ mod kernels {
         }
     }
 
+    /// Elements per parallel task of the element-wise kernels.
+    const ELEMENTWISE_CHUNK: usize = 1 << 14;
+
+    /// `max(x, 0)`; see [`super::relu`].
+    pub(super) struct Relu;
+
+    impl CustomOp1 for Relu {
+        fn name(&self) -> &'static str {
+            "lethe-relu"
+        }
+
+        fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> KResult<(CpuStorage, Shape)> {
+            let x = slice(s, l)?;
+            let mut y = vec![0f32; x.len()];
+            y.par_chunks_mut(ELEMENTWISE_CHUNK)
+                .zip(x.par_chunks(ELEMENTWISE_CHUNK))
+                .for_each(|(out, xs)| {
+                    for (o, v) in out.iter_mut().zip(xs) {
+                        *o = v.max(0.0);
+                    }
+                });
+            Ok((CpuStorage::F32(y), l.shape().clone()))
+        }
+
+        fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> KResult<Option<Tensor>> {
+            Ok(Some(x.apply_op2_no_bwd(&g.contiguous()?, &ReluBwd)?))
+        }
+    }
+
+    /// `g * (x >= 0)` from `(x, g)`: the product candle's own backward
+    /// forms, so the gradient is the same bit for bit.
+    struct ReluBwd;
+
+    impl CustomOp2 for ReluBwd {
+        fn name(&self) -> &'static str {
+            "lethe-relu-bwd"
+        }
+
+        fn cpu_fwd(
+            &self,
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+        ) -> KResult<(CpuStorage, Shape)> {
+            let x = slice(s1, l1)?;
+            let g = slice(s2, l2)?;
+            if g.len() != x.len() {
+                candle_core::bail!(
+                    "relu backward: {} gradients for {} inputs",
+                    g.len(),
+                    x.len()
+                )
+            }
+            let mut dx = vec![0f32; x.len()];
+            dx.par_chunks_mut(ELEMENTWISE_CHUNK)
+                .zip(x.par_chunks(ELEMENTWISE_CHUNK))
+                .zip(g.par_chunks(ELEMENTWISE_CHUNK))
+                .for_each(|((out, xs), gs)| {
+                    for ((o, v), gv) in out.iter_mut().zip(xs).zip(gs) {
+                        *o = gv * if *v >= 0.0 { 1.0 } else { 0.0 };
+                    }
+                });
+            Ok((CpuStorage::F32(dx), l1.shape().clone()))
+        }
+    }
+
     /// Per-channel mean and biased variance over `(n, h, w)` of an NCHW
     /// tensor, computed in f64: `[mean (c), var (c)]`.
     fn channel_moments(x: &[f32], dims: &[usize]) -> (Vec<f32>, Vec<f32>) {
         let (n, c, hw) = (dims[0], dims[1], dims[2] * dims[3]);
         let count = (n * hw) as f64;
-        let mut mean = vec![0f32; c];
-        let mut var = vec![0f32; c];
-        for ci in 0..c {
-            let mut s = 0f64;
-            let mut ss = 0f64;
-            for b in 0..n {
-                for v in &x[(b * c + ci) * hw..(b * c + ci + 1) * hw] {
-                    s += f64::from(*v);
-                    ss += f64::from(*v) * f64::from(*v);
+        // One channel per task, its sum in a fixed order: the same on any
+        // number of threads.
+        (0..c)
+            .into_par_iter()
+            .map(|ci| {
+                let mut s = 0f64;
+                let mut ss = 0f64;
+                for b in 0..n {
+                    for v in &x[(b * c + ci) * hw..(b * c + ci + 1) * hw] {
+                        s += f64::from(*v);
+                        ss += f64::from(*v) * f64::from(*v);
+                    }
                 }
-            }
-            let m = s / count;
-            mean[ci] = m as f32;
-            var[ci] = (ss / count - m * m).max(0.0) as f32;
-        }
-        (mean, var)
+                let m = s / count;
+                (m as f32, (ss / count - m * m).max(0.0) as f32)
+            })
+            .unzip()
     }
 
     /// `[mean (c), var (c)]` of an NCHW tensor.
@@ -1333,16 +1729,29 @@ mod kernels {
             let (n, c, hw) = (dims[0], dims[1], dims[2] * dims[3]);
             let (mean, var) = self.moments(x, dims);
             let mut y = vec![0f32; x.len()];
-            for bi in 0..n {
-                for ci in 0..c {
-                    let r = 1.0 / (var[ci] + self.eps).sqrt();
-                    let (scale, shift) = (r * w[ci], b[ci] - mean[ci] * r * w[ci]);
-                    let at = (bi * c + ci) * hw;
-                    for (o, v) in y[at..at + hw].iter_mut().zip(&x[at..at + hw]) {
-                        *o = v * scale + shift;
-                    }
-                }
+            if n * c * hw == 0 {
+                return Ok((CpuStorage::F32(y), l1.shape().clone()));
             }
+            let affine: Vec<(f32, f32)> = (0..c)
+                .map(|ci| {
+                    let r = 1.0 / (var[ci] + self.eps).sqrt();
+                    (r * w[ci], b[ci] - mean[ci] * r * w[ci])
+                })
+                .collect();
+            // One image per task.
+            y.par_chunks_mut(c * hw)
+                .zip(x.par_chunks(c * hw))
+                .for_each(|(out, image)| {
+                    for (((scale, shift), o), v) in affine
+                        .iter()
+                        .zip(out.chunks_exact_mut(hw))
+                        .zip(image.chunks_exact(hw))
+                    {
+                        for (o, v) in o.iter_mut().zip(v) {
+                            *o = v * scale + shift;
+                        }
+                    }
+                });
             Ok((CpuStorage::F32(y), l1.shape().clone()))
         }
 
@@ -1400,34 +1809,54 @@ mod kernels {
             let mut out = vec![0f32; x.len() + 2 * c];
             let (dx, rest) = out.split_at_mut(x.len());
             let (dw, db) = rest.split_at_mut(c);
-            for ci in 0..c {
-                let r = 1.0 / (var[ci] + self.eps).sqrt();
-                let (mut sg, mut sgx) = (0f64, 0f64);
-                for bi in 0..n {
-                    let at = (bi * c + ci) * hw;
-                    for (gv, xv) in g[at..at + hw].iter().zip(&x[at..at + hw]) {
-                        sg += f64::from(*gv);
-                        sgx += f64::from(gv * (xv - mean[ci]) * r);
-                    }
-                }
-                dw[ci] = sgx as f32;
-                db[ci] = sg as f32;
-                let k = w[ci] * r;
-                for bi in 0..n {
-                    let at = (bi * c + ci) * hw;
-                    let (dxs, gs, xs) = (&mut dx[at..at + hw], &g[at..at + hw], &x[at..at + hw]);
-                    if self.stats.is_some() {
-                        for (d, gv) in dxs.iter_mut().zip(gs) {
-                            *d = k * gv;
-                        }
-                    } else {
-                        let (mg, mgx) = (sg as f32 / count, sgx as f32 / count);
-                        for ((d, gv), xv) in dxs.iter_mut().zip(gs).zip(xs) {
-                            let xhat = (xv - mean[ci]) * r;
-                            *d = k * (gv - mg - xhat * mgx);
+            // Per-channel sums, one channel per task in a fixed order (the
+            // same on any number of threads), then dx one image per task.
+            let r: Vec<f32> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
+            let sums: Vec<(f64, f64)> = (0..c)
+                .into_par_iter()
+                .map(|ci| {
+                    let (mut sg, mut sgx) = (0f64, 0f64);
+                    for bi in 0..n {
+                        let at = (bi * c + ci) * hw;
+                        for (gv, xv) in g[at..at + hw].iter().zip(&x[at..at + hw]) {
+                            sg += f64::from(*gv);
+                            sgx += f64::from(gv * (xv - mean[ci]) * r[ci]);
                         }
                     }
-                }
+                    (sg, sgx)
+                })
+                .collect();
+            for (ci, (sg, sgx)) in sums.iter().enumerate() {
+                dw[ci] = *sgx as f32;
+                db[ci] = *sg as f32;
+            }
+            if n * c * hw > 0 {
+                dx.par_chunks_mut(c * hw)
+                    .zip(g.par_chunks(c * hw))
+                    .zip(x.par_chunks(c * hw))
+                    .for_each(|((dimg, gimg), ximg)| {
+                        for ci in 0..c {
+                            let at = ci * hw;
+                            let (dxs, gs, xs) = (
+                                &mut dimg[at..at + hw],
+                                &gimg[at..at + hw],
+                                &ximg[at..at + hw],
+                            );
+                            let k = w[ci] * r[ci];
+                            if self.stats.is_some() {
+                                for (d, gv) in dxs.iter_mut().zip(gs) {
+                                    *d = k * gv;
+                                }
+                            } else {
+                                let (sg, sgx) = sums[ci];
+                                let (mg, mgx) = (sg as f32 / count, sgx as f32 / count);
+                                for ((d, gv), xv) in dxs.iter_mut().zip(gs).zip(xs) {
+                                    let xhat = (xv - mean[ci]) * r[ci];
+                                    *d = k * (gv - mg - xhat * mgx);
+                                }
+                            }
+                        }
+                    });
             }
             let len = out.len();
             Ok((CpuStorage::F32(out), Shape::from(len)))

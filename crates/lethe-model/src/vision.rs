@@ -1,17 +1,18 @@
 //! Image classifiers for classifier unlearning (SalUn) and dataset
 //! protection (error-minimising noise).
 //!
-//! * [`SmallCnn`]: conv3x3 → (batch norm) → ReLU → 2x2 max-pool blocks and a
-//!   linear head; configurable channels, input size and classes. CPU-sized.
+//! * [`SmallCnn`]: conv3x3 → (batch norm) → 2x2 max-pool → ReLU blocks (the
+//!   usual ReLU → pool, reordered: they commute) and a linear head;
+//!   configurable channels, input size and classes. CPU-sized.
 //! * [`ResNet18`]: the CIFAR variant (He et al. 2016; the layout of the
 //!   SalUn and kuangliu/pytorch-cifar code): 3x3 stem without max-pool, four
 //!   stages of two BasicBlocks, global average pool, linear head. PyTorch /
 //!   torchvision parameter names. Meant for the GPU; a narrow `width` makes
 //!   it CPU-testable.
 //!
-//! Convolution and batch norm come from [`crate::nn`] ([`nn::conv2d`],
-//! [`nn::batch_norm2d`]: fused CPU kernels with hand-written backward
-//! passes, primitive ops elsewhere) and max-pooling from
+//! Convolution, batch norm and ReLU come from [`crate::nn`] ([`nn::conv2d`],
+//! [`nn::batch_norm2d`], [`nn::relu`]: fused CPU kernels with hand-written
+//! backward passes, primitive ops elsewhere) and max-pooling from
 //! [`nn::max_pool2x2`] (candle's `max_pool2d` backward is wrong); running
 //! statistics are stored in the model's VarMap (so
 //! they are saved) but are not trainable. Both models keep their weights in
@@ -549,7 +550,10 @@ impl ImageClassifier for SmallCnn {
             if let Some(bn) = bn {
                 x = bn.forward(&x, mode)?;
             }
-            x = nn::max_pool2x2(&x.relu()?)?;
+            // Pooling first: max and ReLU commute (same values; the same
+            // gradient but where the window's maximum is exactly 0), and
+            // ReLU then runs on a quarter of the activations.
+            x = nn::relu(&nn::max_pool2x2(&x)?)?;
         }
         let x = x.flatten_from(1)?;
         linear(&x, &self.head)
@@ -587,13 +591,13 @@ struct BasicBlock {
 
 impl BasicBlock {
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let y = self.bn1.forward(&self.conv1.forward(x)?, mode)?.relu()?;
+        let y = nn::relu(&self.bn1.forward(&self.conv1.forward(x)?, mode)?)?;
         let y = self.bn2.forward(&self.conv2.forward(&y)?, mode)?;
         let shortcut = match &self.downsample {
             None => x.clone(),
             Some((conv, bn)) => bn.forward(&conv.forward(x)?, mode)?,
         };
-        Ok((y + shortcut)?.relu()?)
+        nn::relu(&(y + shortcut)?)
     }
 }
 
@@ -694,10 +698,7 @@ impl std::fmt::Debug for ResNet18 {
 impl ImageClassifier for ResNet18 {
     fn forward(&self, images: &Tensor, mode: Mode) -> Result<Tensor> {
         check_images(images, self.res.in_channels, None)?;
-        let mut x = self
-            .bn1
-            .forward(&self.conv1.forward(images)?, mode)?
-            .relu()?;
+        let mut x = nn::relu(&self.bn1.forward(&self.conv1.forward(images)?, mode)?)?;
         for block in &self.blocks {
             x = block.forward(&x, mode)?;
         }

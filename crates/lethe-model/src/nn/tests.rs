@@ -556,14 +556,22 @@ fn fused_token_log_probs_match_reference() {
 
 #[test]
 fn fused_conv2d_matches_candle_conv2d() {
-    for (cin, cout, k, stride, pad, size, bias) in [
-        (3, 4, 3, 1, 1, 8, true),
-        (4, 6, 3, 2, 1, 9, false),
-        (2, 3, 1, 2, 0, 8, false),
-        (3, 2, 5, 1, 0, 7, true),
+    for (n, cin, cout, k, stride, pad, size, bias) in [
+        (2, 3, 4, 3, 1, 1, 8, true),
+        (2, 4, 6, 3, 2, 1, 9, false),
+        (2, 2, 3, 1, 2, 0, 8, false),
+        (2, 3, 2, 5, 1, 0, 7, true),
+        // Padding wider than a tap reaches (rows and columns of pure
+        // padding), and a stride larger than the kernel's half.
+        (2, 2, 3, 3, 2, 2, 6, false),
+        (2, 2, 2, 5, 3, 2, 9, true),
+        // Pointwise (the image is its own column matrix).
+        (3, 4, 5, 1, 1, 0, 6, false),
+        // More images than one partial sum of the kernel gradient holds.
+        (19, 2, 3, 3, 1, 1, 5, false),
     ] {
         let mut inputs = vec![
-            randn(&[2, cin, size, size], 30),
+            randn(&[n, cin, size, size], 30),
             randn(&[cout, cin, k, k], 31),
         ];
         if bias {
@@ -592,6 +600,65 @@ fn fused_conv2d_matches_candle_conv2d() {
         1
     )
     .is_err());
+}
+
+#[test]
+fn fused_conv2d_differentiates_only_what_is_tracked() {
+    let x = Var::from_tensor(&randn(&[5, 3, 7, 7], 40)).unwrap();
+    let k = randn(&[4, 3, 3, 3], 41);
+    // A frozen kernel (a noise step): the input gradient only.
+    let loss = |x: &Tensor, k: &Tensor| {
+        (conv2d(x, k, None, 2, 1).unwrap() * randn(&[5, 4, 4, 4], 42))
+            .unwrap()
+            .sum_all()
+            .unwrap()
+    };
+    let grads = loss(x.as_tensor(), &k).backward().unwrap();
+    let reference = with_reference(|| loss(x.as_tensor(), &k).backward().unwrap());
+    let d = max_abs_diff(
+        grads.get(x.as_tensor()).unwrap(),
+        reference.get(x.as_tensor()).unwrap(),
+    );
+    assert!(
+        d < 1e-4,
+        "input gradient with a frozen kernel differs by {d}"
+    );
+    assert!(grads.get(&k).is_none());
+    // Untracked images (training): the kernel gradient only.
+    let kv = Var::from_tensor(&k).unwrap();
+    let images = x.as_tensor().detach();
+    let grads = loss(&images, kv.as_tensor()).backward().unwrap();
+    let reference = with_reference(|| loss(&images, kv.as_tensor()).backward().unwrap());
+    let d = max_abs_diff(
+        grads.get(kv.as_tensor()).unwrap(),
+        reference.get(kv.as_tensor()).unwrap(),
+    );
+    assert!(d < 1e-4, "kernel gradient with fixed images differs by {d}");
+    assert!(grads.get(&images).is_none());
+    // Nothing tracked: a plain value.
+    assert!(!conv2d(&images, &k, None, 1, 1).unwrap().track_op());
+}
+
+#[test]
+fn fused_relu_matches_candle_relu_and_its_gradient() {
+    // Zeros included: candle passes the gradient at 0, and so must we.
+    let x = Tensor::new(&[[-1.5f32, 0.0, 2.0], [0.25, -0.0, -3.0]], &dev()).unwrap();
+    let x = Tensor::cat(&[x, randn(&[2, 3], 43)], 0).unwrap();
+    let (out_f, g_f) = output_and_gradients(std::slice::from_ref(&x), |t| relu(&t[0]).unwrap());
+    let (out_r, g_r) = output_and_gradients(std::slice::from_ref(&x), |t| {
+        with_reference(|| relu(&t[0]).unwrap())
+    });
+    assert_eq!(
+        out_f.to_vec2::<f32>().unwrap(),
+        out_r.to_vec2::<f32>().unwrap()
+    );
+    assert_eq!(
+        g_f[0].to_vec2::<f32>().unwrap(),
+        g_r[0].to_vec2::<f32>().unwrap()
+    );
+    let g = g_f[0].to_vec2::<f32>().unwrap();
+    assert_eq!(g[0][0], 0.0, "a negative input passes no gradient");
+    assert_ne!(g[0][1], 0.0, "a zero input passes the gradient");
 }
 
 #[test]
