@@ -1098,6 +1098,27 @@ mod kernels {
             (lo.min(hi), hi)
         }
 
+        /// Length of the im2col buffer one thread needs (none for a
+        /// pointwise kernel).
+        fn buffer_len(&self) -> usize {
+            if self.is_pointwise() {
+                0
+            } else {
+                self.patch_len() * self.out_pixels()
+            }
+        }
+
+        /// The column matrix of `image`: the image itself for a pointwise
+        /// kernel, else its im2col written into `buffer`.
+        fn columns<'a>(&self, image: &'a [f32], buffer: &'a mut [f32]) -> &'a [f32] {
+            if self.is_pointwise() {
+                image
+            } else {
+                self.im2col(image, buffer);
+                buffer
+            }
+        }
+
         /// For kernel tap `(ki, kj)`, calls `f(oy, columns, ix0)` for every
         /// output row `oy`: `columns` is the range of output columns whose
         /// tap falls inside the image (empty when the tap's input row is
@@ -1320,14 +1341,9 @@ mod kernels {
             y.par_chunks_mut(co * p)
                 .zip(x.par_chunks((c * h * wd).max(1)))
                 .try_for_each_init(
-                    || vec![0f32; if g.is_pointwise() { 0 } else { k * p }],
-                    |cols, (out, image)| {
-                        let cols: &[f32] = if g.is_pointwise() {
-                            image
-                        } else {
-                            g.im2col(image, cols);
-                            cols
-                        };
+                    || vec![0f32; g.buffer_len()],
+                    |buffer, (out, image)| {
+                        let cols = g.columns(image, buffer);
                         matmul(
                             out,
                             false,
@@ -1408,62 +1424,52 @@ mod kernels {
                 )
             }
             let image_len = c * h * wd;
-            let mut out = Vec::with_capacity(
-                if self.input { x.len() } else { 0 } + if self.kernel { w.len() } else { 0 },
-            );
+            let dx_len = if self.input { x.len() } else { 0 };
+            let dw_len = if self.kernel { w.len() } else { 0 };
+            let mut out = vec![0f32; dx_len + dw_len];
+            if image_len == 0 || p == 0 {
+                // No output pixel: every gradient is zero.
+                let len = out.len();
+                return Ok((CpuStorage::F32(out), Shape::from(len)));
+            }
+            let (dx, dw) = out.split_at_mut(dx_len);
             if self.input {
-                let mut dx = vec![0f32; x.len()];
-                if image_len > 0 && p > 0 {
-                    dx.par_chunks_mut(image_len)
-                        .zip(g.par_chunks(co * p))
-                        .try_for_each_init(
-                            || vec![0f32; k * p],
-                            |gcols, (dst, gi)| {
-                                let wt = View::transposed(w, k);
-                                if geo.is_pointwise() {
-                                    return matmul(dst, false, (k, p, co), wt, View::rows(gi, p));
-                                }
-                                matmul(gcols, false, (k, p, co), wt, View::rows(gi, p))?;
-                                geo.col2im(gcols, dst);
-                                Ok(())
-                            },
-                        )?;
-                }
-                out.extend_from_slice(&dx);
+                dx.par_chunks_mut(image_len)
+                    .zip(g.par_chunks(co * p))
+                    .try_for_each_init(
+                        || vec![0f32; geo.buffer_len()],
+                        |gcols, (dst, gi)| {
+                            let wt = View::transposed(w, k);
+                            if geo.is_pointwise() {
+                                return matmul(dst, false, (k, p, co), wt, View::rows(gi, p));
+                            }
+                            matmul(gcols, false, (k, p, co), wt, View::rows(gi, p))?;
+                            geo.col2im(gcols, dst);
+                            Ok(())
+                        },
+                    )?;
             }
             if self.kernel {
-                let mut dw = vec![0f32; w.len()];
-                if image_len > 0 && p > 0 {
-                    let partials = x
-                        .par_chunks(image_len * IMAGES_PER_PARTIAL)
-                        .zip(g.par_chunks(co * p * IMAGES_PER_PARTIAL))
-                        .map_init(
-                            || vec![0f32; if geo.is_pointwise() { 0 } else { k * p }],
-                            |cols, (images, grads)| -> KResult<Vec<f32>> {
-                                let mut acc = vec![0f32; co * k];
-                                for (image, gi) in
-                                    images.chunks(image_len).zip(grads.chunks(co * p))
-                                {
-                                    let cols: &[f32] = if geo.is_pointwise() {
-                                        image
-                                    } else {
-                                        geo.im2col(image, cols);
-                                        cols
-                                    };
-                                    let ct = View::transposed(cols, p);
-                                    matmul(&mut acc, true, (co, k, p), View::rows(gi, p), ct)?;
-                                }
-                                Ok(acc)
-                            },
-                        )
-                        .collect::<KResult<Vec<_>>>()?;
-                    for part in &partials {
-                        for (d, v) in dw.iter_mut().zip(part) {
-                            *d += v;
-                        }
+                let partials = x
+                    .par_chunks(image_len * IMAGES_PER_PARTIAL)
+                    .zip(g.par_chunks(co * p * IMAGES_PER_PARTIAL))
+                    .map_init(
+                        || vec![0f32; geo.buffer_len()],
+                        |buffer, (images, grads)| -> KResult<Vec<f32>> {
+                            let mut acc = vec![0f32; co * k];
+                            for (image, gi) in images.chunks(image_len).zip(grads.chunks(co * p)) {
+                                let ct = View::transposed(geo.columns(image, buffer), p);
+                                matmul(&mut acc, true, (co, k, p), View::rows(gi, p), ct)?;
+                            }
+                            Ok(acc)
+                        },
+                    )
+                    .collect::<KResult<Vec<_>>>()?;
+                for part in &partials {
+                    for (d, v) in dw.iter_mut().zip(part) {
+                        *d += v;
                     }
                 }
-                out.extend_from_slice(&dw);
             }
             let len = out.len();
             Ok((CpuStorage::F32(out), Shape::from(len)))
