@@ -24,7 +24,8 @@ second (one forward+backward of one image = one image-step), the unit of
 The CNN is lethe-model's `SmallCnn`: per block conv3x3 (padding 1, no
 bias) -> batch norm -> 2x2 max-pool -> ReLU (pooling first, as lethe does:
 the two commute and ReLU then touches a quarter of the activations), then
-one linear layer on the flattened features. Random pixels: the timing does not depend on content.
+one linear layer on the flattened features. Random pixels: the timing
+does not depend on content.
 lethe's side is `bench_protect` on the CPU (`CANDLE_NUM_THREADS=1`,
 `RAYON_NUM_THREADS` = threads, its own defaults), read from the JSON it
 writes; each side is timed `--repeats` times and the fastest run kept.

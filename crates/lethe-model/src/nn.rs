@@ -1280,10 +1280,22 @@ mod kernels {
         Ok(())
     }
 
-    /// Images per partial sum of the kernel gradient: the partials are
-    /// added in a fixed order, so the sum is the same, bit for bit, on any
-    /// number of threads.
+    /// Images per partial sum of the kernel gradient, at least. The
+    /// partials depend only on the shapes and are added in a fixed order,
+    /// so the sum is the same, bit for bit, on any number of threads.
     const IMAGES_PER_PARTIAL: usize = 8;
+
+    /// Floats that the partial sums of one kernel gradient may hold
+    /// together (64 MiB): a wide kernel (ResNet-18's last stage, 2.4M
+    /// weights) gets fewer, larger partials instead of 64 copies.
+    pub(super) const PARTIALS_BUDGET: usize = 1 << 24;
+
+    /// Images per partial sum for `n` images and a kernel of `kernel_len`
+    /// weights.
+    pub(super) fn images_per_partial(n: usize, kernel_len: usize) -> usize {
+        let max_partials = (PARTIALS_BUDGET / kernel_len.max(1)).max(1);
+        IMAGES_PER_PARTIAL.max(n.div_ceil(max_partials))
+    }
 
     /// 2-D convolution `(x (n, c, h, w), weight (c_out, c, k_h, k_w)) ->
     /// (n, c_out, h_out, w_out)`, one image at a time: its im2col in a
@@ -1390,7 +1402,7 @@ mod kernels {
 
     /// `[dx, dw]` of [`Conv2d`] from `(x, weight, g)`, each only if asked
     /// for: `dx` image by image (`W^T g` then col2im), `dw = sum g cols^T`
-    /// in partial sums of [`IMAGES_PER_PARTIAL`] images.
+    /// in partial sums of [`images_per_partial`] images.
     struct Conv2dBwd {
         geometry: ConvGeometry,
         input: bool,
@@ -1450,9 +1462,10 @@ mod kernels {
                     )?;
             }
             if self.kernel {
+                let chunk = images_per_partial(n, w.len());
                 let partials = x
-                    .par_chunks(image_len * IMAGES_PER_PARTIAL)
-                    .zip(g.par_chunks(co * p * IMAGES_PER_PARTIAL))
+                    .par_chunks(image_len * chunk)
+                    .zip(g.par_chunks(co * p * chunk))
                     .map_init(
                         || vec![0f32; geo.buffer_len()],
                         |buffer, (images, grads)| -> KResult<Vec<f32>> {

@@ -640,6 +640,21 @@ fn fused_conv2d_differentiates_only_what_is_tracked() {
 }
 
 #[test]
+fn kernel_gradient_partials_stay_within_their_memory_budget() {
+    use kernels::{images_per_partial, PARTIALS_BUDGET};
+    // Small kernels (the CNNs): partials of 8 images.
+    assert_eq!(images_per_partial(512, 128 * 64 * 9), 8);
+    assert_eq!(images_per_partial(3, 128 * 64 * 9), 8);
+    // ResNet-18's widest kernel (512 x 512 x 3 x 3): fewer, larger partials.
+    let wide = 512 * 512 * 9;
+    let chunk = images_per_partial(512, wide);
+    assert!(chunk > 8);
+    assert!(512usize.div_ceil(chunk) * wide <= PARTIALS_BUDGET);
+    // A kernel larger than the budget: one partial.
+    assert_eq!(images_per_partial(100, PARTIALS_BUDGET + 1), 100);
+}
+
+#[test]
 fn fused_relu_matches_candle_relu_and_its_gradient() {
     // Zeros included: candle passes the gradient at 0, and so must we.
     let x = Tensor::new(&[[-1.5f32, 0.0, 2.0], [0.25, -0.0, -3.0]], &dev()).unwrap();
