@@ -324,7 +324,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Te
 /// a zero tensor and an addition, one of them the size of the whole
 /// batch's column matrix (with the fused ReLU, on the 2-core dev machine:
 /// lesions CNN noise steps 418 -> 990-1120 image-steps/s, ResNet-18 13 ->
-/// 29-31, peak memory of the protection eval 1.25 -> 0.37 GB;
+/// 29-31, peak memory of the protection eval 0.37 GB, 1.25 GB in an
+/// earlier run;
 /// `evals/results/protect-bench.json`). On the CPU for other types,
 /// candle's `conv2d`. On a GPU, candle's forward with a
 /// backward made of convolutions (module `conv_grad`), or what
@@ -1402,7 +1403,9 @@ mod kernels {
 
     /// `[dx, dw]` of [`Conv2d`] from `(x, weight, g)`, each only if asked
     /// for: `dx` image by image (`W^T g` then col2im), `dw = sum g cols^T`
-    /// in partial sums of [`images_per_partial`] images.
+    /// in partial sums of [`images_per_partial`] images. Each image's
+    /// im2col is built again here: a copy, cheap beside the products, where
+    /// keeping the forward's would hold the batch's column matrix.
     struct Conv2dBwd {
         geometry: ConvGeometry,
         input: bool,
@@ -1446,12 +1449,12 @@ mod kernels {
             }
             let (dx, dw) = out.split_at_mut(dx_len);
             if self.input {
+                let wt = View::transposed(w, k);
                 dx.par_chunks_mut(image_len)
                     .zip(g.par_chunks(co * p))
                     .try_for_each_init(
                         || vec![0f32; geo.buffer_len()],
                         |gcols, (dst, gi)| {
-                            let wt = View::transposed(w, k);
                             if geo.is_pointwise() {
                                 return matmul(dst, false, (k, p, co), wt, View::rows(gi, p));
                             }

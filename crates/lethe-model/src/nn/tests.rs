@@ -419,6 +419,15 @@ fn output_and_gradients(
     (out, gs)
 }
 
+/// Largest difference between the gradients of `t` in two stores.
+fn grad_diff(
+    a: &candle_core::backprop::GradStore,
+    b: &candle_core::backprop::GradStore,
+    t: &Tensor,
+) -> f32 {
+    max_abs_diff(a.get(t).unwrap(), b.get(t).unwrap())
+}
+
 fn check_fused(name: &str, inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Tensor, tol: f32) {
     let (out_f, g_f) = output_and_gradients(inputs, &f);
     let (out_r, g_r) = output_and_gradients(inputs, |ts| with_reference(|| f(ts)));
@@ -615,10 +624,7 @@ fn fused_conv2d_differentiates_only_what_is_tracked() {
     };
     let grads = loss(x.as_tensor(), &k).backward().unwrap();
     let reference = with_reference(|| loss(x.as_tensor(), &k).backward().unwrap());
-    let d = max_abs_diff(
-        grads.get(x.as_tensor()).unwrap(),
-        reference.get(x.as_tensor()).unwrap(),
-    );
+    let d = grad_diff(&grads, &reference, x.as_tensor());
     assert!(
         d < 1e-4,
         "input gradient with a frozen kernel differs by {d}"
@@ -629,10 +635,7 @@ fn fused_conv2d_differentiates_only_what_is_tracked() {
     let images = x.as_tensor().detach();
     let grads = loss(&images, kv.as_tensor()).backward().unwrap();
     let reference = with_reference(|| loss(&images, kv.as_tensor()).backward().unwrap());
-    let d = max_abs_diff(
-        grads.get(kv.as_tensor()).unwrap(),
-        reference.get(kv.as_tensor()).unwrap(),
-    );
+    let d = grad_diff(&grads, &reference, kv.as_tensor());
     assert!(d < 1e-4, "kernel gradient with fixed images differs by {d}");
     assert!(grads.get(&images).is_none());
     // Nothing tracked: a plain value.
@@ -778,10 +781,7 @@ fn conv_with_gemm_backward_matches_candle_conv2d() {
         .unwrap()
         .backward()
         .unwrap();
-    let d = max_abs_diff(
-        grads.get(x.as_tensor()).unwrap(),
-        reference.get(x.as_tensor()).unwrap(),
-    );
+    let d = grad_diff(&grads, &reference, x.as_tensor());
     assert!(
         d < 1e-4,
         "input gradient with a frozen kernel differs by {d}"
