@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""H100 comparison for `lethe protect`: one EM round on 50k 32x32 images,
-timed in PyTorch and in lethe (candle, CUDA build) from the same script.
+"""GPU comparison for `lethe protect` (H100 or H200): one EM round on 50k
+32x32 images, timed in PyTorch and in lethe (candle, CUDA build) from the
+same script.
 
 Not run on CPU CI (needs a CUDA GPU, PyTorch, and a `cuda` build of lethe).
 
@@ -18,7 +19,7 @@ on content; CIFAR-10 itself is not available offline).
 
 Usage:
   python3 crates/lethe-protect/bench_protect_torch.py [--images 50000]
-      [--steps 20] [--skip-lethe] [--out evals/results/protect-bench-h100.json]
+      [--steps 20] [--skip-lethe] [--out evals/results/protect-bench-gpu.json]
 
 The lethe side runs
   cargo run --release --features cuda -p lethe-protect --example bench_protect
@@ -181,7 +182,10 @@ def run_lethe(args, tf32=False, conv=None, check=False):
             out["lethe_predicted_full_round_s"] = round(predicted, 1)
             if predicted > args.budget_s:
                 images = max(args.probe_images, int(args.budget_s / per_image) // 512 * 512)
-        doc, wall = call(images)
+        # The CPU check runs once: with the probe when there is one.
+        doc, wall = call(images, check=check and not args.budget_s)
+        if "check_against_cpu" in doc:
+            out["check_against_cpu"] = doc["check_against_cpu"]
         lethe = doc["cifar_resnet18"]
         out["lethe"] = lethe
         out["lethe_images"] = images
@@ -206,7 +210,7 @@ def main():
                     help="lethe runs: strict|tf32, each optionally -candle (candle's conv2d and its "
                          "own backward) or -im2col (im2col from primitive ops); default: lethe's "
                          "conv2d with the convolution backward (LETHE_GPU_CONV unset)")
-    ap.add_argument("--out", default="evals/results/protect-bench-h100.json")
+    ap.add_argument("--out", default="evals/results/protect-bench-gpu.json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("a CUDA GPU is required")

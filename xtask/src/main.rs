@@ -44,7 +44,8 @@ enum Task {
         #[arg(long, default_value_t = 4)]
         clients: usize,
     },
-    /// Build `lethe` with CUDA kernels for an H100 (sm_90) on this machine.
+    /// Build `lethe` with CUDA kernels for an H100 or H200 (sm_90) on this
+    /// machine.
     CudaBuild {
         /// Build this example (of `--package`) instead of the `lethe` binary,
         /// e.g. `bench_protect` for the H100 comparison.
@@ -60,6 +61,10 @@ enum Task {
         /// against 2403 without it (two calls).
         #[arg(long)]
         cudnn: bool,
+        /// Build the unit-test binary of `--package` instead (its CUDA
+        /// tests run only on a GPU machine: carry it there and run it).
+        #[arg(long, conflicts_with = "example")]
+        tests: bool,
     },
 }
 
@@ -120,7 +125,15 @@ fn main() -> anyhow::Result<()> {
             example,
             package,
             cudnn,
-        } => cuda_build(&root, example.as_deref(), &package, cudnn),
+            tests,
+        } => {
+            let what = match (example.as_deref(), tests) {
+                (Some(e), _) => CudaTarget::Example(e),
+                (None, true) => CudaTarget::Tests,
+                (None, false) => CudaTarget::Cli,
+            };
+            cuda_build(&root, what, &package, cudnn)
+        }
     }
 }
 
@@ -258,12 +271,17 @@ fn cudnn_link_dir(base: &Path) -> anyhow::Result<PathBuf> {
     Ok(link)
 }
 
-fn cuda_build(
-    root: &Path,
-    example: Option<&str>,
-    package: &str,
-    cudnn: bool,
-) -> anyhow::Result<()> {
+/// What `cuda-build` builds.
+enum CudaTarget<'a> {
+    /// The `lethe` binary.
+    Cli,
+    /// An example of the package.
+    Example(&'a str),
+    /// The package's unit-test binary.
+    Tests,
+}
+
+fn cuda_build(root: &Path, what: CudaTarget<'_>, package: &str, cudnn: bool) -> anyhow::Result<()> {
     let base = root.join(".lethe/cuda");
     let wheels = base.join("wheels");
     let tk = base.join("toolkit");
@@ -320,10 +338,10 @@ fn cuda_build(
         std::env::var("PATH").unwrap_or_default()
     );
     let mut build = cargo();
-    build.args(["build", "--release"]);
-    match example {
-        Some(e) => build.args(["-p", package, "--example", e]),
-        None => build.args(["-p", "lethe-cli"]),
+    match what {
+        CudaTarget::Example(e) => build.args(["build", "--release", "-p", package, "--example", e]),
+        CudaTarget::Tests => build.args(["test", "--release", "--no-run", "--lib", "-p", package]),
+        CudaTarget::Cli => build.args(["build", "--release", "-p", "lethe-cli"]),
     };
     let mut library_path = format!("{}:{}", lib.display(), stubs.display());
     if cudnn {
@@ -341,9 +359,11 @@ fn cuda_build(
         .env("PATH", path)
         .env("CUDA_COMPUTE_CAP", "90")
         .env("LIBRARY_PATH", library_path))?;
-    let built = match example {
-        Some(e) => root.join("target/cuda/release/examples").join(e),
-        None => root.join("target/cuda/release/lethe"),
+    let built = match what {
+        CudaTarget::Example(e) => root.join("target/cuda/release/examples").join(e),
+        CudaTarget::Cli => root.join("target/cuda/release/lethe"),
+        // cargo printed the test executable's path above ("Executable ...").
+        CudaTarget::Tests => return Ok(()),
     };
     println!("built {}", built.display());
     Ok(())

@@ -138,7 +138,7 @@ fn open_cuda(ordinal: usize) -> Result<Device> {
 /// The memory stays with the process until it exits. On an H100 it is
 /// worth a few percent at most: candle's own convolution backward ran at
 /// 1463 image-steps/s with it against 1395-1406 without it (different
-/// calls; `evals/results/protect-bench-h100.json` runs 1, 3 and 4).
+/// calls; `evals/results/protect-bench-gpu.json` runs 1, 3 and 4).
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)] // two driver calls that cudarc exposes only as `unsafe`
 fn keep_freed_memory(device: &Device) -> std::result::Result<(), Box<dyn std::error::Error>> {

@@ -383,7 +383,7 @@ pub fn conv2d(
     if let Some(y) = direct {
         return match bias {
             None => Ok(y),
-            Some(b) => Ok(y.broadcast_add(&b.reshape((1, co, 1, 1))?)?),
+            Some(b) => channel_bias(&y, b),
         };
     }
     let cols = im2col_ops(x, (kh, kw), stride, padding, (oh, ow))?;
@@ -403,12 +403,15 @@ enum GpuConv {
     /// `conv_transpose2d` kernel for the input gradient. Measured on an
     /// H100 (TF32): 2403 image-steps/s against `Candle`'s 1463 in the same
     /// call; strict fp32: 2066; built with the `cudnn` feature (candle's
-    /// `conv2d`, so both directions here, on cuDNN): 3769.
+    /// `conv2d`, so both directions here, on cuDNN): 3769. With cuDNN's
+    /// algorithm asked once per shape, batch norm folded in evaluation and
+    /// lethe's CUDA ReLU and bias kernels, on an H200: 10 970 over a full
+    /// 50k-image round, PyTorch 38 222 in the same call (runs 9-10).
     Gemm,
     /// `LETHE_GPU_CONV=candle`: candle's `conv2d` and its own backward.
     /// Measured on an H100 (an EM round with a ResNet-18 surrogate, batch
     /// 512): 1406 image-steps/s; PyTorch's round on the same card, in
-    /// another call: about 32 800 (`evals/results/protect-bench-h100.json`).
+    /// another call: about 32 800 (`evals/results/protect-bench-gpu.json`).
     Candle,
     /// `LETHE_GPU_CONV=im2col`: im2col from primitive ops ([`im2col_ops`]),
     /// measured at 893 image-steps/s in the same call as `Candle`'s 1406:
@@ -558,6 +561,127 @@ pub fn batch_norm2d_reference(
         .broadcast_add(&bias.reshape(shape)?)?)
 }
 
+/// `x + b` per channel: `x` `(n, c, ...)`, `b` `(c)`.
+///
+/// On CUDA (f32) one kernel forward, none backward for `x` (its gradient is
+/// the output's) and a sum for a tracked `b` (module `cuda_kernels`);
+/// elsewhere candle's broadcast addition.
+pub fn channel_bias(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let dims = x.dims();
+    if dims.len() < 2 || b.dims() != [dims[1]] {
+        return Err(Error::InvalidArgument(format!(
+            "channel bias {:?} for an input {:?}",
+            b.dims(),
+            dims
+        )));
+    }
+    if on_gpu_kernels(&[x, b]) {
+        return Ok(x
+            .contiguous()?
+            .apply_op2(&b.contiguous()?, kernels::ChannelBias)?);
+    }
+    let mut shape = vec![1; dims.len()];
+    shape[1] = dims[1];
+    Ok(x.broadcast_add(&b.reshape(shape)?)?)
+}
+
+/// Whether `ts` run lethe's CUDA element-wise kernels (module
+/// `cuda_kernels`): built with `cuda`, all f32 on a CUDA device, and
+/// `LETHE_GPU_KERNELS` is not `off` (read once; `off` keeps candle's ops,
+/// for comparisons).
+fn on_gpu_kernels(ts: &[&Tensor]) -> bool {
+    if !cfg!(feature = "cuda") {
+        return false;
+    }
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on = *ON.get_or_init(|| match std::env::var("LETHE_GPU_KERNELS").as_deref() {
+        Ok("off") => false,
+        Ok("on") | Err(_) => true,
+        Ok(other) => {
+            tracing::warn!(value = other, "LETHE_GPU_KERNELS is not one of on, off: on");
+            true
+        }
+    });
+    on && ts
+        .iter()
+        .all(|t| t.device().is_cuda() && t.dtype() == DType::F32)
+}
+
+/// [`conv2d`] followed by [`batch_norm2d`] with fixed `(mean, var)`
+/// statistics (evaluation), with the same values and gradients up to
+/// rounding.
+///
+/// On the CPU (f32) it is exactly those two calls: the batch norm is one
+/// fused kernel there. Elsewhere the normalisation is folded into the
+/// convolution, `conv(x, W * s) + (beta - mean * s [+ b * s])` with
+/// `s = gamma / sqrt(var + eps)`, computed on `(c_out)`-sized tensors: one
+/// activation-sized node (the bias) instead of four (subtract, two
+/// multiplies, add), whose backward in candle costs about twenty
+/// activation-sized kernels (every edge gets a zero tensor and an
+/// addition, and a product computes both factors' gradients even for a
+/// frozen factor). Gradients still reach `gamma`, `beta` and the kernel
+/// through `s`. `LETHE_GPU_BN=ops` keeps the unfolded form (for
+/// comparisons).
+pub fn conv2d_batch_norm_eval(
+    x: &Tensor,
+    (conv_weight, conv_bias): (&Tensor, Option<&Tensor>),
+    stride: usize,
+    padding: usize,
+    (bn_weight, bn_bias): (&Tensor, &Tensor),
+    (mean, var): (&Tensor, &Tensor),
+    eps: f64,
+) -> Result<Tensor> {
+    let (co, _, _, _) = conv_weight.dims4()?;
+    for (what, t) in [
+        ("weight", bn_weight),
+        ("bias", bn_bias),
+        ("mean", mean),
+        ("variance", var),
+    ] {
+        if t.dims() != [co] {
+            return Err(Error::InvalidArgument(format!(
+                "batch norm {what} {:?} after a convolution with {co} output channels",
+                t.dims()
+            )));
+        }
+    }
+    if fused(&[x, conv_weight]) || !bn_fold_enabled() {
+        let y = conv2d(x, conv_weight, conv_bias, stride, padding)?;
+        return batch_norm2d(&y, bn_weight, bn_bias, Some((mean, var)), eps);
+    }
+    let scale = (bn_weight * (var + eps)?.sqrt()?.recip()?)?;
+    let mut shift = (bn_bias - (mean * &scale)?)?;
+    if let Some(b) = conv_bias {
+        if b.dims() != [co] {
+            return Err(Error::InvalidArgument(format!(
+                "conv2d bias {:?}, expected [{co}]",
+                b.dims()
+            )));
+        }
+        shift = (shift + (b * &scale)?)?;
+    }
+    let folded = conv_weight.broadcast_mul(&scale.reshape((co, 1, 1, 1))?)?;
+    conv2d(x, &folded, Some(&shift), stride, padding)
+}
+
+/// Whether [`conv2d_batch_norm_eval`] folds off the CPU: yes unless
+/// `LETHE_GPU_BN=ops`, read once. Tests fold whenever the fused kernels
+/// are off.
+fn bn_fold_enabled() -> bool {
+    static FOLD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FOLD.get_or_init(|| match std::env::var("LETHE_GPU_BN").as_deref() {
+        Ok("ops") => false,
+        Ok("fold") | Err(_) => true,
+        Ok(other) => {
+            tracing::warn!(
+                value = other,
+                "LETHE_GPU_BN is not one of fold, ops: folding"
+            );
+            true
+        }
+    })
+}
+
 /// Per-channel mean and biased variance of `x` `(n, c, h, w)` over
 /// `(n, h, w)`, as two `(c)` tensors without gradient.
 pub fn channel_stats(x: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -578,11 +702,12 @@ pub fn channel_stats(x: &Tensor) -> Result<(Tensor, Tensor)> {
 /// `max(x, 0)`, with candle's gradient convention (`x >= 0` passes the
 /// gradient, so a zero input does too).
 ///
-/// On the CPU (f32) one fused kernel whose backward is one pass; candle's
-/// `relu` backward builds a zero tensor, a comparison, a cast and a
-/// product before its accumulation, five passes over the activation.
+/// On the CPU (f32) one fused kernel whose backward is one pass, and the
+/// same on CUDA (f32, module `cuda_kernels`); candle's `relu` backward
+/// builds a zero tensor, a comparison, a cast and a product before its
+/// accumulation, five passes over the activation.
 pub fn relu(x: &Tensor) -> Result<Tensor> {
-    if fused(&[x]) {
+    if fused(&[x]) || on_gpu_kernels(&[x]) {
         return Ok(x.contiguous()?.apply_op1(kernels::Relu)?);
     }
     Ok(x.relu()?)
@@ -1630,6 +1755,15 @@ mod kernels {
             Ok((CpuStorage::F32(y), l.shape().clone()))
         }
 
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            s: &candle_core::CudaStorage,
+            l: &Layout,
+        ) -> KResult<(candle_core::CudaStorage, Shape)> {
+            super::cuda_kernels::relu(s, l)
+        }
+
         fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> KResult<Option<Tensor>> {
             Ok(Some(x.apply_op2_no_bwd(&g.contiguous()?, &ReluBwd)?))
         }
@@ -1670,6 +1804,86 @@ mod kernels {
                     }
                 });
             Ok((CpuStorage::F32(dx), l1.shape().clone()))
+        }
+
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            s1: &candle_core::CudaStorage,
+            l1: &Layout,
+            s2: &candle_core::CudaStorage,
+            l2: &Layout,
+        ) -> KResult<(candle_core::CudaStorage, Shape)> {
+            super::cuda_kernels::relu_bwd(s1, l1, s2, l2)
+        }
+    }
+
+    /// `x + b` for `x` `(n, c, ...)` and a per-channel `b` `(c)`; see
+    /// [`super::channel_bias`]. Backward: the output gradient itself for
+    /// `x` (no kernel), its sum over every axis but the channel for `b`,
+    /// and nothing for a `b` that is not tracked (candle's broadcast
+    /// addition accumulates an activation-sized gradient into it anyway).
+    pub(super) struct ChannelBias;
+
+    impl CustomOp2 for ChannelBias {
+        fn name(&self) -> &'static str {
+            "lethe-channel-bias"
+        }
+
+        fn cpu_fwd(
+            &self,
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+        ) -> KResult<(CpuStorage, Shape)> {
+            let dims = l1.shape().dims();
+            if dims.len() < 2 || l2.shape().dims() != [dims[1]] {
+                candle_core::bail!(
+                    "channel bias {:?} for an input {:?}",
+                    l2.shape().dims(),
+                    dims
+                )
+            }
+            let x = slice(s1, l1)?;
+            let b = slice(s2, l2)?;
+            let plane: usize = dims[2..].iter().product::<usize>().max(1);
+            let mut y = x.to_vec();
+            y.par_chunks_mut(plane).enumerate().for_each(|(i, out)| {
+                let bias = b[i % dims[1]];
+                for v in out {
+                    *v += bias;
+                }
+            });
+            Ok((CpuStorage::F32(y), l1.shape().clone()))
+        }
+
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            s1: &candle_core::CudaStorage,
+            l1: &Layout,
+            s2: &candle_core::CudaStorage,
+            l2: &Layout,
+        ) -> KResult<(candle_core::CudaStorage, Shape)> {
+            super::cuda_kernels::channel_bias(s1, l1, s2, l2)
+        }
+
+        fn bwd(
+            &self,
+            x: &Tensor,
+            b: &Tensor,
+            _y: &Tensor,
+            g: &Tensor,
+        ) -> KResult<(Option<Tensor>, Option<Tensor>)> {
+            let dx = x.track_op().then(|| g.clone());
+            let db = if b.track_op() {
+                let axes: Vec<usize> = (0..g.rank()).filter(|&a| a != 1).collect();
+                Some(g.sum(axes)?)
+            } else {
+                None
+            };
+            Ok((dx, db))
         }
     }
 
@@ -2151,6 +2365,10 @@ mod kernels {
 }
 
 mod conv_grad;
+#[cfg(feature = "cuda")]
+mod cuda_kernels;
+#[cfg(feature = "cudnn")]
+mod cudnn_algo;
 
 #[cfg(test)]
 pub(crate) mod tests;

@@ -392,21 +392,35 @@ const BN_MOMENTUM: f64 = 0.1;
 const BN_EPS: f64 = 1e-5;
 
 impl BatchNorm {
-    /// Training: batch statistics, running statistics updated (PyTorch's
-    /// momentum 0.1, unbiased variance). Evaluation: running statistics.
-    fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let (w, b) = (self.weight.tensor(), self.bias.tensor());
-        if !mode.is_train() {
-            // Running statistics are buffers, never trained: detached, so
-            // that an input gradient does not also reduce the activations'
-            // gradient to every statistic (on a GPU those reductions over
-            // (n, h, w) cost more than the convolutions).
-            let stats = (
-                self.running_mean.as_detached_tensor(),
-                self.running_var.as_detached_tensor(),
-            );
-            return nn::batch_norm2d(x, &w, &b, Some((&stats.0, &stats.1)), BN_EPS);
+    /// `self(conv(x))`. Training: batch statistics, running statistics
+    /// updated (PyTorch's momentum 0.1, unbiased variance). Evaluation: the
+    /// running statistics, folded into the convolution off the CPU
+    /// ([`nn::conv2d_batch_norm_eval`]). They are buffers, never trained:
+    /// read detached, so that an input gradient does not also reduce the
+    /// activations' gradient to every statistic (on a GPU those reductions
+    /// over `(n, h, w)` cost more than the convolutions).
+    fn after_conv(&self, conv: &Conv, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        if mode.is_train() {
+            return self.train_forward(&conv.forward(x)?);
         }
+        let conv_bias = conv.bias.as_ref().map(Param::tensor);
+        nn::conv2d_batch_norm_eval(
+            x,
+            (&conv.weight.tensor(), conv_bias.as_ref()),
+            conv.stride,
+            conv.padding,
+            (&self.weight.tensor(), &self.bias.tensor()),
+            (
+                &self.running_mean.as_detached_tensor(),
+                &self.running_var.as_detached_tensor(),
+            ),
+            BN_EPS,
+        )
+    }
+
+    /// Training mode on a convolution's output `x`.
+    fn train_forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (w, b) = (self.weight.tensor(), self.bias.tensor());
         let (mean, var) = nn::channel_stats(x)?;
         let (n, _, h, w_) = x.dims4()?;
         let count = (n * h * w_) as f64;
@@ -546,10 +560,10 @@ impl ImageClassifier for SmallCnn {
         check_images(images, self.cnn.in_channels, Some(self.cnn.image_size))?;
         let mut x = images.clone();
         for (conv, bn) in &self.blocks {
-            x = conv.forward(&x)?;
-            if let Some(bn) = bn {
-                x = bn.forward(&x, mode)?;
-            }
+            x = match bn {
+                Some(bn) => bn.after_conv(conv, &x, mode)?,
+                None => conv.forward(&x)?,
+            };
             // Pooling first: max and ReLU commute (same values; the same
             // gradient but where the window's maximum is exactly 0), and
             // ReLU then runs on a quarter of the activations.
@@ -591,11 +605,11 @@ struct BasicBlock {
 
 impl BasicBlock {
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let y = nn::relu(&self.bn1.forward(&self.conv1.forward(x)?, mode)?)?;
-        let y = self.bn2.forward(&self.conv2.forward(&y)?, mode)?;
+        let y = nn::relu(&self.bn1.after_conv(&self.conv1, x, mode)?)?;
+        let y = self.bn2.after_conv(&self.conv2, &y, mode)?;
         let shortcut = match &self.downsample {
             None => x.clone(),
-            Some((conv, bn)) => bn.forward(&conv.forward(x)?, mode)?,
+            Some((conv, bn)) => bn.after_conv(conv, x, mode)?,
         };
         nn::relu(&(y + shortcut)?)
     }
@@ -698,7 +712,7 @@ impl std::fmt::Debug for ResNet18 {
 impl ImageClassifier for ResNet18 {
     fn forward(&self, images: &Tensor, mode: Mode) -> Result<Tensor> {
         check_images(images, self.res.in_channels, None)?;
-        let mut x = nn::relu(&self.bn1.forward(&self.conv1.forward(images)?, mode)?)?;
+        let mut x = nn::relu(&self.bn1.after_conv(&self.conv1, images, mode)?)?;
         for block in &self.blocks {
             x = block.forward(&x, mode)?;
         }

@@ -25,7 +25,8 @@
 //! short digits protection on the CPU and the GPU and compares them
 //! (`check_against_cpu`). `--cifar-only --images N --steps K` runs just the
 //! CIFAR round (what `bench_protect_torch.py` calls on the H100); `--tf32`
-//! lets the GPU's f32 matrix products use TF32 tensor cores;
+//! lets the GPU's f32 matrix products use TF32 tensor cores; `--pgd-only`
+//! times noise steps alone on a GPU too (what a kernel profile wants);
 //! `BENCH_PGD_BATCH` sets the noise batch (default 512, PyTorch's).
 //! Threads as in `lethe-model`'s `bench_train`: unless set,
 //! `CANDLE_NUM_THREADS=1` and `RAYON_NUM_THREADS` = cores.
@@ -103,7 +104,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let cifar = random_rgb(cifar_images, 10, 7)?;
     let arch = Arch::Resnet18 { width: 64 };
-    let (mut c, rate) = if device == "cpu" {
+    // `--pgd-only`: noise steps alone on a GPU too (for profiling them).
+    let (mut c, rate) = if device == "cpu" || args.iter().any(|a| a == "--pgd-only") {
         let c = json!({ "pgd_only": pgd_only(&cifar, arch.clone(), cifar_steps, &device)? });
         let rate = c["pgd_only"]["pgd_image_steps_per_s"].as_f64();
         (c, rate)

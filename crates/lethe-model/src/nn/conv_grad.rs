@@ -8,7 +8,7 @@
 //! multiply-adds, and with candle's backward a whole PGD step took 0.37 s
 //! on an H100 (lethe 23.5x slower than PyTorch doing the same round).
 //! Measured on an H100 with this op (an EM round, ResNet-18 surrogate,
-//! batch 512, TF32; `evals/results/protect-bench-h100.json` run 4): 2403
+//! batch 512, TF32; `evals/results/protect-bench-gpu.json` run 4): 2403
 //! image-steps/s against 1463 with candle's backward in the same call,
 //! 1.64x; PyTorch in that call: 32 284 (lethe 13.4x slower, was 22-23x).
 //!
@@ -42,14 +42,30 @@ pub(crate) fn conv2d_gemm_backward(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
-    let y = x
-        .detach()
-        .conv2d(&kernel.detach(), padding, stride, 1, 1)?
-        .contiguous()?;
+    let y = gpu_conv2d(&x.detach(), &kernel.detach(), padding, stride, 1)?.contiguous()?;
     if !x.track_op() && !kernel.track_op() {
         return Ok(y);
     }
     Ok(x.apply_op3(kernel, &y, ConvGemmGrad { stride, padding })?)
+}
+
+/// candle's `conv2d` (one group), with cuDNN's algorithm asked once per
+/// shape when built with `cudnn` (module `cudnn_algo`).
+fn gpu_conv2d(
+    x: &Tensor,
+    kernel: &Tensor,
+    padding: usize,
+    stride: usize,
+    dilation: usize,
+) -> KResult<Tensor> {
+    #[cfg(feature = "cudnn")]
+    {
+        super::cudnn_algo::conv2d(x, kernel, padding, stride, dilation)
+    }
+    #[cfg(not(feature = "cudnn"))]
+    {
+        x.conv2d(kernel, padding, stride, dilation, 1)
+    }
 }
 
 /// The op: forward = a copy of the precomputed result, backward = two
@@ -172,12 +188,12 @@ fn input_gradient(
     let (ph, pw) = (kh - 1 - padding, kw - 1 - padding);
     let flipped = flip_spatial(&kernel)?.transpose(0, 1)?.contiguous()?;
     if ph == pw {
-        dilated.conv2d(&flipped, ph, 1, 1, 1)
+        gpu_conv2d(&dilated, &flipped, ph, 1, 1)
     } else {
-        dilated
+        let padded = dilated
             .pad_with_zeros(2, ph, ph)?
-            .pad_with_zeros(3, pw, pw)?
-            .conv2d(&flipped, 0, 1, 1, 1)
+            .pad_with_zeros(3, pw, pw)?;
+        gpu_conv2d(&padded, &flipped, 0, 1, 1)
     }
 }
 

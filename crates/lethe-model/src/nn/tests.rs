@@ -390,33 +390,13 @@ fn max_pool_routes_the_full_gradient_to_the_maximum() {
     assert!(max_pool2x2(&randn(&[1, 1, 3, 4], 1)).is_err());
 }
 
-/// Runs `f` on fresh Vars made from `inputs`, once with the fused kernels and
-/// once with the primitive ops, and checks that outputs and the gradients of
-/// `sum(out * probe)` w.r.t. every input agree.
 /// `f(inputs)` and the gradients of `sum(f(inputs) * probe)` (a fixed
 /// random probe) with respect to every input.
 fn output_and_gradients(
     inputs: &[Tensor],
     f: impl Fn(&[Tensor]) -> Tensor,
 ) -> (Tensor, Vec<Tensor>) {
-    let vars: Vec<Var> = inputs
-        .iter()
-        .map(|t| Var::from_tensor(t).unwrap())
-        .collect();
-    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-    let out = f(&ts);
-    let probe = randn(out.dims(), 99);
-    let grads = (&out * &probe)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    let gs: Vec<Tensor> = vars
-        .iter()
-        .map(|v| grads.get(v.as_tensor()).unwrap().clone())
-        .collect();
-    (out, gs)
+    output_and_gradients_on(&dev(), inputs, f)
 }
 
 /// Largest difference between the gradients of `t` in two stores.
@@ -428,6 +408,9 @@ fn grad_diff(
     max_abs_diff(a.get(t).unwrap(), b.get(t).unwrap())
 }
 
+/// Runs `f` on fresh Vars made from `inputs`, once with the fused kernels and
+/// once with the primitive ops, and checks that outputs and the gradients of
+/// `sum(out * probe)` w.r.t. every input agree.
 fn check_fused(name: &str, inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Tensor, tol: f32) {
     let (out_f, g_f) = output_and_gradients(inputs, &f);
     let (out_r, g_r) = output_and_gradients(inputs, |ts| with_reference(|| f(ts)));
@@ -792,6 +775,60 @@ fn conv_with_gemm_backward_matches_candle_conv2d() {
 }
 
 #[test]
+fn batch_norm_folded_into_the_convolution_matches_the_two_ops() {
+    // Off the CPU kernels (`with_reference`), evaluation-mode batch norm is
+    // folded into the convolution; on them it is conv2d + fused batch norm.
+    // Values and the gradients of the input, the kernel, both biases and
+    // the batch norm's scale agree.
+    let mean = Tensor::new(&[0.1f32, -0.2, 0.3, 0.0], &dev()).unwrap();
+    let var = Tensor::new(&[1.5f32, 0.5, 2.0, 0.01], &dev()).unwrap();
+    for (stride, padding, with_bias) in [(1, 1, false), (2, 1, true), (2, 0, false)] {
+        let inputs = [
+            randn(&[3, 2, 7, 7], 60),
+            randn(&[4, 2, 3, 3], 61),
+            randn(&[4], 62),
+            randn(&[4], 63),
+            randn(&[4], 64),
+        ];
+        check_fused(
+            &format!("conv-bn-eval stride {stride} padding {padding} bias {with_bias}"),
+            &inputs,
+            |t| {
+                let conv_bias = with_bias.then_some(&t[2]);
+                // Without a conv bias the third input is used elsewhere,
+                // so that every input has a gradient to compare.
+                let extra = if with_bias {
+                    t[3].clone()
+                } else {
+                    (&t[3] + &t[2]).unwrap()
+                };
+                conv2d_batch_norm_eval(
+                    &t[0],
+                    (&t[1], conv_bias),
+                    stride,
+                    padding,
+                    (&extra, &t[4]),
+                    (&mean, &var),
+                    1e-5,
+                )
+                .unwrap()
+            },
+            1e-4,
+        );
+    }
+    let x = randn(&[1, 2, 5, 5], 65);
+    let k = randn(&[4, 2, 3, 3], 66);
+    let bad = Tensor::new(&[1f32, 2.0], &dev()).unwrap();
+    for t in [
+        ((&bad, &mean), (&mean, &var)),
+        ((&mean, &mean), (&bad, &var)),
+    ] {
+        let e = conv2d_batch_norm_eval(&x, (&k, None), 1, 1, t.0, t.1, 1e-5).unwrap_err();
+        assert!(e.to_string().contains("4 output channels"), "{e}");
+    }
+}
+
+#[test]
 fn fused_batch_norm_matches_reference_in_both_modes() {
     let x = (randn(&[4, 3, 5, 5], 33) * 2.0)
         .unwrap()
@@ -814,4 +851,167 @@ fn fused_batch_norm_matches_reference_in_both_modes() {
     let (m, v) = channel_stats(&x).unwrap();
     let (mr, vr) = with_reference(|| channel_stats(&x).unwrap());
     assert!(max_abs_diff(&m, &mr) < 1e-5 && max_abs_diff(&v, &vr) < 1e-4);
+}
+
+#[test]
+fn channel_bias_op_matches_broadcast_addition_and_skips_a_frozen_bias() {
+    // The op CUDA runs (its CPU form here): values and gradients of a
+    // broadcast addition, and no gradient for an untracked bias.
+    let x = randn(&[2, 3, 4, 5], 70);
+    let b = randn(&[3], 71);
+    let reference = |t: &[Tensor]| {
+        t[0].broadcast_add(&t[1].reshape((1, 3, 1, 1)).unwrap())
+            .unwrap()
+    };
+    let op = |t: &[Tensor]| t[0].apply_op2(&t[1], kernels::ChannelBias).unwrap();
+    let (out_r, g_r) = output_and_gradients(&[x.clone(), b.clone()], reference);
+    let (out_o, g_o) = output_and_gradients(&[x.clone(), b.clone()], op);
+    assert_eq!(max_abs_diff(&out_r, &out_o), 0.0);
+    assert_eq!(max_abs_diff(&g_r[0], &g_o[0]), 0.0);
+    assert!(max_abs_diff(&g_r[1], &g_o[1]) < 1e-5);
+    assert!(is_nonzero(&g_o[1]));
+    let xv = Var::from_tensor(&x).unwrap();
+    let y = xv.as_tensor().apply_op2(&b, kernels::ChannelBias).unwrap();
+    let grads = y.sum_all().unwrap().backward().unwrap();
+    assert!(grads.get(&b).is_none());
+    assert!(grads.get(xv.as_tensor()).is_some());
+    assert!(channel_bias(&x, &randn(&[4], 72)).is_err());
+}
+
+/// [`output_and_gradients`] on `device`, the results brought back to the
+/// CPU.
+fn output_and_gradients_on(
+    device: &Device,
+    inputs: &[Tensor],
+    f: impl Fn(&[Tensor]) -> Tensor,
+) -> (Tensor, Vec<Tensor>) {
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(&t.to_device(device).unwrap()).unwrap())
+        .collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let out = f(&ts);
+    let probe = randn(out.dims(), 99).to_device(device).unwrap();
+    let grads = (&out * &probe)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let gs = vars
+        .iter()
+        .map(|v| grads.get(v.as_tensor()).unwrap().to_device(&dev()).unwrap())
+        .collect();
+    (out.to_device(&dev()).unwrap(), gs)
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_kernels_match_the_cpu() {
+    // Runs where a CUDA device is present (the `cuda` build is only run
+    // on such machines: it needs the driver to start at all).
+    let gpu = Device::new_cuda(0).expect("a CUDA device");
+    // Exact zeros in the input: the ReLU gradient passes there on both.
+    let x = randn(&[3, 4, 6, 6], 80)
+        .broadcast_mul(
+            &Tensor::new(&[1f32, 0.0, 1.0, 1.0], &dev())
+                .unwrap()
+                .reshape((1, 4, 1, 1))
+                .unwrap(),
+        )
+        .unwrap();
+    let b = randn(&[4], 81);
+    // Tolerances relative to the largest value: the element-wise kernels
+    // are exact; cuDNN may run the convolution in TF32 (10-bit mantissa).
+    type Case = (
+        &'static str,
+        f32,
+        Vec<Tensor>,
+        Box<dyn Fn(&[Tensor]) -> Tensor>,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "relu",
+            0.0,
+            vec![x.clone()],
+            Box::new(|t: &[Tensor]| relu(&t[0]).unwrap()),
+        ),
+        (
+            "channel bias",
+            1e-6,
+            vec![x.clone(), b.clone()],
+            Box::new(|t: &[Tensor]| channel_bias(&t[0], &t[1]).unwrap()),
+        ),
+        (
+            "conv + batch norm (eval)",
+            1e-2,
+            vec![
+                x.clone(),
+                randn(&[5, 4, 3, 3], 82),
+                randn(&[5], 83),
+                randn(&[5], 84),
+            ],
+            Box::new(|t: &[Tensor]| {
+                let d = t[0].device();
+                let mean = Tensor::new(&[0.1f32, -0.2, 0.3, 0.0, 0.5], d).unwrap();
+                let var = Tensor::new(&[1.5f32, 0.5, 2.0, 0.01, 1.0], d).unwrap();
+                relu(
+                    &conv2d_batch_norm_eval(
+                        &t[0],
+                        (&t[1], None),
+                        2,
+                        1,
+                        (&t[2], &t[3]),
+                        (&mean, &var),
+                        1e-5,
+                    )
+                    .unwrap(),
+                )
+                .unwrap()
+            }),
+        ),
+    ];
+    for (name, tol, inputs, f) in cases {
+        let (out_c, g_c) = output_and_gradients_on(&dev(), &inputs, &f);
+        let (out_g, g_g) = output_and_gradients_on(&gpu, &inputs, &f);
+        let d = max_abs_diff(&out_c, &out_g);
+        println!("{name}: output differs by {d}");
+        assert!(
+            d <= 1e-3 * max_abs(&out_c).max(1.0),
+            "{name}: output differs by {d}"
+        );
+        for (i, (c, g)) in g_c.iter().zip(&g_g).enumerate() {
+            let d = max_abs_diff(c, g);
+            println!("{name}: gradient {i} differs by {d}");
+            assert!(is_nonzero(c), "{name}: gradient {i} is zero");
+            assert!(
+                d <= tol * max_abs(c).max(1.0),
+                "{name}: gradient {i} differs by {d}"
+            );
+        }
+    }
+}
+
+#[cfg(feature = "cudnn")]
+#[test]
+fn cudnn_algorithm_asked_once_gives_candles_numbers() {
+    // The cached algorithm is the one candle's per-call heuristic picks:
+    // the same values bit for bit, first call (asked) and later (cached).
+    let gpu = Device::new_cuda(0).expect("a CUDA device");
+    for (x, k, padding, stride, dilation) in [
+        (vec![8, 16, 32, 32], vec![32, 16, 3, 3], 1, 1, 1),
+        (vec![8, 32, 32, 32], vec![64, 32, 3, 3], 1, 2, 1),
+        (vec![8, 32, 16, 16], vec![64, 32, 1, 1], 0, 2, 1),
+        (vec![4, 3, 9, 9], vec![5, 3, 3, 3], 0, 1, 2),
+    ] {
+        let x = randn(&x, 90).to_device(&gpu).unwrap();
+        let k = randn(&k, 91).to_device(&gpu).unwrap();
+        let candle = x.conv2d(&k, padding, stride, dilation, 1).unwrap();
+        for call in 0..2 {
+            let ours = cudnn_algo::conv2d(&x, &k, padding, stride, dilation).unwrap();
+            assert_eq!(ours.dims(), candle.dims());
+            let d = max_abs_diff(&ours, &candle);
+            assert_eq!(d, 0.0, "call {call}: {:?} differs by {d}", x.dims());
+        }
+    }
 }

@@ -55,7 +55,17 @@ fn loss_and_grads(
     x: &Tensor,
     y: &Tensor,
 ) -> (f32, Vec<(String, Option<Tensor>)>) {
-    let logits = model.forward(x, Mode::Train).unwrap();
+    loss_and_grads_in(model, x, y, Mode::Train)
+}
+
+/// [`loss_and_grads`] in `mode`.
+fn loss_and_grads_in(
+    model: &dyn ImageClassifier,
+    x: &Tensor,
+    y: &Tensor,
+    mode: Mode,
+) -> (f32, Vec<(String, Option<Tensor>)>) {
+    let logits = model.forward(x, mode).unwrap();
     let loss = nn::cross_entropy(&logits, y, None).unwrap();
     let grads = loss.backward().unwrap();
     let named = model
@@ -86,6 +96,24 @@ fn count_nonzero(
     let (_, grads) = loss_and_grads(model, x, y);
     let missing = zero_gradients(&grads);
     (grads.len() - missing.len(), grads.len(), missing)
+}
+
+/// Every parameter's gradient in `a` is within 1e-3 (relative to the
+/// largest entry, at least 1e-3) of the same parameter's in `b`.
+fn assert_same_gradients(
+    name: &str,
+    a: &[(String, Option<Tensor>)],
+    b: &[(String, Option<Tensor>)],
+) {
+    assert_eq!(a.len(), b.len(), "{name}: parameter counts");
+    for ((param, ga), (_, gb)) in a.iter().zip(b) {
+        let (ga, gb) = (ga.as_ref().unwrap(), gb.as_ref().unwrap());
+        let (d, scale) = (nn::tests::max_abs_diff(ga, gb), nn::tests::max_abs(gb));
+        assert!(
+            d <= 1e-3 * scale.max(1e-3),
+            "{name}: {param} differs by {d} (max {scale})"
+        );
+    }
 }
 
 #[test]
@@ -120,15 +148,53 @@ fn gpu_convolution_backward_trains_every_parameter_as_candles_does() {
             (l_gpu - l_ref).abs() < 1e-4,
             "{name}: loss {l_gpu} vs {l_ref}"
         );
-        for ((param, a), (_, b)) in g_gpu.iter().zip(&g_ref) {
-            let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
-            let d = nn::tests::max_abs_diff(a, b);
-            let scale = nn::tests::max_abs(b);
-            assert!(
-                d <= 1e-3 * scale.max(1e-3),
-                "{name}: {param} differs by {d} (max {scale})"
-            );
+        assert_same_gradients(name, &g_gpu, &g_ref);
+    }
+}
+
+#[test]
+fn evaluation_on_the_gpu_path_matches_the_cpu_kernels() {
+    // In evaluation the GPU path folds batch norm into the convolutions;
+    // the CPU runs convolution and batch norm as two kernels. Logits, the
+    // input gradient (what protection's noise steps use) and every
+    // parameter's gradient agree, with running statistics that are not
+    // the initial ones.
+    let resnet = ResNet18::new(small_resnet(), &dev(), 7).unwrap();
+    let cnn = SmallCnn::new(cnn_config(true), &dev(), 8).unwrap();
+    let x = images(4, 3, 16, 9);
+    for (name, model, y) in [
+        ("resnet", &resnet as &dyn ImageClassifier, labels(4, 4, 10)),
+        ("cnn", &cnn, labels(4, 5, 10)),
+    ] {
+        for seed in 0..3 {
+            let shifted = ((images(4, 3, 16, 20 + seed) * 2.0).unwrap() + 0.5).unwrap();
+            model.forward(&shifted, Mode::Train).unwrap();
         }
+        let cpu = model.forward(&x, Mode::Eval).unwrap();
+        let gpu = nn::tests::with_gpu_path(|| model.forward(&x, Mode::Eval).unwrap());
+        let d = nn::tests::max_abs_diff(&cpu, &gpu);
+        assert!(d < 1e-4, "{name}: logits differ by {d}");
+        let (_, g_cpu) = input_gradient(model, &x, &y, Mode::Eval).unwrap();
+        let (_, g_gpu) =
+            nn::tests::with_gpu_path(|| input_gradient(model, &x, &y, Mode::Eval).unwrap());
+        let (d, scale) = (
+            nn::tests::max_abs_diff(&g_cpu, &g_gpu),
+            nn::tests::max_abs(&g_cpu),
+        );
+        assert!(
+            scale > 0.0 && d <= 1e-3 * scale,
+            "{name}: input gradient differs by {d} (max {scale})"
+        );
+        let (l_cpu, p_cpu) = loss_and_grads_in(model, &x, &y, Mode::Eval);
+        let (l_gpu, p_gpu) =
+            nn::tests::with_gpu_path(|| loss_and_grads_in(model, &x, &y, Mode::Eval));
+        assert!(
+            (l_cpu - l_gpu).abs() < 1e-4,
+            "{name}: loss {l_cpu} vs {l_gpu}"
+        );
+        let missing = zero_gradients(&p_gpu);
+        assert!(missing.is_empty(), "{name}: {missing:?}");
+        assert_same_gradients(name, &p_gpu, &p_cpu);
     }
 }
 
@@ -435,5 +501,63 @@ fn cnn_learns_a_separable_task_with_masked_sgd() {
         if *m == 0 {
             assert_eq!(head_before[i].to_bits(), head_after[i].to_bits());
         }
+    }
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn models_on_cuda_match_the_cpu_in_training_and_evaluation() {
+    // Runs where a CUDA device is present (the `cuda` build needs the
+    // driver to start at all). The same seed builds the same weights on
+    // both devices; training-mode passes move the running statistics, then
+    // evaluation (batch norm folded into the convolutions, lethe's CUDA
+    // element-wise kernels) gives the same logits and input gradient.
+    // Tolerances allow for TF32 in cuDNN's convolutions.
+    let gpu = Device::new_cuda(0).expect("a CUDA device");
+    let x = images(4, 3, 16, 9);
+    for name in ["resnet", "cnn"] {
+        let build = |d: &Device| -> Box<dyn ImageClassifier> {
+            match name {
+                "resnet" => Box::new(ResNet18::new(small_resnet(), d, 7).unwrap()),
+                _ => Box::new(SmallCnn::new(cnn_config(true), d, 8).unwrap()),
+            }
+        };
+        let classes = if name == "resnet" { 4 } else { 5 };
+        let (cpu, cuda) = (build(&dev()), build(&gpu));
+        let y = labels(4, classes, 10);
+        for seed in 0..3 {
+            let shifted = ((images(4, 3, 16, 20 + seed) * 2.0).unwrap() + 0.5).unwrap();
+            cpu.forward(&shifted, Mode::Train).unwrap();
+            cuda.forward(&shifted.to_device(&gpu).unwrap(), Mode::Train)
+                .unwrap();
+        }
+        let (xg, yg) = (x.to_device(&gpu).unwrap(), y.to_device(&gpu).unwrap());
+        let l_cpu = cpu.forward(&x, Mode::Eval).unwrap();
+        let l_gpu = cuda
+            .forward(&xg, Mode::Eval)
+            .unwrap()
+            .to_device(&dev())
+            .unwrap();
+        let (d, scale) = (
+            nn::tests::max_abs_diff(&l_cpu, &l_gpu),
+            nn::tests::max_abs(&l_cpu),
+        );
+        println!("{name}: logits differ by {d} (max {scale})");
+        assert!(d <= 1e-2 * scale.max(1.0), "{name}: logits differ by {d}");
+        let (_, g_cpu) = input_gradient(cpu.as_ref(), &x, &y, Mode::Eval).unwrap();
+        let (_, g_gpu) = input_gradient(cuda.as_ref(), &xg, &yg, Mode::Eval).unwrap();
+        let g_gpu = g_gpu.to_device(&dev()).unwrap();
+        let (d, scale) = (
+            nn::tests::max_abs_diff(&g_cpu, &g_gpu),
+            nn::tests::max_abs(&g_cpu),
+        );
+        println!("{name}: input gradient differs by {d} (max {scale})");
+        assert!(
+            scale > 0.0 && d <= 2e-2 * scale,
+            "{name}: input gradient differs by {d}"
+        );
+        let (_, grads) = loss_and_grads_in(cuda.as_ref(), &xg, &yg, Mode::Eval);
+        let missing = zero_gradients(&grads);
+        assert!(missing.is_empty(), "{name}: {missing:?}");
     }
 }

@@ -1,0 +1,152 @@
+//! cuDNN's forward-convolution algorithm, asked once per convolution shape
+//! instead of on every call (feature `cudnn`).
+//!
+//! Why: candle's `conv2d` on a GPU asks cuDNN's heuristic
+//! (`cudnnGetConvolutionForwardAlgorithm_v7`) on every call, host time
+//! that public reports put at 70 us to over a millisecond per call, and a
+//! noise step of a ResNet-18 makes 40 convolutions (20 forward, 20 input
+//! gradients). An H200 profile of those steps (run 10 in
+//! `evals/results/protect-bench-gpu.json`) had the GPU busy about a
+//! third of the time. Here the heuristic runs once per (device, input
+//! shape, kernel shape, padding, stride, dilation) on the descriptors
+//! candle builds for the same call, and later calls hand its answer to
+//! `conv2d_with_algo`: the same algorithm, so the same numbers.
+//!
+//! `LETHE_CUDNN_ALGO_CACHE=off` (read once) asks on every call as candle
+//! does, for comparisons. Only contiguous f32 inputs use the cache (candle describes other
+//! layouts with their strides, which the key would have to carry);
+//! anything else, or any cuDNN error while asking, falls back to candle's
+//! `conv2d`, which asks on its own as before.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use candle_core::conv::CudnnFwdAlgo;
+use candle_core::cuda_backend::cudarc::cudnn::{sys, ConvForward, Cudnn};
+use candle_core::cuda_backend::DeviceId;
+use candle_core::{CudaDevice, DType, Device, Tensor};
+
+type KResult<T> = candle_core::Result<T>;
+
+/// What determines cuDNN's answer: device, input and kernel shapes,
+/// padding, stride, dilation.
+type Key = (DeviceId, [usize; 4], [usize; 4], usize, usize, usize);
+
+thread_local! {
+    /// One cuDNN handle per device and thread (as candle keeps its own).
+    static HANDLES: RefCell<HashMap<DeviceId, Arc<Cudnn>>> = RefCell::new(HashMap::new());
+}
+
+fn answers() -> &'static Mutex<HashMap<Key, Option<CudnnFwdAlgo>>> {
+    static ANSWERS: OnceLock<Mutex<HashMap<Key, Option<CudnnFwdAlgo>>>> = OnceLock::new();
+    ANSWERS.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// `x.conv2d(kernel, padding, stride, dilation, 1)`, with cuDNN's
+/// algorithm looked up once per shape on a CUDA device.
+pub(crate) fn conv2d(
+    x: &Tensor,
+    kernel: &Tensor,
+    padding: usize,
+    stride: usize,
+    dilation: usize,
+) -> KResult<Tensor> {
+    if let Device::Cuda(dev) = x.device() {
+        if enabled() && x.dtype() == DType::F32 && x.is_contiguous() && kernel.is_contiguous() {
+            let (xd, kd) = (x.dims4()?, kernel.dims4()?);
+            let key: Key = (
+                dev.id(),
+                [xd.0, xd.1, xd.2, xd.3],
+                [kd.0, kd.1, kd.2, kd.3],
+                padding,
+                stride,
+                dilation,
+            );
+            let known = answers()
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&key)
+                .copied();
+            let algo = match known {
+                Some(a) => a,
+                None => {
+                    let a = ask(dev, &key).ok();
+                    answers()
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(key, a);
+                    a
+                }
+            };
+            if let Some(algo) = algo {
+                return x.conv2d_with_algo(kernel, padding, stride, dilation, 1, Some(algo));
+            }
+        }
+    }
+    x.conv2d(kernel, padding, stride, dilation, 1)
+}
+
+/// Whether the cache is on: unless `LETHE_CUDNN_ALGO_CACHE=off`.
+fn enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("LETHE_CUDNN_ALGO_CACHE").as_deref() != Ok("off"))
+}
+
+/// cuDNN's heuristic answer for `key`, on the descriptors candle's
+/// `launch_conv2d::<f32, f32>` builds for a contiguous input.
+fn ask(dev: &CudaDevice, key: &Key) -> Result<CudnnFwdAlgo, String> {
+    let (_, x, k, padding, stride, dilation) = *key;
+    let cudnn = HANDLES.with(|h| -> Result<Arc<Cudnn>, String> {
+        if let Some(c) = h.borrow().get(&dev.id()) {
+            return Ok(c.clone());
+        }
+        let c = Cudnn::new(dev.cuda_stream()).map_err(|e| format!("{e:?}"))?;
+        h.borrow_mut().insert(dev.id(), c.clone());
+        Ok(c)
+    })?;
+    let int = |v: usize| i32::try_from(v).map_err(|_| format!("{v} does not fit cuDNN"));
+    let (p, s, d) = (int(padding)?, int(stride)?, int(dilation)?);
+    let span = |i: usize, kk: usize| (i + 2 * padding).checked_sub(dilation * (kk - 1) + 1);
+    let (Some(oh), Some(ow)) = (span(x[2], k[2]), span(x[3], k[3])) else {
+        return Err("kernel larger than the padded input".into());
+    };
+    let (oh, ow) = (oh / stride + 1, ow / stride + 1);
+    let e = |e: candle_core::cuda_backend::cudarc::cudnn::CudnnError| format!("{e:?}");
+    let conv = cudnn
+        .create_conv2d::<f32>(
+            [p, p],
+            [s, s],
+            [d, d],
+            sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+        )
+        .map_err(e)?;
+    let nchw = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+    let xdesc = cudnn
+        .create_4d_tensor::<f32>(nchw, [int(x[0])?, int(x[1])?, int(x[2])?, int(x[3])?])
+        .map_err(e)?;
+    let wdesc = cudnn
+        .create_4d_filter::<f32>(nchw, [int(k[0])?, int(k[1])?, int(k[2])?, int(k[3])?])
+        .map_err(e)?;
+    let ydesc = cudnn
+        .create_4d_tensor::<f32>(nchw, [int(x[0])?, int(k[0])?, int(oh)?, int(ow)?])
+        .map_err(e)?;
+    let forward = ConvForward {
+        conv: &conv,
+        x: &xdesc,
+        w: &wdesc,
+        y: &ydesc,
+    };
+    use sys::cudnnConvolutionFwdAlgo_t as A;
+    Ok(match forward.pick_algorithm().map_err(e)? {
+        A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM => CudnnFwdAlgo::ImplicitGemm,
+        A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM => CudnnFwdAlgo::ImplicitPrecompGemm,
+        A::CUDNN_CONVOLUTION_FWD_ALGO_GEMM => CudnnFwdAlgo::Gemm,
+        A::CUDNN_CONVOLUTION_FWD_ALGO_DIRECT => CudnnFwdAlgo::Direct,
+        A::CUDNN_CONVOLUTION_FWD_ALGO_FFT => CudnnFwdAlgo::Fft,
+        A::CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING => CudnnFwdAlgo::FftTiling,
+        A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD => CudnnFwdAlgo::Winograd,
+        A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED => CudnnFwdAlgo::WinogradNonFused,
+        other => return Err(format!("unknown cuDNN algorithm {other:?}")),
+    })
+}
