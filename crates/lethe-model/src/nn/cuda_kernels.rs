@@ -24,7 +24,8 @@ type KResult<T> = candle_core::Result<T>;
 /// The module's name in candle's per-device cache of custom modules.
 const MODULE: &str = "lethe_elementwise";
 
-/// One thread per element in a grid-stride loop (any length up to 2^32).
+/// A grid-stride loop over at most 2^31 elements ([`length`]), so that
+/// `i + blockDim.x * gridDim.x` cannot wrap around in 32 bits.
 const SOURCE: &str = r#"
 extern "C" __global__ void lethe_relu_f32(const unsigned int n, const float* x, float* y) {
     for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x) {
@@ -69,10 +70,13 @@ fn view<'a>(s: &'a CudaStorage, l: &Layout) -> KResult<cudarc::driver::CudaView<
     Ok(s.as_cuda_slice::<f32>()?.slice(a..b))
 }
 
+/// `n` as the kernels' 32-bit length: at most 2^31 (8 GiB of f32 in one
+/// tensor), else an error.
 fn length(n: usize) -> KResult<u32> {
-    u32::try_from(n).map_err(|_| {
-        candle_core::Error::Msg(format!("lethe CUDA kernel: {n} elements, at most 2^32 - 1"))
-    })
+    if n > 1 << 31 {
+        candle_core::bail!("lethe CUDA kernel: {n} elements, at most 2^31")
+    }
+    Ok(n as u32)
 }
 
 /// The length argument of a kernel over `n` elements and a new output of
