@@ -6,6 +6,7 @@
 //!   its JSON under `evals/results/`.
 //! * `cuda-build`: build the CUDA binary on a machine without a GPU, with
 //!   NVIDIA's toolkit from its Python wheels (cached under `.lethe/cuda`).
+//! * `gpu-bundle`: the CUDA builds a GPU session carries, in `gpu/`.
 //!
 //! All automation lives here, in Rust, rather than in shell scripts.
 
@@ -66,6 +67,13 @@ enum Task {
         #[arg(long, conflicts_with = "example")]
         tests: bool,
     },
+    /// Build what a GPU session runs, into the ignored `gpu/` folder: the
+    /// protection benchmark and `lethe-model`'s unit tests, both CUDA +
+    /// cuDNN builds, stripped and gzipped (the device tool carries at most
+    /// 64 MiB). On the GPU machine `python3
+    /// crates/lethe-protect/gpu_session.py` runs the CUDA tests, an A/B of
+    /// the GPU paths and the 50k-image EM round beside PyTorch.
+    GpuBundle,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -132,8 +140,11 @@ fn main() -> anyhow::Result<()> {
                 (None, true) => CudaTarget::Tests,
                 (None, false) => CudaTarget::Cli,
             };
-            cuda_build(&root, what, &package, cudnn)
+            let built = cuda_build(&root, what, &package, cudnn)?;
+            println!("built {}", built.display());
+            Ok(())
         }
+        Task::GpuBundle => gpu_bundle(&root),
     }
 }
 
@@ -281,7 +292,14 @@ enum CudaTarget<'a> {
     Tests,
 }
 
-fn cuda_build(root: &Path, what: CudaTarget<'_>, package: &str, cudnn: bool) -> anyhow::Result<()> {
+/// Builds `what` with CUDA (and cuDNN) under `target/cuda`; returns the
+/// executable.
+fn cuda_build(
+    root: &Path,
+    what: CudaTarget<'_>,
+    package: &str,
+    cudnn: bool,
+) -> anyhow::Result<PathBuf> {
     let base = root.join(".lethe/cuda");
     let wheels = base.join("wheels");
     let tk = base.join("toolkit");
@@ -340,14 +358,22 @@ fn cuda_build(root: &Path, what: CudaTarget<'_>, package: &str, cudnn: bool) -> 
     let mut build = cargo();
     match what {
         CudaTarget::Example(e) => build.args(["build", "--release", "-p", package, "--example", e]),
-        CudaTarget::Tests => build.args(["test", "--release", "--no-run", "--lib", "-p", package]),
+        CudaTarget::Tests => build.args([
+            "test",
+            "--release",
+            "--no-run",
+            "--lib",
+            "-p",
+            package,
+            "--message-format=json-render-diagnostics",
+        ]),
         CudaTarget::Cli => build.args(["build", "--release", "-p", "lethe-cli"]),
     };
     let mut library_path = format!("{}:{}", lib.display(), stubs.display());
     if cudnn {
         library_path = format!("{library_path}:{}", cudnn_link_dir(&base)?.display());
     }
-    run(build
+    build
         .args([
             "--features",
             if cudnn { "cuda,cudnn" } else { "cuda" },
@@ -358,14 +384,76 @@ fn cuda_build(root: &Path, what: CudaTarget<'_>, package: &str, cudnn: bool) -> 
         .env("CUDA_ROOT", &cu)
         .env("PATH", path)
         .env("CUDA_COMPUTE_CAP", "90")
-        .env("LIBRARY_PATH", library_path))?;
-    let built = match what {
-        CudaTarget::Example(e) => root.join("target/cuda/release/examples").join(e),
-        CudaTarget::Cli => root.join("target/cuda/release/lethe"),
-        // cargo printed the test executable's path above ("Executable ...").
-        CudaTarget::Tests => return Ok(()),
-    };
-    println!("built {}", built.display());
+        .env("LIBRARY_PATH", library_path);
+    Ok(match what {
+        CudaTarget::Example(e) => {
+            run(&mut build)?;
+            root.join("target/cuda/release/examples").join(e)
+        }
+        CudaTarget::Cli => {
+            run(&mut build)?;
+            root.join("target/cuda/release/lethe")
+        }
+        CudaTarget::Tests => test_executable(&output(&mut build)?)?,
+    })
+}
+
+/// The unit-test executable in the JSON messages of `cargo test --no-run
+/// --lib --message-format=json`.
+fn test_executable(messages: &str) -> anyhow::Result<PathBuf> {
+    for line in messages.lines() {
+        let Ok(m) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if m["reason"] == "compiler-artifact" && m["profile"]["test"] == true {
+            if let Some(exe) = m["executable"].as_str() {
+                return Ok(PathBuf::from(exe));
+            }
+        }
+    }
+    bail!("cargo reported no test executable")
+}
+
+/// `cargo xtask gpu-bundle`: see [`Task::GpuBundle`].
+fn gpu_bundle(root: &Path) -> anyhow::Result<()> {
+    let digits = root.join(".lethe/cache/sklearn-data/.complete");
+    if !digits.exists() {
+        bail!(
+            "{} is missing: the GPU check protects scikit-learn's digits; \
+             run `cargo xtask test` once to fetch them",
+            digits.display()
+        );
+    }
+    let bench = cuda_build(
+        root,
+        CudaTarget::Example("bench_protect"),
+        "lethe-protect",
+        true,
+    )?;
+    let tests = cuda_build(root, CudaTarget::Tests, "lethe-model", true)?;
+    let dir = root.join("gpu");
+    std::fs::create_dir_all(&dir)?;
+    for (exe, name) in [(bench, "bench_protect"), (tests, "lethe_model_tests")] {
+        let plain = dir.join(name);
+        let stripped = Command::new("strip")
+            .arg("-o")
+            .arg(&plain)
+            .arg(&exe)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !stripped {
+            std::fs::copy(&exe, &plain)?;
+        }
+        let gz = std::fs::File::create(dir.join(format!("{name}.gz")))?;
+        run(Command::new("gzip").arg("-9c").arg(&plain).stdout(gz))?;
+        std::fs::remove_file(&plain)?;
+    }
+    println!(
+        "bundled into {}. On the GPU machine (device tool `run`, carry \
+         [\"gpu\", \".lethe/cache/sklearn-data\"]): \
+         python3 crates/lethe-protect/gpu_session.py --out $OUT",
+        dir.display()
+    );
     Ok(())
 }
 
