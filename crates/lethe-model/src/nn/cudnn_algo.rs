@@ -5,18 +5,23 @@
 //! (`cudnnGetConvolutionForwardAlgorithm_v7`) on every call, host time
 //! that public reports put at 70 us to over a millisecond per call, and a
 //! noise step of a ResNet-18 makes 40 convolutions (20 forward, 20 input
-//! gradients). An H200 profile of those steps (run 10 in
-//! `evals/results/protect-bench-gpu.json`) had the GPU busy about a
-//! third of the time. Here the heuristic runs once per (device, input
-//! shape, kernel shape, padding, stride, dilation) on the descriptors
-//! candle builds for the same call, and later calls hand its answer to
-//! `conv2d_with_algo`: the same algorithm, so the same numbers.
+//! gradients). An H200 profile of those steps (run 9b in
+//! `evals/results/protect-bench-gpu.json`) found about 21 ms of kernel
+//! time in a 512-image step that took about 56 ms, with the SMs busy
+//! 59-71 % of the time: the host was the bound. Here the heuristic runs
+//! once per (device, input shape and strides, kernel shape, padding,
+//! stride, dilation) on the descriptors candle builds for the same call,
+//! and later calls hand its answer to `conv2d_with_algo`: the same
+//! algorithm, so the same numbers. Measured in run 10: 7078 -> 8592
+//! image-steps/s on an H200 (contiguous inputs only then; strided inputs,
+//! the dilated gradients of stride-2 convolutions, were added after the
+//! session's GPU time was spent and are untimed).
 //!
 //! `LETHE_CUDNN_ALGO_CACHE=off` (read once) asks on every call as candle
-//! does, for comparisons. Only contiguous f32 inputs use the cache (candle describes other
-//! layouts with their strides, which the key would have to carry);
-//! anything else, or any cuDNN error while asking, falls back to candle's
-//! `conv2d`, which asks on its own as before.
+//! does, for comparisons. f32 only, with a contiguous kernel (candle sends
+//! other kernels to its own im2col); a strided input is described with its
+//! strides, as candle describes it. Anything else, or any cuDNN error
+//! while asking, falls back to candle's `conv2d`, which asks on its own.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -29,9 +34,17 @@ use candle_core::{CudaDevice, DType, Device, Tensor};
 
 type KResult<T> = candle_core::Result<T>;
 
-/// What determines cuDNN's answer: device, input and kernel shapes,
-/// padding, stride, dilation.
-type Key = (DeviceId, [usize; 4], [usize; 4], usize, usize, usize);
+/// What determines cuDNN's answer: device, input shape, input strides
+/// (`None` when contiguous), kernel shape, padding, stride, dilation.
+type Key = (
+    DeviceId,
+    [usize; 4],
+    Option<[usize; 4]>,
+    [usize; 4],
+    usize,
+    usize,
+    usize,
+);
 
 thread_local! {
     /// One cuDNN handle per device and thread (as candle keeps its own).
@@ -53,11 +66,17 @@ pub(crate) fn conv2d(
     dilation: usize,
 ) -> KResult<Tensor> {
     if let Device::Cuda(dev) = x.device() {
-        if enabled() && x.dtype() == DType::F32 && x.is_contiguous() && kernel.is_contiguous() {
+        if enabled() && x.dtype() == DType::F32 && kernel.is_contiguous() {
             let (xd, kd) = (x.dims4()?, kernel.dims4()?);
+            let strides = match x.stride() {
+                _ if x.is_contiguous() => None,
+                &[a, b, c, d] => Some([a, b, c, d]),
+                _ => return x.conv2d(kernel, padding, stride, dilation, 1),
+            };
             let key: Key = (
                 dev.id(),
                 [xd.0, xd.1, xd.2, xd.3],
+                strides,
                 [kd.0, kd.1, kd.2, kd.3],
                 padding,
                 stride,
@@ -94,9 +113,9 @@ fn enabled() -> bool {
 }
 
 /// cuDNN's heuristic answer for `key`, on the descriptors candle's
-/// `launch_conv2d::<f32, f32>` builds for a contiguous input.
+/// `launch_conv2d::<f32, f32>` builds for the same call.
 fn ask(dev: &CudaDevice, key: &Key) -> Result<CudnnFwdAlgo, String> {
-    let (_, x, k, padding, stride, dilation) = *key;
+    let (_, x, strides, k, padding, stride, dilation) = *key;
     let cudnn = HANDLES.with(|h| -> Result<Arc<Cudnn>, String> {
         if let Some(c) = h.borrow().get(&dev.id()) {
             return Ok(c.clone());
@@ -122,9 +141,15 @@ fn ask(dev: &CudaDevice, key: &Key) -> Result<CudnnFwdAlgo, String> {
         )
         .map_err(e)?;
     let nchw = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
-    let xdesc = cudnn
-        .create_4d_tensor::<f32>(nchw, [int(x[0])?, int(x[1])?, int(x[2])?, int(x[3])?])
-        .map_err(e)?;
+    let dims = [int(x[0])?, int(x[1])?, int(x[2])?, int(x[3])?];
+    let xdesc = match strides {
+        None => cudnn.create_4d_tensor::<f32>(nchw, dims),
+        Some(s) => {
+            let s = [int(s[0])?, int(s[1])?, int(s[2])?, int(s[3])?];
+            cudnn.create_4d_tensor_ex::<f32>(dims, s)
+        }
+    }
+    .map_err(e)?;
     let wdesc = cudnn
         .create_4d_filter::<f32>(nchw, [int(k[0])?, int(k[1])?, int(k[2])?, int(k[3])?])
         .map_err(e)?;
