@@ -406,7 +406,7 @@ enum GpuConv {
     /// `conv2d`, so both directions here, on cuDNN): 3769. With cuDNN's
     /// algorithm asked once per shape, batch norm folded in evaluation and
     /// lethe's CUDA ReLU and bias kernels, on an H200: 10 970 over a full
-    /// 50k-image round, PyTorch 38 222 in the same call (runs 9-10).
+    /// 50k-image round, PyTorch 38 222 in the same call (run 10).
     Gemm,
     /// `LETHE_GPU_CONV=candle`: candle's `conv2d` and its own backward.
     /// Measured on an H100 (an EM round with a ResNet-18 surrogate, batch
@@ -620,8 +620,9 @@ fn on_gpu_kernels(ts: &[&Tensor]) -> bool {
 /// activation-sized kernels (every edge gets a zero tensor and an
 /// addition, and a product computes both factors' gradients even for a
 /// frozen factor). Gradients still reach `gamma`, `beta` and the kernel
-/// through `s`. `LETHE_GPU_BN=ops` keeps the unfolded form (for
-/// comparisons).
+/// through `s`. On an H200 (ResNet-18 noise steps, 4096 images, one
+/// call): 4297 -> 6240 image-steps/s (`evals/results/protect-bench-gpu.json`
+/// run 9). `LETHE_GPU_BN=ops` keeps the unfolded form (for comparisons).
 pub fn conv2d_batch_norm_eval(
     x: &Tensor,
     (conv_weight, conv_bias): (&Tensor, Option<&Tensor>),
