@@ -594,17 +594,10 @@ fn on_gpu_kernels(ts: &[&Tensor]) -> bool {
         return false;
     }
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let on = *ON.get_or_init(|| match std::env::var("LETHE_GPU_KERNELS").as_deref() {
-        Ok("off") => false,
-        Ok("on") | Err(_) => true,
-        Ok(other) => {
-            tracing::warn!(value = other, "LETHE_GPU_KERNELS is not one of on, off: on");
-            true
-        }
-    });
-    on && ts
-        .iter()
-        .all(|t| t.device().is_cuda() && t.dtype() == DType::F32)
+    *ON.get_or_init(|| env_switch("LETHE_GPU_KERNELS", "on", "off"))
+        && ts
+            .iter()
+            .all(|t| t.device().is_cuda() && t.dtype() == DType::F32)
 }
 
 /// [`conv2d`] followed by [`batch_norm2d`] with fixed `(mean, var)`
@@ -670,17 +663,22 @@ pub fn conv2d_batch_norm_eval(
 /// are off.
 fn bn_fold_enabled() -> bool {
     static FOLD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *FOLD.get_or_init(|| match std::env::var("LETHE_GPU_BN").as_deref() {
-        Ok("ops") => false,
-        Ok("fold") | Err(_) => true,
+    *FOLD.get_or_init(|| env_switch("LETHE_GPU_BN", "fold", "ops"))
+}
+
+/// An on/off comparison switch read from the environment variable `var`:
+/// unset or `on` means on, `off` means off, anything else is warned about
+/// and means on. Callers read it once.
+pub(crate) fn env_switch(var: &str, on: &str, off: &str) -> bool {
+    match std::env::var(var) {
+        Err(_) => true,
+        Ok(v) if v == on => true,
+        Ok(v) if v == off => false,
         Ok(other) => {
-            tracing::warn!(
-                value = other,
-                "LETHE_GPU_BN is not one of fold, ops: folding"
-            );
+            tracing::warn!(value = other, "{var} is not one of {on}, {off}: {on}");
             true
         }
-    })
+    }
 }
 
 /// Per-channel mean and biased variance of `x` `(n, c, h, w)` over
@@ -2368,7 +2366,6 @@ mod kernels {
 mod conv_grad;
 #[cfg(feature = "cuda")]
 mod cuda_kernels;
-#[cfg(feature = "cudnn")]
 mod cudnn_algo;
 
 #[cfg(test)]

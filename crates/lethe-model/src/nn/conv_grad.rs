@@ -42,30 +42,12 @@ pub(crate) fn conv2d_gemm_backward(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
-    let y = gpu_conv2d(&x.detach(), &kernel.detach(), padding, stride, 1)?.contiguous()?;
+    let y = super::cudnn_algo::conv2d(&x.detach(), &kernel.detach(), padding, stride, 1)?
+        .contiguous()?;
     if !x.track_op() && !kernel.track_op() {
         return Ok(y);
     }
     Ok(x.apply_op3(kernel, &y, ConvGemmGrad { stride, padding })?)
-}
-
-/// candle's `conv2d` (one group), with cuDNN's algorithm asked once per
-/// shape when built with `cudnn` (module `cudnn_algo`).
-fn gpu_conv2d(
-    x: &Tensor,
-    kernel: &Tensor,
-    padding: usize,
-    stride: usize,
-    dilation: usize,
-) -> KResult<Tensor> {
-    #[cfg(feature = "cudnn")]
-    {
-        super::cudnn_algo::conv2d(x, kernel, padding, stride, dilation)
-    }
-    #[cfg(not(feature = "cudnn"))]
-    {
-        x.conv2d(kernel, padding, stride, dilation, 1)
-    }
 }
 
 /// The op: forward = a copy of the precomputed result, backward = two
@@ -188,12 +170,12 @@ fn input_gradient(
     let (ph, pw) = (kh - 1 - padding, kw - 1 - padding);
     let flipped = flip_spatial(&kernel)?.transpose(0, 1)?.contiguous()?;
     if ph == pw {
-        gpu_conv2d(&dilated, &flipped, ph, 1, 1)
+        super::cudnn_algo::conv2d(&dilated, &flipped, ph, 1, 1)
     } else {
         let padded = dilated
             .pad_with_zeros(2, ph, ph)?
             .pad_with_zeros(3, pw, pw)?;
-        gpu_conv2d(&padded, &flipped, 0, 1, 1)
+        super::cudnn_algo::conv2d(&padded, &flipped, 0, 1, 1)
     }
 }
 
