@@ -82,7 +82,7 @@ fn main() -> anyhow::Result<()> {
     std::env::set_current_dir(&root)?;
     match cli.task {
         Task::Test { args } => {
-            run(cargo().args(["run", "-q", "-p", "lethe-cli", "--", "fetch"]))?;
+            fetch_models()?;
             run(cargo().args(["test", "--workspace"]).args(args))
         }
         Task::Bench {
@@ -115,7 +115,7 @@ fn main() -> anyhow::Result<()> {
                 "evals/results/labels-bench.json",
             ])),
             "protect" => {
-                run(cargo().args(["run", "-q", "-p", "lethe-cli", "--", "fetch"]))?;
+                fetch_models()?;
                 run(cargo()
                     .args([
                         "run",
@@ -159,6 +159,11 @@ pub(crate) fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
+/// `lethe fetch`: every model and dataset asset into the cache (idempotent).
+fn fetch_models() -> anyhow::Result<()> {
+    run(cargo().args(["run", "-q", "-p", "lethe-cli", "--", "fetch"]))
+}
+
 pub(crate) fn run(cmd: &mut Command) -> anyhow::Result<()> {
     let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
     if !status.success() {
@@ -178,7 +183,7 @@ fn output(cmd: &mut Command) -> anyhow::Result<String> {
 /// Runs the inference and training benchmarks and merges them into
 /// `evals/results/lm.json` with a `summary` of the four headline numbers.
 fn bench_lm(root: &Path) -> anyhow::Result<()> {
-    run(cargo().args(["run", "-q", "-p", "lethe-cli", "--", "fetch"]))?;
+    fetch_models()?;
     let infer = output(cargo().args([
         "run",
         "-q",
@@ -416,14 +421,8 @@ fn test_executable(messages: &str) -> anyhow::Result<PathBuf> {
 
 /// `cargo xtask gpu-bundle`: see [`Task::GpuBundle`].
 fn gpu_bundle(root: &Path) -> anyhow::Result<()> {
-    let digits = root.join(".lethe/cache/sklearn-data/.complete");
-    if !digits.exists() {
-        bail!(
-            "{} is missing: the GPU check protects scikit-learn's digits; \
-             run `cargo xtask test` once to fetch them",
-            digits.display()
-        );
-    }
+    // The GPU check protects scikit-learn's digits, carried from the cache.
+    fetch_models()?;
     let bench = cuda_build(
         root,
         CudaTarget::Example("bench_protect"),
