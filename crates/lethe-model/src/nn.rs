@@ -1824,6 +1824,20 @@ mod kernels {
     /// addition accumulates an activation-sized gradient into it anyway).
     pub(super) struct ChannelBias;
 
+    /// `(c, plane)` of [`ChannelBias`]'s operands: `x` `(n, c, ...)` with
+    /// `plane` elements per channel, `b` `(c)`.
+    pub(super) fn channel_bias_dims(x: &Layout, b: &Layout) -> KResult<(usize, usize)> {
+        let dims = x.shape().dims();
+        if dims.len() < 2 || b.shape().dims() != [dims[1]] {
+            candle_core::bail!(
+                "channel bias {:?} for an input {:?}",
+                b.shape().dims(),
+                dims
+            )
+        }
+        Ok((dims[1], dims[2..].iter().product::<usize>().max(1)))
+    }
+
     impl CustomOp2 for ChannelBias {
         fn name(&self) -> &'static str {
             "lethe-channel-bias"
@@ -1836,20 +1850,12 @@ mod kernels {
             s2: &CpuStorage,
             l2: &Layout,
         ) -> KResult<(CpuStorage, Shape)> {
-            let dims = l1.shape().dims();
-            if dims.len() < 2 || l2.shape().dims() != [dims[1]] {
-                candle_core::bail!(
-                    "channel bias {:?} for an input {:?}",
-                    l2.shape().dims(),
-                    dims
-                )
-            }
+            let (c, plane) = channel_bias_dims(l1, l2)?;
             let x = slice(s1, l1)?;
             let b = slice(s2, l2)?;
-            let plane: usize = dims[2..].iter().product::<usize>().max(1);
             let mut y = x.to_vec();
             y.par_chunks_mut(plane).enumerate().for_each(|(i, out)| {
-                let bias = b[i % dims[1]];
+                let bias = b[i % c];
                 for v in out {
                     *v += bias;
                 }

@@ -157,16 +157,8 @@ pub(super) fn channel_bias(
     sb: &CudaStorage,
     lb: &Layout,
 ) -> KResult<(CudaStorage, Shape)> {
-    let dims = lx.shape().dims();
-    if dims.len() < 2 || lb.shape().dims() != [dims[1]] {
-        candle_core::bail!(
-            "channel bias {:?} for an input {:?}",
-            lb.shape().dims(),
-            dims
-        )
-    }
-    let hw: usize = dims[2..].iter().product();
-    let (c, hw) = (length(dims[1])?, length(hw.max(1))?);
+    let (c, hw) = super::kernels::channel_bias_dims(lx, lb)?;
+    let (c, hw) = (length(c)?, length(hw)?);
     let (x, bias) = (view(sx, lx)?, view(sb, lb)?);
     let dev = sx.device();
     let func = dev.get_or_load_custom_func("lethe_channel_bias_f32", MODULE, ptx()?)?;
