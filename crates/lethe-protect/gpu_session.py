@@ -8,11 +8,11 @@ this runs there, into `gpu/`).
    algorithm cache);
 2. an A/B of the GPU paths on `--ab-images` images, each beside PyTorch in
    the same call (`bench_protect_torch.py`): the default, with the CPU check
-   of a short digits protection, then the path of run 8 (environment
-   switches off: LETHE_CUDNN_ALGO_CACHE, LETHE_GPU_KERNELS, LETHE_GPU_BN);
+   of a short digits protection, then autograd input gradients
+   (LETHE_FROZEN_GRAD=off: the path of run 10);
 3. the EM round on `--images` (50 000) images beside PyTorch, on the default
-   path if the tests passed, else on the run-8 path; within what is left
-   of `--budget-s`.
+   path if the tests passed, else on the autograd path; within what is
+   left of `--budget-s`.
 
 Results: `OUT/tests.txt`, `OUT/ab_*.json`, `OUT/round.json` and a summary
 `OUT/session.json`. Merge what matters into
@@ -33,11 +33,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RUN_8_PATH = {
-    "LETHE_CUDNN_ALGO_CACHE": "off",
-    "LETHE_GPU_KERNELS": "off",
-    "LETHE_GPU_BN": "ops",
-}
+AUTOGRAD_PATH = {"LETHE_FROZEN_GRAD": "off"}
 CUDA_TESTS = ["cuda_kernels_match", "models_on_cuda", "cudnn_algorithm"]
 
 
@@ -111,7 +107,7 @@ def main():
     compare = [sys.executable, os.path.join(HERE, "bench_protect_torch.py"),
                "--lethe-bin", bench, "--variants", "tf32"]
     session["ab"] = {}
-    for name, extra, check in [("default", {}, True), ("run_8_path", RUN_8_PATH, False)]:
+    for name, extra, check in [("default", {}, True), ("autograd_path", AUTOGRAD_PATH, False)]:
         out = os.path.join(args.out, f"ab_{name}.json")
         cmd = compare + ["--images", str(args.ab_images), "--out", out] + (["--check"] if check else [])
         try:
@@ -133,8 +129,8 @@ def main():
         print(name, json.dumps(session["ab"][name])[:600], flush=True)
 
     # 3. The full round, on what is left of the budget.
-    path = {} if tests_ok else RUN_8_PATH
-    session["round_path"] = "default" if tests_ok else "run_8_path (CUDA tests failed)"
+    path = {} if tests_ok else AUTOGRAD_PATH
+    session["round_path"] = "default" if tests_ok else "autograd_path (CUDA tests failed)"
     out = os.path.join(args.out, "round.json")
     try:
         proc = subprocess.run(compare + ["--images", str(args.images), "--out", out],

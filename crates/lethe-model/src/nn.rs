@@ -36,6 +36,10 @@
 //! gradients with respect to every input match the reference (to 1e-5, or
 //! 1e-4 for the convolution and batch norm).
 //!
+//! Input gradients through frozen weights skip the graph altogether:
+//! module `frozen` calls the backward kernels directly, for
+//! `vision::FrozenClassifier`.
+//!
 //! `log_sum_exp` detaches the *maximum* that only stabilises its
 //! exponential. The value is shift-invariant there, so the exact gradient
 //! through the maximum is zero: detaching changes no gradient and saves a
@@ -406,7 +410,11 @@ enum GpuConv {
     /// `conv2d`, so both directions here, on cuDNN): 3769. With cuDNN's
     /// algorithm asked once per shape, batch norm folded in evaluation and
     /// lethe's CUDA ReLU and bias kernels, on an H200: 10 970 over a full
-    /// 50k-image round, PyTorch 38 222 in the same call (run 10).
+    /// 50k-image round, PyTorch 38 222 in the same call (run 10); with the
+    /// noise steps' input gradients chained by hand (module `frozen`),
+    /// 16 405 against PyTorch's 38 101 (run 11); with lethe-protect's
+    /// noise update parallel on the host and a closed-form loss gradient,
+    /// 19 067 against 38 124 (run 13).
     Gemm,
     /// `LETHE_GPU_CONV=candle`: candle's `conv2d` and its own backward.
     /// Measured on an H100 (an EM round with a ResNet-18 surrogate, batch
@@ -625,6 +633,27 @@ pub fn conv2d_batch_norm_eval(
     (mean, var): (&Tensor, &Tensor),
     eps: f64,
 ) -> Result<Tensor> {
+    check_batch_norm_after(conv_weight, (bn_weight, bn_bias), (mean, var))?;
+    if fused(&[x, conv_weight]) || !bn_fold_enabled() {
+        let y = conv2d(x, conv_weight, conv_bias, stride, padding)?;
+        return batch_norm2d(&y, bn_weight, bn_bias, Some((mean, var)), eps);
+    }
+    let (folded, shift) = fold_batch_norm(
+        (conv_weight, conv_bias),
+        (bn_weight, bn_bias),
+        (mean, var),
+        eps,
+    )?;
+    conv2d(x, &folded, Some(&shift), stride, padding)
+}
+
+/// Checks that batch norm's four `(c)` tensors fit the output channels of
+/// `conv_weight`, and returns that count.
+fn check_batch_norm_after(
+    conv_weight: &Tensor,
+    (bn_weight, bn_bias): (&Tensor, &Tensor),
+    (mean, var): (&Tensor, &Tensor),
+) -> Result<usize> {
     let (co, _, _, _) = conv_weight.dims4()?;
     for (what, t) in [
         ("weight", bn_weight),
@@ -639,10 +668,19 @@ pub fn conv2d_batch_norm_eval(
             )));
         }
     }
-    if fused(&[x, conv_weight]) || !bn_fold_enabled() {
-        let y = conv2d(x, conv_weight, conv_bias, stride, padding)?;
-        return batch_norm2d(&y, bn_weight, bn_bias, Some((mean, var)), eps);
-    }
+    Ok(co)
+}
+
+/// The kernel `W * s` and bias `beta - mean * s [+ b * s]` of a convolution
+/// with batch norm folded in (`s = gamma / sqrt(var + eps)`), checked for
+/// shape; see [`conv2d_batch_norm_eval`].
+pub(crate) fn fold_batch_norm(
+    (conv_weight, conv_bias): (&Tensor, Option<&Tensor>),
+    (bn_weight, bn_bias): (&Tensor, &Tensor),
+    (mean, var): (&Tensor, &Tensor),
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    let co = check_batch_norm_after(conv_weight, (bn_weight, bn_bias), (mean, var))?;
     let scale = (bn_weight * (var + eps)?.sqrt()?.recip()?)?;
     let mut shift = (bn_bias - (mean * &scale)?)?;
     if let Some(b) = conv_bias {
@@ -655,7 +693,7 @@ pub fn conv2d_batch_norm_eval(
         shift = (shift + (b * &scale)?)?;
     }
     let folded = conv_weight.broadcast_mul(&scale.reshape((co, 1, 1, 1))?)?;
-    conv2d(x, &folded, Some(&shift), stride, padding)
+    Ok((folded, shift))
 }
 
 /// Whether [`conv2d_batch_norm_eval`] folds off the CPU: yes unless
@@ -1530,10 +1568,10 @@ mod kernels {
     /// in partial sums of [`images_per_partial`] images. Each image's
     /// im2col is built again here: a copy, cheap beside the products, where
     /// keeping the forward's would hold the batch's column matrix.
-    struct Conv2dBwd {
-        geometry: ConvGeometry,
-        input: bool,
-        kernel: bool,
+    pub(super) struct Conv2dBwd {
+        pub(super) geometry: ConvGeometry,
+        pub(super) input: bool,
+        pub(super) kernel: bool,
     }
 
     impl CustomOp3 for Conv2dBwd {
@@ -1673,7 +1711,7 @@ mod kernels {
     }
 
     /// `dx` of [`MaxPool2x2`] from `(x, g)` (the tie rule is there).
-    struct MaxPool2x2Bwd;
+    pub(super) struct MaxPool2x2Bwd;
 
     impl CustomOp2 for MaxPool2x2Bwd {
         fn name(&self) -> &'static str {
@@ -1770,7 +1808,7 @@ mod kernels {
 
     /// `g * (x >= 0)` from `(x, g)`: the product candle's own backward
     /// forms, so the gradient is the same bit for bit.
-    struct ReluBwd;
+    pub(super) struct ReluBwd;
 
     impl CustomOp2 for ReluBwd {
         fn name(&self) -> &'static str {
@@ -1889,6 +1927,48 @@ mod kernels {
                 None
             };
             Ok((dx, db))
+        }
+    }
+
+    /// `g * scale[c]` for `g` `(n, c, ...)`: the input gradient of batch
+    /// norm with fixed statistics, `scale = w / sqrt(var + eps)` computed
+    /// as [`BatchNormBwd`] computes it, so the same values bit for bit
+    /// (without that op's weight and bias sums).
+    pub(super) struct ChannelScale(pub(super) Arc<Vec<f32>>);
+
+    impl ChannelScale {
+        /// The factors `w / sqrt(var + eps)` in [`BatchNormBwd`]'s f32
+        /// arithmetic.
+        pub(super) fn of_batch_norm(w: &[f32], var: &[f32], eps: f32) -> ChannelScale {
+            let r = var.iter().map(|v| 1.0 / (v + eps).sqrt());
+            ChannelScale(Arc::new(w.iter().zip(r).map(|(w, r)| w * r).collect()))
+        }
+    }
+
+    impl CustomOp1 for ChannelScale {
+        fn name(&self) -> &'static str {
+            "lethe-channel-scale"
+        }
+
+        fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> KResult<(CpuStorage, Shape)> {
+            let dims = l.dims();
+            if dims.len() < 2 || dims[1] != self.0.len() {
+                candle_core::bail!("channel scale of {} for an input {dims:?}", self.0.len())
+            }
+            let c = dims[1];
+            let plane = dims[2..].iter().product::<usize>().max(1);
+            let g = slice(s, l)?;
+            let mut out = vec![0f32; g.len()];
+            out.par_chunks_mut(plane)
+                .zip(g.par_chunks(plane))
+                .enumerate()
+                .for_each(|(i, (o, gs))| {
+                    let k = self.0[i % c];
+                    for (d, gv) in o.iter_mut().zip(gs) {
+                        *d = k * gv;
+                    }
+                });
+            Ok((CpuStorage::F32(out), l.shape().clone()))
         }
     }
 
@@ -2373,6 +2453,7 @@ mod conv_grad;
 #[cfg(feature = "cuda")]
 mod cuda_kernels;
 mod cudnn_algo;
+pub(crate) mod frozen;
 
 #[cfg(test)]
 pub(crate) mod tests;

@@ -18,7 +18,9 @@
 //! they are saved) but are not trainable. Both models keep their weights in
 //! a [`VarMap`], train with [`crate::optim`], and can give gradients with
 //! respect to the *input* images ([`input_gradient`]), which
-//! error-minimising noise needs.
+//! error-minimising noise needs; [`ImageClassifier::freeze`] snapshots the
+//! weights for many such gradients in evaluation mode, chained by hand
+//! instead of by autograd ([`FrozenClassifier`]).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -33,6 +35,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::nn::{self, Mode, Param};
 use crate::{Error, Result};
+
+mod frozen;
+
+pub use frozen::FrozenClassifier;
 
 /// File name of a classifier's weights inside its folder.
 pub const WEIGHTS_FILE: &str = "model.safetensors";
@@ -53,6 +59,9 @@ pub trait ImageClassifier: std::fmt::Debug {
     /// Whether forward passes track gradients of the weights (turn off to
     /// get input gradients only).
     fn set_trainable(&self, trainable: bool);
+    /// A copy of the current weights in evaluation mode, for repeated
+    /// logits and input gradients without autograd ([`FrozenClassifier`]).
+    fn freeze(&self) -> Result<FrozenClassifier>;
 
     /// Trainable Vars, sorted by name.
     fn trainable_vars(&self) -> Vec<Var> {
@@ -160,8 +169,26 @@ fn as_format(dir: &Path, e: Error) -> Error {
 /// its gradient with respect to the images (same shape as `images`).
 ///
 /// Weight gradients are not computed while this runs (the model is made
-/// non-trainable for the pass and restored after).
+/// non-trainable for the pass and restored after). In evaluation mode the
+/// backward pass is chained by hand through [`ImageClassifier::freeze`]
+/// (on the CPU the same gradient bit for bit) unless
+/// `LETHE_FROZEN_GRAD=off`, which keeps candle's autograd (for
+/// comparisons); callers that take many gradients through the same weights
+/// should freeze once and call [`FrozenClassifier::input_gradient`].
 pub fn input_gradient(
+    model: &dyn ImageClassifier,
+    images: &Tensor,
+    labels: &Tensor,
+    mode: Mode,
+) -> Result<(f32, Tensor)> {
+    if !mode.is_train() && frozen_gradients() {
+        return model.freeze()?.input_gradient(images, labels);
+    }
+    autograd_input_gradient(model, images, labels, mode)
+}
+
+/// [`input_gradient`] by candle's autograd, in either mode.
+pub(crate) fn autograd_input_gradient(
     model: &dyn ImageClassifier,
     images: &Tensor,
     labels: &Tensor,
@@ -182,6 +209,13 @@ pub fn input_gradient(
     })();
     model.set_trainable(true);
     result
+}
+
+/// Whether evaluation-mode input gradients are chained by hand
+/// ([`FrozenClassifier`]) rather than by candle's autograd: yes unless
+/// `LETHE_FROZEN_GRAD=off` (read once), a switch for comparisons.
+pub fn frozen_gradients() -> bool {
+    nn::frozen::enabled()
 }
 
 /// Named tensors being turned into a model's Vars.
@@ -588,6 +622,20 @@ impl ImageClassifier for SmallCnn {
     fn set_trainable(&self, trainable: bool) {
         self.trainable.store(trainable, Ordering::Relaxed);
     }
+
+    fn freeze(&self) -> Result<FrozenClassifier> {
+        let blocks = self
+            .blocks
+            .iter()
+            .map(|(conv, bn)| frozen::freeze_conv(conv, bn.as_ref()))
+            .collect::<Result<Vec<_>>>()?;
+        FrozenClassifier::cnn(
+            blocks,
+            &self.head,
+            self.cnn.in_channels,
+            self.cnn.image_size,
+        )
+    }
 }
 
 fn linear(x: &Tensor, (w, b): &(Param, Param)) -> Result<Tensor> {
@@ -734,6 +782,25 @@ impl ImageClassifier for ResNet18 {
 
     fn set_trainable(&self, trainable: bool) {
         self.trainable.store(trainable, Ordering::Relaxed);
+    }
+
+    fn freeze(&self) -> Result<FrozenClassifier> {
+        let stem = frozen::freeze_conv(&self.conv1, Some(&self.bn1))?;
+        let blocks = self
+            .blocks
+            .iter()
+            .map(|b| {
+                Ok((
+                    frozen::freeze_conv(&b.conv1, Some(&b.bn1))?,
+                    frozen::freeze_conv(&b.conv2, Some(&b.bn2))?,
+                    match &b.downsample {
+                        None => None,
+                        Some((conv, bn)) => Some(frozen::freeze_conv(conv, Some(bn))?),
+                    },
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        FrozenClassifier::resnet(stem, blocks, &self.fc, self.res.in_channels)
     }
 }
 

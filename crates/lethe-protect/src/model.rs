@@ -19,8 +19,8 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use lethe_model::nn::{self, Mode};
 use lethe_model::optim::{clip_grad_norm, Optimizer, Sgd, SgdConfig};
 use lethe_model::vision::{
-    input_gradient, load_classifier, CnnConfig, ImageClassifier, ResNet18, ResNetConfig, SmallCnn,
-    VisionConfig,
+    frozen_gradients, load_classifier, CnnConfig, FrozenClassifier, ImageClassifier, ResNet18,
+    ResNetConfig, SmallCnn, VisionConfig,
 };
 use serde::{Deserialize, Serialize};
 
@@ -264,31 +264,57 @@ pub(crate) struct Eval {
 impl Net {
     /// Logits for `images` (`(n, c, h, w)` of this net's shape).
     pub(crate) fn forward(&self, images: &Tensor, mode: Mode) -> Result<Tensor> {
+        Ok(self.inner.forward(&self.padded(images)?, mode)?)
+    }
+
+    /// Pads `images` to the architecture's side.
+    fn padded(&self, images: &Tensor) -> Result<Tensor> {
         let [t, b, l, r] = self.pad;
-        let x = if t + b + l + r == 0 {
+        Ok(if t + b + l + r == 0 {
             images.clone()
         } else {
             images
                 .pad_with_zeros(D::Minus2, t, b)?
                 .pad_with_zeros(D::Minus1, l, r)?
+        })
+    }
+
+    /// The weights as they are now, in evaluation mode, for the input
+    /// gradients of a noise pass (one snapshot for every step through
+    /// unchanged weights; see [`FrozenNet`]).
+    pub(crate) fn freeze(&self) -> Result<FrozenNet<'_>> {
+        let frozen = if frozen_gradients() {
+            Some(self.inner.freeze()?)
+        } else {
+            None
         };
-        Ok(self.inner.forward(&x, mode)?)
+        Ok(FrozenNet { net: self, frozen })
     }
 
     /// Mean cross-entropy and its gradient with respect to `images`
-    /// (weights frozen for the pass). Unpadded nets use `lethe-model`'s
-    /// [`input_gradient`]; padded ones the same computation through the
-    /// padding.
+    /// (weights frozen for the pass): in evaluation mode through
+    /// [`Net::freeze`], in training mode by autograd (as `lethe-model`'s
+    /// `input_gradient`, through the padding).
     pub(crate) fn input_gradient(
         &self,
         images: &Tensor,
         labels: &Tensor,
         mode: Mode,
     ) -> Result<(f32, Tensor)> {
-        if self.pad.iter().all(|&p| p == 0) {
-            return Ok(input_gradient(&*self.inner, images, labels, mode)?);
+        if !mode.is_train() {
+            return self.freeze()?.input_gradient(images, labels);
         }
-        let x = Var::from_tensor(images)?;
+        self.autograd_input_gradient(images, labels, mode)
+    }
+
+    /// [`Net::input_gradient`] by candle's autograd through the padding.
+    fn autograd_input_gradient(
+        &self,
+        images: &Tensor,
+        labels: &Tensor,
+        mode: Mode,
+    ) -> Result<(f32, Tensor)> {
+        let x = Var::from_tensor(&images.to_dtype(DType::F32)?)?;
         self.inner.set_trainable(false);
         let result = (|| -> Result<(f32, Tensor)> {
             let logits = self.forward(x.as_tensor(), mode)?;
@@ -318,6 +344,35 @@ impl Net {
     /// Writes `config.json` and `model.safetensors` into `dir`.
     pub(crate) fn save(&self, dir: &Path) -> Result<()> {
         Ok(self.inner.save(dir)?)
+    }
+}
+
+/// A [`Net`]'s weights frozen in evaluation mode: `lethe-model`'s
+/// [`FrozenClassifier`] (hand-chained input gradients, batch norm folded
+/// once per snapshot off the CPU) behind the net's padding, or autograd on
+/// the live net where `LETHE_FROZEN_GRAD=off`.
+pub(crate) struct FrozenNet<'a> {
+    net: &'a Net,
+    frozen: Option<FrozenClassifier>,
+}
+
+impl FrozenNet<'_> {
+    /// Mean cross-entropy in evaluation mode and its gradient with respect
+    /// to `images` (unpadded: the padding's gradient is dropped, as
+    /// autograd through the padding drops it).
+    pub(crate) fn input_gradient(&self, images: &Tensor, labels: &Tensor) -> Result<(f32, Tensor)> {
+        let Some(frozen) = &self.frozen else {
+            return self.net.autograd_input_gradient(images, labels, Mode::Eval);
+        };
+        let [t, _, l, _] = self.net.pad;
+        let (_, _, h, w) = images.dims4()?;
+        let (loss, g) = frozen.input_gradient(&self.net.padded(images)?, labels)?;
+        let g = if self.net.pad.iter().all(|&p| p == 0) {
+            g
+        } else {
+            g.narrow(D::Minus2, t, h)?.narrow(D::Minus1, l, w)?
+        };
+        Ok((loss, g))
     }
 }
 
@@ -459,5 +514,53 @@ impl MomentumSgd {
             };
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Noise steps (a [`FrozenNet`]) and autograd through the padding give
+    /// the same loss and input gradient, bit for bit on the CPU, on nets
+    /// that pad 25x21 images, after training-mode passes moved the running
+    /// statistics.
+    #[test]
+    fn frozen_net_gives_autograds_gradient_through_the_padding() {
+        let shape = ImageShape {
+            channels: 1,
+            height: 25,
+            width: 21,
+        };
+        let (n, v) = (6, shape.values());
+        let px: Vec<f32> = (0..n * v)
+            .map(|i| ((i * 37) % 101) as f32 / 100.0)
+            .collect();
+        let labels: Vec<u32> = (0..n as u32).map(|i| i % 3).collect();
+        for arch in [
+            Arch::Cnn {
+                channels: vec![4, 8],
+                batch_norm: true,
+            },
+            Arch::Resnet18 { width: 4 },
+        ] {
+            let net = Net::new(&arch, shape, 3, &Device::Cpu, 5).unwrap();
+            assert!(net.pad.iter().any(|&p| p > 0), "{arch:?} does not pad");
+            let x = net.batch(&px).unwrap();
+            let y = net.labels(&labels).unwrap();
+            for _ in 0..2 {
+                net.forward(&(&x * 0.5).unwrap(), Mode::Train).unwrap();
+            }
+            let (l_auto, g_auto) = net.autograd_input_gradient(&x, &y, Mode::Eval).unwrap();
+            let (l_frozen, g_frozen) = net.freeze().unwrap().input_gradient(&x, &y).unwrap();
+            assert_eq!(g_frozen.dims(), x.dims(), "{arch:?}");
+            assert_eq!(l_frozen.to_bits(), l_auto.to_bits(), "{arch:?}");
+            let (a, b) = (
+                g_auto.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                g_frozen.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            );
+            assert!(a.iter().any(|g| *g != 0.0), "{arch:?}: zero gradient");
+            assert!(a == b, "{arch:?}: gradients differ");
+        }
     }
 }

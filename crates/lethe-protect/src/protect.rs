@@ -93,11 +93,12 @@ use lethe_model::nn::{self, Mode};
 use lethe_model::DeviceSpec;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::dataset::{Dataset, ImageShape};
 use crate::metrics::{dataset_quality, ImageQuality, QualitySummary};
-use crate::model::{Arch, MomentumSgd, Net, SgdParams};
+use crate::model::{Arch, FrozenNet, MomentumSgd, Net, SgdParams};
 use crate::sources::mix;
 use crate::{Error, Result};
 use mask::{MaskRefresh, MaskStrategy};
@@ -1467,17 +1468,18 @@ impl<'a> Run<'a> {
         self.data.shape()
     }
 
-    /// Protected (unquantised) values of image `i`, appended to `out`.
-    fn push_perturbed(&self, state: &State, i: usize, out: &mut Vec<f32>) {
-        let v = self.shape().values();
-        let x = self.data.image(i);
-        let u = if self.classwise {
+    /// The noise unit of image `i`: its class (class-wise) or itself.
+    fn unit_of(&self, i: usize) -> usize {
+        if self.classwise {
             self.data.labels()[i] as usize
         } else {
             i
-        };
-        let d = &state.delta[u * v..(u + 1) * v];
-        out.extend(x.iter().zip(d).map(|(a, b)| (a + b).clamp(0.0, 1.0)));
+        }
+    }
+
+    /// Protected (unquantised) values of image `i`, appended to `out`.
+    fn push_perturbed(&self, state: &State, i: usize, out: &mut Vec<f32>) {
+        self.push_with_unit(state, i, self.unit_of(i), out);
     }
 
     /// What the surrogates train on for image `i`: the protected image
@@ -1657,33 +1659,38 @@ impl<'a> Run<'a> {
     /// its own.
     fn gradients(
         &self,
+        frozen: &[FrozenNet<'_>],
         state: &State,
         idx: std::ops::Range<usize>,
         pairs: Option<&[usize]>,
     ) -> Result<Vec<f32>> {
-        let mut px = Vec::with_capacity(idx.len() * self.shape().values());
+        // Each image with the noise of its unit (see `push_with_unit`),
+        // one image per task.
+        let units: Vec<(usize, usize)> = match pairs {
+            Some(pairs) => idx.clone().zip(pairs.iter().copied()).collect(),
+            None => idx.clone().map(|i| (i, self.unit_of(i))).collect(),
+        };
+        let v = self.shape().values();
+        let mut px = vec![0f32; units.len() * v];
+        let (data, delta) = (&self.data, &state.delta);
+        px.par_chunks_mut(v).zip(&units).for_each(|(out, &(i, u))| {
+            let d = &delta[u * v..(u + 1) * v];
+            for ((o, a), b) in out.iter_mut().zip(data.image(i)).zip(d) {
+                *o = (a + b).clamp(0.0, 1.0);
+            }
+        });
         let labels: Vec<u32> = match pairs {
-            Some(pairs) => {
-                for (i, &c) in idx.clone().zip(pairs) {
-                    self.push_with_unit(state, i, c, &mut px);
-                }
-                pairs
-                    .iter()
-                    .map(|&c| self.params.objective.target(c, self.data.classes().len()))
-                    .collect()
-            }
-            None => {
-                for i in idx.clone() {
-                    self.push_perturbed(state, i, &mut px);
-                }
-                self.targets[idx].to_vec()
-            }
+            Some(pairs) => pairs
+                .iter()
+                .map(|&c| self.params.objective.target(c, self.data.classes().len()))
+                .collect(),
+            None => self.targets[idx].to_vec(),
         };
         let mut g: Vec<f32> = Vec::new();
-        for net in self.nets {
+        for (net, frozen) in self.nets.iter().zip(frozen) {
             let x = net.batch(&px)?;
             let y = net.labels(&labels)?;
-            let (_, gk) = net.input_gradient(&x, &y, Mode::Eval)?;
+            let (_, gk) = frozen.input_gradient(&x, &y)?;
             let gk = gk.flatten_all()?.to_vec1::<f32>()?;
             if g.is_empty() {
                 g = gk;
@@ -1727,8 +1734,10 @@ impl<'a> Run<'a> {
     ) -> Result<()> {
         let n = self.data.len();
         let bs = self.params.pgd_batch;
+        // The surrogates do not change during the pass: one snapshot each.
+        let frozen = self.freeze_nets()?;
         if self.classwise {
-            self.refresh_class_masks(state)?;
+            self.refresh_class_masks(&frozen, state)?;
         }
         let mut start = 0;
         while start < n {
@@ -1755,10 +1764,10 @@ impl<'a> Run<'a> {
                             .map(|i| self.data.labels()[i] as usize)
                             .collect()
                     };
-                    let g = self.gradients(state, start..end, Some(&pairs))?;
+                    let g = self.gradients(&frozen, state, start..end, Some(&pairs))?;
                     self.class_update(state, start..end, &pairs, &g);
                 } else {
-                    let g = self.gradients(state, start..end, None)?;
+                    let g = self.gradients(&frozen, state, start..end, None)?;
                     if let Some((rho, strategy, refresh)) = self.salm() {
                         self.refresh_image_masks(
                             state,
@@ -1822,23 +1831,33 @@ impl<'a> Run<'a> {
         }
     }
 
-    /// Sign-gradient descent with the three projections.
+    /// Sign-gradient descent with the three projections, one image per
+    /// task (each image's own arithmetic, so any thread count gives the
+    /// same values; on a GPU this host loop runs between two steps while
+    /// the device waits).
     fn sample_update(&self, state: &mut State, idx: std::ops::Range<usize>, g: &[f32]) {
         let s = self.shape();
         let (v, hw) = (s.values(), s.pixels());
-        for (b, i) in idx.enumerate() {
-            let x = self.data.image(i);
-            for j in 0..v {
-                let k = i * v + j;
-                if state.mask[i * hw + j % hw] == 0 {
-                    state.delta[k] = 0.0;
-                    continue;
+        let (step, eps, data) = (self.step, self.eps, &self.data);
+        let mask = &state.mask;
+        state.delta[idx.start * v..idx.end * v]
+            .par_chunks_mut(v)
+            .zip(g.par_chunks(v))
+            .zip(idx)
+            .for_each(|((delta, g), i)| {
+                let x = data.image(i);
+                let m = &mask[i * hw..(i + 1) * hw];
+                for ((delta, g), x) in delta.chunks_mut(hw).zip(g.chunks(hw)).zip(x.chunks(hw)) {
+                    for q in 0..hw {
+                        delta[q] = if m[q] == 0 {
+                            0.0
+                        } else {
+                            let d = (delta[q] - step * sign(g[q])).clamp(-eps, eps);
+                            (x[q] + d).clamp(0.0, 1.0) - x[q]
+                        };
+                    }
                 }
-                let d =
-                    (state.delta[k] - self.step * sign(g[b * v + j])).clamp(-self.eps, self.eps);
-                state.delta[k] = (x[j] + d).clamp(0.0, 1.0) - x[j];
-            }
-        }
+            });
     }
 
     /// Class-wise: a projected sign step of each class noise along the
@@ -1856,38 +1875,64 @@ impl<'a> Run<'a> {
         let s = self.shape();
         let (v, hw) = (s.values(), s.pixels());
         let classes = self.data.classes().len();
-        let mut sum = vec![0f32; classes * v];
-        for (b, i) in idx.enumerate() {
-            let c = pairs[b];
-            let x = self.data.image(i);
-            for j in 0..v {
-                let gv = g[b * v + j];
-                let p = x[j] + state.delta[c * v + j];
-                // Descent moves the pixel by -sign(g): blocked at the box.
-                let blocked = (gv > 0.0 && p <= 0.0) || (gv < 0.0 && p >= 1.0);
-                if !blocked {
-                    sum[c * v + j] += gv;
+        // Per class, the sum over the batch's images in batch order; one
+        // class per task (the same order, so the same sums, on any thread
+        // count).
+        let images: Vec<(usize, usize)> = idx.enumerate().collect();
+        let (delta, data) = (&state.delta, &self.data);
+        let sum: Vec<Vec<f32>> = (0..classes)
+            .into_par_iter()
+            .map(|c| {
+                let mut sum = vec![0f32; v];
+                let d = &delta[c * v..(c + 1) * v];
+                for &(b, i) in images.iter().filter(|&&(b, _)| pairs[b] == c) {
+                    let x = data.image(i);
+                    for (((s, gv), xv), dv) in
+                        sum.iter_mut().zip(&g[b * v..(b + 1) * v]).zip(x).zip(d)
+                    {
+                        let p = xv + dv;
+                        // Descent moves the pixel by -sign(g): blocked at the box.
+                        let blocked = (*gv > 0.0 && p <= 0.0) || (*gv < 0.0 && p >= 1.0);
+                        if !blocked {
+                            *s += gv;
+                        }
+                    }
                 }
-            }
-        }
-        for c in 0..classes {
-            for j in 0..v {
-                let d = &mut state.delta[c * v + j];
-                *d = if self.is_code(c, j % hw) {
-                    self.eps
-                } else if state.mask[c * hw + j % hw] == 1 {
-                    (*d - self.step * sign(sum[c * v + j])).clamp(-self.eps, self.eps)
-                } else {
-                    0.0
-                };
-            }
-        }
+                sum
+            })
+            .collect();
+        let (step, eps, code) = (self.step, self.eps, &self.code);
+        let mask = &state.mask;
+        state.delta[..classes * v]
+            .par_chunks_mut(v)
+            .zip(sum)
+            .enumerate()
+            .for_each(|(c, (delta, sum))| {
+                let m = &mask[c * hw..(c + 1) * hw];
+                for (delta, sum) in delta.chunks_mut(hw).zip(sum.chunks(hw)) {
+                    for q in 0..hw {
+                        // As `is_code`, without `self` (not `Sync`).
+                        delta[q] = if code.get(c * hw + q) == Some(&1) {
+                            eps
+                        } else if m[q] == 1 {
+                            (delta[q] - step * sign(sum[q])).clamp(-eps, eps)
+                        } else {
+                            0.0
+                        };
+                    }
+                }
+            });
     }
 
     /// Class-wise SALM with a gradient strategy: class score = sum of its
     /// images' scores, from one gradient pass (per round, or once when
     /// fixed).
-    fn refresh_class_masks(&self, state: &mut State) -> Result<()> {
+    /// Every surrogate frozen as it is now (see [`Net::freeze`]).
+    fn freeze_nets(&self) -> Result<Vec<FrozenNet<'_>>> {
+        self.nets.iter().map(Net::freeze).collect()
+    }
+
+    fn refresh_class_masks(&self, frozen: &[FrozenNet<'_>], state: &mut State) -> Result<()> {
         let Some((rho, strategy, refresh)) = self.salm() else {
             return Ok(());
         };
@@ -1904,7 +1949,7 @@ impl<'a> Run<'a> {
         let mut start = 0;
         while start < n {
             let end = (start + self.params.pgd_batch).min(n);
-            let g = self.gradients(state, start..end, None)?;
+            let g = self.gradients(frozen, state, start..end, None)?;
             for (b, i) in (start..end).enumerate() {
                 let c = self.data.labels()[i] as usize;
                 let sc = mask::gradient_scores(
@@ -2011,11 +2056,13 @@ pub fn estimate_dataset(data: &Dataset, params: &ProtectParams) -> Result<Estima
         )?;
         let x = net.batch(&data.pixels()[..pb * v])?;
         let y = net.labels(&data.labels()[..pb])?;
-        // Warm-up, then time two noise steps.
-        net.input_gradient(&x, &y, Mode::Eval)?;
+        // Warm-up, then time two noise steps (through one snapshot, as a
+        // noise pass takes them).
+        let frozen = net.freeze()?;
+        frozen.input_gradient(&x, &y)?;
         let t0 = Instant::now();
         for _ in 0..2 {
-            net.input_gradient(&x, &y, Mode::Eval)?;
+            frozen.input_gradient(&x, &y)?;
         }
         per_image_step += t0.elapsed().as_secs_f64() / (2 * pb) as f64;
         per_train_step += seconds_per_train_step(&net, params.sgd, data, tb)?;

@@ -114,6 +114,7 @@ impl CustomOp3 for ConvGemmGrad {
             Some(input_gradient(
                 grad,
                 kernel,
+                None,
                 x.dims4()?,
                 self.stride,
                 self.padding,
@@ -135,12 +136,14 @@ impl CustomOp3 for ConvGemmGrad {
 /// between rows and columns), with the rows and columns the forward's
 /// floor division dropped added back at the end, then padded by
 /// `k - 1 - padding` and convolved with the kernel flipped in both spatial
-/// axes and with `c_in` and `c_out` swapped. Falls back to candle's
+/// axes and with `c_in` and `c_out` swapped ([`transposed_kernel`], built
+/// here unless the caller kept one). Falls back to candle's
 /// `conv_transpose2d` where `padding > k - 1` (a padding that only the
 /// transposed kernel handles without cropping).
-fn input_gradient(
+pub(crate) fn input_gradient(
     grad: &Tensor,
     kernel: &Tensor,
+    transposed: Option<&Tensor>,
     (_, _, h, w): (usize, usize, usize, usize),
     stride: usize,
     padding: usize,
@@ -168,7 +171,10 @@ fn input_gradient(
             .narrow(3, 0, (ow - 1) * stride + 1 + extra_w)?
     };
     let (ph, pw) = (kh - 1 - padding, kw - 1 - padding);
-    let flipped = flip_spatial(&kernel)?.transpose(0, 1)?.contiguous()?;
+    let flipped = match transposed {
+        Some(t) => t.clone(),
+        None => transposed_kernel(&kernel)?,
+    };
     if ph == pw {
         super::cudnn_algo::conv2d(&dilated, &flipped, ph, 1, 1)
     } else {
@@ -177,6 +183,15 @@ fn input_gradient(
             .pad_with_zeros(3, pw, pw)?;
         super::cudnn_algo::conv2d(&padded, &flipped, 0, 1, 1)
     }
+}
+
+/// The kernel of [`input_gradient`]'s convolution: `kernel` `(c_out, c_in,
+/// k_h, k_w)` reversed along both spatial axes, with its two channel axes
+/// swapped, contiguous.
+pub(crate) fn transposed_kernel(kernel: &Tensor) -> KResult<Tensor> {
+    flip_spatial(&kernel.detach())?
+        .transpose(0, 1)?
+        .contiguous()
 }
 
 /// `kernel` `(c_out, c_in, k_h, k_w)` reversed along both spatial axes.

@@ -556,8 +556,177 @@ fn models_on_cuda_match_the_cpu_in_training_and_evaluation() {
             scale > 0.0 && d <= 2e-2 * scale,
             "{name}: input gradient differs by {d}"
         );
+        // On the GPU too, the hand-chained gradient (the default above) is
+        // autograd's.
+        let (_, g_auto) = autograd_input_gradient(cuda.as_ref(), &xg, &yg, Mode::Eval).unwrap();
+        let g_auto = g_auto.to_device(&dev()).unwrap();
+        let d = nn::tests::max_abs_diff(&g_auto, &g_gpu);
+        println!("{name}: frozen against autograd on the GPU: {d} (max {scale})");
+        assert!(d <= 1e-3 * scale, "{name}: frozen gradient differs by {d}");
         let (_, grads) = loss_and_grads_in(cuda.as_ref(), &xg, &yg, Mode::Eval);
         let missing = zero_gradients(&grads);
         assert!(missing.is_empty(), "{name}: {missing:?}");
     }
+}
+
+/// A ResNet and two CNNs (with and without batch norm) whose running
+/// statistics moved away from their initial values, with their labels.
+fn trained_statistics_models() -> Vec<(&'static str, Box<dyn ImageClassifier>, Tensor)> {
+    let models: Vec<(&'static str, Box<dyn ImageClassifier>, Tensor)> = vec![
+        (
+            "resnet",
+            Box::new(ResNet18::new(small_resnet(), &dev(), 7).unwrap()),
+            labels(4, 4, 10),
+        ),
+        (
+            "cnn-bn",
+            Box::new(SmallCnn::new(cnn_config(true), &dev(), 8).unwrap()),
+            labels(4, 5, 10),
+        ),
+        (
+            "cnn",
+            Box::new(SmallCnn::new(cnn_config(false), &dev(), 9).unwrap()),
+            labels(4, 5, 11),
+        ),
+    ];
+    for (_, model, _) in &models {
+        for seed in 0..3 {
+            let shifted = ((images(4, 3, 16, 20 + seed) * 2.0).unwrap() + 0.5).unwrap();
+            model.forward(&shifted, Mode::Train).unwrap();
+        }
+    }
+    models
+}
+
+fn bits(t: &Tensor) -> Vec<u32> {
+    t.flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect()
+}
+
+#[test]
+fn frozen_input_gradient_is_autograds_bit_for_bit_on_the_cpu() {
+    // The hand-chained backward calls the kernels autograd calls, so
+    // protection's CPU results do not move when noise steps switch to it.
+    let x = images(4, 3, 16, 12);
+    for (name, model, y) in trained_statistics_models() {
+        let frozen = model.freeze().unwrap();
+        let logits = model.forward(&x, Mode::Eval).unwrap();
+        assert_eq!(
+            bits(&frozen.logits(&x).unwrap()),
+            bits(&logits),
+            "{name}: logits"
+        );
+        let (l_auto, g_auto) = autograd_input_gradient(model.as_ref(), &x, &y, Mode::Eval).unwrap();
+        let (l_frozen, g_frozen) = frozen.input_gradient(&x, &y).unwrap();
+        assert!(nn::tests::max_abs(&g_auto) > 0.0, "{name}: zero gradient");
+        assert_eq!(l_frozen.to_bits(), l_auto.to_bits(), "{name}: loss");
+        assert_eq!(g_frozen.dims(), x.dims(), "{name}: gradient shape");
+        // Zeros may differ in sign only (autograd adds its gradients to a
+        // +0 tensor).
+        let same = bits(&g_frozen)
+            .iter()
+            .zip(bits(&g_auto))
+            .all(|(a, b)| *a == b || (a << 1 == 0 && b << 1 == 0));
+        assert!(same, "{name}: input gradients differ");
+        // `input_gradient` in evaluation mode takes this path.
+        let (_, g_default) = input_gradient(model.as_ref(), &x, &y, Mode::Eval).unwrap();
+        assert_eq!(bits(&g_default), bits(&g_frozen), "{name}: default path");
+    }
+}
+
+#[test]
+fn frozen_input_gradient_off_the_cpu_kernels_matches_autograd() {
+    // With the fused CPU kernels off, the frozen path folds batch norm into
+    // its convolutions and takes input gradients as convolutions of the
+    // transposed kernel (what runs on a GPU); autograd takes the reference
+    // ops (candle's convolution and its own backward, or with the GPU
+    // convolution path forced, lethe's conv_grad).
+    let x = images(4, 3, 16, 13);
+    for (name, model, y) in trained_statistics_models() {
+        for gpu_conv in [false, true] {
+            let run = |f: &dyn Fn() -> (f32, Tensor, Tensor)| {
+                nn::tests::with_reference(|| {
+                    if gpu_conv {
+                        nn::tests::with_gpu_path(f)
+                    } else {
+                        f()
+                    }
+                })
+            };
+            let (l_auto, g_auto, logits_auto) = run(&|| {
+                let (l, g) = autograd_input_gradient(model.as_ref(), &x, &y, Mode::Eval).unwrap();
+                (l, g, model.forward(&x, Mode::Eval).unwrap())
+            });
+            let (l_frozen, g_frozen, logits_frozen) = run(&|| {
+                let frozen = model.freeze().unwrap();
+                let (l, g) = frozen.input_gradient(&x, &y).unwrap();
+                (l, g, frozen.logits(&x).unwrap())
+            });
+            let d = nn::tests::max_abs_diff(&logits_auto, &logits_frozen);
+            assert!(d < 1e-5, "{name} gpu_conv={gpu_conv}: logits differ by {d}");
+            assert!(
+                (l_auto - l_frozen).abs() < 1e-5,
+                "{name} gpu_conv={gpu_conv}: loss {l_auto} vs {l_frozen}"
+            );
+            let (d, scale) = (
+                nn::tests::max_abs_diff(&g_auto, &g_frozen),
+                nn::tests::max_abs(&g_auto),
+            );
+            assert!(
+                scale > 0.0 && d <= 1e-5 * scale,
+                "{name} gpu_conv={gpu_conv}: input gradient differs by {d} (max {scale})"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_frozen_classifier_keeps_the_weights_it_was_made_with() {
+    let model = SmallCnn::new(cnn_config(true), &dev(), 3).unwrap();
+    let (x, y) = (images(4, 3, 16, 14), labels(4, 5, 15));
+    let frozen = model.freeze().unwrap();
+    let (_, before) = frozen.input_gradient(&x, &y).unwrap();
+    let vars = model.trainable_vars();
+    let mut opt = Sgd::new(vars, SgdConfig::salun(0.5)).unwrap();
+    for _ in 0..3 {
+        let logits = model.forward(&x, Mode::Train).unwrap();
+        let loss = nn::cross_entropy(&logits, &y, None).unwrap();
+        opt.step(&loss.backward().unwrap()).unwrap();
+    }
+    let (_, after) = frozen.input_gradient(&x, &y).unwrap();
+    assert_eq!(bits(&before), bits(&after), "the snapshot changed");
+    let (_, fresh) = model.freeze().unwrap().input_gradient(&x, &y).unwrap();
+    assert!(
+        nn::tests::max_abs_diff(&fresh, &before) > 0.0,
+        "training did not change the model"
+    );
+}
+
+#[test]
+fn a_frozen_classifier_refuses_bad_inputs() {
+    let model = SmallCnn::new(cnn_config(true), &dev(), 3).unwrap();
+    let frozen = model.freeze().unwrap();
+    let y = labels(4, 5, 15);
+    for bad in [images(4, 1, 16, 1), images(4, 3, 8, 1)] {
+        assert!(frozen.input_gradient(&bad, &y).is_err(), "{:?}", bad.dims());
+        assert!(frozen.logits(&bad).is_err());
+    }
+    let wrong_count = labels(3, 5, 15);
+    assert!(frozen
+        .input_gradient(&images(4, 3, 16, 1), &wrong_count)
+        .is_err());
+    // A label past the classes, on the CPU kernels and on the closed-form
+    // head used elsewhere.
+    let outside = Tensor::from_vec(vec![0u32, 5, 1, 2], 4, &dev()).unwrap();
+    let x = images(4, 3, 16, 1);
+    assert!(frozen.input_gradient(&x, &outside).is_err());
+    assert!(nn::tests::with_reference(|| frozen.input_gradient(&x, &outside)).is_err());
+    let resnet = ResNet18::new(small_resnet(), &dev(), 4).unwrap();
+    let empty = Tensor::zeros((0, 3, 16, 16), DType::F32, &dev()).unwrap();
+    assert!(resnet.freeze().unwrap().logits(&empty).is_err());
 }
