@@ -37,6 +37,7 @@ use crate::formats::{self, DataSource};
 use crate::metrics::QualitySummary;
 use crate::model::Arch;
 use crate::protect::{self, Method, ProtectParams, RoundLog, RunControl, StopReason};
+use crate::sources::ClassSignal;
 use crate::victim::{train_victim, VictimConfig, VictimRun};
 use crate::{Error, Result};
 
@@ -186,6 +187,10 @@ pub struct DatasetInfo {
     /// The chance level: the test accuracy of always answering the most
     /// frequent test class (`1 / classes` when they are balanced).
     pub chance: f64,
+    /// Generated lesions only: what each class's lesions add to their
+    /// images, over every generated image ([`crate::sources::lesion_class_signal`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub class_signal: Option<Vec<ClassSignal>>,
 }
 
 /// The protection run of one method.
@@ -456,6 +461,10 @@ fn run(cfg: &AuditConfig, data: &Dataset) -> Result<AuditReport> {
         zero_fraction: zeros as f64 / train.pixels().len() as f64,
         chance: test_per_class.iter().copied().max().unwrap_or(0) as f64 / test.len().max(1) as f64,
         test_per_class,
+        class_signal: match &cfg.source {
+            DataSource::Lesions(spec) => Some(crate::sources::lesion_class_signal(spec)?),
+            _ => None,
+        },
     };
     tracing::info!(dataset = %info.name, train = info.train, test = info.test, "audit");
 
@@ -793,6 +802,43 @@ fn short_training(train: usize, victim: &VictimConfig) -> Option<String> {
     })
 }
 
+/// Where the class signal is known (generated lesions): how it compares
+/// with the largest perturbation SALM (and dense EM) may add at the
+/// headline budget, `eps^2` on every allowed value.
+fn signal_note(s: &Summary, info: &DatasetInfo) -> Option<String> {
+    let signal = info.class_signal.as_ref()?;
+    let carriers: Vec<&ClassSignal> = signal.iter().filter(|c| c.energy_mean > 0.0).collect();
+    if carriers.is_empty() {
+        return None;
+    }
+    let values = (info.shape.pixels() * info.shape.channels) as f64;
+    let dense = values * s.eps * s.eps;
+    let budget = s.rho * dense;
+    let per_class: Vec<String> = carriers
+        .iter()
+        .map(|c| {
+            format!(
+                "{:.2} for {} (smallest {:.2}, {:.0} pixels changed)",
+                c.energy_mean, c.class, c.energy_min, c.pixels_mean
+            )
+        })
+        .collect();
+    let (lo, hi) = carriers.iter().fold((f64::INFINITY, 0f64), |(lo, hi), c| {
+        (lo.min(c.energy_mean), hi.max(c.energy_mean))
+    });
+    Some(format!(
+        "Class signal against the budget: on average a lesion adds a squared L2 norm (0..1 \
+         scale) of {}; the largest perturbation SALM may add at eps={:.1}/255, rho={:.2} is \
+         {budget:.3} (every allowed value moved by eps), so the mean lesion carries {:.1}-{:.1}x \
+         SALM's budget; dense EM at the same eps may add {dense:.3}.",
+        per_class.join(", "),
+        s.eps * 255.0,
+        s.rho,
+        lo / budget,
+        hi / budget,
+    ))
+}
+
 fn notes(
     s: &Summary,
     methods: &[MethodResult],
@@ -822,6 +868,7 @@ fn notes(
         ));
     }
     notes.extend(short_training(info.train, victim));
+    notes.extend(signal_note(s, info));
     if s.salm_unlearnability.is_none() {
         notes.push(format!(
             "Unlearnability is not defined here: clean victims ({:.1}%) are within {:.0} points \

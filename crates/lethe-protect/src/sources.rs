@@ -61,24 +61,7 @@ pub const LESION_CLASSES: [&str; 4] = ["normal", "nodule", "cluster", "streak"];
 
 /// Generates the lesion dataset (8-bit grid, released as PNG).
 pub fn lesions(spec: &LesionSpec) -> Result<Dataset> {
-    if !(16..=128).contains(&spec.size) {
-        return Err(Error::Config(format!(
-            "lesion image size must be 16..=128, got {}",
-            spec.size
-        )));
-    }
-    if spec.per_class == 0 || spec.per_class > 100_000 {
-        return Err(Error::Config(format!(
-            "lesion per_class must be 1..=100000, got {}",
-            spec.per_class
-        )));
-    }
-    if !(0.0..=0.2).contains(&spec.texture) {
-        return Err(Error::Config(format!(
-            "lesion texture must be in [0, 0.2], got {}",
-            spec.texture
-        )));
-    }
+    check_lesion_spec(spec)?;
     let s = spec.size;
     let mut pixels = Vec::with_capacity(4 * spec.per_class * s * s);
     let mut labels = Vec::new();
@@ -105,6 +88,30 @@ pub fn lesions(spec: &LesionSpec) -> Result<Dataset> {
     )
 }
 
+/// The lesion spec's limits (size 16..=128, 1..=100000 per class,
+/// texture in [0, 0.2]).
+fn check_lesion_spec(spec: &LesionSpec) -> Result<()> {
+    if !(16..=128).contains(&spec.size) {
+        return Err(Error::Config(format!(
+            "lesion image size must be 16..=128, got {}",
+            spec.size
+        )));
+    }
+    if spec.per_class == 0 || spec.per_class > 100_000 {
+        return Err(Error::Config(format!(
+            "lesion per_class must be 1..=100000, got {}",
+            spec.per_class
+        )));
+    }
+    if !(0.0..=0.2).contains(&spec.texture) {
+        return Err(Error::Config(format!(
+            "lesion texture must be in [0, 0.2], got {}",
+            spec.texture
+        )));
+    }
+    Ok(())
+}
+
 /// SplitMix64 of three words: independent seeds per (seed, class, index).
 pub(crate) fn mix(a: u64, b: u64, c: u64) -> u64 {
     let mut z = a
@@ -128,7 +135,71 @@ fn gauss(rng: &mut StdRng) -> f32 {
     (-2.0 * u1.ln()).sqrt() * (2.0 * PI * u2).cos()
 }
 
+/// What the lesions of one class add to their images: the class signal a
+/// victim can learn, against which a perturbation budget compares.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ClassSignal {
+    /// Class name.
+    pub class: String,
+    /// Images measured.
+    pub images: usize,
+    /// Mean over the images of the squared L2 norm of what the lesion
+    /// changes (on the released 8-bit grid, values in 0..1).
+    pub energy_mean: f64,
+    /// The smallest such norm.
+    pub energy_min: f64,
+    /// Mean number of pixels the lesion changes by more than half a level.
+    pub pixels_mean: f64,
+}
+
+/// [`ClassSignal`] per class over every image [`lesions`] generates for
+/// `spec`: each image is compared with itself before its lesion was drawn
+/// (the same random draws up to that point).
+pub fn lesion_class_signal(spec: &LesionSpec) -> Result<Vec<ClassSignal>> {
+    check_lesion_spec(spec)?;
+    Ok((0..4u32)
+        .map(|class| {
+            let (mut sum, mut min, mut pixels) = (0f64, f64::INFINITY, 0usize);
+            for i in 0..spec.per_class {
+                let mut rng = StdRng::seed_from_u64(mix(spec.seed, class as u64, i as u64));
+                let (image, before) = lesion_layers(&mut rng, class, spec);
+                let e: f64 = image
+                    .iter()
+                    .zip(&before)
+                    .map(|(a, b)| f64::from(a - b).powi(2))
+                    .sum();
+                sum += e;
+                min = min.min(e);
+                pixels += image
+                    .iter()
+                    .zip(&before)
+                    .filter(|(a, b)| (*a - *b).abs() > 0.5 / 255.0)
+                    .count();
+            }
+            let n = spec.per_class as f64;
+            ClassSignal {
+                class: LESION_CLASSES[class as usize].to_string(),
+                images: spec.per_class,
+                energy_mean: sum / n,
+                energy_min: min,
+                pixels_mean: pixels as f64 / n,
+            }
+        })
+        .collect())
+}
+
 fn lesion_image(rng: &mut StdRng, class: u32, spec: &LesionSpec) -> Vec<f32> {
+    lesion_layers(rng, class, spec).0
+}
+
+/// The 8-bit grid of `v` in 0..1.
+fn quantise(v: f32) -> f32 {
+    (v.clamp(0.0, 1.0) * 255.0).round() / 255.0
+}
+
+/// A lesion image and the same image before its lesion, both on the 8-bit
+/// grid.
+fn lesion_layers(rng: &mut StdRng, class: u32, spec: &LesionSpec) -> (Vec<f32>, Vec<f32>) {
     let s = spec.size;
     let sf = s as f32;
     let c = (sf - 1.0) / 2.0;
@@ -204,6 +275,7 @@ fn lesion_image(rng: &mut StdRng, class: u32, spec: &LesionSpec) -> Vec<f32> {
         }
     };
     let scale = sf / 32.0;
+    let before: Vec<f32> = img.iter().copied().map(quantise).collect();
     match class {
         1 => {
             let (x, y) = place(rng);
@@ -240,9 +312,7 @@ fn lesion_image(rng: &mut StdRng, class: u32, spec: &LesionSpec) -> Vec<f32> {
         }
         _ => {}
     }
-    img.iter()
-        .map(|v| (v.clamp(0.0, 1.0) * 255.0).round() / 255.0)
-        .collect()
+    (img.into_iter().map(quantise).collect(), before)
 }
 
 /// scikit-learn's digits on the 8-bit grid (values `v / 16` rounded to

@@ -645,7 +645,43 @@ fn info(test_per_class: Vec<usize>) -> DatasetInfo {
         zero_fraction: 0.0,
         chance: *test_per_class.iter().max().unwrap() as f64 / test as f64,
         test_per_class,
+        class_signal: None,
     }
+}
+
+#[test]
+fn generated_lesions_report_their_signal_against_the_budget() {
+    let spec = crate::LesionSpec {
+        per_class: 10,
+        ..crate::LesionSpec::default()
+    };
+    let mut i = info(vec![75; 4]);
+    i.shape = crate::dataset::ImageShape {
+        channels: 1,
+        height: 32,
+        width: 32,
+    };
+    let s = summary_of(0.94, 0.5, i.chance);
+    assert!(signal_note(&s, &i).is_none(), "no signal, no note");
+    let signal = crate::sources::lesion_class_signal(&spec).unwrap();
+    i.class_signal = Some(signal.clone());
+    let note = signal_note(&s, &i).unwrap();
+    // 0.25 of 1024 values moved by 8/255: 0.252.
+    assert!(note.contains("0.252"), "{note}");
+    for c in &signal[1..] {
+        assert!(note.contains(&c.class), "{note}");
+        let ratio = c.energy_mean / 0.252;
+        assert!(
+            ratio > 1.0,
+            "{} carries less than the budget: {ratio}",
+            c.class
+        );
+    }
+    assert!(
+        !note.contains("normal"),
+        "the normal class carries nothing: {note}"
+    );
+    assert!(!note.contains("  "), "stray spaces: {note}");
 }
 
 fn summary_of(clean_acc: f64, salm_acc: f64, chance: f64) -> Summary {

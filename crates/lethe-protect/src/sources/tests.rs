@@ -56,6 +56,32 @@ fn lesion_classes_differ_in_bright_pixels() {
 }
 
 #[test]
+fn lesion_class_signal_measures_what_the_lesions_add() {
+    // The default 32x32 images, texture 0.04.
+    let spec = LesionSpec {
+        seed: 3,
+        per_class: 12,
+        ..LesionSpec::default()
+    };
+    let signal = lesion_class_signal(&spec).unwrap();
+    assert_eq!(signal.len(), 4);
+    // `normal` has no lesion; the others change 1-3% of the pixels
+    // (module docs), by a squared norm of at least one full-contrast pixel.
+    assert_eq!(signal[0].class, "normal");
+    assert_eq!((signal[0].energy_mean, signal[0].pixels_mean), (0.0, 0.0));
+    for c in &signal[1..] {
+        assert_eq!(c.images, 12);
+        assert!(c.energy_min > 0.1 && c.energy_min <= c.energy_mean, "{c:?}");
+        let fraction = c.pixels_mean / (32.0 * 32.0);
+        assert!((0.005..=0.04).contains(&fraction), "{c:?}");
+    }
+    // A nodule (a disk of radius 2-3) carries more than a thin streak's
+    // worth on average.
+    assert!(signal[1].energy_mean > signal[3].energy_mean, "{signal:?}");
+    assert!(lesion_class_signal(&LesionSpec { size: 8, ..spec }).is_err());
+}
+
+#[test]
 fn bad_lesion_specs_are_refused() {
     for spec in [
         LesionSpec {
