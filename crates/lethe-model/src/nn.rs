@@ -350,14 +350,7 @@ pub fn conv2d(
             weight.dims()
         )));
     }
-    if let Some(b) = bias {
-        if b.dims() != [co] {
-            return Err(Error::InvalidArgument(format!(
-                "conv2d bias {:?}, expected [{co}]",
-                b.dims()
-            )));
-        }
-    }
+    check_conv_bias(bias, co)?;
     let oh = (h + 2 * padding - kh) / stride + 1;
     let ow = (w + 2 * padding - kw) / stride + 1;
     let path = if fused(&[x, weight]) {
@@ -647,6 +640,17 @@ pub fn conv2d_batch_norm_eval(
     conv2d(x, &folded, Some(&shift), stride, padding)
 }
 
+/// Checks that a convolution's bias, if any, is `(co)`.
+fn check_conv_bias(bias: Option<&Tensor>, co: usize) -> Result<()> {
+    match bias {
+        Some(b) if b.dims() != [co] => Err(Error::InvalidArgument(format!(
+            "conv2d bias {:?}, expected [{co}]",
+            b.dims()
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Checks that batch norm's four `(c)` tensors fit the output channels of
 /// `conv_weight`, and returns that count.
 fn check_batch_norm_after(
@@ -681,15 +685,10 @@ pub(crate) fn fold_batch_norm(
     eps: f64,
 ) -> Result<(Tensor, Tensor)> {
     let co = check_batch_norm_after(conv_weight, (bn_weight, bn_bias), (mean, var))?;
+    check_conv_bias(conv_bias, co)?;
     let scale = (bn_weight * (var + eps)?.sqrt()?.recip()?)?;
     let mut shift = (bn_bias - (mean * &scale)?)?;
     if let Some(b) = conv_bias {
-        if b.dims() != [co] {
-            return Err(Error::InvalidArgument(format!(
-                "conv2d bias {:?}, expected [{co}]",
-                b.dims()
-            )));
-        }
         shift = (shift + (b * &scale)?)?;
     }
     let folded = conv_weight.broadcast_mul(&scale.reshape((co, 1, 1, 1))?)?;
@@ -1865,15 +1864,20 @@ mod kernels {
     /// `(c, plane)` of [`ChannelBias`]'s operands: `x` `(n, c, ...)` with
     /// `plane` elements per channel, `b` `(c)`.
     pub(super) fn channel_bias_dims(x: &Layout, b: &Layout) -> KResult<(usize, usize)> {
-        let dims = x.shape().dims();
-        if dims.len() < 2 || b.shape().dims() != [dims[1]] {
-            candle_core::bail!(
-                "channel bias {:?} for an input {:?}",
-                b.shape().dims(),
-                dims
-            )
+        match b.shape().dims() {
+            [c] => Ok((*c, channel_plane(x, *c, "channel bias")?)),
+            d => candle_core::bail!("channel bias {d:?} for an input {:?}", x.dims()),
         }
-        Ok((dims[1], dims[2..].iter().product::<usize>().max(1)))
+    }
+
+    /// Elements per channel of `x` `(n, c, ...)`, checking that it has `c`
+    /// channels (`what` names the op in the error).
+    fn channel_plane(x: &Layout, c: usize, what: &str) -> KResult<usize> {
+        let dims = x.dims();
+        if dims.len() < 2 || dims[1] != c {
+            candle_core::bail!("{what} of {c} channels for an input {dims:?}")
+        }
+        Ok(dims[2..].iter().product::<usize>().max(1))
     }
 
     impl CustomOp2 for ChannelBias {
@@ -1940,7 +1944,7 @@ mod kernels {
         /// The factors `w / sqrt(var + eps)` in [`BatchNormBwd`]'s f32
         /// arithmetic.
         pub(super) fn of_batch_norm(w: &[f32], var: &[f32], eps: f32) -> ChannelScale {
-            let r = var.iter().map(|v| 1.0 / (v + eps).sqrt());
+            let r = inv_std(var, eps);
             ChannelScale(Arc::new(w.iter().zip(r).map(|(w, r)| w * r).collect()))
         }
     }
@@ -1951,12 +1955,8 @@ mod kernels {
         }
 
         fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> KResult<(CpuStorage, Shape)> {
-            let dims = l.dims();
-            if dims.len() < 2 || dims[1] != self.0.len() {
-                candle_core::bail!("channel scale of {} for an input {dims:?}", self.0.len())
-            }
-            let c = dims[1];
-            let plane = dims[2..].iter().product::<usize>().max(1);
+            let c = self.0.len();
+            let plane = channel_plane(l, c, "channel scale")?;
             let g = slice(s, l)?;
             let mut out = vec![0f32; g.len()];
             out.par_chunks_mut(plane)
@@ -2020,6 +2020,13 @@ mod kernels {
         pub(super) stats: Option<Arc<(Vec<f32>, Vec<f32>)>>,
     }
 
+    /// `1 / sqrt(var + eps)` per channel, the one f32 formula batch
+    /// norm's forward, its backward and [`ChannelScale`] share (so their
+    /// values agree bit for bit).
+    fn inv_std(var: &[f32], eps: f32) -> Vec<f32> {
+        var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect()
+    }
+
     impl BatchNorm {
         fn moments(&self, x: &[f32], dims: &[usize]) -> (Vec<f32>, Vec<f32>) {
             match &self.stats {
@@ -2053,11 +2060,10 @@ mod kernels {
             if n * c * hw == 0 {
                 return Ok((CpuStorage::F32(y), l1.shape().clone()));
             }
-            let affine: Vec<(f32, f32)> = (0..c)
-                .map(|ci| {
-                    let r = 1.0 / (var[ci] + self.eps).sqrt();
-                    (r * w[ci], b[ci] - mean[ci] * r * w[ci])
-                })
+            let affine: Vec<(f32, f32)> = inv_std(&var, self.eps)
+                .into_iter()
+                .enumerate()
+                .map(|(ci, r)| (r * w[ci], b[ci] - mean[ci] * r * w[ci]))
                 .collect();
             // One image per task.
             y.par_chunks_mut(c * hw)
@@ -2132,7 +2138,7 @@ mod kernels {
             let (dw, db) = rest.split_at_mut(c);
             // Per-channel sums, one channel per task in a fixed order (the
             // same on any number of threads), then dx one image per task.
-            let r: Vec<f32> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
+            let r = inv_std(&var, self.eps);
             let sums: Vec<(f64, f64)> = (0..c)
                 .into_par_iter()
                 .map(|ci| {

@@ -624,17 +624,7 @@ impl ImageClassifier for SmallCnn {
     }
 
     fn freeze(&self) -> Result<FrozenClassifier> {
-        let blocks = self
-            .blocks
-            .iter()
-            .map(|(conv, bn)| frozen::freeze_conv(conv, bn.as_ref()))
-            .collect::<Result<Vec<_>>>()?;
-        FrozenClassifier::cnn(
-            blocks,
-            &self.head,
-            self.cnn.in_channels,
-            self.cnn.image_size,
-        )
+        FrozenClassifier::of_cnn(self)
     }
 }
 
@@ -785,22 +775,7 @@ impl ImageClassifier for ResNet18 {
     }
 
     fn freeze(&self) -> Result<FrozenClassifier> {
-        let stem = frozen::freeze_conv(&self.conv1, Some(&self.bn1))?;
-        let blocks = self
-            .blocks
-            .iter()
-            .map(|b| {
-                Ok((
-                    frozen::freeze_conv(&b.conv1, Some(&b.bn1))?,
-                    frozen::freeze_conv(&b.conv2, Some(&b.bn2))?,
-                    match &b.downsample {
-                        None => None,
-                        Some((conv, bn)) => Some(frozen::freeze_conv(conv, Some(bn))?),
-                    },
-                ))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        FrozenClassifier::resnet(stem, blocks, &self.fc, self.res.in_channels)
+        FrozenClassifier::of_resnet(self)
     }
 }
 

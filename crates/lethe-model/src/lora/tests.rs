@@ -39,16 +39,6 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
-fn bits(t: &Tensor) -> Vec<u32> {
-    t.flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .iter()
-        .map(|v| v.to_bits())
-        .collect()
-}
-
 /// Fills every B with small random values so the adapter changes outputs.
 fn randomise_b(adapter: &LoraAdapter, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
@@ -84,8 +74,8 @@ fn fresh_adapter_and_gate_zero_leave_the_base_output_bit_identical() {
     assert_eq!(adapter.sites().len(), 2 * 7);
     model.attach_adapter(&adapter).unwrap();
     assert_eq!(
-        bits(&model.forward(&x, Mode::Eval).unwrap()),
-        bits(&base),
+        crate::nn::tests::bits(&model.forward(&x, Mode::Eval).unwrap()),
+        crate::nn::tests::bits(&base),
         "B = 0 is the identity"
     );
     randomise_b(&adapter, 4);
@@ -96,8 +86,8 @@ fn fresh_adapter_and_gate_zero_leave_the_base_output_bit_identical() {
     );
     adapter.set_gate(0.0).unwrap();
     assert_eq!(
-        bits(&model.forward(&x, Mode::Eval).unwrap()),
-        bits(&base),
+        crate::nn::tests::bits(&model.forward(&x, Mode::Eval).unwrap()),
+        crate::nn::tests::bits(&base),
         "gate 0 is the base"
     );
     // The gate scales the adapter's contribution linearly.
@@ -119,7 +109,7 @@ fn merge_equals_unmerged_and_unmerge_restores_the_base() {
     let base_weights: Vec<(String, Vec<u32>)> = model
         .named_vars()
         .iter()
-        .map(|(n, v)| (n.clone(), bits(v.as_tensor())))
+        .map(|(n, v)| (n.clone(), crate::nn::tests::bits(v.as_tensor())))
         .collect();
     let base_out = model.forward(&x, Mode::Eval).unwrap();
     let a1 = LoraAdapter::new(&model, "one", config(4, 0.0), 7).unwrap();
@@ -231,7 +221,11 @@ fn training_an_adapter_moves_only_the_adapter() {
     let adapter = LoraAdapter::new(&model, "fit", config(4, 0.0), 18).unwrap();
     model.attach_adapter(&adapter).unwrap();
     model.set_base_trainable(false);
-    let before: Vec<Vec<u32>> = model.vars().iter().map(|v| bits(v.as_tensor())).collect();
+    let before: Vec<Vec<u32>> = model
+        .vars()
+        .iter()
+        .map(|v| crate::nn::tests::bits(v.as_tensor()))
+        .collect();
     let mut opt = AdamW::new(
         adapter.vars(),
         AdamWConfig {
@@ -259,7 +253,11 @@ fn training_an_adapter_moves_only_the_adapter() {
         last < first - 0.5,
         "adapter training lowered the loss {first} -> {last}"
     );
-    let after: Vec<Vec<u32>> = model.vars().iter().map(|v| bits(v.as_tensor())).collect();
+    let after: Vec<Vec<u32>> = model
+        .vars()
+        .iter()
+        .map(|v| crate::nn::tests::bits(v.as_tensor()))
+        .collect();
     assert_eq!(before, after, "the base did not move");
 }
 
@@ -272,7 +270,7 @@ fn dropout_is_only_active_in_training() {
     let x = ids(23);
     let e1 = model.forward(&x, Mode::Eval).unwrap();
     let e2 = model.forward(&x, Mode::Eval).unwrap();
-    assert_eq!(bits(&e1), bits(&e2));
+    assert_eq!(crate::nn::tests::bits(&e1), crate::nn::tests::bits(&e2));
     let t1 = model.forward(&x, Mode::Train).unwrap();
     let t2 = model.forward(&x, Mode::Train).unwrap();
     assert!(
@@ -310,7 +308,7 @@ fn adapters_save_and_load_with_peft_names() {
     model.detach_adapter("saved").unwrap();
     model.attach_adapter(&loaded).unwrap();
     let b = model.forward(&x, Mode::Eval).unwrap();
-    assert_eq!(bits(&a), bits(&b));
+    assert_eq!(crate::nn::tests::bits(&a), crate::nn::tests::bits(&b));
 
     // Attaching twice, or to a model of another shape, is refused.
     assert!(model.attach_adapter(&loaded).is_err());

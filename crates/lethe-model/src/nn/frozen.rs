@@ -99,14 +99,7 @@ impl FrozenConv {
         if stride == 0 {
             return Err(Error::InvalidArgument("convolution stride 0".into()));
         }
-        if let Some(b) = &bias {
-            if b.dims() != [co] {
-                return Err(Error::InvalidArgument(format!(
-                    "conv2d bias {:?}, expected [{co}]",
-                    b.dims()
-                )));
-            }
-        }
+        super::check_conv_bias(bias.as_ref(), co)?;
         if let Some(n) = &norm {
             super::check_batch_norm_after(&weight, (&n.weight, &n.bias), (&n.mean, &n.var))?;
         }
@@ -153,9 +146,9 @@ impl FrozenConv {
         if fused(&[x, &self.weight]) {
             let g = match &self.norm {
                 None => g.contiguous()?,
-                Some(_) => g
+                Some(n) => g
                     .contiguous()?
-                    .apply_op1_no_bwd(&kernels::ChannelScale(self.norm_scale()?))?,
+                    .apply_op1_no_bwd(&kernels::ChannelScale(self.norm_scale(n)?))?,
             };
             let (_, _, kh, kw) = self.weight.dims4()?;
             let back = kernels::Conv2dBwd {
@@ -185,15 +178,11 @@ impl FrozenConv {
         )?)
     }
 
-    fn norm_scale(&self) -> Result<Arc<Vec<f32>>> {
+    /// `n`'s input-gradient factors (`n` is this conv's own norm).
+    fn norm_scale(&self, n: &FixedNorm) -> Result<Arc<Vec<f32>>> {
         if let Some(s) = self.norm_scale.get() {
             return Ok(s.clone());
         }
-        let Some(n) = &self.norm else {
-            return Err(Error::InvalidArgument(
-                "no batch norm to take factors from".into(),
-            ));
-        };
         let scale = kernels::ChannelScale::of_batch_norm(
             &n.weight.to_vec1::<f32>()?,
             &n.var.to_vec1::<f32>()?,

@@ -48,6 +48,17 @@ pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     max_abs(&(a - b).unwrap())
 }
 
+/// The bit patterns of `t`'s values (f32), for exact comparisons.
+pub(crate) fn bits(t: &Tensor) -> Vec<u32> {
+    t.flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect()
+}
+
 /// The largest absolute value in `t`.
 pub(crate) fn max_abs(t: &Tensor) -> f32 {
     t.abs()

@@ -11,16 +11,6 @@ fn dev() -> Device {
     Device::Cpu
 }
 
-fn bits(t: &Tensor) -> Vec<u32> {
-    t.flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .iter()
-        .map(|v| v.to_bits())
-        .collect()
-}
-
 fn random_var(shape: (usize, usize), seed: u64) -> Var {
     let mut rng = StdRng::seed_from_u64(seed);
     let v: Vec<f32> = (0..shape.0 * shape.1)
@@ -126,12 +116,12 @@ fn clearing_a_mask_lets_weights_move_again() {
     opt.set_mask(&w, &zeros).unwrap();
     let x = random_var((6, 3), 6).as_detached_tensor();
     let y = random_var((4, 3), 7).as_detached_tensor();
-    let before = bits(w.as_tensor());
+    let before = crate::nn::tests::bits(w.as_tensor());
     train_step(&mut opt, &loss_of(&w, &x, &y), None).unwrap();
-    assert_eq!(bits(w.as_tensor()), before);
+    assert_eq!(crate::nn::tests::bits(w.as_tensor()), before);
     opt.clear_mask(&w).unwrap();
     train_step(&mut opt, &loss_of(&w, &x, &y), None).unwrap();
-    assert_ne!(bits(w.as_tensor()), before);
+    assert_ne!(crate::nn::tests::bits(w.as_tensor()), before);
 }
 
 /// Three AdamW steps on one scalar against the formula in f64.
@@ -214,7 +204,7 @@ fn sgd_follows_pytorch_update() {
 fn variables_without_a_gradient_are_not_touched() {
     let used = random_var((2, 2), 8);
     let unused = random_var((2, 2), 9);
-    let before = bits(unused.as_tensor());
+    let before = crate::nn::tests::bits(unused.as_tensor());
     let mut opt = AdamW::new(
         vec![used.clone(), unused.clone()],
         AdamWConfig {
@@ -228,7 +218,7 @@ fn variables_without_a_gradient_are_not_touched() {
         train_step(&mut opt, &loss, None).unwrap();
     }
     assert_eq!(
-        bits(unused.as_tensor()),
+        crate::nn::tests::bits(unused.as_tensor()),
         before,
         "no gradient, no weight decay"
     );

@@ -64,7 +64,7 @@ fn copy(p: &Param) -> Result<Tensor> {
 }
 
 /// A frozen copy of `conv` followed by `bn` (evaluation mode).
-pub(super) fn freeze_conv(conv: &Conv, bn: Option<&BatchNorm>) -> Result<FrozenConv> {
+fn freeze_conv(conv: &Conv, bn: Option<&BatchNorm>) -> Result<FrozenConv> {
     let norm = match bn {
         None => None,
         Some(bn) => Some(FixedNorm {
@@ -79,42 +79,115 @@ pub(super) fn freeze_conv(conv: &Conv, bn: Option<&BatchNorm>) -> Result<FrozenC
     FrozenConv::new(copy(&conv.weight)?, bias, norm, conv.stride, conv.padding)
 }
 
+/// What a CNN block's backward pass reads: the block's input, the
+/// convolution's output and the pooled output (before ReLU).
+struct CnnTape {
+    input: Tensor,
+    conv: Tensor,
+    pooled: Tensor,
+}
+
+/// What a basic block's backward pass reads: the block's input, conv1's
+/// output, the ReLU of it, and the sum before the block's last ReLU.
+struct BlockTape {
+    input: Tensor,
+    conv1: Tensor,
+    hidden: Tensor,
+    sum: Tensor,
+}
+
+/// The CNN block `relu(pool(conv(x)))`, with its tape.
+fn cnn_block(conv: &FrozenConv, x: Tensor) -> Result<(Tensor, CnnTape)> {
+    let c = conv.forward(&x)?;
+    let pooled = nn::max_pool2x2(&c)?;
+    let out = nn::relu(&pooled)?;
+    Ok((
+        out,
+        CnnTape {
+            input: x,
+            conv: c,
+            pooled,
+        },
+    ))
+}
+
+impl FrozenBlock {
+    /// `relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))`, with its tape.
+    fn forward(&self, x: Tensor) -> Result<(Tensor, BlockTape)> {
+        let conv1 = self.conv1.forward(&x)?;
+        let hidden = nn::relu(&conv1)?;
+        let main = self.conv2.forward(&hidden)?;
+        let shortcut = match &self.downsample {
+            None => x.clone(),
+            Some(d) => d.forward(&x)?,
+        };
+        let sum = (main + shortcut)?;
+        let out = nn::relu(&sum)?;
+        Ok((
+            out,
+            BlockTape {
+                input: x,
+                conv1,
+                hidden,
+                sum,
+            },
+        ))
+    }
+
+    /// The gradient with respect to the block's input, given the
+    /// gradient `g` of its output.
+    fn input_gradient(&self, t: &BlockTape, g: &Tensor) -> Result<Tensor> {
+        let g_sum = relu_input_gradient(&t.sum, g)?;
+        let g_hidden = self.conv2.input_gradient(&t.hidden, &g_sum)?;
+        let g_conv1 = relu_input_gradient(&t.conv1, &g_hidden)?;
+        let main = self.conv1.input_gradient(&t.input, &g_conv1)?;
+        let shortcut = match &self.downsample {
+            None => g_sum,
+            Some(d) => d.input_gradient(&t.input, &g_sum)?,
+        };
+        Ok((main + shortcut)?)
+    }
+}
+
 impl FrozenClassifier {
-    /// A SmallCnn's blocks and head.
-    pub(super) fn cnn(
-        blocks: Vec<FrozenConv>,
-        head: &(Param, Param),
-        in_channels: usize,
-        image_size: usize,
-    ) -> Result<FrozenClassifier> {
+    /// A frozen copy of `m`.
+    pub(super) fn of_cnn(m: &super::SmallCnn) -> Result<FrozenClassifier> {
+        let blocks = m
+            .blocks
+            .iter()
+            .map(|(conv, bn)| freeze_conv(conv, bn.as_ref()))
+            .collect::<Result<Vec<_>>>()?;
         Ok(FrozenClassifier {
             body: Body::Cnn(blocks),
-            head: Head::new(head, false)?,
-            in_channels,
-            image_size: Some(image_size),
+            head: Head::new(&m.head, false)?,
+            in_channels: m.cnn.in_channels,
+            image_size: Some(m.cnn.image_size),
         })
     }
 
-    /// A ResNet's stem, blocks `(conv1 + bn1, conv2 + bn2, downsample)`
-    /// and head.
-    pub(super) fn resnet(
-        stem: FrozenConv,
-        blocks: Vec<(FrozenConv, FrozenConv, Option<FrozenConv>)>,
-        head: &(Param, Param),
-        in_channels: usize,
-    ) -> Result<FrozenClassifier> {
-        let blocks = blocks
-            .into_iter()
-            .map(|(conv1, conv2, downsample)| FrozenBlock {
-                conv1,
-                conv2,
-                downsample,
+    /// A frozen copy of `m`.
+    pub(super) fn of_resnet(m: &super::ResNet18) -> Result<FrozenClassifier> {
+        let blocks = m
+            .blocks
+            .iter()
+            .map(|b| {
+                Ok(FrozenBlock {
+                    conv1: freeze_conv(&b.conv1, Some(&b.bn1))?,
+                    conv2: freeze_conv(&b.conv2, Some(&b.bn2))?,
+                    downsample: match &b.downsample {
+                        None => None,
+                        Some((conv, bn)) => Some(freeze_conv(conv, Some(bn))?),
+                    },
+                })
             })
-            .collect();
+            .collect::<Result<Vec<_>>>()?;
         Ok(FrozenClassifier {
-            body: Body::ResNet { stem, blocks },
-            head: Head::new(head, true)?,
-            in_channels,
+            body: Body::ResNet {
+                stem: freeze_conv(&m.conv1, Some(&m.bn1))?,
+                blocks,
+            },
+            head: Head::new(&m.fc, true)?,
+            in_channels: m.res.in_channels,
             image_size: None,
         })
     }
@@ -122,27 +195,16 @@ impl FrozenClassifier {
     /// Logits `(n, classes)` for images `(n, channels, height, width)`.
     pub fn logits(&self, images: &Tensor) -> Result<Tensor> {
         let x = self.prepare(images)?;
+        // The blocks' tapes are dropped as each block ends.
         let features = match &self.body {
-            Body::Cnn(blocks) => {
-                let mut x = x;
-                for conv in blocks {
-                    x = nn::relu(&nn::max_pool2x2(&conv.forward(&x)?)?)?;
-                }
-                x
-            }
-            Body::ResNet { stem, blocks } => {
-                let mut x = nn::relu(&stem.forward(&x)?)?;
-                for b in blocks {
-                    let y = nn::relu(&b.conv1.forward(&x)?)?;
-                    let y = b.conv2.forward(&y)?;
-                    let shortcut = match &b.downsample {
-                        None => x.clone(),
-                        Some(d) => d.forward(&x)?,
-                    };
-                    x = nn::relu(&(y + shortcut)?)?;
-                }
-                x
-            }
+            Body::Cnn(blocks) => blocks
+                .iter()
+                .try_fold(x, |x, conv| Ok::<_, Error>(cnn_block(conv, x)?.0))?,
+            Body::ResNet { stem, blocks } => blocks
+                .iter()
+                .try_fold(nn::relu(&stem.forward(&x)?)?, |r, b| {
+                    Ok::<_, Error>(b.forward(r)?.0)
+                })?,
         };
         self.head.logits(&features)
     }
@@ -159,71 +221,46 @@ impl FrozenClassifier {
                 labels.dims()
             )));
         }
-        let (loss, g) = self.loss_and_input_gradient(x, labels)?;
+        let (loss, g) = match &self.body {
+            Body::Cnn(blocks) => {
+                let mut tapes = Vec::with_capacity(blocks.len());
+                let mut x = x;
+                for conv in blocks {
+                    let (out, t) = cnn_block(conv, x)?;
+                    tapes.push(t);
+                    x = out;
+                }
+                let (loss, mut g) = self.head.loss_gradient(&x, labels)?;
+                for (conv, t) in blocks.iter().zip(&tapes).rev() {
+                    g = relu_input_gradient(&t.pooled, &g)?;
+                    g = max_pool2x2_input_gradient(&t.conv, &g)?;
+                    g = conv.input_gradient(&t.input, &g)?;
+                }
+                (loss, g)
+            }
+            Body::ResNet { stem, blocks } => {
+                let s = stem.forward(&x)?;
+                let mut r = nn::relu(&s)?;
+                let mut tapes = Vec::with_capacity(blocks.len());
+                for b in blocks {
+                    let (out, t) = b.forward(r)?;
+                    tapes.push(t);
+                    r = out;
+                }
+                let (loss, mut g) = self.head.loss_gradient(&r, labels)?;
+                for (b, t) in blocks.iter().zip(&tapes).rev() {
+                    g = b.input_gradient(t, &g)?;
+                }
+                (
+                    loss,
+                    stem.input_gradient(&x, &relu_input_gradient(&s, &g)?)?,
+                )
+            }
+        };
         // Last: off the CPU every step above is queued on the device
         // without waiting for it.
         self.head.check_labels(labels)?;
         Ok((loss.to_scalar::<f32>()?, g))
-    }
-
-    /// The loss (a scalar tensor) and the input gradient.
-    fn loss_and_input_gradient(&self, x: Tensor, labels: &Tensor) -> Result<(Tensor, Tensor)> {
-        match &self.body {
-            Body::Cnn(blocks) => {
-                // Per block: its input, the convolution's output (pooled)
-                // and the pooling's output (through ReLU).
-                let mut saved = Vec::with_capacity(blocks.len());
-                let mut x = x;
-                for conv in blocks {
-                    let c = conv.forward(&x)?;
-                    let p = nn::max_pool2x2(&c)?;
-                    let next = nn::relu(&p)?;
-                    saved.push((x, c, p));
-                    x = next;
-                }
-                let (loss, mut g) = self.head.loss_gradient(&x, labels)?;
-                for (conv, (input, c, p)) in blocks.iter().zip(&saved).rev() {
-                    g = relu_input_gradient(p, &g)?;
-                    g = max_pool2x2_input_gradient(c, &g)?;
-                    g = conv.input_gradient(input, &g)?;
-                }
-                Ok((loss, g))
-            }
-            Body::ResNet { stem, blocks } => {
-                let a = stem.forward(&x)?;
-                let mut r = nn::relu(&a)?;
-                // Per block: its input, conv1's output, the ReLU after it,
-                // and the sum before the block's last ReLU.
-                let mut saved = Vec::with_capacity(blocks.len());
-                for b in blocks {
-                    let p1 = b.conv1.forward(&r)?;
-                    let h = nn::relu(&p1)?;
-                    let p2 = b.conv2.forward(&h)?;
-                    let shortcut = match &b.downsample {
-                        None => r.clone(),
-                        Some(d) => d.forward(&r)?,
-                    };
-                    let z = (p2 + shortcut)?;
-                    let next = nn::relu(&z)?;
-                    saved.push((r, p1, h, z));
-                    r = next;
-                }
-                let (loss, mut g) = self.head.loss_gradient(&r, labels)?;
-                for (b, (input, p1, h, z)) in blocks.iter().zip(&saved).rev() {
-                    let gz = relu_input_gradient(z, &g)?;
-                    let gh = b.conv2.input_gradient(h, &gz)?;
-                    let gp1 = relu_input_gradient(p1, &gh)?;
-                    let main = b.conv1.input_gradient(input, &gp1)?;
-                    let shortcut = match &b.downsample {
-                        None => gz,
-                        Some(d) => d.input_gradient(input, &gz)?,
-                    };
-                    g = (main + shortcut)?;
-                }
-                let g = relu_input_gradient(&a, &g)?;
-                Ok((loss, stem.input_gradient(&x, &g)?))
-            }
-        }
     }
 
     fn prepare(&self, images: &Tensor) -> Result<Tensor> {

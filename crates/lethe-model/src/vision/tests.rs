@@ -598,16 +598,6 @@ fn trained_statistics_models() -> Vec<(&'static str, Box<dyn ImageClassifier>, T
     models
 }
 
-fn bits(t: &Tensor) -> Vec<u32> {
-    t.flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .iter()
-        .map(|v| v.to_bits())
-        .collect()
-}
-
 #[test]
 fn frozen_input_gradient_is_autograds_bit_for_bit_on_the_cpu() {
     // The hand-chained backward calls the kernels autograd calls, so
@@ -617,8 +607,8 @@ fn frozen_input_gradient_is_autograds_bit_for_bit_on_the_cpu() {
         let frozen = model.freeze().unwrap();
         let logits = model.forward(&x, Mode::Eval).unwrap();
         assert_eq!(
-            bits(&frozen.logits(&x).unwrap()),
-            bits(&logits),
+            nn::tests::bits(&frozen.logits(&x).unwrap()),
+            nn::tests::bits(&logits),
             "{name}: logits"
         );
         let (l_auto, g_auto) = autograd_input_gradient(model.as_ref(), &x, &y, Mode::Eval).unwrap();
@@ -628,14 +618,18 @@ fn frozen_input_gradient_is_autograds_bit_for_bit_on_the_cpu() {
         assert_eq!(g_frozen.dims(), x.dims(), "{name}: gradient shape");
         // Zeros may differ in sign only (autograd adds its gradients to a
         // +0 tensor).
-        let same = bits(&g_frozen)
+        let same = nn::tests::bits(&g_frozen)
             .iter()
-            .zip(bits(&g_auto))
+            .zip(nn::tests::bits(&g_auto))
             .all(|(a, b)| *a == b || (a << 1 == 0 && b << 1 == 0));
         assert!(same, "{name}: input gradients differ");
         // `input_gradient` in evaluation mode takes this path.
         let (_, g_default) = input_gradient(model.as_ref(), &x, &y, Mode::Eval).unwrap();
-        assert_eq!(bits(&g_default), bits(&g_frozen), "{name}: default path");
+        assert_eq!(
+            nn::tests::bits(&g_default),
+            nn::tests::bits(&g_frozen),
+            "{name}: default path"
+        );
     }
 }
 
@@ -699,7 +693,11 @@ fn a_frozen_classifier_keeps_the_weights_it_was_made_with() {
         opt.step(&loss.backward().unwrap()).unwrap();
     }
     let (_, after) = frozen.input_gradient(&x, &y).unwrap();
-    assert_eq!(bits(&before), bits(&after), "the snapshot changed");
+    assert_eq!(
+        nn::tests::bits(&before),
+        nn::tests::bits(&after),
+        "the snapshot changed"
+    );
     let (_, fresh) = model.freeze().unwrap().input_gradient(&x, &y).unwrap();
     assert!(
         nn::tests::max_abs_diff(&fresh, &before) > 0.0,
