@@ -291,33 +291,15 @@ impl Net {
         Ok(FrozenNet { net: self, frozen })
     }
 
-    /// Mean cross-entropy and its gradient with respect to `images`
-    /// (weights frozen for the pass): in evaluation mode through
-    /// [`Net::freeze`], in training mode by autograd (as `lethe-model`'s
-    /// `input_gradient`, through the padding).
-    pub(crate) fn input_gradient(
-        &self,
-        images: &Tensor,
-        labels: &Tensor,
-        mode: Mode,
-    ) -> Result<(f32, Tensor)> {
-        if !mode.is_train() {
-            return self.freeze()?.input_gradient(images, labels);
-        }
-        self.autograd_input_gradient(images, labels, mode)
-    }
-
-    /// [`Net::input_gradient`] by candle's autograd through the padding.
-    fn autograd_input_gradient(
-        &self,
-        images: &Tensor,
-        labels: &Tensor,
-        mode: Mode,
-    ) -> Result<(f32, Tensor)> {
+    /// Mean cross-entropy in evaluation mode and its gradient with respect
+    /// to `images`, by candle's autograd through the padding (weights
+    /// untracked for the pass): what [`FrozenNet`] computes where
+    /// `LETHE_FROZEN_GRAD=off`.
+    fn autograd_input_gradient(&self, images: &Tensor, labels: &Tensor) -> Result<(f32, Tensor)> {
         let x = Var::from_tensor(&images.to_dtype(DType::F32)?)?;
         self.inner.set_trainable(false);
         let result = (|| -> Result<(f32, Tensor)> {
-            let logits = self.forward(x.as_tensor(), mode)?;
+            let logits = self.forward(x.as_tensor(), Mode::Eval)?;
             let loss = nn::cross_entropy(&logits, labels, None)?;
             let value = loss.to_scalar::<f32>()?;
             let grads = loss.backward()?;
@@ -362,7 +344,7 @@ impl FrozenNet<'_> {
     /// autograd through the padding drops it).
     pub(crate) fn input_gradient(&self, images: &Tensor, labels: &Tensor) -> Result<(f32, Tensor)> {
         let Some(frozen) = &self.frozen else {
-            return self.net.autograd_input_gradient(images, labels, Mode::Eval);
+            return self.net.autograd_input_gradient(images, labels);
         };
         let [t, _, l, _] = self.net.pad;
         let (_, _, h, w) = images.dims4()?;
@@ -551,7 +533,7 @@ mod tests {
             for _ in 0..2 {
                 net.forward(&(&x * 0.5).unwrap(), Mode::Train).unwrap();
             }
-            let (l_auto, g_auto) = net.autograd_input_gradient(&x, &y, Mode::Eval).unwrap();
+            let (l_auto, g_auto) = net.autograd_input_gradient(&x, &y).unwrap();
             let (l_frozen, g_frozen) = net.freeze().unwrap().input_gradient(&x, &y).unwrap();
             assert_eq!(g_frozen.dims(), x.dims(), "{arch:?}");
             assert_eq!(l_frozen.to_bits(), l_auto.to_bits(), "{arch:?}");

@@ -1460,8 +1460,7 @@ impl<'a> Run<'a> {
 
     /// Whether pixel `q` of class `c` carries the fixed code.
     fn is_code(&self, c: usize, q: usize) -> bool {
-        let hw = self.shape().pixels();
-        self.code.get(c * hw + q) == Some(&1)
+        carries_code(self.code, self.shape().pixels(), c, q)
     }
 
     fn shape(&self) -> ImageShape {
@@ -1495,9 +1494,10 @@ impl<'a> Run<'a> {
     /// image, sample-wise), clipped to the box, appended to `out`.
     fn push_with_unit(&self, state: &State, i: usize, u: usize, out: &mut Vec<f32>) {
         let v = self.shape().values();
-        let x = self.data.image(i);
-        let d = &state.delta[u * v..(u + 1) * v];
-        out.extend(x.iter().zip(d).map(|(a, b)| (a + b).clamp(0.0, 1.0)));
+        out.extend(protected(
+            self.data.image(i),
+            &state.delta[u * v..(u + 1) * v],
+        ));
     }
 
     /// Mismatched pairs for [`RoundLog::shortcut_accuracy`]: every image
@@ -1674,9 +1674,9 @@ impl<'a> Run<'a> {
         let mut px = vec![0f32; units.len() * v];
         let (data, delta) = (&self.data, &state.delta);
         px.par_chunks_mut(v).zip(&units).for_each(|(out, &(i, u))| {
-            let d = &delta[u * v..(u + 1) * v];
-            for ((o, a), b) in out.iter_mut().zip(data.image(i)).zip(d) {
-                *o = (a + b).clamp(0.0, 1.0);
+            let values = protected(data.image(i), &delta[u * v..(u + 1) * v]);
+            for (o, p) in out.iter_mut().zip(values) {
+                *o = p;
             }
         });
         let labels: Vec<u32> = match pairs {
@@ -1901,7 +1901,8 @@ impl<'a> Run<'a> {
                 sum
             })
             .collect();
-        let (step, eps, code) = (self.step, self.eps, &self.code);
+        // `self` is not `Sync` (the surrogates): the closure takes fields.
+        let (step, eps, code) = (self.step, self.eps, self.code);
         let mask = &state.mask;
         state.delta[..classes * v]
             .par_chunks_mut(v)
@@ -1911,8 +1912,7 @@ impl<'a> Run<'a> {
                 let m = &mask[c * hw..(c + 1) * hw];
                 for (delta, sum) in delta.chunks_mut(hw).zip(sum.chunks(hw)) {
                     for q in 0..hw {
-                        // As `is_code`, without `self` (not `Sync`).
-                        delta[q] = if code.get(c * hw + q) == Some(&1) {
+                        delta[q] = if carries_code(code, hw, c, q) {
                             eps
                         } else if m[q] == 1 {
                             (delta[q] - step * sign(sum[q])).clamp(-eps, eps)
@@ -1924,14 +1924,14 @@ impl<'a> Run<'a> {
             });
     }
 
-    /// Class-wise SALM with a gradient strategy: class score = sum of its
-    /// images' scores, from one gradient pass (per round, or once when
-    /// fixed).
     /// Every surrogate frozen as it is now (see [`Net::freeze`]).
     fn freeze_nets(&self) -> Result<Vec<FrozenNet<'_>>> {
         self.nets.iter().map(Net::freeze).collect()
     }
 
+    /// Class-wise SALM with a gradient strategy: class score = sum of its
+    /// images' scores, from one gradient pass (per round, or once when
+    /// fixed).
     fn refresh_class_masks(&self, frozen: &[FrozenNet<'_>], state: &mut State) -> Result<()> {
         let Some((rho, strategy, refresh)) = self.salm() else {
             return Ok(());
@@ -1989,6 +1989,17 @@ impl<'a> Run<'a> {
         }
         Ok(())
     }
+}
+
+/// Image `x` plus noise `d`, clipped to the box (unquantised).
+fn protected<'a>(x: &'a [f32], d: &'a [f32]) -> impl Iterator<Item = f32> + 'a {
+    x.iter().zip(d).map(|(a, b)| (a + b).clamp(0.0, 1.0))
+}
+
+/// [`Run::is_code`] on the fields it reads: `code` holds one `hw`-pixel
+/// 0/1 plane per class (empty: no code).
+fn carries_code(code: &[u8], hw: usize, c: usize, q: usize) -> bool {
+    code.get(c * hw + q) == Some(&1)
 }
 
 fn sign(x: f32) -> f32 {

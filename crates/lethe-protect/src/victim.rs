@@ -226,8 +226,10 @@ fn pgd_attack(
         .map(|&x| (x + rng.random_range(-eps..=eps)).clamp(0.0, 1.0))
         .collect();
     let y = net.labels(labels)?;
+    // The weights do not change during the attack: one snapshot.
+    let frozen = net.freeze()?;
     for _ in 0..steps {
-        let (_, g) = net.input_gradient(&net.batch(&adv)?, &y, Mode::Eval)?;
+        let (_, g) = frozen.input_gradient(&net.batch(&adv)?, &y)?;
         let g = g.flatten_all()?.to_vec1::<f32>()?;
         for ((a, x), gv) in adv.iter_mut().zip(px).zip(&g) {
             let s = if *gv > 0.0 {
