@@ -1,8 +1,7 @@
 //! Development tasks: `cargo xtask <task>`.
 //!
-//! * `test`: build the test suite, fetch the models the tests need with the
-//!   `lethe` binary of that build, then run the whole suite (what CI runs;
-//!   `LETHE_TEST_SIZE=full` for the bigger variants).
+//! * `test`: fetch the models the tests need, then run the whole test suite
+//!   (what CI runs; `LETHE_TEST_SIZE=full` for the bigger variants).
 //! * `bench retrieval|lm|serve|labels`: run a benchmark in release mode and write
 //!   its JSON under `evals/results/`.
 //! * `cuda-build`: build the CUDA binary on a machine without a GPU, with
@@ -82,7 +81,10 @@ fn main() -> anyhow::Result<()> {
     let root = project_root();
     std::env::set_current_dir(&root)?;
     match cli.task {
-        Task::Test { args } => test(&args),
+        Task::Test { args } => {
+            fetch_models()?;
+            run(cargo().args(["test", "--workspace"]).args(args))
+        }
         Task::Bench {
             which,
             seconds,
@@ -157,66 +159,22 @@ pub(crate) fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
-/// `cargo xtask test`: build every test target, fetch the assets with the
-/// `lethe` binary that build made, then run the tests.
+/// Every model and dataset asset into the cache, as `lethe fetch` does
+/// (idempotent), in this process.
 ///
-/// The fetch must not come from `cargo run -p lethe-cli`: a build of one
-/// package resolves its dependencies' features apart from the workspace's,
-/// so on a fresh clone (CI) candle, tantivy, tokio and most of the tree were
+/// Not through `cargo run -p lethe-cli -- fetch`: a build of one package
+/// resolves its dependencies' features apart from the workspace's, so on a
+/// fresh clone (CI) candle, tantivy, tokio and most of the tree were
 /// compiled twice, once for the fetch and once for the tests.
-fn test(args: &[String]) -> anyhow::Result<()> {
-    // What comes after `--` is for the test binaries, not for the build.
-    let build_args = args.split(|a| a == "--").next().unwrap_or_default();
-    let mut build = cargo();
-    build
-        .args([
-            "test",
-            "--workspace",
-            "--no-run",
-            "--message-format=json-render-diagnostics",
-        ])
-        .args(build_args);
-    match executable_named("lethe", &build_stdout(&mut build)?) {
-        Some(lethe) => run(Command::new(lethe).arg("fetch"))?,
-        // Arguments that leave the CLI out of the build: fetch the usual way.
-        None => fetch_models()?,
-    }
-    run(cargo().args(["test", "--workspace"]).args(args))
-}
-
-/// Runs a cargo build whose JSON messages go to stdout, keeping its progress
-/// and diagnostics on the terminal, and returns the messages.
-fn build_stdout(cmd: &mut Command) -> anyhow::Result<String> {
-    let out = cmd
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!("{cmd:?} failed with {}", out.status);
-    }
-    Ok(String::from_utf8(out.stdout)?)
-}
-
-/// The binary (not a test harness) named `name` among cargo's JSON messages.
-fn executable_named(name: &str, messages: &str) -> Option<PathBuf> {
-    messages
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .find(|m| {
-            m["reason"] == "compiler-artifact"
-                && m["profile"]["test"] == false
-                && m["target"]["name"] == name
-                && m["target"]["kind"]
-                    .as_array()
-                    .is_some_and(|kinds| kinds.iter().any(|k| k == "bin"))
-        })
-        .and_then(|m| m["executable"].as_str().map(PathBuf::from))
-}
-
-/// `lethe fetch`: every model and dataset asset into the cache (idempotent).
 fn fetch_models() -> anyhow::Result<()> {
-    run(cargo().args(["run", "-q", "-p", "lethe-cli", "--", "fetch"]))
+    let cache = lethe_assets::Cache::from_env();
+    for asset in lethe_assets::Asset::ALL {
+        let dir = cache
+            .ensure(*asset)
+            .with_context(|| format!("fetching {}", asset.name))?;
+        println!("{:<24} {}", asset.name, dir.display());
+    }
+    Ok(())
 }
 
 pub(crate) fn run(cmd: &mut Command) -> anyhow::Result<()> {
@@ -549,36 +507,4 @@ fn cargo_home() -> PathBuf {
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
         .unwrap_or_else(|| PathBuf::from(".cargo"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_cli_binary_is_found_among_test_harnesses_and_libraries() {
-        // Abridged messages of `cargo test --no-run --message-format=json`:
-        // the CLI's unit-test harness (also named `lethe`), a library, the
-        // binary itself, then another package's harness.
-        let messages = [
-            r#"{"reason":"compiler-artifact","target":{"name":"lethe","kind":["bin"]},"profile":{"test":true},"executable":"/t/debug/deps/lethe-0123"}"#,
-            r#"{"reason":"compiler-artifact","target":{"name":"lethe_engine","kind":["lib"]},"profile":{"test":false},"executable":null}"#,
-            "not json: a line cargo did not write",
-            r#"{"reason":"compiler-artifact","target":{"name":"lethe","kind":["bin"]},"profile":{"test":false},"executable":"/t/debug/lethe"}"#,
-            r#"{"reason":"compiler-artifact","target":{"name":"cli","kind":["test"]},"profile":{"test":true},"executable":"/t/debug/deps/cli-4567"}"#,
-            r#"{"reason":"build-finished","success":true}"#,
-        ]
-        .join("\n");
-        assert_eq!(
-            executable_named("lethe", &messages),
-            Some(PathBuf::from("/t/debug/lethe"))
-        );
-        // A build that left the CLI out (`-p` of another package).
-        let without: String = messages
-            .lines()
-            .filter(|l| !l.contains(r#""executable":"/t/debug/lethe""#))
-            .collect::<Vec<_>>()
-            .join("\n");
-        assert_eq!(executable_named("lethe", &without), None);
-    }
 }
