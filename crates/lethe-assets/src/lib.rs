@@ -183,8 +183,9 @@ impl Asset {
     /// 16-bit signed, explicit VR LE), `MR_small.dcm` (MR 64x64, 16-bit),
     /// `MR_small_implicit.dcm` and `MR_small_bigendian.dcm` (the same
     /// image in other transfer syntaxes), `MR_small_RLE.dcm` (RLE
-    /// compressed), `MR_truncated.dcm` (damaged pixel data) and
-    /// `examples_overlay.dcm` (MR 300x484, 12 bits stored).
+    /// compressed), `MR_truncated.dcm` (damaged pixel data),
+    /// `examples_overlay.dcm` (MR 300x484, 12 bits stored) and
+    /// `SC_rgb_rle_2frame.dcm` (RGB 100x100, two RLE frames).
     pub const PYDICOM_DATA: Asset = Asset {
         name: "pydicom-data",
         package: "pydicom",
@@ -200,6 +201,7 @@ impl Asset {
             "MR_small_RLE.dcm",
             "MR_truncated.dcm",
             "examples_overlay.dcm",
+            "SC_rgb_rle_2frame.dcm",
         ],
         pip_args: &[],
     };
@@ -274,8 +276,25 @@ impl Cache {
     }
 
     /// Returns the asset's folder, fetching and unpacking it first if needed.
+    ///
+    /// Safe to call from several threads or processes at once (parallel
+    /// tests on a fresh clone do): the fetch holds an exclusive lock on
+    /// `ROOT/.lock`, and a caller that waited for it finds the asset there.
     pub fn ensure(&self, asset: Asset) -> Result<PathBuf> {
         let dir = self.dir(asset);
+        if self.is_complete(asset) {
+            return Ok(dir);
+        }
+        create_dir_all(&self.root)?;
+        let lock_path = self.root.join(".lock");
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| io_err(e, format!("opening {}", lock_path.display())))?;
+        lock.lock()
+            .map_err(|e| io_err(e, format!("locking {}", lock_path.display())))?;
         if self.is_complete(asset) {
             return Ok(dir);
         }

@@ -96,6 +96,10 @@ pub struct Item {
     /// bit depth: not protected (a model trains on the colour), written
     /// back unchanged. `None` for every other source.
     pub alpha: Option<Vec<u16>>,
+    /// The frame of a multi-frame source file this image is (0-based);
+    /// `None` when the file holds one image. The frames of one file are
+    /// consecutive images of the dataset and are written back together.
+    pub frame: Option<u32>,
 }
 
 impl Item {
@@ -106,6 +110,7 @@ impl Item {
             sha256: None,
             levels,
             alpha: None,
+            frame: None,
         }
     }
 }
@@ -381,8 +386,11 @@ impl Dataset {
 
     /// A stratified split: per class, `round(test_fraction * count)` images
     /// (at least one when the class has two or more) go to the test side,
-    /// chosen by a shuffle seeded with `seed`. Returns sorted
-    /// `(train, test)` indices.
+    /// chosen by a shuffle seeded with `seed`. The frames of one multi-frame
+    /// file move together (near-copies of each other on both sides would
+    /// measure memory, not learning), so such a class's test share is
+    /// rounded up to whole files, and a class held in one file stays on the
+    /// training side. Returns sorted `(train, test)` indices.
     pub fn split(&self, test_fraction: f64, seed: u64) -> Result<(Vec<usize>, Vec<usize>)> {
         if !(test_fraction > 0.0 && test_fraction < 1.0) {
             return Err(Error::Config(format!(
@@ -392,18 +400,32 @@ impl Dataset {
         let mut rng = StdRng::seed_from_u64(seed);
         let (mut train, mut test) = (Vec::new(), Vec::new());
         for class in 0..self.classes.len() as u32 {
-            let mut idx: Vec<usize> = (0..self.len())
-                .filter(|&i| self.labels[i] == class)
-                .collect();
-            idx.shuffle(&mut rng);
-            let mut k = (test_fraction * idx.len() as f64).round() as usize;
-            if idx.len() >= 2 {
-                k = k.clamp(1, idx.len() - 1);
-            } else {
-                k = 0;
+            // Units that move together: a file's frames, else one image.
+            let mut units: Vec<Vec<usize>> = Vec::new();
+            for i in (0..self.len()).filter(|&i| self.labels[i] == class) {
+                let item = &self.items[i];
+                match units.last_mut() {
+                    Some(unit)
+                        if item.frame.is_some_and(|k| k > 0)
+                            && self.items[unit[0]].path == item.path =>
+                    {
+                        unit.push(i)
+                    }
+                    _ => units.push(vec![i]),
+                }
             }
-            test.extend_from_slice(&idx[..k]);
-            train.extend_from_slice(&idx[k..]);
+            let images: usize = units.iter().map(Vec::len).sum();
+            units.shuffle(&mut rng);
+            let target = (test_fraction * images as f64).round() as usize;
+            let (mut taken, mut taken_images) = (0, 0);
+            if units.len() >= 2 {
+                while taken < units.len() - 1 && (taken == 0 || taken_images < target) {
+                    taken_images += units[taken].len();
+                    taken += 1;
+                }
+            }
+            test.extend(units[..taken].iter().flatten());
+            train.extend(units[taken..].iter().flatten());
         }
         train.sort_unstable();
         test.sort_unstable();

@@ -9,8 +9,9 @@
 //! * a NumPy `.npy` / `.npz` array ([`npy`]: `uint8`, `uint16`, `float32`,
 //!   `float64` images, `(N, H, W)`, `(N, H, W, C)` or `(N, C, H, W)`);
 //! * a folder with one sub-folder per class of DICOM files ([`dicom`]:
-//!   uncompressed or RLE Lossless pixel data, every other tag kept when the
-//!   protected pixels are written back).
+//!   uncompressed or RLE Lossless pixel data, grayscale or RGB, every frame
+//!   of a multi-frame file an image of its own; every other tag kept when
+//!   the protected pixels are written back).
 //!
 //! A class folder may nest (`class/patient/series/file.dcm` is the usual
 //! DICOM layout): its files are found at any depth, in file-name order

@@ -144,6 +144,10 @@ pub struct Manifest {
 pub struct ManifestItem {
     /// Source file relative to the source folder (`None` inside an array).
     pub source: Option<PathBuf>,
+    /// The frame of a multi-frame source file (0-based); absent when the
+    /// file holds one image.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub frame: Option<u32>,
     /// SHA-256 of the source file.
     pub source_sha256: Option<String>,
     /// Output file (relative to the output folder).
@@ -540,14 +544,23 @@ fn manifest(
     written: &[WrittenFile],
 ) -> Manifest {
     let per_file = written.len() == data.len();
+    // Folder releases keep each source file's relative path; the frames of
+    // a multi-frame file share one output file.
+    let by_path: std::collections::HashMap<&Path, &WrittenFile> =
+        written.iter().map(|w| (w.path.as_path(), w)).collect();
     let items = (0..data.len())
         .map(|i| {
             let item = &data.items()[i];
+            let output = match item.path.as_deref().and_then(|p| by_path.get(p)) {
+                Some(w) => Some(*w),
+                None => per_file.then(|| &written[i]),
+            };
             ManifestItem {
                 source: item.path.clone(),
+                frame: item.frame,
                 source_sha256: item.sha256.clone(),
-                output: per_file.then(|| written[i].path.clone()),
-                output_sha256: per_file.then(|| written[i].sha256.clone()),
+                output: output.map(|w| w.path.clone()),
+                output_sha256: output.map(|w| w.sha256.clone()),
                 class: data.classes()[data.labels()[i] as usize].clone(),
                 quality: content.per_image[i],
             }
@@ -640,6 +653,8 @@ pub struct ReleasedRun {
 #[derive(Debug, Deserialize)]
 struct ManifestItemOnDisk {
     source: Option<PathBuf>,
+    #[serde(default)]
+    frame: Option<u32>,
     source_sha256: Option<String>,
     output: Option<PathBuf>,
     #[serde(default)]
@@ -901,11 +916,14 @@ pub fn read_release(source: &DataSource, clean: &Dataset) -> Result<ReadRelease>
             hashes_checked += 1;
         }
         if let (Some(a), Some(b)) = (&m.source, &c.path) {
-            if a != b {
+            if a != b || m.frame != c.frame {
+                let frame = |f: Option<u32>| f.map(|k| format!(" frame {k}")).unwrap_or_default();
                 return Err(mismatch(format!(
-                    "image {i} is {} in the manifest, {} here",
+                    "image {i} is {}{} in the manifest, {}{} here",
                     a.display(),
-                    b.display()
+                    frame(m.frame),
+                    b.display(),
+                    frame(c.frame)
                 )));
             }
         }
@@ -947,24 +965,29 @@ fn in_manifest_order(
     manifest: &ManifestOnDisk,
     folder: &Path,
 ) -> Result<Dataset> {
-    let outputs: Option<Vec<&PathBuf>> = manifest.items.iter().map(|m| m.output.as_ref()).collect();
+    let outputs: Option<Vec<(&PathBuf, Option<u32>)>> = manifest
+        .items
+        .iter()
+        .map(|m| m.output.as_ref().map(|p| (p, m.frame)))
+        .collect();
     let (Some(outputs), true) = (outputs, released.items().iter().all(|i| i.path.is_some())) else {
         return Ok(released);
     };
-    let index: std::collections::HashMap<&Path, usize> = released
+    let index: std::collections::HashMap<(&Path, Option<u32>), usize> = released
         .items()
         .iter()
         .enumerate()
-        .filter_map(|(j, item)| item.path.as_deref().map(|p| (p, j)))
+        .filter_map(|(j, item)| item.path.as_deref().map(|p| ((p, item.frame), j)))
         .collect();
     let order = outputs
         .iter()
-        .map(|p| {
-            index.get(p.as_path()).copied().ok_or_else(|| {
+        .map(|&(p, frame)| {
+            index.get(&(p.as_path(), frame)).copied().ok_or_else(|| {
                 Error::Config(format!(
-                    "{} lists {} but the folder does not hold it",
+                    "{} lists {}{} but the folder does not hold it",
                     folder.join(MANIFEST_FILE).display(),
-                    p.display()
+                    p.display(),
+                    frame.map(|k| format!(" frame {k}")).unwrap_or_default()
                 ))
             })
         })

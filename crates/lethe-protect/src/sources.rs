@@ -422,17 +422,19 @@ pub fn dicom_patches(patch: usize) -> Result<Dataset> {
         .into_iter()
         .enumerate()
     {
-        let (shape, stored) = dicom::stored_values(&dir.join(file))?;
-        let lo = stored.iter().min().copied().unwrap_or(0) as f32;
-        let hi = stored.iter().max().copied().unwrap_or(0) as f32;
-        let span = (hi - lo).max(1.0);
-        let plane: Vec<f32> = stored
-            .iter()
-            .map(|&v| ((v as f32 - lo) / span * 65535.0).round() / 65535.0)
-            .collect();
-        for tile in textured_tiles(&plane, 1, shape.height, shape.width, patch, stride) {
-            pixels.extend(tile);
-            labels.push(label as u32);
+        let (shape, frames) = dicom::stored_values(&dir.join(file))?;
+        for stored in frames {
+            let lo = stored.iter().min().copied().unwrap_or(0) as f32;
+            let hi = stored.iter().max().copied().unwrap_or(0) as f32;
+            let span = (hi - lo).max(1.0);
+            let plane: Vec<f32> = stored
+                .iter()
+                .map(|&v| ((v as f32 - lo) / span * 65535.0).round() / 65535.0)
+                .collect();
+            for tile in textured_tiles(&plane, 1, shape.height, shape.width, patch, stride) {
+                pixels.extend(tile);
+                labels.push(label as u32);
+            }
         }
     }
     let n = labels.len();

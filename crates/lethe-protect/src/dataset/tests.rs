@@ -90,3 +90,97 @@ fn check_eps_refuses_a_budget_below_one_step_and_notes_a_partial_one() {
     let float = two_images(None, vec![0.0, 0.5, 1.0, 0.5]);
     assert_eq!(float.check_eps(1e-9).unwrap(), None);
 }
+
+/// `files[c]` lists class `c`'s files by frame count (1: a single-frame
+/// file), one 1x1 image per frame.
+fn framed(files: &[&[u32]]) -> Dataset {
+    let (mut labels, mut items) = (Vec::new(), Vec::new());
+    for (class, counts) in files.iter().enumerate() {
+        for (f, &n) in counts.iter().enumerate() {
+            for k in 0..n {
+                labels.push(class as u32);
+                items.push(Item {
+                    path: Some(PathBuf::from(format!("{class}/{f}.dcm"))),
+                    sha256: None,
+                    levels: Some(255),
+                    alpha: None,
+                    frame: (n > 1).then_some(k),
+                });
+            }
+        }
+    }
+    let n = labels.len();
+    Dataset::new(
+        "t",
+        ImageShape {
+            channels: 1,
+            height: 1,
+            width: 1,
+        },
+        vec![0.5; n],
+        labels,
+        (0..files.len()).map(|c| c.to_string()).collect(),
+        items,
+        Format::Generated,
+    )
+    .unwrap()
+}
+
+#[test]
+fn split_of_single_images_is_the_per_image_shuffle() {
+    // The split every earlier report was made with: per class, shuffle the
+    // indices and take round(f * n), clamped to [1, n - 1].
+    let data = framed(&[&[1; 9], &[1; 4], &[1; 1], &[1; 30]]);
+    for (f, seed) in [(0.25, 0), (0.25, 1), (0.5, 7), (0.05, 3), (0.95, 2)] {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (mut train, mut test) = (Vec::new(), Vec::new());
+        for class in 0..4u32 {
+            let mut idx: Vec<usize> = (0..data.len())
+                .filter(|&i| data.labels()[i] == class)
+                .collect();
+            idx.shuffle(&mut rng);
+            let n = idx.len();
+            let k = if n >= 2 {
+                ((f * n as f64).round() as usize).clamp(1, n - 1)
+            } else {
+                0
+            };
+            test.extend_from_slice(&idx[..k]);
+            train.extend_from_slice(&idx[k..]);
+        }
+        train.sort_unstable();
+        test.sort_unstable();
+        assert_eq!(
+            data.split(f, seed).unwrap(),
+            (train, test),
+            "f {f} seed {seed}"
+        );
+    }
+}
+
+#[test]
+fn split_keeps_the_frames_of_a_file_together() {
+    let data = framed(&[&[3, 3, 3, 3], &[1, 1, 1, 1, 1], &[2, 5], &[4]]);
+    for seed in 0..20 {
+        let (train, test) = data.split(0.25, seed).unwrap();
+        assert_eq!(train.len() + test.len(), data.len());
+        let file = |i: &usize| data.items()[*i].path.clone().unwrap();
+        let test_files: std::collections::HashSet<_> = test.iter().map(file).collect();
+        assert!(
+            train.iter().all(|i| !test_files.contains(&file(i))),
+            "seed {seed}: a file on both sides"
+        );
+        let count = |side: &[usize], class: u32| {
+            side.iter().filter(|&&i| data.labels()[i] == class).count()
+        };
+        // Class 0: one whole file of 3 frames (3 of 12 is the 25 %).
+        assert_eq!(count(&test, 0), 3, "seed {seed}");
+        // Class 1: single images, as before.
+        assert_eq!(count(&test, 1), 1, "seed {seed}");
+        // Class 2: one of its two files, whichever the shuffle drew.
+        assert!([2, 5].contains(&count(&test, 2)), "seed {seed}");
+        assert_eq!(count(&train, 2) + count(&test, 2), 7);
+        // Class 3 is one file: it stays on the training side.
+        assert_eq!(count(&test, 3), 0);
+    }
+}

@@ -4,10 +4,18 @@
 //!
 //! Supported: uncompressed transfer syntaxes (implicit VR little endian,
 //! explicit VR little and big endian) and RLE Lossless (written back as
-//! RLE), 8 or 16 bits allocated, any bits stored, signed or unsigned, one
-//! frame, 1 sample (MONOCHROME1/2) or 3 samples (RGB, either planar
-//! configuration). Other encapsulated (JPEG, JPEG-LS, JPEG 2000, ...) or
-//! deflated data is refused with a message saying so: decompress first. Stored values are normalised over the dataset's range
+//! RLE), 8 or 16 bits allocated, any bits stored, signed or unsigned, 1
+//! sample (MONOCHROME1/2) or 3 samples (RGB, either planar configuration),
+//! one frame or many. Other encapsulated (JPEG, JPEG-LS, JPEG 2000, ...) or
+//! deflated data is refused with a message saying so: decompress first.
+//! So are palette and YCbCr colour: a step of a palette index or a chroma
+//! sample is no bounded step of the colour a reader sees, so the budget
+//! would mean nothing; convert those to RGB first.
+//!
+//! Each frame of a multi-frame file (a cine loop, an enhanced CT or MR
+//! series) is one image of the dataset, labelled by the file's class
+//! folder; all of a file's frames are written back into one copy of it.
+//! Stored values are normalised over the dataset's range
 //! (see [`crate::dataset::Format::Dicom`]); written values are rounded back
 //! to integers in that range, and bits above `BitsStored` (old overlay
 //! planes) of unsigned data are kept as they were.
@@ -17,13 +25,15 @@ use std::path::{Path, PathBuf};
 use dicom_core::value::{PixelFragmentSequence, PrimitiveValue, Value};
 use dicom_core::{DataElement, Tag};
 use dicom_dictionary_std::tags;
-use dicom_object::DefaultDicomObject;
+use dicom_object::{DefaultDicomObject, ReadError};
 
 use crate::dataset::{Dataset, Format, ImageShape, Item};
 use crate::formats::{read_file, sha256_hex, write_file, WrittenFile};
 use crate::{Error, Result};
 
 mod rle;
+#[cfg(test)]
+mod tests;
 
 const NATIVE_SYNTAXES: &[&str] = &[
     "1.2.840.10008.1.2",
@@ -42,8 +52,11 @@ struct Layout {
     bits_allocated: u16,
     bits_stored: u16,
     signed: bool,
-    /// RLE Lossless: the pixel data is one encapsulated RLE frame.
+    /// RLE Lossless: the pixel data is one encapsulated RLE segment set
+    /// per frame.
     rle: bool,
+    /// Number of frames (1 unless `NumberOfFrames` says more).
+    frames: usize,
 }
 
 impl Layout {
@@ -55,6 +68,7 @@ impl Layout {
         }
     }
 
+    /// Samples in one frame.
     fn count(&self) -> usize {
         self.rows * self.cols * self.samples
     }
@@ -90,7 +104,18 @@ impl Layout {
 }
 
 fn open(path: &Path) -> Result<DefaultDicomObject> {
-    dicom_object::open_file(path).map_err(|e| Error::decode(path, format!("DICOM: {e}")))
+    dicom_object::open_file(path).map_err(|e| match e {
+        // A deflated data set: the same advice as for compressed pixel data.
+        ReadError::ReadUnsupportedTransferSyntax { uid, name, .. }
+        | ReadError::ReadUnsupportedTransferSyntaxWithSuggestion { uid, name, .. } => {
+            Error::Unsupported(format!(
+                "{}: transfer syntax {uid} ({name}) is compressed or deflated; decompress it \
+                 first (e.g. `gdcmconv --raw`)",
+                path.display()
+            ))
+        }
+        e => Error::decode(path, format!("DICOM: {e}")),
+    })
 }
 
 fn int_tag(obj: &DefaultDicomObject, tag: Tag, path: &Path, name: &str) -> Result<i64> {
@@ -123,12 +148,10 @@ fn layout(obj: &DefaultDicomObject, path: &Path) -> Result<Layout> {
     // RLE segments are sample planes whatever PlanarConfiguration says.
     let planar = rle || opt_int_tag(obj, tags::PLANAR_CONFIGURATION).unwrap_or(0) == 1;
     let frames = opt_int_tag(obj, tags::NUMBER_OF_FRAMES).unwrap_or(1);
-    if frames != 1 {
-        return Err(Error::Unsupported(format!(
-            "{}: {frames} frames; only single-frame images are supported",
-            path.display()
-        )));
+    if frames < 1 {
+        return Err(Error::decode(path, format!("NumberOfFrames is {frames}")));
     }
+    check_photometric(obj, samples, path)?;
     if rows <= 0 || cols <= 0 || !(samples == 1 || samples == 3) {
         return Err(Error::Unsupported(format!(
             "{}: {rows}x{cols} with {samples} samples per pixel is not supported",
@@ -153,10 +176,42 @@ fn layout(obj: &DefaultDicomObject, path: &Path) -> Result<Layout> {
         bits_stored: bits_stored as u16,
         signed,
         rle,
+        frames: frames as usize,
     })
 }
 
-/// The raw pixel words of the file (one per sample; 8-bit data widened).
+/// Refuses colour models whose stored values are not intensities of the
+/// colour shown: the budget is a bound on stored values, so it only bounds
+/// what a reader sees for grayscale and RGB.
+fn check_photometric(obj: &DefaultDicomObject, samples: i64, path: &Path) -> Result<()> {
+    let photometric = obj
+        .element_opt(tags::PHOTOMETRIC_INTERPRETATION)
+        .ok()
+        .flatten()
+        .and_then(|e| e.to_str().ok())
+        .map(|s| s.trim_end_matches(['\0', ' ']).to_string());
+    let why = match (samples, photometric.as_deref()) {
+        (1, None | Some("MONOCHROME1" | "MONOCHROME2")) | (3, None | Some("RGB")) => return Ok(()),
+        (_, Some("PALETTE COLOR")) => {
+            "its values index a colour table, so a small step of a value can be any step of \
+             the colour"
+        }
+        (_, Some(p)) if p.starts_with("YBR") => {
+            "a step of a luma or chroma sample is no bounded step of the RGB colour shown \
+             (and chroma may be subsampled)"
+        }
+        _ => "lethe reads MONOCHROME1/2 (1 sample) and RGB (3 samples)",
+    };
+    Err(Error::Unsupported(format!(
+        "{}: photometric interpretation {} with {samples} samples per pixel is not supported: \
+         {why}; convert it to RGB or grayscale first",
+        path.display(),
+        photometric.as_deref().unwrap_or("(none)")
+    )))
+}
+
+/// The raw pixel words of the file, frame after frame (one per sample;
+/// 8-bit data widened).
 fn raw_words(obj: &DefaultDicomObject, l: &Layout, path: &Path) -> Result<Vec<u16>> {
     let elem = obj
         .element(tags::PIXEL_DATA)
@@ -182,9 +237,15 @@ fn raw_words(obj: &DefaultDicomObject, l: &Layout, path: &Path) -> Result<Vec<u1
             }
         }
         Value::PixelSequence(seq) if l.rle => {
-            // One frame; an encoder that split it into fragments is undone.
-            let frame: Vec<u8> = seq.fragments().concat();
-            rle::decode_frame(&frame, l.rle_geometry()).map_err(|e| Error::decode(path, e))?
+            let mut words = Vec::with_capacity(l.count() * l.frames);
+            for frame in rle_frames(seq.offset_table(), seq.fragments(), l.frames)
+                .map_err(|e| Error::decode(path, e))?
+            {
+                let decoded = rle::decode_frame(&frame, l.rle_geometry())
+                    .map_err(|e| Error::decode(path, e))?;
+                words.extend_from_slice(&decoded[..l.count().min(decoded.len())]);
+            }
+            words
         }
         Value::PixelSequence(_) => {
             return Err(Error::Unsupported(format!(
@@ -199,20 +260,65 @@ fn raw_words(obj: &DefaultDicomObject, l: &Layout, path: &Path) -> Result<Vec<u1
             ))
         }
     };
-    if words.len() < l.count() {
+    if words.len() < l.count() * l.frames {
         return Err(Error::decode(
             path,
             format!(
-                "PixelData holds {} samples, {}x{}x{} needs {}",
+                "PixelData holds {} samples, {} frame(s) of {}x{}x{} need {}",
                 words.len(),
+                l.frames,
                 l.rows,
                 l.cols,
                 l.samples,
-                l.count()
+                l.count() * l.frames
             ),
         ));
     }
     Ok(words)
+}
+
+/// The encoded bytes of each of `frames` RLE frames. One frame may span
+/// several fragments (an encoder's choice, joined here); with more than
+/// one frame, the basic offset table says where each starts, or, without
+/// one, each fragment is one frame (as the standard asks of RLE).
+fn rle_frames(
+    offsets: &[u32],
+    fragments: &[Vec<u8>],
+    frames: usize,
+) -> Result<Vec<Vec<u8>>, String> {
+    if frames == 1 {
+        return Ok(vec![fragments.concat()]);
+    }
+    if offsets.is_empty() {
+        if fragments.len() != frames {
+            return Err(format!(
+                "{} RLE fragments for {frames} frames and no offset table",
+                fragments.len()
+            ));
+        }
+        return Ok(fragments.to_vec());
+    }
+    if offsets.len() != frames || offsets[0] != 0 || offsets.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(format!(
+            "the basic offset table lists {} frame offsets {:?}, the file has {frames} frames",
+            offsets.len(),
+            &offsets[..offsets.len().min(4)]
+        ));
+    }
+    // An item's offset counts its 8-byte header (tag and length) too.
+    let mut out = vec![Vec::new(); frames];
+    let mut at = 0u64;
+    for fragment in fragments {
+        let frame = offsets.partition_point(|&o| u64::from(o) <= at) - 1;
+        out[frame].extend_from_slice(fragment);
+        at += 8 + fragment.len() as u64;
+    }
+    if let Some(k) = out.iter().position(Vec::is_empty) {
+        return Err(format!(
+            "the basic offset table points frame {k} at no fragment"
+        ));
+    }
+    Ok(out)
 }
 
 /// A word's stored value (masked to BitsStored, sign-extended if signed).
@@ -227,28 +333,36 @@ fn stored_value(word: u16, l: &Layout) -> i64 {
     }
 }
 
-/// Stored values of one file in planar `(c, h, w)` order.
-fn read_stored(path: &Path) -> Result<(Layout, Vec<i64>)> {
+/// Stored values of one file, one planar `(c, h, w)` vector per frame.
+fn read_stored(path: &Path) -> Result<(Layout, Vec<Vec<i64>>)> {
     let obj = open(path)?;
     let l = layout(&obj, path)?;
     let words = raw_words(&obj, &l, path)?;
     let hw = l.rows * l.cols;
-    let mut out = vec![0i64; l.count()];
-    for c in 0..l.samples {
-        for p in 0..hw {
-            out[c * hw + p] = stored_value(words[l.sample_index(c, p)], &l);
-        }
-    }
-    Ok((l, out))
+    let frames = words
+        .chunks_exact(l.count())
+        .take(l.frames)
+        .map(|frame| {
+            let mut out = vec![0i64; l.count()];
+            for c in 0..l.samples {
+                for p in 0..hw {
+                    out[c * hw + p] = stored_value(frame[l.sample_index(c, p)], &l);
+                }
+            }
+            out
+        })
+        .collect();
+    Ok((l, frames))
 }
 
-/// Reads the listed `(label, path)` DICOM files of a class-folder dataset.
+/// Reads the listed `(label, path)` DICOM files of a class-folder dataset,
+/// every frame of a file as one image.
 pub(crate) fn load_files(
     root: &Path,
     files: &[(u32, PathBuf)],
     classes: Vec<String>,
 ) -> Result<Dataset> {
-    let mut all: Vec<(Layout, Vec<i64>)> = Vec::with_capacity(files.len());
+    let mut all: Vec<(Layout, Vec<Vec<i64>>)> = Vec::with_capacity(files.len());
     let mut hashes = Vec::with_capacity(files.len());
     for (_, path) in files {
         let (l, stored) = read_stored(path)?;
@@ -266,18 +380,9 @@ pub(crate) fn load_files(
         hashes.push(sha256_hex(&read_file(path)?));
         all.push((l, stored));
     }
-    let lo = all
-        .iter()
-        .flat_map(|(_, v)| v.iter())
-        .min()
-        .copied()
-        .unwrap_or(0);
-    let hi = all
-        .iter()
-        .flat_map(|(_, v)| v.iter())
-        .max()
-        .copied()
-        .unwrap_or(0);
+    let stored = || all.iter().flat_map(|(_, frames)| frames.iter().flatten());
+    let lo = stored().min().copied().unwrap_or(0);
+    let hi = stored().max().copied().unwrap_or(0);
     if hi <= lo {
         return Err(Error::Unsupported(format!(
             "{}: every pixel has the same stored value {lo}",
@@ -286,26 +391,29 @@ pub(crate) fn load_files(
     }
     let span = (hi - lo) as f64;
     let shape = all[0].0.shape();
-    let mut pixels = Vec::with_capacity(files.len() * shape.values());
-    for (_, stored) in &all {
-        pixels.extend(stored.iter().map(|&v| ((v - lo) as f64 / span) as f32));
-    }
+    let images: usize = all.iter().map(|(_, frames)| frames.len()).sum();
+    let mut pixels = Vec::with_capacity(images * shape.values());
+    let mut labels = Vec::with_capacity(images);
+    let mut items = Vec::with_capacity(images);
     let levels = u32::try_from(hi - lo).ok();
-    let items = files
-        .iter()
-        .zip(hashes)
-        .map(|((_, p), h)| Item {
-            path: Some(p.strip_prefix(root).unwrap_or(p).to_path_buf()),
-            sha256: Some(h),
-            levels,
-            alpha: None,
-        })
-        .collect();
+    for (((label, path), (layout, frames)), sha256) in files.iter().zip(&all).zip(hashes) {
+        for (k, frame) in frames.iter().enumerate() {
+            pixels.extend(frame.iter().map(|&v| ((v - lo) as f64 / span) as f32));
+            labels.push(*label);
+            items.push(Item {
+                path: Some(path.strip_prefix(root).unwrap_or(path).to_path_buf()),
+                sha256: Some(sha256.clone()),
+                levels,
+                alpha: None,
+                frame: (layout.frames > 1).then_some(k as u32),
+            });
+        }
+    }
     Dataset::new(
         crate::formats::file_name(root),
         shape,
         pixels,
-        files.iter().map(|(l, _)| *l).collect(),
+        labels,
         classes,
         items,
         Format::Dicom {
@@ -315,40 +423,61 @@ pub(crate) fn load_files(
     )
 }
 
-/// Writes each image into a copy of its source file under `out`.
+/// Writes each file's images (all its frames) into a copy of the source
+/// file under `out`: one written file per source file.
 pub(crate) fn write_folder(
     data: &Dataset,
     root: &Path,
     range: (f64, f64),
     out: &Path,
 ) -> Result<Vec<WrittenFile>> {
+    let items = data.items();
     let mut written = Vec::with_capacity(data.len());
-    for (i, item) in data.items().iter().enumerate() {
-        let rel = item.path.clone().ok_or_else(|| {
+    let mut start = 0;
+    while start < items.len() {
+        let rel = items[start].path.clone().ok_or_else(|| {
             Error::Unsupported("a DICOM image without a source file cannot be written".into())
         })?;
+        let end = start
+            + items[start..]
+                .iter()
+                .take_while(|item| item.path.as_ref() == Some(&rel))
+                .count();
+        if let Some(k) = (start..end).find(|&k| items[k].frame.unwrap_or(0) as usize != k - start) {
+            return Err(Error::Unsupported(format!(
+                "{}: image {k} is frame {:?} of it, expected frame {}: a multi-frame file is \
+                 written from all of its frames, in order",
+                rel.display(),
+                items[k].frame,
+                k - start
+            )));
+        }
         let src = root.join(&rel);
-        let bytes = replace_pixels(&src, data.image(i), data.shape(), range)?;
+        let frames: Vec<&[f32]> = (start..end).map(|k| data.image(k)).collect();
+        let bytes = replace_pixels(&src, &frames, data.shape(), range)?;
         written.push(write_file(out, &rel, &bytes)?);
+        start = end;
     }
     Ok(written)
 }
 
-/// The bytes of `src` with its pixel data replaced by `values` (planar,
-/// normalised with `range`).
+/// The bytes of `src` with its pixel data replaced by `frames` (one planar
+/// vector per frame, normalised with `range`).
 fn replace_pixels(
     src: &Path,
-    values: &[f32],
+    frames: &[&[f32]],
     shape: ImageShape,
     range: (f64, f64),
 ) -> Result<Vec<u8>> {
     let mut obj = open(src)?;
     let l = layout(&obj, src)?;
-    if l.shape() != shape {
+    if l.shape() != shape || l.frames != frames.len() {
         return Err(Error::Unsupported(format!(
-            "{} is {}, the protected image is {shape}",
+            "{} holds {} frame(s) of {}, the protected data has {} of {shape}",
             src.display(),
-            l.shape()
+            l.frames,
+            l.shape(),
+            frames.len()
         )));
     }
     let mut words = raw_words(&obj, &l, src)?;
@@ -356,17 +485,20 @@ fn replace_pixels(
     let b = l.bits_stored as u32;
     let mask: u16 = if b >= 16 { u16::MAX } else { (1u16 << b) - 1 };
     let hw = l.rows * l.cols;
-    for c in 0..l.samples {
-        for p in 0..hw {
-            let x = values[c * hw + p] as f64;
-            let v = (range.0 + x * (range.1 - range.0)).round() as i64;
-            let v = v.clamp(min_r, max_r);
-            let k = l.sample_index(c, p);
-            words[k] = if l.signed {
-                v as i16 as u16
-            } else {
-                (words[k] & !mask) | (v as u16 & mask)
-            };
+    for (f, values) in frames.iter().enumerate() {
+        let frame = &mut words[f * l.count()..(f + 1) * l.count()];
+        for c in 0..l.samples {
+            for p in 0..hw {
+                let x = values[c * hw + p] as f64;
+                let v = (range.0 + x * (range.1 - range.0)).round() as i64;
+                let v = v.clamp(min_r, max_r);
+                let k = l.sample_index(c, p);
+                frame[k] = if l.signed {
+                    v as i16 as u16
+                } else {
+                    (frame[k] & !mask) | (v as u16 & mask)
+                };
+            }
         }
     }
     let elem = obj
@@ -374,15 +506,53 @@ fn replace_pixels(
         .map_err(|_| Error::decode(src, "no PixelData"))?;
     let vr = elem.vr();
     if l.rle {
-        let offsets = elem.value().offset_table().unwrap_or_default().to_vec();
-        let frame =
-            rle::encode_frame(&words, l.rle_geometry()).map_err(|e| Error::decode(src, e))?;
-        // The one frame starts at offset 0 whatever the basic offset table held.
-        let offsets = if offsets.is_empty() { offsets } else { vec![0] };
+        let had_offsets = !elem.value().offset_table().unwrap_or_default().is_empty();
+        let encoded = words
+            .chunks_exact(l.count())
+            .take(l.frames)
+            .map(|frame| rle::encode_frame(frame, l.rle_geometry()))
+            .collect::<Result<Vec<Vec<u8>>, String>>()
+            .map_err(|e| Error::decode(src, e))?;
+        // One fragment per frame; an offset counts each item's 8-byte header.
+        let starts: Vec<u64> = encoded
+            .iter()
+            .scan(0u64, |at, f| {
+                let start = *at;
+                *at += 8 + f.len() as u64;
+                Some(start)
+            })
+            .collect();
+        let offsets = if had_offsets {
+            let offsets = starts
+                .iter()
+                .map(|&s| u32::try_from(s))
+                .collect::<Result<Vec<u32>, _>>();
+            offsets.map_err(|_| Error::decode(src, "RLE frames beyond 4 GiB"))?
+        } else {
+            Vec::new()
+        };
+        if obj
+            .element_opt(tags::EXTENDED_OFFSET_TABLE)
+            .ok()
+            .flatten()
+            .is_some()
+        {
+            let lengths: Vec<u64> = encoded.iter().map(|f| f.len() as u64).collect();
+            obj.put(DataElement::new(
+                tags::EXTENDED_OFFSET_TABLE,
+                dicom_core::VR::OV,
+                PrimitiveValue::U64(starts.into_iter().collect()),
+            ));
+            obj.put(DataElement::new(
+                tags::EXTENDED_OFFSET_TABLE_LENGTHS,
+                dicom_core::VR::OV,
+                PrimitiveValue::U64(lengths.into_iter().collect()),
+            ));
+        }
         obj.put(DataElement::new(
             tags::PIXEL_DATA,
             vr,
-            PixelFragmentSequence::new(offsets, vec![frame]),
+            PixelFragmentSequence::new(offsets, encoded),
         ));
         return serialise(obj, src);
     }
@@ -420,8 +590,9 @@ fn serialise(obj: DefaultDicomObject, src: &Path) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// Raw stored values of a DICOM file in planar order (for tests and tools).
-pub fn stored_values(path: &Path) -> Result<(ImageShape, Vec<i64>)> {
-    let (l, v) = read_stored(path)?;
-    Ok((l.shape(), v))
+/// Raw stored values of a DICOM file, one planar vector per frame (for
+/// tests and tools).
+pub fn stored_values(path: &Path) -> Result<(ImageShape, Vec<Vec<i64>>)> {
+    let (l, frames) = read_stored(path)?;
+    Ok((l.shape(), frames))
 }

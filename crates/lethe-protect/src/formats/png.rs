@@ -279,6 +279,7 @@ pub(crate) fn load_files(
             sha256: Some(sha256_hex(&bytes)),
             levels: Some(d.levels),
             alpha: d.alpha,
+            frame: None,
         });
     }
     for (change, count, example) in changes {

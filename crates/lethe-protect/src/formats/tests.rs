@@ -441,11 +441,16 @@ fn non_pixel_elements(path: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Protects a two-class folder of copies of pydicom's `file` and checks the
-/// release: every non-pixel element unchanged, most pixels changed, the
-/// values read back; returns the written copy of the first file.
-fn dicom_round_trip(file: &str, shape: ImageShape) -> (tempfile::TempDir, PathBuf) {
-    let src = pydicom_dir();
+/// Protects a two-class folder of copies of `src_dir/file` and checks the
+/// release: every non-pixel element unchanged, most pixels of every frame
+/// changed, the values read back; returns the written copy of the first
+/// file.
+fn dicom_round_trip_of(
+    src: &Path,
+    file: &str,
+    shape: ImageShape,
+    frames: usize,
+) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     for (class, name) in [("ct", "a.dcm"), ("ct2", "b.dcm")] {
         std::fs::create_dir_all(dir.path().join(class)).unwrap();
@@ -456,15 +461,26 @@ fn dicom_round_trip(file: &str, shape: ImageShape) -> (tempfile::TempDir, PathBu
     })
     .unwrap();
     assert_eq!(data.shape(), shape);
+    assert_eq!(data.len(), 2 * frames);
+    assert_eq!(data.labels(), [vec![0; frames], vec![1; frames]].concat());
     let Format::Dicom { range, .. } = data.format().clone() else {
         panic!("not DICOM: {:?}", data.format());
     };
     let (_, stored) = dicom::stored_values(&src.join(file)).unwrap();
-    assert_eq!(range.0, *stored.iter().min().unwrap() as f64);
-    assert_eq!(range.1, *stored.iter().max().unwrap() as f64);
+    assert_eq!(stored.len(), frames);
+    let all = || stored.iter().flatten();
+    assert_eq!(range.0, *all().min().unwrap() as f64);
+    assert_eq!(range.1, *all().max().unwrap() as f64);
     let out = tempfile::tempdir().unwrap();
     let back = check_roundtrip(&data, out.path(), 0.5 / (range.1 - range.0) as f32 + 1e-6);
-    assert_eq!(back.len(), 2);
+    assert_eq!(back.len(), 2 * frames);
+    let place = |d: &Dataset| -> Vec<_> {
+        d.items()
+            .iter()
+            .map(|i| (i.path.clone(), i.frame))
+            .collect()
+    };
+    assert_eq!(place(&back), place(&data));
     let written = out.path().join("ct/a.dcm");
     let (new, old) = (
         non_pixel_elements(&written),
@@ -488,17 +504,56 @@ fn dicom_round_trip(file: &str, shape: ImageShape) -> (tempfile::TempDir, PathBu
         old.len()
     );
     let (_, new_stored) = dicom::stored_values(&written).unwrap();
-    let changed = new_stored
-        .iter()
-        .zip(&stored)
-        .filter(|(a, b)| a != b)
-        .count();
-    assert!(
-        changed > stored.len() / 2,
-        "{changed} of {} changed",
-        stored.len()
-    );
+    assert_eq!(new_stored.len(), frames);
+    // `nudge` moves every value strictly inside the dataset's range.
+    let (lo, hi) = (range.0 as i64, range.1 as i64);
+    for (new, old) in new_stored.iter().zip(&stored) {
+        let interior = old.iter().filter(|&&v| v != lo && v != hi).count();
+        let changed = new.iter().zip(old).filter(|(a, b)| a != b).count();
+        assert!(
+            interior > old.len() / 4 && changed * 100 >= interior * 99,
+            "{changed} changed, {interior} of {} inside the range",
+            old.len()
+        );
+    }
     (out, written)
+}
+
+/// [`dicom_round_trip_of`] one of pydicom's single-frame files.
+fn dicom_round_trip(file: &str, shape: ImageShape) -> (tempfile::TempDir, PathBuf) {
+    dicom_round_trip_of(&pydicom_dir(), file, shape, 1)
+}
+
+/// dicom-rs's own RLE decoder on every frame of `path`, as 16-bit words.
+fn dicom_rs_rle_frames(path: &Path, frames: u32) -> Vec<Vec<u16>> {
+    let obj = dicom_object::open_file(path).unwrap();
+    (0..frames)
+        .map(|f| {
+            let mut decoded = Vec::new();
+            dicom_encoding::adapters::PixelDataReader::decode_frame(
+                dicom_transfer_syntax_registry::entries::RLE_LOSSLESS
+                    .pixel_data_reader()
+                    .unwrap(),
+                &obj,
+                f,
+                &mut decoded,
+            )
+            .unwrap();
+            let bits = obj
+                .element(tags::BITS_ALLOCATED)
+                .unwrap()
+                .to_int::<u16>()
+                .unwrap();
+            if bits == 8 {
+                decoded.into_iter().map(u16::from).collect()
+            } else {
+                decoded
+                    .chunks_exact(2)
+                    .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                    .collect()
+            }
+        })
+        .collect()
 }
 
 #[test]
@@ -524,28 +579,176 @@ fn rle_dicom_is_released_as_rle_with_every_tag_kept() {
     };
     assert_eq!(seq.fragments().len(), 1);
     // dicom-rs's own RLE decoder reads what lethe's encoder wrote.
-    let mut decoded = Vec::new();
-    dicom_encoding::adapters::PixelDataReader::decode_frame(
-        dicom_transfer_syntax_registry::entries::RLE_LOSSLESS
-            .pixel_data_reader()
-            .unwrap(),
-        &obj,
-        0,
-        &mut decoded,
-    )
-    .unwrap();
-    let theirs: Vec<u16> = decoded
-        .chunks_exact(2)
-        .map(|b| u16::from_le_bytes([b[0], b[1]]))
-        .collect();
+    let theirs = dicom_rs_rle_frames(&written, 1);
     let (_, ours) = dicom::stored_values(&written).unwrap();
-    assert_eq!(theirs, ours.iter().map(|&v| v as u16).collect::<Vec<_>>());
+    assert_eq!(
+        theirs[0],
+        ours[0].iter().map(|&v| v as u16).collect::<Vec<_>>()
+    );
+}
+
+fn rgb(h: usize, w: usize) -> ImageShape {
+    ImageShape {
+        channels: 3,
+        height: h,
+        width: w,
+    }
+}
+
+/// Interleaved (`PlanarConfiguration` 0) words of a planar RGB frame.
+fn interleaved(planar: &[i64]) -> Vec<u16> {
+    let hw = planar.len() / 3;
+    (0..hw)
+        .flat_map(|p| (0..3).map(move |c| planar[c * hw + p] as u16))
+        .collect()
+}
+
+#[test]
+fn multi_frame_rle_dicom_is_protected_frame_by_frame() {
+    // pydicom's two-frame RGB file, with its basic offset table.
+    let src = pydicom_dir();
+    let (_out, written) = dicom_round_trip_of(&src, "SC_rgb_rle_2frame.dcm", rgb(100, 100), 2);
+    let obj = dicom_object::open_file(&written).unwrap();
+    let Value::PixelSequence(seq) = obj.element(tags::PIXEL_DATA).unwrap().value() else {
+        panic!("RLE pixel data written unencapsulated");
+    };
+    assert_eq!(seq.fragments().len(), 2, "one fragment per frame");
+    let second = 8 + seq.fragments()[0].len() as u32;
+    assert_eq!(seq.offset_table(), [0, second]);
+    let (_, ours) = dicom::stored_values(&written).unwrap();
+    let theirs = dicom_rs_rle_frames(&written, 2);
+    for (t, o) in theirs.iter().zip(&ours) {
+        assert_eq!(*t, interleaved(o));
+    }
+
+    // The same file without an offset table: each fragment is one frame.
+    let scratch = tempfile::tempdir().unwrap();
+    let mut obj = dicom_object::open_file(src.join("SC_rgb_rle_2frame.dcm")).unwrap();
+    let Value::PixelSequence(seq) = obj.element(tags::PIXEL_DATA).unwrap().value().clone() else {
+        panic!("not encapsulated");
+    };
+    let fragments = seq.fragments().to_vec();
+    obj.put(dicom_core::DataElement::new(
+        tags::PIXEL_DATA,
+        dicom_core::VR::OB,
+        dicom_core::value::PixelFragmentSequence::new(Vec::<u32>::new(), fragments),
+    ));
+    obj.write_to_file(scratch.path().join("no_bot.dcm"))
+        .unwrap();
+    let (_, with) = dicom::stored_values(&src.join("SC_rgb_rle_2frame.dcm")).unwrap();
+    let (_, without) = dicom::stored_values(&scratch.path().join("no_bot.dcm")).unwrap();
+    assert_eq!(with, without);
+    assert_ne!(with[0], with[1], "the two frames differ");
+    let (_out, written) = dicom_round_trip_of(scratch.path(), "no_bot.dcm", rgb(100, 100), 2);
+    let obj = dicom_object::open_file(&written).unwrap();
+    let Value::PixelSequence(seq) = obj.element(tags::PIXEL_DATA).unwrap().value() else {
+        panic!("RLE pixel data written unencapsulated");
+    };
+    assert!(seq.offset_table().is_empty(), "no offset table added");
+    assert_eq!(seq.fragments().len(), 2);
+}
+
+#[test]
+fn multi_frame_native_dicom_is_protected_frame_by_frame() {
+    // MR_small as a three-frame file: the frame itself, inverted, shifted.
+    let src = pydicom_dir();
+    let (_, frames) = dicom::stored_values(&src.join("MR_small.dcm")).unwrap();
+    let frame = &frames[0];
+    let hi = *frame.iter().max().unwrap();
+    let three: Vec<u16> = frame
+        .iter()
+        .map(|&v| v as u16)
+        .chain(frame.iter().map(|&v| (hi - v) as u16))
+        .chain(frame.iter().map(|&v| (v / 2 + 7) as u16))
+        .collect();
+    let mut obj = dicom_object::open_file(src.join("MR_small.dcm")).unwrap();
+    obj.put(dicom_core::DataElement::new(
+        tags::NUMBER_OF_FRAMES,
+        dicom_core::VR::IS,
+        dicom_core::value::PrimitiveValue::from("3"),
+    ));
+    obj.put(dicom_core::DataElement::new(
+        tags::PIXEL_DATA,
+        dicom_core::VR::OW,
+        dicom_core::value::PrimitiveValue::U16(three.into_iter().collect()),
+    ));
+    let scratch = tempfile::tempdir().unwrap();
+    obj.write_to_file(scratch.path().join("three.dcm")).unwrap();
+    let (_, read) = dicom::stored_values(&scratch.path().join("three.dcm")).unwrap();
+    assert_eq!(read.len(), 3);
+    assert_eq!(read[0], *frame);
+    assert_eq!(read[1], frame.iter().map(|&v| hi - v).collect::<Vec<_>>());
+    let (_out, _) = dicom_round_trip_of(scratch.path(), "three.dcm", gray(64, 64), 3);
+
+    // Frames are written back together and in order, or not at all.
+    let dir = tempfile::tempdir().unwrap();
+    for class in ["a", "b"] {
+        std::fs::create_dir_all(dir.path().join(class)).unwrap();
+        std::fs::copy(
+            scratch.path().join("three.dcm"),
+            dir.path().join(class).join("x.dcm"),
+        )
+        .unwrap();
+    }
+    let data = load(&DataSource::Folder {
+        path: dir.path().to_path_buf(),
+    })
+    .unwrap();
+    let frames: Vec<Option<u32>> = data.items().iter().map(|i| i.frame).collect();
+    assert_eq!(
+        frames,
+        [Some(0), Some(1), Some(2), Some(0), Some(1), Some(2)]
+    );
+    let swapped = data.subset(&[1, 0, 2, 3, 4, 5]).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let err = write(&swapped, out.path()).unwrap_err().to_string();
+    assert!(err.contains("frame") && err.contains("in order"), "{err}");
+    let partial = data.subset(&[0, 1, 3, 4, 5]).unwrap();
+    let err = write(&partial, &out.path().join("p"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("3 frame(s)"), "{err}");
+}
+
+#[test]
+fn palette_and_ycbcr_dicom_are_refused_with_the_reason() {
+    let src = pydicom_dir();
+    let scratch = tempfile::tempdir().unwrap();
+    for (file, photometric, name, needle) in [
+        (
+            "MR_small.dcm",
+            "PALETTE COLOR",
+            "palette.dcm",
+            "colour table",
+        ),
+        ("SC_rgb_rle_2frame.dcm", "YBR_FULL", "ybr.dcm", "chroma"),
+    ] {
+        let mut obj = dicom_object::open_file(src.join(file)).unwrap();
+        obj.put(dicom_core::DataElement::new(
+            tags::PHOTOMETRIC_INTERPRETATION,
+            dicom_core::VR::CS,
+            dicom_core::value::PrimitiveValue::from(photometric),
+        ));
+        let dir = scratch.path().join(name);
+        for class in ["a", "b"] {
+            std::fs::create_dir_all(dir.join(class)).unwrap();
+            obj.write_to_file(dir.join(class).join(name)).unwrap();
+        }
+        let err = load(&DataSource::Folder { path: dir })
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(photometric) && err.contains(needle) && err.contains(name),
+            "{err}"
+        );
+    }
 }
 
 #[test]
 fn dicom_transfer_syntaxes_decode_to_the_same_pixels() {
     let src = pydicom_dir();
     let (s, le) = dicom::stored_values(&src.join("MR_small.dcm")).unwrap();
+    assert_eq!(le.len(), 1);
     assert_eq!(s, gray(64, 64));
     let (_, implicit) = dicom::stored_values(&src.join("MR_small_implicit.dcm")).unwrap();
     let (_, big) = dicom::stored_values(&src.join("MR_small_bigendian.dcm")).unwrap();
@@ -569,8 +772,31 @@ fn compressed_or_truncated_dicom_is_refused_clearly() {
     let mut jpeg = dicom_object::open_file(src.join("MR_small_RLE.dcm")).unwrap();
     jpeg.update_meta(|m| m.transfer_syntax = "1.2.840.10008.1.2.4.50".into());
     jpeg.write_to_file(scratch.path().join("jpeg.dcm")).unwrap();
+    // pydicom's plain MR relabelled as Deflated Explicit VR Little Endian:
+    // refused by the reader itself, with the same advice.
+    let mut deflated = std::fs::read(src.join("MR_small.dcm")).unwrap();
+    let at = deflated
+        .windows(20)
+        .position(|w| w == b"1.2.840.10008.1.2.1\0")
+        .expect("the explicit VR LE transfer syntax UID");
+    deflated.splice(at..at + 20, b"1.2.840.10008.1.2.1.99".iter().copied());
+    // The meta group's length (the value of its first element, after the
+    // 128-byte preamble, "DICM" and an 8-byte header) grew by two bytes.
+    let group_len = 128 + 4 + 8;
+    assert_eq!(&deflated[132..136], [2, 0, 0, 0], "(0002,0000) first");
+    let len = u32::from_le_bytes(deflated[group_len..group_len + 4].try_into().unwrap());
+    deflated[group_len..group_len + 4].copy_from_slice(&(len + 2).to_le_bytes());
+    let tsl = at - 2;
+    let ts_len = u16::from_le_bytes([deflated[tsl], deflated[tsl + 1]]);
+    assert_eq!(ts_len, 20);
+    deflated[tsl..tsl + 2].copy_from_slice(&22u16.to_le_bytes());
+    std::fs::write(scratch.path().join("deflated.dcm"), deflated).unwrap();
     for (path, needle) in [
         (scratch.path().join("jpeg.dcm"), "compressed"),
+        (
+            scratch.path().join("deflated.dcm"),
+            "1.2.840.10008.1.2.1.99 (Deflated",
+        ),
         (src.join("MR_truncated.dcm"), "MR_truncated.dcm"),
     ] {
         let file = path.file_name().unwrap();
