@@ -193,7 +193,7 @@ struct DataArgs {
     /// A built-in dataset instead of --input.
     #[arg(long, value_enum)]
     builtin: Option<Builtin>,
-    /// For a .npy input: the .npy file of integer labels.
+    /// For a .npy input: the .npy file of labels (integers, or strings naming the classes).
     #[arg(long)]
     labels: Option<PathBuf>,
     /// For a .npz input: the images entry (default: the first of images, x,

@@ -57,7 +57,7 @@ pub enum DataSource {
         /// `targets`, whichever exists).
         #[serde(default)]
         labels_key: Option<String>,
-        /// `.npy` only: a `.npy` file of integer labels, one per image.
+        /// `.npy` only: a `.npy` file of labels (integers or class-name strings), one per image.
         #[serde(default)]
         labels_path: Option<PathBuf>,
     },

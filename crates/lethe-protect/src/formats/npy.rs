@@ -6,7 +6,8 @@
 //! Images may be `uint8` (grid 1/255), `uint16` (grid 1/65535) or
 //! `float32`/`float64` already in `[0, 1]` (no grid); layouts `(N, H, W)`,
 //! `(N, H, W, C)` and `(N, C, H, W)` with `C` in {1, 3}. Labels are any
-//! integer array of length `N`. A protected `.npz` keeps every other entry
+//! integer array of length `N`, or a string array (`<U`, `|S`) whose values
+//! name the classes. A protected `.npz` keeps every other entry
 //! byte-for-byte and replaces only the images entry, with the same dtype,
 //! shape and compression.
 
@@ -178,13 +179,62 @@ fn item_size(descr: &str) -> Option<usize> {
         "u2" | "i2" => Some(2),
         "u4" | "i4" | "f4" => Some(4),
         "u8" | "i8" | "f8" => Some(8),
-        _ => None,
+        _ => {
+            // Fixed-width strings: `U` (UTF-32 code points), `S` (bytes).
+            let (width, n) = match kind.split_at(1) {
+                ("U", n) => (4, n),
+                ("S", n) => (1, n),
+                _ => return None,
+            };
+            n.parse::<usize>()
+                .ok()
+                .filter(|&n| n > 0)?
+                .checked_mul(width)
+        }
     }
 }
 
 impl Array {
     fn big_endian(&self) -> bool {
         self.descr.starts_with('>')
+    }
+
+    /// Every element as text, for string arrays (`U`, `S`; trailing NULs
+    /// are NumPy's padding); `None` for any other dtype.
+    pub fn to_strings(&self) -> Option<Vec<String>> {
+        let width = item_size(&self.descr)?;
+        let text = match self.descr.as_bytes().get(1)? {
+            b'U' => {
+                let be = self.big_endian();
+                self.data
+                    .chunks_exact(width)
+                    .map(|el| {
+                        el.chunks_exact(4)
+                            .map(|c| {
+                                let b = [c[0], c[1], c[2], c[3]];
+                                if be {
+                                    u32::from_be_bytes(b)
+                                } else {
+                                    u32::from_le_bytes(b)
+                                }
+                            })
+                            .take_while(|&c| c != 0)
+                            .map(|c| char::from_u32(c).unwrap_or(char::REPLACEMENT_CHARACTER))
+                            .collect()
+                    })
+                    .collect()
+            }
+            b'S' => self
+                .data
+                .chunks_exact(width)
+                .map(|el| {
+                    let end = el.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+                    String::from_utf8_lossy(&el[..end]).into_owned()
+                })
+                .collect(),
+            _ => return None,
+        };
+        Some(text)
     }
 
     /// Every element as `f64`.
@@ -358,6 +408,42 @@ pub(crate) fn load(
     )
 }
 
+/// Class ids of string labels: classes are the distinct names, sorted.
+fn class_ids(names: Vec<String>) -> (Vec<u32>, Vec<String>) {
+    let mut classes = names.clone();
+    classes.sort_unstable();
+    classes.dedup();
+    let ids = names
+        .iter()
+        .map(|l| classes.binary_search(l).unwrap_or(0) as u32)
+        .collect();
+    (ids, classes)
+}
+
+/// Class ids of integer labels: classes are the distinct values in
+/// increasing order, named by their decimal text.
+fn integer_class_ids(labels: &Array, path: &Path) -> Result<(Vec<u32>, Vec<String>)> {
+    let not_labels = || {
+        Error::Unsupported(format!(
+            "{}: labels must be integers or strings, found dtype {}",
+            path.display(),
+            labels.descr
+        ))
+    };
+    let raw = labels.to_f64().map_err(|_| not_labels())?;
+    if raw.iter().any(|l| l.fract() != 0.0 || !l.is_finite()) {
+        return Err(not_labels());
+    }
+    let mut distinct: Vec<i64> = raw.iter().map(|&l| l as i64).collect();
+    distinct.sort_unstable();
+    distinct.dedup();
+    let ids = raw
+        .iter()
+        .map(|&l| distinct.binary_search(&(l as i64)).unwrap_or(0) as u32)
+        .collect();
+    Ok((ids, distinct.iter().map(|v| v.to_string()).collect()))
+}
+
 /// Builds the dataset from parsed arrays.
 fn from_arrays(
     path: &Path,
@@ -415,31 +501,17 @@ fn from_arrays(
             )))
         }
     };
-    let raw_labels = labels.to_f64()?;
-    if labels.shape.len() != 1 || raw_labels.len() != n {
+    if labels.shape.len() != 1 || labels.shape[0] != n {
         return Err(Error::Unsupported(format!(
             "{}: {n} images but labels have shape {:?}",
             path.display(),
             labels.shape
         )));
     }
-    if raw_labels
-        .iter()
-        .any(|l| l.fract() != 0.0 || !l.is_finite())
-    {
-        return Err(Error::Unsupported(format!(
-            "{}: labels must be integers",
-            path.display()
-        )));
-    }
-    let mut distinct: Vec<i64> = raw_labels.iter().map(|&l| l as i64).collect();
-    distinct.sort_unstable();
-    distinct.dedup();
-    let label_ids: Vec<u32> = raw_labels
-        .iter()
-        .map(|&l| distinct.binary_search(&(l as i64)).unwrap_or(0) as u32)
-        .collect();
-    let classes: Vec<String> = distinct.iter().map(|v| v.to_string()).collect();
+    let (label_ids, classes) = match labels.to_strings() {
+        Some(names) => class_ids(names),
+        None => integer_class_ids(labels, path)?,
+    };
 
     let raw = images.to_f64()?;
     let (scale, levels) = match dtype {
@@ -448,10 +520,20 @@ fn from_arrays(
         NpyDtype::F32 | NpyDtype::F64 => (1.0, None),
     };
     if levels.is_none() {
-        if let Some(v) = raw.iter().find(|v| !(0.0..=1.0).contains(*v)) {
+        if let Some(v) = raw.iter().find(|v| !v.is_finite()) {
             return Err(Error::Unsupported(format!(
-                "{}: float images must lie in [0, 1], found {v} (values in [0, 255]: divide by \
-                 255, or store them as uint8)",
+                "{}: float images must lie in [0, 1], found {v} (a missing or broken value)",
+                path.display()
+            )));
+        }
+        if let Some(v) = raw.iter().find(|v| !(0.0..=1.0).contains(*v)) {
+            let hint = if (0.0..=255.0).contains(v) {
+                "values in [0, 255]: divide by 255, or store them as uint8"
+            } else {
+                "rescale them to [0, 1] first, with the scale you want the budget measured on"
+            };
+            return Err(Error::Unsupported(format!(
+                "{}: float images must lie in [0, 1], found {v} ({hint})",
                 path.display()
             )));
         }

@@ -300,6 +300,54 @@ fn npy_uint8_with_labels_file_round_trips() {
 }
 
 #[test]
+fn npy_string_labels_name_the_classes() {
+    let dir = tempfile::tempdir().unwrap();
+    let imgs: Vec<u8> = (0..3 * 2 * 2).map(|i| (i * 21 % 256) as u8).collect();
+    std::fs::write(dir.path().join("x.npy"), npy_bytes("|u1", &[3, 2, 2], imgs)).unwrap();
+    // NumPy's fixed-width encodings of ["dog", "cat", "dog"]: UTF-32 in
+    // either byte order (padded with NULs to the widest), and bytes.
+    let utf32 = |be: bool| -> Vec<u8> {
+        ["dog", "cat", "dog"]
+            .iter()
+            .flat_map(|w| {
+                let mut cps: Vec<u32> = w.chars().map(u32::from).collect();
+                cps.resize(4, 0);
+                cps.into_iter()
+                    .flat_map(move |c| if be { c.to_be_bytes() } else { c.to_le_bytes() })
+            })
+            .collect()
+    };
+    let bytes: Vec<u8> = b"dog\0cat\0dog\0".to_vec();
+    for (descr, data) in [("<U4", utf32(false)), (">U4", utf32(true)), ("|S4", bytes)] {
+        std::fs::write(dir.path().join("y.npy"), npy_bytes(descr, &[3], data)).unwrap();
+        let loaded = load(&DataSource::Npy {
+            path: dir.path().join("x.npy"),
+            images_key: None,
+            labels_key: None,
+            labels_path: Some(dir.path().join("y.npy")),
+        })
+        .unwrap();
+        assert_eq!(loaded.classes(), ["cat", "dog"], "{descr}");
+        assert_eq!(loaded.labels(), [1, 0, 1], "{descr}");
+    }
+    // Float labels that are not whole numbers are no labels at all.
+    let halves: Vec<u8> = [0.5f64, 1.0, 0.5]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    std::fs::write(dir.path().join("y.npy"), npy_bytes("<f8", &[3], halves)).unwrap();
+    expect_err(
+        DataSource::Npy {
+            path: dir.path().join("x.npy"),
+            images_key: None,
+            labels_key: None,
+            labels_path: Some(dir.path().join("y.npy")),
+        },
+        "labels must be integers or strings, found dtype <f8",
+    );
+}
+
+#[test]
 fn npz_float_channels_last_keeps_other_entries() {
     use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
@@ -904,6 +952,23 @@ fn bad_inputs_give_clear_errors() {
         },
         "[0, 1]",
     );
+    // Not a number, or far outside [0, 255]: no hint about dividing by 255.
+    for (v, needle) in [(f32::NAN, "NaN (a missing"), (-3.0, "-3 (rescale")] {
+        let vals: Vec<u8> = [0.5f32, v, 0.1, 0.2]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        std::fs::write(f.path().join("x.npy"), npy_bytes("<f4", &[1, 2, 2], vals)).unwrap();
+        expect_err(
+            DataSource::Npy {
+                path: f.path().join("x.npy"),
+                images_key: None,
+                labels_key: None,
+                labels_path: Some(f.path().join("y.npy")),
+            },
+            needle,
+        );
+    }
     // Labels that do not match the images.
     std::fs::write(
         f.path().join("x.npy"),
