@@ -184,8 +184,9 @@ impl Asset {
     /// `MR_small_implicit.dcm` and `MR_small_bigendian.dcm` (the same
     /// image in other transfer syntaxes), `MR_small_RLE.dcm` (RLE
     /// compressed), `MR_truncated.dcm` (damaged pixel data),
-    /// `examples_overlay.dcm` (MR 300x484, 12 bits stored) and
-    /// `SC_rgb_rle_2frame.dcm` (RGB 100x100, two RLE frames).
+    /// `examples_overlay.dcm` (MR 300x484, 12 bits stored),
+    /// `SC_rgb_rle_2frame.dcm` (RGB 100x100, two RLE frames) and
+    /// `image_dfl.dcm` (512x512, 8-bit, deflated explicit VR little endian).
     pub const PYDICOM_DATA: Asset = Asset {
         name: "pydicom-data",
         package: "pydicom",
@@ -202,6 +203,7 @@ impl Asset {
             "MR_truncated.dcm",
             "examples_overlay.dcm",
             "SC_rgb_rle_2frame.dcm",
+            "image_dfl.dcm",
         ],
         pip_args: &[],
     };

@@ -681,6 +681,9 @@ fn protect(data: &DataArgs, method: &MethodArgs, f: ProtectFlags) -> anyhow::Res
         q.linf_max * 255.0,
         100.0 * q.l0_mean
     );
+    if let Some(note) = lethe_protect::release::unchanged_note(q) {
+        println!("warning: {note}");
+    }
     if let Some(out) = &report.output {
         println!(
             "wrote {} file{} and {} to {}",

@@ -160,6 +160,19 @@ pub struct ManifestItem {
     pub quality: ImageQuality,
 }
 
+/// Says how many images no noise step moved: they are released exactly as
+/// they were, unprotected (error-minimising steps stop where a surrogate
+/// already fits an image so well that its loss gradient is zero).
+pub fn unchanged_note(q: &QualitySummary) -> Option<String> {
+    (q.unchanged > 0).then(|| {
+        format!(
+            "{} of {} images are released unchanged: no noise step moved them, so they are \
+             not protected (the manifest's per-image quality names them)",
+            q.unchanged, q.images
+        )
+    })
+}
+
 /// Refuses an output folder that would publish the clean data or lose
 /// files: the output must not be the source, lie inside it or contain it,
 /// and must be empty unless `overwrite`, which replaces an earlier release
@@ -585,6 +598,9 @@ fn manifest(
              replace the other); assign new UIDs first if both must coexist."
                 .into(),
         );
+    }
+    if let Some(note) = unchanged_note(&report.quality) {
+        warnings.push(note);
     }
     if matches!(data.format(), Format::Npy(_)) && !per_file {
         warnings.push("array output: per-image output hashes are not defined".into());

@@ -3,11 +3,11 @@
 //! unchanged.
 //!
 //! Supported: uncompressed transfer syntaxes (implicit VR little endian,
-//! explicit VR little and big endian) and RLE Lossless (written back as
-//! RLE), 8 or 16 bits allocated, any bits stored, signed or unsigned, 1
+//! explicit VR little and big endian, deflated explicit VR little endian)
+//! and RLE Lossless (each written back in its own syntax), 8 or 16 bits allocated, any bits stored, signed or unsigned, 1
 //! sample (MONOCHROME1/2) or 3 samples (RGB, either planar configuration),
-//! one frame or many. Other encapsulated (JPEG, JPEG-LS, JPEG 2000, ...) or
-//! deflated data is refused with a message saying so: decompress first.
+//! one frame or many. Other encapsulated (JPEG, JPEG-LS, JPEG 2000, ...)
+//! data is refused with a message saying so: decompress first.
 //! So are palette and YCbCr colour: a step of a palette index or a chroma
 //! sample is no bounded step of the colour a reader sees, so the budget
 //! would mean nothing; convert those to RGB first.
@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use dicom_core::value::{PixelFragmentSequence, PrimitiveValue, Value};
 use dicom_core::{DataElement, Tag};
 use dicom_dictionary_std::tags;
-use dicom_object::{DefaultDicomObject, ReadError};
+use dicom_object::DefaultDicomObject;
 
 use crate::dataset::{Dataset, Format, ImageShape, Item};
 use crate::formats::{read_file, sha256_hex, write_file, WrittenFile};
@@ -35,10 +35,15 @@ mod rle;
 #[cfg(test)]
 mod tests;
 
+/// Transfer syntaxes whose pixel data is stored as it is: implicit and
+/// explicit VR little endian, explicit VR big endian, and deflated explicit
+/// VR little endian (the whole data set is deflated, the pixels inside are
+/// native; it is written back deflated).
 const NATIVE_SYNTAXES: &[&str] = &[
     "1.2.840.10008.1.2",
     "1.2.840.10008.1.2.1",
     "1.2.840.10008.1.2.2",
+    "1.2.840.10008.1.2.1.99",
 ];
 const RLE_LOSSLESS: &str = "1.2.840.10008.1.2.5";
 
@@ -104,18 +109,7 @@ impl Layout {
 }
 
 fn open(path: &Path) -> Result<DefaultDicomObject> {
-    dicom_object::open_file(path).map_err(|e| match e {
-        // A deflated data set: the same advice as for compressed pixel data.
-        ReadError::ReadUnsupportedTransferSyntax { uid, name, .. }
-        | ReadError::ReadUnsupportedTransferSyntaxWithSuggestion { uid, name, .. } => {
-            Error::Unsupported(format!(
-                "{}: transfer syntax {uid} ({name}) is compressed or deflated; decompress it \
-                 first (e.g. `gdcmconv --raw`)",
-                path.display()
-            ))
-        }
-        e => Error::decode(path, format!("DICOM: {e}")),
-    })
+    dicom_object::open_file(path).map_err(|e| Error::decode(path, format!("DICOM: {e}")))
 }
 
 fn int_tag(obj: &DefaultDicomObject, tag: Tag, path: &Path, name: &str) -> Result<i64> {

@@ -257,9 +257,14 @@ pub(crate) fn load_files(
         match &shape {
             None => shape = Some((d.shape, path.clone())),
             Some((s, first)) if *s != d.shape => {
+                let fix = if (s.height, s.width) == (d.shape.height, d.shape.width) {
+                    "grayscale beside colour (a palette file reads as RGB): convert them to one \
+                     colour type first"
+                } else {
+                    "resize or crop them to one size first"
+                };
                 return Err(Error::Unsupported(format!(
-                    "images differ in shape: {} is {}x{}x{} but {} is {}x{}x{} \
-                     (resize or crop them to one size first)",
+                    "images differ in shape: {} is {}x{}x{} but {} is {}x{}x{} ({fix})",
                     first.display(),
                     s.channels,
                     s.height,
@@ -268,7 +273,7 @@ pub(crate) fn load_files(
                     d.shape.channels,
                     d.shape.height,
                     d.shape.width
-                )))
+                )));
             }
             Some(_) => {}
         }

@@ -960,3 +960,41 @@ fn a_release_whose_files_left_its_manifest_is_not_audited() {
     let err = read_release(&released, &clean).unwrap_err().to_string();
     assert!(err.contains("1 file(s) changed"), "{err}");
 }
+
+#[test]
+fn images_no_step_moved_are_named_in_the_warnings() {
+    // The lattice code only brightens: an all-white image cannot move.
+    let src = png_source();
+    let p = ProtectParams::lattice_code(8.0 / 255.0, 0.25);
+    let out = tempfile::tempdir().unwrap();
+    protect(&folder_config(src.path(), out.path().join("a"), p.clone())).unwrap();
+    let text = std::fs::read_to_string(out.path().join("a").join(MANIFEST_FILE)).unwrap();
+    assert!(!text.contains("released unchanged"), "{text}");
+
+    let normal = src.path().join("normal");
+    let first = std::fs::read_dir(&normal)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .min()
+        .unwrap();
+    let shape = crate::dataset::ImageShape {
+        channels: 1,
+        height: 16,
+        width: 16,
+    };
+    std::fs::write(
+        &first,
+        formats::png::encode(&[1.0; 256], shape, false, None).unwrap(),
+    )
+    .unwrap();
+    let report = protect(&folder_config(src.path(), out.path().join("b"), p)).unwrap();
+    assert_eq!(report.quality.unchanged, 1);
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("b").join(MANIFEST_FILE)).unwrap())
+            .unwrap();
+    let warnings = m["warnings"].to_string();
+    assert!(
+        warnings.contains("1 of 8 images are released unchanged"),
+        "{warnings}"
+    );
+}
