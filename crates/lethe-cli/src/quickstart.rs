@@ -263,6 +263,23 @@ fn daemon_demo(engine: &std::sync::Arc<Engine>) -> anyhow::Result<()> {
             for reason in v["error"]["violations"].as_array().into_iter().flatten() {
                 println!("      - {}", reason["message"].as_str().unwrap_or("?"));
             }
+            // Which sources the label came from: under the permissive
+            // propagator, only those found to influence the answer.
+            let blocking: Vec<String> = v["error"]["blocking_sources"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|s| {
+                    format!(
+                        "{} [{}]",
+                        s["id"].as_str().unwrap_or("?"),
+                        s["label"]["name"].as_str().unwrap_or("?")
+                    )
+                })
+                .collect();
+            if !blocking.is_empty() {
+                println!("    blocked by: {}", blocking.join(", "));
+            }
         }
         Ok(())
     };
@@ -272,11 +289,12 @@ fn daemon_demo(engine: &std::sync::Arc<Engine>) -> anyhow::Result<()> {
     println!(
         "\n  The support bot answers customers (a public sink). Retrieval also brings internal"
     );
-    println!("  notes and untrusted web text, so the conservative label blocks the answer; the");
+    println!("  notes and untrusted web text, so the conservative label blocks the answer. The");
     println!(
-        "  permissive label keeps only the sources that influenced it, regenerates from them,"
+        "  permissive label keeps only the sources that influenced it and regenerates from them:"
     );
-    println!("  and the answer may go out:");
+    println!("  the answer goes out when none of those is internal or untrusted. Which ones");
+    println!("  influence a 135M model's greedy answer can change with the CPU's rounding:");
     let password = "How do I reset a password?";
     ask(
         "support-bot",
