@@ -235,9 +235,11 @@ fn raw_words(obj: &DefaultDicomObject, l: &Layout, path: &Path) -> Result<Vec<u1
             for frame in rle_frames(seq.offset_table(), seq.fragments(), l.frames)
                 .map_err(|e| Error::decode(path, e))?
             {
-                let decoded = rle::decode_frame(&frame, l.rle_geometry())
-                    .map_err(|e| Error::decode(path, e))?;
-                words.extend_from_slice(&decoded[..l.count().min(decoded.len())]);
+                // Exactly one frame's samples, or an error.
+                words.extend(
+                    rle::decode_frame(&frame, l.rle_geometry())
+                        .map_err(|e| Error::decode(path, e))?,
+                );
             }
             words
         }

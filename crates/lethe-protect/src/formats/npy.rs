@@ -408,21 +408,22 @@ pub(crate) fn load(
     )
 }
 
-/// Class ids of string labels: classes are the distinct names, sorted.
-fn class_ids(names: Vec<String>) -> (Vec<u32>, Vec<String>) {
-    let mut classes = names.clone();
+/// Dense class ids of `labels`: the classes are the distinct values in
+/// increasing order, and each label's id is its class's position.
+fn class_ids<T: Ord + Clone>(labels: &[T]) -> (Vec<u32>, Vec<T>) {
+    let mut classes = labels.to_vec();
     classes.sort_unstable();
     classes.dedup();
-    let ids = names
+    let ids = labels
         .iter()
         .map(|l| classes.binary_search(l).unwrap_or(0) as u32)
         .collect();
     (ids, classes)
 }
 
-/// Class ids of integer labels: classes are the distinct values in
-/// increasing order, named by their decimal text.
-fn integer_class_ids(labels: &Array, path: &Path) -> Result<(Vec<u32>, Vec<String>)> {
+/// Integer labels as whole numbers (any integer or float dtype holding
+/// only whole numbers).
+fn integer_labels(labels: &Array, path: &Path) -> Result<Vec<i64>> {
     let not_labels = || {
         Error::Unsupported(format!(
             "{}: labels must be integers or strings, found dtype {}",
@@ -434,14 +435,7 @@ fn integer_class_ids(labels: &Array, path: &Path) -> Result<(Vec<u32>, Vec<Strin
     if raw.iter().any(|l| l.fract() != 0.0 || !l.is_finite()) {
         return Err(not_labels());
     }
-    let mut distinct: Vec<i64> = raw.iter().map(|&l| l as i64).collect();
-    distinct.sort_unstable();
-    distinct.dedup();
-    let ids = raw
-        .iter()
-        .map(|&l| distinct.binary_search(&(l as i64)).unwrap_or(0) as u32)
-        .collect();
-    Ok((ids, distinct.iter().map(|v| v.to_string()).collect()))
+    Ok(raw.iter().map(|&l| l as i64).collect())
 }
 
 /// Builds the dataset from parsed arrays.
@@ -509,8 +503,11 @@ fn from_arrays(
         )));
     }
     let (label_ids, classes) = match labels.to_strings() {
-        Some(names) => class_ids(names),
-        None => integer_class_ids(labels, path)?,
+        Some(names) => class_ids(&names),
+        None => {
+            let (ids, values) = class_ids(&integer_labels(labels, path)?);
+            (ids, values.iter().map(i64::to_string).collect())
+        }
     };
 
     let raw = images.to_f64()?;

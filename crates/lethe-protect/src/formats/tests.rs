@@ -60,10 +60,7 @@ fn check_roundtrip(data: &Dataset, out: &Path, max_err: f32) -> Dataset {
             })
             .unwrap()
         }
-        _ => load(&DataSource::Folder {
-            path: out.to_path_buf(),
-        })
-        .unwrap(),
+        _ => load(&folder(out)).unwrap(),
     };
     assert_eq!(back.len(), data.len());
     assert_eq!(back.shape(), data.shape());
@@ -82,10 +79,7 @@ fn png_8bit_gray_folder_round_trips() {
     for (k, rel) in ["cat/a.png", "cat/b.png", "dog/c.png"].iter().enumerate() {
         put_png(dir.path(), rel, &pattern(30, 255.0, k), s, false);
     }
-    let data = load(&DataSource::Folder {
-        path: dir.path().to_path_buf(),
-    })
-    .unwrap();
+    let data = load(&folder(dir.path())).unwrap();
     assert_eq!(data.classes(), ["cat", "dog"]);
     assert_eq!(data.labels(), [0, 0, 1]);
     assert_eq!(
@@ -106,10 +100,7 @@ fn png_16bit_gray_keeps_its_depth() {
     let vals = pattern(16, 65535.0, 3);
     put_png(dir.path(), "a/x.png", &vals, s, true);
     put_png(dir.path(), "b/y.png", &pattern(16, 65535.0, 4), s, true);
-    let data = load(&DataSource::Folder {
-        path: dir.path().to_path_buf(),
-    })
-    .unwrap();
+    let data = load(&folder(dir.path())).unwrap();
     assert_eq!(data.items()[0].levels, Some(65535));
     for (a, b) in data.image(0).iter().zip(&vals) {
         assert!((a - b).abs() < 1e-7);
@@ -131,10 +122,7 @@ fn png_rgb_round_trips_channel_first() {
     };
     put_png(dir.path(), "r/0.png", &pattern(36, 255.0, 0), s, false);
     put_png(dir.path(), "g/0.png", &pattern(36, 255.0, 5), s, false);
-    let data = load(&DataSource::Folder {
-        path: dir.path().to_path_buf(),
-    })
-    .unwrap();
+    let data = load(&folder(dir.path())).unwrap();
     assert_eq!(data.shape(), s);
     // Pixel (y=1, x=2), green channel, is planar index 1*12 + 1*4 + 2.
     let raw = image::open(dir.path().join("g/0.png")).unwrap().to_rgb8();
@@ -208,10 +196,7 @@ fn nested_class_folders_are_read_in_order_and_released_in_place() {
         put_png(dir.path(), rel, &pattern(16, 255.0, i), s, false);
     }
     std::fs::write(dir.path().join("b/.DS_Store"), b"junk").unwrap();
-    let data = load(&DataSource::Folder {
-        path: dir.path().to_path_buf(),
-    })
-    .unwrap();
+    let data = load(&folder(dir.path())).unwrap();
     let paths: Vec<String> = data
         .items()
         .iter()
@@ -244,9 +229,7 @@ fn class_folders_without_images_are_left_out() {
     std::fs::create_dir_all(dir.path().join("b")).unwrap();
     std::fs::create_dir_all(dir.path().join("d")).unwrap();
     std::fs::write(dir.path().join("d/readme.txt"), b"notes").unwrap();
-    let source = DataSource::Folder {
-        path: dir.path().to_path_buf(),
-    };
+    let source = folder(dir.path());
     let data = load(&source).unwrap();
     assert_eq!(data.classes(), ["a", "c"]);
     assert_eq!(data.labels(), [0, 1]);
@@ -257,6 +240,16 @@ fn class_folders_without_images_are_left_out() {
         err.contains("at least two class sub-folders with images"),
         "{err}"
     );
+}
+
+/// `dir/x.npy` images with `dir/y.npy` labels.
+fn npy_pair(dir: &Path) -> DataSource {
+    DataSource::Npy {
+        path: dir.join("x.npy"),
+        images_key: None,
+        labels_key: None,
+        labels_path: Some(dir.join("y.npy")),
+    }
 }
 
 fn npy_bytes(descr: &str, shape: &[usize], data: Vec<u8>) -> Vec<u8> {
@@ -279,13 +272,7 @@ fn npy_uint8_with_labels_file_round_trips() {
     .unwrap();
     let labels: Vec<u8> = [7i64, 3, 7].iter().flat_map(|v| v.to_le_bytes()).collect();
     std::fs::write(dir.path().join("y.npy"), npy_bytes("<i8", &[3], labels)).unwrap();
-    let data = load(&DataSource::Npy {
-        path: dir.path().join("x.npy"),
-        images_key: None,
-        labels_key: None,
-        labels_path: Some(dir.path().join("y.npy")),
-    })
-    .unwrap();
+    let data = load(&npy_pair(dir.path())).unwrap();
     assert_eq!(data.shape(), gray(4, 5));
     assert_eq!(data.classes(), ["3", "7"]);
     assert_eq!(data.labels(), [1, 0, 1]);
@@ -320,13 +307,7 @@ fn npy_string_labels_name_the_classes() {
     let bytes: Vec<u8> = b"dog\0cat\0dog\0".to_vec();
     for (descr, data) in [("<U4", utf32(false)), (">U4", utf32(true)), ("|S4", bytes)] {
         std::fs::write(dir.path().join("y.npy"), npy_bytes(descr, &[3], data)).unwrap();
-        let loaded = load(&DataSource::Npy {
-            path: dir.path().join("x.npy"),
-            images_key: None,
-            labels_key: None,
-            labels_path: Some(dir.path().join("y.npy")),
-        })
-        .unwrap();
+        let loaded = load(&npy_pair(dir.path())).unwrap();
         assert_eq!(loaded.classes(), ["cat", "dog"], "{descr}");
         assert_eq!(loaded.labels(), [1, 0, 1], "{descr}");
     }
@@ -337,12 +318,7 @@ fn npy_string_labels_name_the_classes() {
         .collect();
     std::fs::write(dir.path().join("y.npy"), npy_bytes("<f8", &[3], halves)).unwrap();
     expect_err(
-        DataSource::Npy {
-            path: dir.path().join("x.npy"),
-            images_key: None,
-            labels_key: None,
-            labels_path: Some(dir.path().join("y.npy")),
-        },
+        npy_pair(dir.path()),
         "labels must be integers or strings, found dtype <f8",
     );
 }
@@ -489,6 +465,25 @@ fn non_pixel_elements(path: &Path) -> Vec<String> {
         .collect()
 }
 
+/// A folder of two classes, `a` and `b`, each holding a copy of `file`
+/// under its own name.
+fn two_class_copies(file: &Path) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let name = file.file_name().unwrap();
+    for class in ["a", "b"] {
+        std::fs::create_dir_all(dir.path().join(class)).unwrap();
+        std::fs::copy(file, dir.path().join(class).join(name)).unwrap();
+    }
+    dir
+}
+
+/// The folder dataset at `dir`.
+fn folder(dir: &Path) -> DataSource {
+    DataSource::Folder {
+        path: dir.to_path_buf(),
+    }
+}
+
 /// Protects a two-class folder of copies of `src_dir/file` and checks the
 /// release: every non-pixel element unchanged, most pixels of every frame
 /// changed, the values read back; returns the written copy of the first
@@ -499,15 +494,8 @@ fn dicom_round_trip_of(
     shape: ImageShape,
     frames: usize,
 ) -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    for (class, name) in [("ct", "a.dcm"), ("ct2", "b.dcm")] {
-        std::fs::create_dir_all(dir.path().join(class)).unwrap();
-        std::fs::copy(src.join(file), dir.path().join(class).join(name)).unwrap();
-    }
-    let data = load(&DataSource::Folder {
-        path: dir.path().to_path_buf(),
-    })
-    .unwrap();
+    let dir = two_class_copies(&src.join(file));
+    let data = load(&folder(dir.path())).unwrap();
     assert_eq!(data.shape(), shape);
     assert_eq!(data.len(), 2 * frames);
     assert_eq!(data.labels(), [vec![0; frames], vec![1; frames]].concat());
@@ -529,7 +517,7 @@ fn dicom_round_trip_of(
             .collect()
     };
     assert_eq!(place(&back), place(&data));
-    let written = out.path().join("ct/a.dcm");
+    let written = out.path().join("a").join(file);
     let (new, old) = (
         non_pixel_elements(&written),
         non_pixel_elements(&src.join(file)),
@@ -743,19 +731,8 @@ fn multi_frame_native_dicom_is_protected_frame_by_frame() {
     let (_out, _) = dicom_round_trip_of(scratch.path(), "three.dcm", gray(64, 64), 3);
 
     // Frames are written back together and in order, or not at all.
-    let dir = tempfile::tempdir().unwrap();
-    for class in ["a", "b"] {
-        std::fs::create_dir_all(dir.path().join(class)).unwrap();
-        std::fs::copy(
-            scratch.path().join("three.dcm"),
-            dir.path().join(class).join("x.dcm"),
-        )
-        .unwrap();
-    }
-    let data = load(&DataSource::Folder {
-        path: dir.path().to_path_buf(),
-    })
-    .unwrap();
+    let dir = two_class_copies(&scratch.path().join("three.dcm"));
+    let data = load(&folder(dir.path())).unwrap();
     let frames: Vec<Option<u32>> = data.items().iter().map(|i| i.frame).collect();
     assert_eq!(
         frames,
@@ -791,14 +768,9 @@ fn palette_and_ycbcr_dicom_are_refused_with_the_reason() {
             dicom_core::VR::CS,
             dicom_core::value::PrimitiveValue::from(photometric),
         ));
-        let dir = scratch.path().join(name);
-        for class in ["a", "b"] {
-            std::fs::create_dir_all(dir.join(class)).unwrap();
-            obj.write_to_file(dir.join(class).join(name)).unwrap();
-        }
-        let err = load(&DataSource::Folder { path: dir })
-            .unwrap_err()
-            .to_string();
+        obj.write_to_file(scratch.path().join(name)).unwrap();
+        let dir = two_class_copies(&scratch.path().join(name));
+        let err = load(&folder(dir.path())).unwrap_err().to_string();
         assert!(
             err.contains(photometric) && err.contains(needle) && err.contains(name),
             "{err}"
@@ -838,18 +810,8 @@ fn compressed_or_truncated_dicom_is_refused_clearly() {
         (scratch.path().join("jpeg.dcm"), "compressed"),
         (src.join("MR_truncated.dcm"), "MR_truncated.dcm"),
     ] {
-        let file = path.file_name().unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        for class in ["a", "b"] {
-            std::fs::create_dir_all(dir.path().join(class)).unwrap();
-            std::fs::copy(&path, dir.path().join(class).join(file)).unwrap();
-        }
-        expect_err(
-            DataSource::Folder {
-                path: dir.path().to_path_buf(),
-            },
-            needle,
-        );
+        let dir = two_class_copies(&path);
+        expect_err(folder(dir.path()), needle);
     }
 }
 
@@ -870,20 +832,10 @@ fn bad_inputs_give_clear_errors() {
         b"\x89PNG\r\n\x1a\nnot really",
     )
     .unwrap();
-    expect_err(
-        DataSource::Folder {
-            path: dir.path().to_path_buf(),
-        },
-        "broken.png",
-    );
+    expect_err(folder(dir.path()), "broken.png");
     // A .png that is not one at all.
     std::fs::write(dir.path().join("b/broken.png"), b"hello").unwrap();
-    expect_err(
-        DataSource::Folder {
-            path: dir.path().to_path_buf(),
-        },
-        "bad signature",
-    );
+    expect_err(folder(dir.path()), "bad signature");
     // Mismatched shapes.
     std::fs::remove_file(dir.path().join("b/broken.png")).unwrap();
     put_png(
@@ -893,22 +845,12 @@ fn bad_inputs_give_clear_errors() {
         gray(5, 5),
         false,
     );
-    expect_err(
-        DataSource::Folder {
-            path: dir.path().to_path_buf(),
-        },
-        "differ in shape",
-    );
+    expect_err(folder(dir.path()), "differ in shape");
     // Same size, grayscale beside colour.
     std::fs::remove_file(dir.path().join("b/big.png")).unwrap();
     let colour = png::encode(&pattern(48, 255.0, 0), rgb(4, 4), false, None).unwrap();
     std::fs::write(dir.path().join("b/colour.png"), colour).unwrap();
-    expect_err(
-        DataSource::Folder {
-            path: dir.path().to_path_buf(),
-        },
-        "convert them to one colour type",
-    );
+    expect_err(folder(dir.path()), "convert them to one colour type");
     // One class only.
     let one = tempfile::tempdir().unwrap();
     put_png(
@@ -918,25 +860,12 @@ fn bad_inputs_give_clear_errors() {
         gray(4, 4),
         false,
     );
-    expect_err(
-        DataSource::Folder {
-            path: one.path().to_path_buf(),
-        },
-        "at least two",
-    );
+    expect_err(folder(one.path()), "at least two");
     // Not an .npy.
     let f = tempfile::tempdir().unwrap();
     std::fs::write(f.path().join("x.npy"), b"garbage!!garbage").unwrap();
     std::fs::write(f.path().join("y.npy"), b"garbage!!garbage").unwrap();
-    expect_err(
-        DataSource::Npy {
-            path: f.path().join("x.npy"),
-            images_key: None,
-            labels_key: None,
-            labels_path: Some(f.path().join("y.npy")),
-        },
-        "magic",
-    );
+    expect_err(npy_pair(f.path()), "magic");
     // Float images outside [0, 1].
     let vals: Vec<u8> = [0.5f32, 2.0, 0.1, 0.2]
         .iter()
@@ -944,15 +873,7 @@ fn bad_inputs_give_clear_errors() {
         .collect();
     std::fs::write(f.path().join("x.npy"), npy_bytes("<f4", &[1, 2, 2], vals)).unwrap();
     std::fs::write(f.path().join("y.npy"), npy_bytes("|u1", &[1], vec![0])).unwrap();
-    expect_err(
-        DataSource::Npy {
-            path: f.path().join("x.npy"),
-            images_key: None,
-            labels_key: None,
-            labels_path: Some(f.path().join("y.npy")),
-        },
-        "[0, 1]",
-    );
+    expect_err(npy_pair(f.path()), "[0, 1]");
     // Not a number, or far outside [0, 255]: no hint about dividing by 255.
     for (v, needle) in [(f32::NAN, "NaN (a missing"), (-3.0, "-3 (rescale")] {
         let vals: Vec<u8> = [0.5f32, v, 0.1, 0.2]
@@ -960,15 +881,7 @@ fn bad_inputs_give_clear_errors() {
             .flat_map(|v| v.to_le_bytes())
             .collect();
         std::fs::write(f.path().join("x.npy"), npy_bytes("<f4", &[1, 2, 2], vals)).unwrap();
-        expect_err(
-            DataSource::Npy {
-                path: f.path().join("x.npy"),
-                images_key: None,
-                labels_key: None,
-                labels_path: Some(f.path().join("y.npy")),
-            },
-            needle,
-        );
+        expect_err(npy_pair(f.path()), needle);
     }
     // Labels that do not match the images.
     std::fs::write(
@@ -976,28 +889,12 @@ fn bad_inputs_give_clear_errors() {
         npy_bytes("|u1", &[2, 2, 2], vec![0; 8]),
     )
     .unwrap();
-    expect_err(
-        DataSource::Npy {
-            path: f.path().join("x.npy"),
-            images_key: None,
-            labels_key: None,
-            labels_path: Some(f.path().join("y.npy")),
-        },
-        "labels have shape",
-    );
+    expect_err(npy_pair(f.path()), "labels have shape");
     // Truncated data.
     let mut b = npy_bytes("|u1", &[2, 3, 3], vec![0; 18]);
     b.truncate(b.len() - 5);
     std::fs::write(f.path().join("x.npy"), b).unwrap();
-    expect_err(
-        DataSource::Npy {
-            path: f.path().join("x.npy"),
-            images_key: None,
-            labels_key: None,
-            labels_path: Some(f.path().join("y.npy")),
-        },
-        "needs 18",
-    );
+    expect_err(npy_pair(f.path()), "needs 18");
 }
 
 /// PNG bytes with the given IHDR depth, colour type and interlace flag and
