@@ -173,6 +173,12 @@ pub fn unchanged_note(q: &QualitySummary) -> Option<String> {
     })
 }
 
+/// `" frame K"` for a frame of a multi-frame file, else nothing: appended
+/// to a file name in messages.
+fn frame_suffix(frame: Option<u32>) -> String {
+    frame.map(|k| format!(" frame {k}")).unwrap_or_default()
+}
+
 /// Refuses an output folder that would publish the clean data or lose
 /// files: the output must not be the source, lie inside it or contain it,
 /// and must be empty unless `overwrite`, which replaces an earlier release
@@ -933,13 +939,12 @@ pub fn read_release(source: &DataSource, clean: &Dataset) -> Result<ReadRelease>
         }
         if let (Some(a), Some(b)) = (&m.source, &c.path) {
             if a != b || m.frame != c.frame {
-                let frame = |f: Option<u32>| f.map(|k| format!(" frame {k}")).unwrap_or_default();
                 return Err(mismatch(format!(
                     "image {i} is {}{} in the manifest, {}{} here",
                     a.display(),
-                    frame(m.frame),
+                    frame_suffix(m.frame),
                     b.display(),
-                    frame(c.frame)
+                    frame_suffix(c.frame)
                 )));
             }
         }
@@ -1003,7 +1008,7 @@ fn in_manifest_order(
                     "{} lists {}{} but the folder does not hold it",
                     folder.join(MANIFEST_FILE).display(),
                     p.display(),
-                    frame.map(|k| format!(" frame {k}")).unwrap_or_default()
+                    frame_suffix(frame)
                 ))
             })
         })
