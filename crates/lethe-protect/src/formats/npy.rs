@@ -339,7 +339,11 @@ pub(crate) fn load(
         }
         let mut zip = zip::ZipArchive::new(std::io::Cursor::new(&bytes))
             .map_err(|e| Error::decode(path, format!("bad .npz archive: {e}")))?;
-        let names: Vec<String> = zip.file_names().map(str::to_string).collect();
+        let names: Vec<String> = zip
+            .file_names()
+            .map(|n| n.map(|n| n.into_owned()))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| Error::decode(path, format!("bad .npz archive: {e}")))?;
         let find = |wanted: Option<&str>, defaults: &[&str], what: &str| -> Result<String> {
             let candidates: Vec<&str> = match wanted {
                 Some(k) => vec![k],
@@ -664,7 +668,7 @@ pub(crate) fn write(data: &Dataset, src: &NpySource, out: &Path) -> Result<Vec<W
                     let entry = zin
                         .by_index(i)
                         .map_err(|e| Error::decode(&src.path, e.to_string()))?;
-                    if entry.name() == target {
+                    if entry.name_raw() == target.as_bytes() {
                         let opts = zip::write::SimpleFileOptions::default()
                             .compression_method(entry.compression());
                         drop(entry);
