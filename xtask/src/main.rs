@@ -155,8 +155,34 @@ fn project_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
+/// A `cargo` command, run with the cargo that runs this task.
+///
+/// Without the variables `cargo run` set for this binary
+/// (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`, ...): cargo compares a build
+/// script's `rerun-if-env-changed` variables with its own environment, and
+/// ring's build script names `CARGO_MANIFEST_DIR` and `CARGO_PKG_*` (see
+/// its `output` file under `target/debug/build`). With them inherited,
+/// ring and everything above it (every lethe crate) was compiled again
+/// whenever `cargo xtask test` and a plain `cargo test` took turns.
 pub(crate) fn cargo() -> Command {
-    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        if key.starts_with("CARGO_PKG_")
+            || matches!(
+                key,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_MANIFEST_LINKS"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+            )
+        {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
 }
 
 /// Every model and dataset asset into the cache, as `lethe fetch` does
