@@ -316,7 +316,8 @@ enum RefreshArg {
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum SurrogateArg {
-    /// Small CNN (32-64[-128] channels with batch norm): CPU-sized.
+    /// Small CNN with batch norm, CPU-sized: 32-64 channels on images up
+    /// to 12 pixels, 32-64-128 up to 64, a block per halving above.
     Cnn,
     /// ResNet-18 (CIFAR stem, width 64): for GPUs.
     Resnet18,
@@ -446,14 +447,7 @@ impl MethodArgs {
             },
         };
         p.surrogate = match self.surrogate {
-            SurrogateArg::Cnn if side <= 12 => Arch::Cnn {
-                channels: vec![32, 64],
-                batch_norm: true,
-            },
-            SurrogateArg::Cnn => Arch::Cnn {
-                channels: vec![32, 64, 128],
-                batch_norm: true,
-            },
+            SurrogateArg::Cnn => Arch::cnn_for_side(side, 32),
             SurrogateArg::Resnet18 => Arch::Resnet18 { width: 64 },
         };
         if self.classwise {
@@ -917,11 +911,6 @@ fn default_audit(a: &AuditArgs) -> anyhow::Result<(AuditConfig, Option<Dataset>)
         ..a.method.clone_flags()
     }
     .params(side)?;
-    let small = side <= 12;
-    let v = |c: &[usize]| Arch::Cnn {
-        channels: c.to_vec(),
-        batch_norm: true,
-    };
     let e8 = 8.0 / 255.0;
     let defences = vec![
         Defence::Grayscale,
@@ -961,14 +950,7 @@ fn default_audit(a: &AuditArgs) -> anyhow::Result<(AuditConfig, Option<Dataset>)
             Vec::new()
         },
         releases: Vec::new(),
-        victims: vec![
-            if small {
-                v(&[16, 32])
-            } else {
-                v(&[16, 32, 64])
-            },
-            Arch::Resnet18 { width: 8 },
-        ],
+        victims: vec![Arch::cnn_for_side(side, 16), Arch::Resnet18 { width: 8 }],
         seeds: a.seeds.clone(),
         victim: VictimConfig {
             epochs: a.epochs,
@@ -1134,6 +1116,17 @@ mod tests {
             }
         );
         assert!(matches!(a.data.source(), Ok(DataSource::Lesions(_))));
+        // Digits-sized and slice-sized images get their own depth.
+        for (side, channels) in [(8, vec![32, 64]), (512, vec![8, 8, 16, 32, 64, 128])] {
+            assert_eq!(
+                a.method.params(side).unwrap().surrogate,
+                Arch::Cnn {
+                    channels,
+                    batch_norm: true
+                },
+                "side {side}"
+            );
+        }
     }
 
     #[test]
