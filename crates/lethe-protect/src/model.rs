@@ -75,8 +75,7 @@ impl Arch {
     ///   8 pixels wide (at most 6 blocks), with channels that grow as the
     ///   map shrinks (`w * 64 / R`, R the map's side rounded up to a power
     ///   of two, clamped to `w/4..=4w`), so that every block costs about the
-    ///   same. The 3-block
-    ///   network at full resolution spends almost all its time in wide
+    ///   same. The 3-block network spends almost all its time in wide
     ///   convolutions of large maps: on a 512x512 image this one needs
     ///   about 19x fewer multiply-adds per pass (0.13 G against 2.5 G).
     pub fn cnn_for_side(side: usize, width: usize) -> Arch {
