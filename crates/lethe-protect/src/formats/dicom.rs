@@ -4,10 +4,12 @@
 //!
 //! Supported: uncompressed transfer syntaxes (implicit VR little endian,
 //! explicit VR little and big endian, deflated explicit VR little endian)
-//! and RLE Lossless (each written back in its own syntax), 8 or 16 bits allocated, any bits stored, signed or unsigned, 1
-//! sample (MONOCHROME1/2) or 3 samples (RGB, either planar configuration),
-//! one frame or many. Other encapsulated (JPEG, JPEG-LS, JPEG 2000, ...)
-//! data is refused with a message saying so: decompress first.
+//! and RLE Lossless (each written back in its own syntax), 8 or 16 bits
+//! allocated, any bits stored, signed or unsigned, 1 sample (MONOCHROME1/2)
+//! or 3 samples (RGB, either planar configuration), one frame or many.
+//! Other encapsulated (JPEG, JPEG-LS, JPEG 2000, ...) data, and data sets
+//! in a syntax dicom-rs cannot read, are refused with a message saying so:
+//! decompress or convert first.
 //! So are palette and YCbCr colour: a step of a palette index or a chroma
 //! sample is no bounded step of the colour a reader sees, so the budget
 //! would mean nothing; convert those to RGB first.
@@ -25,7 +27,7 @@ use std::path::{Path, PathBuf};
 use dicom_core::value::{PixelFragmentSequence, PrimitiveValue, Value};
 use dicom_core::{DataElement, Tag};
 use dicom_dictionary_std::tags;
-use dicom_object::DefaultDicomObject;
+use dicom_object::{DefaultDicomObject, ReadError};
 
 use crate::dataset::{Dataset, Format, ImageShape, Item};
 use crate::formats::{read_file, sha256_hex, write_file, WrittenFile};
@@ -109,7 +111,23 @@ impl Layout {
 }
 
 fn open(path: &Path) -> Result<DefaultDicomObject> {
-    dicom_object::open_file(path).map_err(|e| Error::decode(path, format!("DICOM: {e}")))
+    dicom_object::open_file(path).map_err(|e| match e {
+        // A data set dicom-rs cannot read at all (a private or unknown
+        // syntax, or one it would need another build feature for): say
+        // what to do, not which cargo feature to enable.
+        ReadError::ReadUnrecognizedTransferSyntax { uid, .. } => Error::Unsupported(format!(
+            "{}: transfer syntax {uid} is not one lethe knows; convert the file to explicit VR              little endian first (e.g. `gdcmconv --raw`)",
+            path.display()
+        )),
+        ReadError::ReadUnsupportedTransferSyntax { uid, name, .. }
+        | ReadError::ReadUnsupportedTransferSyntaxWithSuggestion { uid, name, .. } => {
+            Error::Unsupported(format!(
+                "{}: transfer syntax {uid} ({name}) cannot be read; convert the file to                  explicit VR little endian first (e.g. `gdcmconv --raw`)",
+                path.display()
+            ))
+        }
+        e => Error::decode(path, format!("DICOM: {e}")),
+    })
 }
 
 fn int_tag(obj: &DefaultDicomObject, tag: Tag, path: &Path, name: &str) -> Result<i64> {

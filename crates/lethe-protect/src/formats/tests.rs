@@ -806,8 +806,31 @@ fn compressed_or_truncated_dicom_is_refused_clearly() {
     let mut jpeg = dicom_object::open_file(src.join("MR_small_RLE.dcm")).unwrap();
     jpeg.update_meta(|m| m.transfer_syntax = "1.2.840.10008.1.2.4.50".into());
     jpeg.write_to_file(scratch.path().join("jpeg.dcm")).unwrap();
+    // pydicom's plain MR relabelled with a private transfer syntax (22
+    // bytes, two more than explicit VR LE's padded UID): refused by the
+    // reader itself, with advice instead of dicom-rs's wording.
+    let mut private = std::fs::read(src.join("MR_small.dcm")).unwrap();
+    let at = private
+        .windows(20)
+        .position(|w| w == b"1.2.840.10008.1.2.1\0")
+        .expect("the explicit VR LE transfer syntax UID");
+    private.splice(at..at + 20, b"1.2.3.4.5.6.7.8.9.10.1".iter().copied());
+    // The meta group's length (the value of its first element, after the
+    // 128-byte preamble, "DICM" and an 8-byte header) grew by two bytes.
+    let group_len = 128 + 4 + 8;
+    assert_eq!(&private[132..136], [2, 0, 0, 0], "(0002,0000) first");
+    let len = u32::from_le_bytes(private[group_len..group_len + 4].try_into().unwrap());
+    private[group_len..group_len + 4].copy_from_slice(&(len + 2).to_le_bytes());
+    let tsl = at - 2;
+    assert_eq!(u16::from_le_bytes([private[tsl], private[tsl + 1]]), 20);
+    private[tsl..tsl + 2].copy_from_slice(&22u16.to_le_bytes());
+    std::fs::write(scratch.path().join("private.dcm"), private).unwrap();
     for (path, needle) in [
         (scratch.path().join("jpeg.dcm"), "compressed"),
+        (
+            scratch.path().join("private.dcm"),
+            "1.2.3.4.5.6.7.8.9.10.1 is not one lethe knows; convert",
+        ),
         (src.join("MR_truncated.dcm"), "MR_truncated.dcm"),
     ] {
         let dir = two_class_copies(&path);
