@@ -44,6 +44,13 @@
 //! and step on images carrying another class's noise and label, so that
 //! the noise decides the label whatever the image.
 //!
+//! `stable_radius` (SEM, Liu et al. 2024) trains and steps under fresh
+//! uniform noise on every input, meant to make the noise survive
+//! adversarial training. Measured on the lesions selection draw at 4/255
+//! (`evals/results/protect/supplementary-selection-seed1`, rows zf): no
+//! gain against adversarial training (88 % against 85 % without it), so it
+//! is off by default.
+//!
 //! Which round's noise is released is [`Release`]: by default the noise of
 //! the last round; `best_round` releases the round with the highest
 //! shortcut accuracy (ties to the lower surrogate loss), because the round
@@ -53,7 +60,7 @@
 //! selection draw (seed 1) it protected *worse* (fresh victims' mean peak
 //! accuracy 50.2 % against 43.7 % for the final round; 52.8 against 43.0
 //! over two victim seeds): the surrogates' shortcut accuracy does not
-//! //! predict how well a round's noise protects, so it is not the default.
+//! predict how well a round's noise protects, so it is not the default.
 //! `proxy_victim` ([`proxy`]) ranks rounds instead by what a defender can
 //! measure without the test split: after each (or every N-th) round a
 //! small fresh model trains for a few epochs on the round's protected
@@ -478,6 +485,16 @@ pub struct ProtectParams {
     /// and half (row v) was worse than either.
     #[serde(default, skip_serializing_if = "is_zero_f64")]
     pub code_fraction: f64,
+    /// Stable (SEM-style) crafting, in `[0, eps]`: every image the
+    /// surrogates train on and every image a noise step differentiates
+    /// gets fresh uniform noise in `[-stable_radius, stable_radius]` on
+    /// every value (then clipped to the box), so the noise has to lower
+    /// the loss under random dense perturbations too (Liu et al., AAAI
+    /// 2024, research notes 2.2: the cheap stand-in for REM's inner
+    /// adversarial maximisation, meant to survive adversarial training).
+    /// 0, the default: off. The released images carry no such noise.
+    #[serde(default, skip_serializing_if = "is_zero_f64")]
+    pub stable_radius: f64,
     /// Which round's noise is released (default `final_round`; see
     /// [`Release`]).
     #[serde(default)]
@@ -566,6 +583,7 @@ impl ProtectParams {
             synthetic_start: None,
             restart_every: 0,
             code_fraction: 0.0,
+            stable_radius: 0.0,
             shared_channels: false,
             cross_pairs: 0.0,
             release: Release::default(),
@@ -757,6 +775,17 @@ impl ProtectParams {
                 )));
             }
         }
+        if !(self.stable_radius >= 0.0 && self.stable_radius <= self.eps) {
+            return Err(Error::Config(format!(
+                "stable_radius must be in [0, eps] = [0, {}], got {}",
+                self.eps, self.stable_radius
+            )));
+        }
+        if self.stable_radius > 0.0 && self.model_free() {
+            return Err(Error::Config(
+                "stable_radius shapes surrogate and noise steps: a model-free run has none".into(),
+            ));
+        }
         if self.code_fraction != 0.0 {
             if !(0.0..1.0).contains(&self.code_fraction) {
                 return Err(Error::Config(format!(
@@ -816,6 +845,9 @@ impl ProtectParams {
         }
         if self.cross_pairs > 0.0 {
             eps.push_str(&format!(" cross={:.2}", self.cross_pairs));
+        }
+        if self.stable_radius > 0.0 {
+            eps.push_str(&format!(" stable={:.1}/255", self.stable_radius * 255.0));
         }
         if let Some(start) = self.synthetic_start {
             match start.layout {
@@ -1616,6 +1648,7 @@ impl<'a> Run<'a> {
                     labels.push(self.data.labels()[i]);
                 }
             }
+            jitter(&mut px, self.params.stable_radius, &mut prng);
             for (net, opt) in self.nets.iter().zip(opts.iter_mut()) {
                 let x = net.batch(&px)?;
                 let y = net.labels(&labels)?;
@@ -1635,6 +1668,7 @@ impl<'a> Run<'a> {
                     for &i in &idx {
                         self.push_training(state, i, &mut px);
                     }
+                    jitter(&mut px, self.params.stable_radius, &mut prng);
                     for net in self.nets {
                         net.forward(&net.batch(&px)?, Mode::Train)?;
                     }
@@ -1656,13 +1690,15 @@ impl<'a> Run<'a> {
     /// Input gradients of CE at the protected images `idx` towards their
     /// targets; class-wise with `pairs`, image `idx[b]` carries the noise
     /// of class `pairs[b]` (and aims at that class's target) instead of
-    /// its own.
+    /// its own. With `jitter_seed`, the images get
+    /// [`ProtectParams::stable_radius`]'s uniform noise first.
     fn gradients(
         &self,
         frozen: &[FrozenNet<'_>],
         state: &State,
         idx: std::ops::Range<usize>,
         pairs: Option<&[usize]>,
+        jitter_seed: Option<u64>,
     ) -> Result<Vec<f32>> {
         // Each image with the noise of its unit (see `push_with_unit`),
         // one image per task.
@@ -1679,6 +1715,13 @@ impl<'a> Run<'a> {
                 *o = p;
             }
         });
+        if let Some(seed) = jitter_seed {
+            jitter(
+                &mut px,
+                self.params.stable_radius,
+                &mut StdRng::seed_from_u64(seed),
+            );
+        }
         let labels: Vec<u32> = match pairs {
             Some(pairs) => pairs
                 .iter()
@@ -1750,13 +1793,12 @@ impl<'a> Run<'a> {
             }
             let end = (start + bs).min(n);
             for t in 0..self.params.pgd_steps {
+                let step_key = ((round as u64) << 32) ^ ((start as u64) << 10) ^ t as u64;
+                let jitter_seed =
+                    (self.params.stable_radius > 0.0).then(|| mix(self.params.seed, 9, step_key));
                 if self.classwise {
                     let pairs = if self.params.cross_pairs > 0.0 {
-                        let mut prng = StdRng::seed_from_u64(mix(
-                            self.params.seed,
-                            7,
-                            ((round as u64) << 32) ^ ((start as u64) << 10) ^ t as u64,
-                        ));
+                        let mut prng = StdRng::seed_from_u64(mix(self.params.seed, 7, step_key));
                         let idx: Vec<usize> = (start..end).collect();
                         self.pair_classes(&idx, &mut prng)
                     } else {
@@ -1764,10 +1806,11 @@ impl<'a> Run<'a> {
                             .map(|i| self.data.labels()[i] as usize)
                             .collect()
                     };
-                    let g = self.gradients(&frozen, state, start..end, Some(&pairs))?;
+                    let g =
+                        self.gradients(&frozen, state, start..end, Some(&pairs), jitter_seed)?;
                     self.class_update(state, start..end, &pairs, &g);
                 } else {
-                    let g = self.gradients(&frozen, state, start..end, None)?;
+                    let g = self.gradients(&frozen, state, start..end, None, jitter_seed)?;
                     if let Some((rho, strategy, refresh)) = self.salm() {
                         self.refresh_image_masks(
                             state,
@@ -1949,7 +1992,7 @@ impl<'a> Run<'a> {
         let mut start = 0;
         while start < n {
             let end = (start + self.params.pgd_batch).min(n);
-            let g = self.gradients(frozen, state, start..end, None)?;
+            let g = self.gradients(frozen, state, start..end, None, None)?;
             for (b, i) in (start..end).enumerate() {
                 let c = self.data.labels()[i] as usize;
                 let sc = mask::gradient_scores(
@@ -1998,6 +2041,18 @@ fn protected<'a>(x: &'a [f32], d: &'a [f32]) -> impl Iterator<Item = f32> + 'a {
 
 /// [`Run::is_code`] on the fields it reads: `code` holds one `hw`-pixel
 /// 0/1 plane per class (empty: no code).
+/// Adds uniform noise in `[-radius, radius]` to every value, clipped to
+/// the box ([`ProtectParams::stable_radius`]); nothing at radius 0.
+fn jitter(px: &mut [f32], radius: f64, rng: &mut StdRng) {
+    if radius <= 0.0 {
+        return;
+    }
+    let r = radius as f32;
+    for p in px.iter_mut() {
+        *p = (*p + rng.random_range(-r..=r)).clamp(0.0, 1.0);
+    }
+}
+
 fn carries_code(code: &[u8], hw: usize, c: usize, q: usize) -> bool {
     code.get(c * hw + q) == Some(&1)
 }

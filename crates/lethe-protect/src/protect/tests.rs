@@ -337,6 +337,41 @@ fn bad_parameters_are_named() {
             },
             "synthetic_start",
         ),
+        (
+            ProtectParams {
+                stable_radius: 0.05,
+                ..ProtectParams::em(0.03)
+            },
+            "stable_radius",
+        ),
+        (
+            ProtectParams {
+                stable_radius: -0.01,
+                ..ProtectParams::em(0.03)
+            },
+            "stable_radius",
+        ),
+        (
+            ProtectParams {
+                stable_radius: f64::NAN,
+                ..ProtectParams::em(0.03)
+            },
+            "stable_radius",
+        ),
+        (
+            ProtectParams {
+                stable_radius: 0.01,
+                pgd_steps: 0,
+                train_steps_per_round: 0,
+                synthetic_start: Some(SyntheticStart {
+                    side: 1,
+                    layout: CodeLayout::Mask,
+                }),
+                method: Method::Em { classwise: true },
+                ..ProtectParams::em(0.03)
+            },
+            "model-free",
+        ),
     ];
     for (p, needle) in cases {
         let err = protect_dataset(&data, &p, &quiet())
@@ -626,6 +661,65 @@ fn an_ensemble_shapes_the_noise_within_the_budgets() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("ensemble"), "{err}");
+}
+
+#[test]
+fn stable_crafting_changes_the_noise_not_the_budgets() {
+    let data = tiny(4);
+    let eps = 8.0 / 255.0;
+    let plain = classwise_salm(0.5);
+    let mut stable = plain.clone();
+    stable.stable_radius = 4.0 / 255.0;
+    assert!(
+        stable.label().contains("stable=4.0/255"),
+        "{}",
+        stable.label()
+    );
+    let a = protect_dataset(&data, &plain, &quiet()).unwrap();
+    let b = protect_dataset(&data, &stable, &quiet()).unwrap();
+    let again = protect_dataset(&data, &stable, &quiet()).unwrap();
+    assert_ne!(a.protected.pixels(), b.protected.pixels());
+    assert_eq!(b.protected.pixels(), again.protected.pixels());
+    // The jitter is a crafting device: the release keeps SALM's budgets.
+    assert!(b.quality.linf_max <= eps + 0.5 / 255.0 + 1e-6);
+    assert!(b.quality.l0_mean <= 0.25 + 1e-6);
+    // Sample-wise EM takes it too.
+    let mut em = fast(ProtectParams::em(eps));
+    let plain_em = protect_dataset(&data, &em, &quiet()).unwrap();
+    em.stable_radius = 2.0 / 255.0;
+    let stable_em = protect_dataset(&data, &em, &quiet()).unwrap();
+    assert_ne!(plain_em.protected.pixels(), stable_em.protected.pixels());
+    assert!(stable_em.quality.linf_max <= eps + 0.5 / 255.0 + 1e-6);
+}
+
+#[test]
+fn jitter_stays_in_the_box_and_the_radius() {
+    let mut rng = StdRng::seed_from_u64(3);
+    let orig: Vec<f32> = (0..4000).map(|i| (i % 5) as f32 / 4.0).collect();
+    let mut px = orig.clone();
+    jitter(&mut px, 0.0, &mut rng);
+    assert_eq!(px, orig, "radius 0 is a no-op");
+    let r = 4.0 / 255.0;
+    jitter(&mut px, r, &mut rng);
+    let mut moved = 0;
+    for (a, b) in orig.iter().zip(&px) {
+        assert!((0.0..=1.0).contains(b));
+        assert!((a - b).abs() <= r as f32 + 1e-6);
+        moved += usize::from(a != b);
+    }
+    // Values at 0 and 1 move only inwards; the rest move almost surely.
+    assert!(moved > 2400, "{moved}");
+    let mean: f32 = orig.iter().zip(&px).map(|(a, b)| b - a).sum::<f32>() / 4000.0;
+    assert!(mean.abs() < r as f32, "{mean}");
+}
+
+#[test]
+fn stable_radius_defaults_to_off_in_json() {
+    let p = ProtectParams::salm(0.03, 0.1);
+    let json = serde_json::to_value(&p).unwrap();
+    assert!(json.get("stable_radius").is_none(), "{json}");
+    let back: ProtectParams = serde_json::from_value(json).unwrap();
+    assert_eq!(back.stable_radius, 0.0);
 }
 
 /// A state with one class-wise unit of `v` values after `round` rounds.
