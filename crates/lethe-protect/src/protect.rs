@@ -2039,8 +2039,6 @@ fn protected<'a>(x: &'a [f32], d: &'a [f32]) -> impl Iterator<Item = f32> + 'a {
     x.iter().zip(d).map(|(a, b)| (a + b).clamp(0.0, 1.0))
 }
 
-/// [`Run::is_code`] on the fields it reads: `code` holds one `hw`-pixel
-/// 0/1 plane per class (empty: no code).
 /// Adds uniform noise in `[-radius, radius]` to every value, clipped to
 /// the box ([`ProtectParams::stable_radius`]); nothing at radius 0.
 fn jitter(px: &mut [f32], radius: f64, rng: &mut StdRng) {
@@ -2053,6 +2051,8 @@ fn jitter(px: &mut [f32], radius: f64, rng: &mut StdRng) {
     }
 }
 
+/// [`Run::is_code`] on the fields it reads: `code` holds one `hw`-pixel
+/// 0/1 plane per class (empty: no code).
 fn carries_code(code: &[u8], hw: usize, c: usize, q: usize) -> bool {
     code.get(c * hw + q) == Some(&1)
 }
