@@ -110,19 +110,23 @@ impl Layout {
     }
 }
 
+/// What to do with a data set in a transfer syntax dicom-rs cannot read.
+const CONVERT_ADVICE: &str =
+    "convert the file to explicit VR little endian first (e.g. `gdcmconv --raw`)";
+
 fn open(path: &Path) -> Result<DefaultDicomObject> {
     dicom_object::open_file(path).map_err(|e| match e {
         // A data set dicom-rs cannot read at all (a private or unknown
         // syntax, or one it would need another build feature for): say
         // what to do, not which cargo feature to enable.
         ReadError::ReadUnrecognizedTransferSyntax { uid, .. } => Error::Unsupported(format!(
-            "{}: transfer syntax {uid} is not one lethe knows; convert the file to explicit VR              little endian first (e.g. `gdcmconv --raw`)",
+            "{}: transfer syntax {uid} is not one lethe knows; {CONVERT_ADVICE}",
             path.display()
         )),
         ReadError::ReadUnsupportedTransferSyntax { uid, name, .. }
         | ReadError::ReadUnsupportedTransferSyntaxWithSuggestion { uid, name, .. } => {
             Error::Unsupported(format!(
-                "{}: transfer syntax {uid} ({name}) cannot be read; convert the file to                  explicit VR little endian first (e.g. `gdcmconv --raw`)",
+                "{}: transfer syntax {uid} ({name}) cannot be read; {CONVERT_ADVICE}",
                 path.display()
             ))
         }

@@ -829,7 +829,7 @@ fn compressed_or_truncated_dicom_is_refused_clearly() {
         (scratch.path().join("jpeg.dcm"), "compressed"),
         (
             scratch.path().join("private.dcm"),
-            "1.2.3.4.5.6.7.8.9.10.1 is not one lethe knows; convert",
+            "1.2.3.4.5.6.7.8.9.10.1 is not one lethe knows; convert the file to explicit VR little endian first",
         ),
         (src.join("MR_truncated.dcm"), "MR_truncated.dcm"),
     ] {
