@@ -2,6 +2,7 @@
 
 use super::mask::{feasible_saliency, mask_size, top_k};
 use super::*;
+use crate::model::Arch;
 use crate::sources::{lesions, LesionSpec};
 
 /// A tiny lesion set (16x16, `per_class` per class).
