@@ -267,7 +267,8 @@ struct MethodArgs {
     /// Surrogate architecture.
     #[arg(long, value_enum, default_value_t = SurrogateArg::Cnn)]
     surrogate: SurrogateArg,
-    /// Seed of every random choice (runs are deterministic per seed).
+    /// Seed of every random choice (runs are deterministic per seed on one
+    /// machine; another CPU may round large matrix products differently).
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// `cpu`, `cuda` or `cuda:N`.
