@@ -973,7 +973,8 @@ impl<'a> Run<'a> {
     /// targets; class-wise with `pairs`, image `idx[b]` carries the noise
     /// of class `pairs[b]` (and aims at that class's target) instead of
     /// its own. With `jitter_seed`, the images get
-    /// [`ProtectParams::stable_radius`]'s uniform noise first.
+    /// [`ProtectParams::stable_radius`]'s uniform noise first (none at
+    /// radius 0, see [`jitter`]); mask ranking passes `None`.
     fn gradients(
         &self,
         frozen: &[FrozenNet<'_>],
@@ -1076,8 +1077,7 @@ impl<'a> Run<'a> {
             let end = (start + bs).min(n);
             for t in 0..self.params.pgd_steps {
                 let step_key = ((round as u64) << 32) ^ ((start as u64) << 10) ^ t as u64;
-                let jitter_seed =
-                    (self.params.stable_radius > 0.0).then(|| mix(self.params.seed, 9, step_key));
+                let jitter_seed = Some(mix(self.params.seed, 9, step_key));
                 if self.classwise {
                     let pairs = if self.params.cross_pairs > 0.0 {
                         let mut prng = StdRng::seed_from_u64(mix(self.params.seed, 7, step_key));
