@@ -267,8 +267,9 @@ struct MethodArgs {
     /// Surrogate architecture.
     #[arg(long, value_enum, default_value_t = SurrogateArg::Cnn)]
     surrogate: SurrogateArg,
-    /// Seed of every random choice (runs are deterministic per seed on one
-    /// machine; another CPU may round large matrix products differently).
+    /// Seed of every random choice (on the CPU, runs are deterministic per
+    /// seed on every x86-64 host with FMA; GPUs and other CPUs may round
+    /// differently).
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// `cpu`, `cuda` or `cuda:N`.

@@ -36,6 +36,12 @@
 //! gradients with respect to every input match the reference (to 1e-5, or
 //! 1e-4 for the convolution and batch norm).
 //!
+//! The vision models' CPU matrix products (inside [`conv2d`]'s kernels,
+//! and [`linear_product`] for their heads) are summed in depth blocks that
+//! do not depend on the host's caches (module `depth`): gemm's own blocks
+//! do, and a crafting run turned that into different protections on two
+//! CPUs. Training them gives the same bits on every x86-64 host with FMA.
+//!
 //! Input gradients through frozen weights skip the graph altogether:
 //! module `frozen` calls the backward kernels directly, for
 //! `vision::FrozenClassifier`.
@@ -390,6 +396,56 @@ pub fn conv2d(
         Some(b) => y.broadcast_add(&b.reshape((co, 1))?)?,
     };
     Ok(y.reshape((co, n, oh, ow))?.transpose(0, 1)?.contiguous()?)
+}
+
+/// `x (m, k)` times the transpose of `w (n, k)`: a linear layer's
+/// product, differentiable. On the CPU its sums do not depend on the
+/// host's cache sizes (module `depth`): a deep product is summed in fixed
+/// depth blocks, and more than 512 rows are cut into blocks of rows, so
+/// that the weight gradient's sum over rows is fixed too. Elsewhere,
+/// candle's `matmul`.
+pub fn linear_product(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (m, k) = x.dims2()?;
+    let (n, kw) = w.dims2()?;
+    if k != kw {
+        return Err(Error::InvalidArgument(format!(
+            "linear product of {:?} with weights {:?}",
+            x.dims(),
+            w.dims()
+        )));
+    }
+    if !x.device().is_cpu() {
+        return Ok(x.matmul(&w.t()?)?);
+    }
+    let x = x.contiguous()?;
+    let w = w.contiguous()?;
+    if m > depth::DEPTH_BLOCK {
+        let parts = depth::blocks(m)
+            .into_iter()
+            .map(|rows| linear_product(&x.narrow(0, rows.start, rows.len())?, &w))
+            .collect::<Result<Vec<_>>>()?;
+        return Ok(Tensor::cat(&parts, 0)?);
+    }
+    // candle's call: `x` row-major, `w^T` with unit stride along the depth.
+    let strides = depth::Strides {
+        lhs: (k as isize, 1),
+        rhs: (1, k as isize),
+        dst: (n as isize, 1),
+    };
+    let mut sum: Option<Tensor> = None;
+    for block in depth::depth_blocks(m, n, k, strides) {
+        let part = if block.len() == k {
+            x.matmul(&w.t()?)?
+        } else {
+            let (at, len) = (block.start, block.len());
+            x.narrow(1, at, len)?.matmul(&w.narrow(1, at, len)?.t()?)?
+        };
+        sum = Some(match sum {
+            None => part,
+            Some(s) => (s + part)?,
+        });
+    }
+    sum.ok_or_else(|| Error::InvalidArgument("linear product with no depth block".into()))
 }
 
 /// How [`conv2d`] runs on a GPU, chosen once by `LETHE_GPU_CONV`.
@@ -1412,32 +1468,45 @@ mod kernels {
             }
             return Ok(());
         }
-        // SAFETY: the checks above keep every index the product touches
-        // ((m-1, n-1) of `dst`, (m-1, k-1) of `lhs`, (k-1, n-1) of `rhs`,
-        // all strides non-negative) inside its slice; `dst` is borrowed
-        // mutably, so it aliases neither input.
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                dst.as_mut_ptr(),
-                1,
-                n as isize,
-                accumulate,
-                lhs.data.as_ptr(),
-                lhs.col_stride as isize,
-                lhs.row_stride as isize,
-                rhs.data.as_ptr(),
-                rhs.col_stride as isize,
-                rhs.row_stride as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
+        let strides = depth::Strides {
+            lhs: (lhs.row_stride as isize, lhs.col_stride as isize),
+            rhs: (rhs.row_stride as isize, rhs.col_stride as isize),
+            dst: (n as isize, 1),
+        };
+        // Depth blocks that gemm sums in one pass on any host, one after
+        // another into `dst`, as gemm sums its own blocks.
+        for (i, block) in depth::depth_blocks(m, n, k, strides)
+            .into_iter()
+            .enumerate()
+        {
+            // SAFETY: the checks above keep every index the product touches
+            // ((m-1, n-1) of `dst`, (m-1, k-1) of `lhs`, (k-1, n-1) of
+            // `rhs`, all strides non-negative) inside its slice, and a block
+            // is a sub-range of `0..k`, so its offset operands stay inside
+            // too; `dst` is borrowed mutably, so it aliases neither input.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    block.len(),
+                    dst.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    accumulate || i > 0,
+                    lhs.data.as_ptr().add(block.start * lhs.col_stride),
+                    lhs.col_stride as isize,
+                    lhs.row_stride as isize,
+                    rhs.data.as_ptr().add(block.start * rhs.row_stride),
+                    rhs.col_stride as isize,
+                    rhs.row_stride as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
         }
         Ok(())
     }
@@ -2459,6 +2528,7 @@ mod conv_grad;
 #[cfg(feature = "cuda")]
 mod cuda_kernels;
 mod cudnn_algo;
+mod depth;
 pub(crate) mod frozen;
 
 #[cfg(test)]

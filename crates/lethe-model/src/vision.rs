@@ -629,7 +629,7 @@ impl ImageClassifier for SmallCnn {
 }
 
 fn linear(x: &Tensor, (w, b): &(Param, Param)) -> Result<Tensor> {
-    Ok(x.matmul(&w.tensor().t()?)?.broadcast_add(&b.tensor())?)
+    Ok(nn::linear_product(x, &w.tensor())?.broadcast_add(&b.tensor())?)
 }
 
 #[derive(Debug)]

@@ -80,11 +80,13 @@
 //! so every mask, budget, ensemble, release and resume option applies
 //! unchanged.
 //!
-//! Runs are deterministic per seed on one machine (every random choice of
-//! round `r` comes from a generator seeded by `(seed, r)`; another CPU can
-//! round large matrix products differently, since gemm blocks them by the
-//! host's cache sizes, and a long crafting run amplifies that: see
-//! `evals/results/protect/README.md`), can checkpoint after every round
+//! Runs are deterministic per seed (every random choice of round `r`
+//! comes from a generator seeded by `(seed, r)`), on the CPU the same on
+//! every x86-64 host with FMA: the models' matrix products are summed in
+//! depth blocks that do not depend on the host's caches (`lethe-model`'s
+//! `nn/depth.rs`; before that, a long crafting run turned the rounding of
+//! two CPUs into different protections: `evals/results/protect/README.md`).
+//! Runs can checkpoint after every round
 //! and resume to the same result as an uninterrupted run
 //! ([`checkpoint`]), can pause after a number of rounds, be cancelled, and
 //! show a progress bar with an ETA.

@@ -572,6 +572,11 @@ fn fused_conv2d_matches_candle_conv2d() {
         (3, 4, 5, 1, 1, 0, 6, false),
         // More images than one partial sum of the kernel gradient holds.
         (19, 2, 3, 3, 1, 1, 5, false),
+        // Products summed in depth blocks (module `depth`): the forward
+        // (72 x 576 by 576 x 100) and the kernel gradient (4 x 576 by
+        // 576 x 72).
+        (2, 64, 72, 3, 1, 1, 10, false),
+        (2, 8, 4, 3, 1, 1, 24, true),
     ] {
         let mut inputs = vec![
             randn(&[n, cin, size, size], 30),
@@ -604,6 +609,77 @@ fn fused_conv2d_matches_candle_conv2d() {
     )
     .is_err());
 }
+
+#[test]
+fn linear_product_matches_matmul_and_its_gradients() {
+    // Rows cut into blocks (600 > 512), depth in three blocks (1100), and
+    // a product gemm sums in one pass.
+    for (m, k, n) in [(600, 1100, 5), (130, 700, 4), (7, 300, 3)] {
+        let inputs = [randn(&[m, k], 60), randn(&[n, k], 61)];
+        let (ours, g_ours) =
+            output_and_gradients(&inputs, |t| linear_product(&t[0], &t[1]).unwrap());
+        let (plain, g_plain) =
+            output_and_gradients(&inputs, |t| t[0].matmul(&t[1].t().unwrap()).unwrap());
+        assert_eq!(ours.dims(), &[m, n]);
+        let d = max_abs_diff(&ours, &plain);
+        assert!(d < 1e-4, "{m}x{k}x{n}: values differ by {d}");
+        for (i, (a, b)) in g_ours.iter().zip(&g_plain).enumerate() {
+            let d = max_abs_diff(a, b);
+            assert!(d < 1e-4, "{m}x{k}x{n}: gradient {i} differs by {d}");
+            assert!(is_nonzero(a), "{m}x{k}x{n}: gradient {i} is zero");
+        }
+    }
+    assert!(linear_product(&randn(&[2, 3], 1), &randn(&[4, 5], 2)).is_err());
+}
+
+/// FNV-1a over the bit patterns of `ts`' values.
+fn fingerprint(ts: &[Tensor]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for t in ts {
+        for b in bits(t) {
+            for byte in b.to_le_bytes() {
+                h = (h ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+    }
+    h
+}
+
+/// The cross-host guarantee of module `depth`: these products (a deep
+/// convolution forward, a convolution kernel gradient over 576 pixels, a
+/// linear head 2048 deep, and their input gradients) give the same bits on
+/// every x86-64 host with FMA, whatever its caches. The value was recorded
+/// on an AMD EPYC (32 KiB 8-way L1, gemm's depth block 512); before module
+/// `depth`, a host with a 48 KiB 12-way L1 (block 1024) gave other bits.
+/// A change here means a change in the CPU arithmetic of training, so in
+/// every recorded crafting and victim result: rerun them.
+#[test]
+fn deep_products_give_the_same_bits_on_every_x86_fma_host() {
+    #[cfg(target_arch = "x86_64")]
+    let fma = std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("avx2");
+    #[cfg(not(target_arch = "x86_64"))]
+    let fma = false;
+    if !fma {
+        eprintln!("not an x86-64 host with FMA and AVX2: other gemm kernels, other bits");
+        return;
+    }
+    let (y1, g1) = output_and_gradients(
+        &[randn(&[2, 64, 10, 10], 70), randn(&[72, 64, 3, 3], 71)],
+        |t| conv2d(&t[0], &t[1], None, 1, 1).unwrap(),
+    );
+    let (y2, g2) = output_and_gradients(
+        &[randn(&[2, 8, 24, 24], 72), randn(&[4, 8, 3, 3], 73)],
+        |t| conv2d(&t[0], &t[1], None, 1, 1).unwrap(),
+    );
+    let (y3, g3) = output_and_gradients(&[randn(&[128, 2048], 74), randn(&[4, 2048], 75)], |t| {
+        linear_product(&t[0], &t[1]).unwrap()
+    });
+    let all: Vec<Tensor> = [vec![y1, y2, y3], g1, g2, g3].concat();
+    assert_eq!(fingerprint(&all), GOLDEN, "{:#x}", fingerprint(&all));
+}
+
+/// [`deep_products_give_the_same_bits_on_every_x86_fma_host`]'s record.
+const GOLDEN: u64 = 0xb1e8_16cb_2fd1_611f;
 
 #[test]
 fn fused_conv2d_differentiates_only_what_is_tracked() {

@@ -285,7 +285,7 @@ impl Head {
         } else {
             features.flatten_from(1)?
         };
-        Ok(x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?)
+        Ok(nn::linear_product(&x, &self.weight)?.broadcast_add(&self.bias)?)
     }
 
     /// The mean cross-entropy (a scalar tensor) and its gradient with
