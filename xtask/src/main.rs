@@ -7,6 +7,8 @@
 //! * `cuda-build`: build the CUDA binary on a machine without a GPU, with
 //!   NVIDIA's toolkit from its Python wheels (cached under `.lethe/cuda`).
 //! * `gpu-bundle`: the CUDA builds a GPU session carries, in `gpu/`.
+//! * `other-cache`: run a command as gemm would run it on a CPU with
+//!   another L1 data cache (results must not change).
 //!
 //! All automation lives here, in Rust, rather than in shell scripts.
 
@@ -16,6 +18,7 @@ use std::process::Command;
 use anyhow::{bail, Context as _};
 
 mod bench_serve;
+mod other_cache;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -74,6 +77,23 @@ enum Task {
     /// crates/lethe-protect/gpu_session.py` runs the CUDA tests, an A/B of
     /// the GPU paths and the 50k-image EM round beside PyTorch.
     GpuBundle,
+    /// Run a command with gemm seeing another L1 data cache (a fake
+    /// sysfs in a private mount namespace; needs root or user
+    /// namespaces), e.g. `cargo xtask other-cache -- target/release/lethe
+    /// protect ...`: protection and victim training must give the same
+    /// bits as without it.
+    OtherCache {
+        /// L1 data cache size in KiB (48 with 12 ways: gemm's depth block
+        /// 1024, recent Intel Xeons; 32 with 8 ways: 512).
+        #[arg(long, default_value_t = 48)]
+        l1_kib: usize,
+        /// Its associativity.
+        #[arg(long, default_value_t = 12)]
+        ways: usize,
+        /// The command and its arguments.
+        #[arg(trailing_var_arg = true, required = true)]
+        command: Vec<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -145,6 +165,11 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Task::GpuBundle => gpu_bundle(&root),
+        Task::OtherCache {
+            l1_kib,
+            ways,
+            command,
+        } => other_cache::run(l1_kib, ways, &command),
     }
 }
 
