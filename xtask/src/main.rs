@@ -191,6 +191,14 @@ fn project_root() -> PathBuf {
 /// whenever `cargo xtask test` and a plain `cargo test` took turns.
 pub(crate) fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    without_cargo_run_env(&mut cmd);
+    cmd
+}
+
+/// Removes from `cmd`'s environment the variables `cargo run` set for this
+/// binary (see [`cargo`]), so that a cargo it starts, directly or not,
+/// builds what a plain `cargo` would.
+pub(crate) fn without_cargo_run_env(cmd: &mut Command) {
     for (key, _) in std::env::vars_os() {
         let Some(key) = key.to_str() else { continue };
         if key.starts_with("CARGO_PKG_")
@@ -207,7 +215,6 @@ pub(crate) fn cargo() -> Command {
             cmd.env_remove(key);
         }
     }
-    cmd
 }
 
 /// Every model and dataset asset into the cache, as `lethe fetch` does

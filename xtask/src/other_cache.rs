@@ -33,7 +33,10 @@ pub(crate) fn run(kib: usize, ways: usize, command: &[String]) -> anyhow::Result
         bail!("other-cache: no L1 data cache under {CPU_SYSFS}/cpu*/cache");
     }
     eprintln!("other-cache: L1d {kib} KiB {ways}-way on {rewritten} CPUs");
-    let status = Command::new("unshare")
+    let mut unshare = Command::new("unshare");
+    // The command may be a cargo build: let it reuse this tree's builds.
+    crate::without_cargo_run_env(&mut unshare);
+    let status = unshare
         .args(["-m", "sh", "-c"])
         .arg(format!("mount --bind \"$0\" {CPU_SYSFS} && exec \"$@\""))
         .arg(&fake)
