@@ -421,7 +421,6 @@ pub fn linear_product(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let w = w.contiguous()?;
     if m > depth::DEPTH_BLOCK {
         let parts = depth::blocks(m)
-            .into_iter()
             .map(|rows| linear_product(&x.narrow(0, rows.start, rows.len())?, &w))
             .collect::<Result<Vec<_>>>()?;
         return Ok(Tensor::cat(&parts, 0)?);
@@ -432,20 +431,13 @@ pub fn linear_product(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         rhs: (1, k as isize),
         dst: (n as isize, 1),
     };
-    let mut sum: Option<Tensor> = None;
-    for block in depth::depth_blocks(m, n, k, strides) {
-        let part = if block.len() == k {
-            x.matmul(&w.t()?)?
-        } else {
-            let (at, len) = (block.start, block.len());
-            x.narrow(1, at, len)?.matmul(&w.narrow(1, at, len)?.t()?)?
-        };
-        sum = Some(match sum {
-            None => part,
-            Some(s) => (s + part)?,
-        });
-    }
-    sum.ok_or_else(|| Error::InvalidArgument("linear product with no depth block".into()))
+    let mut blocks = depth::depth_blocks(m, n, k, strides).map(|b| {
+        x.narrow(1, b.start, b.len())?
+            .matmul(&w.narrow(1, b.start, b.len())?.t()?)
+    });
+    // One block at least; the rest added one after another, as gemm does.
+    let first = blocks.next().unwrap_or_else(|| x.matmul(&w.t()?))?;
+    Ok(blocks.try_fold(first, |sum, part| sum + part?)?)
 }
 
 /// How [`conv2d`] runs on a GPU, chosen once by `LETHE_GPU_CONV`.
@@ -1475,10 +1467,7 @@ mod kernels {
         };
         // Depth blocks that gemm sums in one pass on any host, one after
         // another into `dst`, as gemm sums its own blocks.
-        for (i, block) in depth::depth_blocks(m, n, k, strides)
-            .into_iter()
-            .enumerate()
-        {
+        for (i, block) in depth::depth_blocks(m, n, k, strides).enumerate() {
             // SAFETY: the checks above keep every index the product touches
             // ((m-1, n-1) of `dst`, (m-1, k-1) of `lhs`, (k-1, n-1) of
             // `rhs`, all strides non-negative) inside its slice, and a block

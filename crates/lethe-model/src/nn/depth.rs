@@ -65,30 +65,35 @@ pub(crate) fn host_blocked(m: usize, n: usize, k: usize, s: Strides) -> bool {
     !(horizontal || gemv || small)
 }
 
+/// `count` ranges of `size` covering `0..len`, the last one shorter; one
+/// empty range for `len == 0`.
+fn ranges(len: usize, size: usize) -> impl Iterator<Item = Range<usize>> {
+    let size = size.max(1);
+    (0..len.div_ceil(size).max(1)).map(move |i| i * size..((i + 1) * size).min(len))
+}
+
 /// `ceil(len / DEPTH_BLOCK)` equal ranges covering `0..len`, the last one
 /// shorter: gemm's own split of a depth `len` where its block is 512. One
 /// range `0..len` when `len <= DEPTH_BLOCK` (also for `len == 0`).
-pub(crate) fn blocks(len: usize) -> Vec<Range<usize>> {
-    let size = len.div_ceil(len.div_ceil(DEPTH_BLOCK).max(1)).max(1);
-    let mut out: Vec<_> = (0..len)
-        .step_by(size)
-        .map(|start| start..(start + size).min(len))
-        .collect();
-    if out.is_empty() {
-        out.push(Range { start: 0, end: 0 });
-    }
-    out
+pub(crate) fn blocks(len: usize) -> impl Iterator<Item = Range<usize>> {
+    ranges(len, len.div_ceil(len.div_ceil(DEPTH_BLOCK).max(1)))
 }
 
 /// The depth ranges to hand gemm one call at a time for an `m x k` by
 /// `k x n` product with strides `s`: [`blocks`] where gemm would block by
 /// the host's cache ([`host_blocked`]), else the whole depth.
-pub(crate) fn depth_blocks(m: usize, n: usize, k: usize, s: Strides) -> Vec<Range<usize>> {
-    if host_blocked(m, n, k, s) {
-        blocks(k)
+pub(crate) fn depth_blocks(
+    m: usize,
+    n: usize,
+    k: usize,
+    s: Strides,
+) -> impl Iterator<Item = Range<usize>> {
+    let size = if host_blocked(m, n, k, s) {
+        k.div_ceil(k.div_ceil(DEPTH_BLOCK))
     } else {
-        std::iter::once(0..k).collect()
-    }
+        k
+    };
+    ranges(k, size)
 }
 
 #[cfg(test)]
@@ -107,7 +112,7 @@ mod tests {
     #[test]
     fn blocks_cover_the_depth_in_equal_parts_of_at_most_512() {
         for len in [1, 2, 511, 512, 513, 576, 1024, 1025, 2048, 4099] {
-            let b = blocks(len);
+            let b: Vec<_> = blocks(len).collect();
             assert_eq!(b.first().unwrap().start, 0, "{len}");
             assert_eq!(b.last().unwrap().end, len, "{len}");
             assert!(b.windows(2).all(|w| w[0].end == w[1].start), "{len}");
@@ -116,11 +121,11 @@ mod tests {
             // Equal parts, the last one possibly shorter (gemm's split).
             assert!(b.iter().all(|r| r.len() <= b[0].len()), "{len}");
         }
-        let b = blocks(576);
+        let b: Vec<_> = blocks(576).collect();
         assert_eq!(b, vec![0..288, 288..576]);
-        let b = blocks(1025);
+        let b: Vec<_> = blocks(1025).collect();
         assert_eq!(b, vec![0..342, 342..684, 684..1025]);
-        assert_eq!(blocks(0), vec![0..0]);
+        assert_eq!(blocks(0).collect::<Vec<_>>(), vec![0..0]);
     }
 
     #[test]
@@ -128,12 +133,15 @@ mod tests {
         // The CNN head on a training batch: 128 x 2048 by 2048 x 4.
         let s = candle_linear(4, 2048);
         assert!(host_blocked(128, 4, 2048, s));
-        assert_eq!(depth_blocks(128, 4, 2048, s).len(), 4);
+        assert_eq!(depth_blocks(128, 4, 2048, s).count(), 4);
         // A shallow product, a small one and a matrix-vector one are not.
         assert!(!host_blocked(128, 4, 512, s));
         assert!(!host_blocked(64, 4, 2048, s));
         assert!(!host_blocked(1, 300, 2048, s));
-        assert_eq!(depth_blocks(64, 4, 2048, s), vec![0..2048]);
+        assert_eq!(
+            depth_blocks(64, 4, 2048, s).collect::<Vec<_>>(),
+            vec![0..2048]
+        );
         // A convolution's kernel gradient: 8 x 1024 by 1024 x 72.
         let conv = Strides {
             lhs: (1024, 1),
