@@ -27,11 +27,19 @@ pub(crate) fn run(kib: usize, ways: usize, command: &[String]) -> anyhow::Result
         bail!("other-cache: the L1 needs a size and a number of ways");
     }
     let fake = std::env::temp_dir().join(format!("lethe-cpu-sysfs-{}", std::process::id()));
-    copy_tree(Path::new(CPU_SYSFS), &fake, 0)?;
-    let rewritten = rewrite_l1(&fake, kib, ways)?;
-    if rewritten == 0 {
-        bail!("other-cache: no L1 data cache under {CPU_SYSFS}/cpu*/cache");
-    }
+    let rewritten = copy_tree(Path::new(CPU_SYSFS), &fake, 0)
+        .and_then(|()| rewrite_l1(&fake, kib, ways))
+        .and_then(|count| match count {
+            0 => bail!("other-cache: no L1 data cache under {CPU_SYSFS}/cpu*/cache"),
+            n => Ok(n),
+        });
+    let rewritten = match rewritten {
+        Ok(n) => n,
+        Err(e) => {
+            fs::remove_dir_all(&fake).ok();
+            return Err(e);
+        }
+    };
     eprintln!("other-cache: L1d {kib} KiB {ways}-way on {rewritten} CPUs");
     let mut unshare = Command::new("unshare");
     // The command may be a cargo build: let it reuse this tree's builds.
@@ -41,9 +49,9 @@ pub(crate) fn run(kib: usize, ways: usize, command: &[String]) -> anyhow::Result
         .arg(format!("mount --bind \"$0\" {CPU_SYSFS} && exec \"$@\""))
         .arg(&fake)
         .args(command)
-        .status()
-        .context("running unshare (util-linux)")?;
+        .status();
     fs::remove_dir_all(&fake).ok();
+    let status = status.context("running unshare (util-linux)")?;
     if !status.success() {
         bail!("other-cache: {command:?} failed with {status}");
     }

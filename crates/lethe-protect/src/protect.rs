@@ -86,10 +86,9 @@
 //! depth blocks that do not depend on the host's caches (`lethe-model`'s
 //! `nn/depth.rs`; before that, a long crafting run turned the rounding of
 //! two CPUs into different protections: `evals/results/protect/README.md`).
-//! Runs can checkpoint after every round
-//! and resume to the same result as an uninterrupted run
-//! ([`checkpoint`]), can pause after a number of rounds, be cancelled, and
-//! show a progress bar with an ETA.
+//! Runs can checkpoint after every round and resume to the same result as
+//! an uninterrupted run ([`checkpoint`]), can pause after a number of
+//! rounds, be cancelled, and show a progress bar with an ETA.
 
 pub mod checkpoint;
 pub mod mask;
