@@ -680,6 +680,9 @@ fn protect(data: &DataArgs, method: &MethodArgs, f: ProtectFlags) -> anyhow::Res
     if let Some(note) = lethe_protect::release::unchanged_note(q) {
         println!("warning: {note}");
     }
+    if let Some(note) = lethe_protect::release::weak_release_note(&report, &cfg.params.stop) {
+        println!("warning: {note}");
+    }
     if let Some(out) = &report.output {
         println!(
             "wrote {} file{} and {} to {}",

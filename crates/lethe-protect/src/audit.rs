@@ -860,6 +860,26 @@ fn notes(
             })
         })
         .collect();
+    for m in methods {
+        let released = m.round_log.iter().find(|l| l.round == m.released_round);
+        let missed = match released {
+            Some(log) if m.stop_reason != Some(StopReason::ModelFree) => {
+                protect::missed_targets(&m.params.stop, log)
+            }
+            _ => continue,
+        };
+        if !missed.is_empty() {
+            notes.push(format!(
+                "`{}` releases round {} of {} ({}), which missed its stop rule's targets: {}. \
+                 Its surrogates did not fit the released noise.",
+                m.name,
+                m.released_round,
+                m.rounds,
+                StopReason::describe(m.stop_reason),
+                missed.join(", ")
+            ));
+        }
+    }
     if s.clean_acc < 0.9 {
         notes.push(format!(
             "Clean victims reach only {:.1}% (< 90%): the victim recipe or the data is too hard; \

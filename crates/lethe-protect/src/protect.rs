@@ -508,6 +508,35 @@ fn round_condition(rule: &StopRule, log: &RoundLog) -> Option<StopReason> {
     None
 }
 
+/// The stop rule's targets that the round of `log` missed, in words; empty
+/// when it met every target the rule sets. The fit targets
+/// (`train_accuracy`, `loss_below`) count as one, either being enough, as
+/// for stopping; the shortcut target is a second one.
+pub fn missed_targets(rule: &StopRule, log: &RoundLog) -> Vec<String> {
+    let mut missed = Vec::new();
+    if let Some(target) = rule.shortcut_accuracy {
+        match log.shortcut_accuracy {
+            Some(a) if a >= target => {}
+            Some(a) => missed.push(format!("shortcut accuracy {a:.2} < {target:.2}")),
+            None => missed.push(format!(
+                "shortcut accuracy not measured (target {target:.2})"
+            )),
+        }
+    }
+    let accuracy = rule.train_accuracy.map(|t| (log.accuracy >= t, t));
+    let loss = rule.loss_below.map(|l| (log.loss < l, l));
+    let fit = accuracy.is_some_and(|(ok, _)| ok) || loss.is_some_and(|(ok, _)| ok);
+    if !fit {
+        if let Some((_, t)) = accuracy {
+            missed.push(format!("surrogate accuracy {:.3} < {t}", log.accuracy));
+        }
+        if let Some((_, l)) = loss {
+            missed.push(format!("surrogate loss {:.3e} >= {l:e}", log.loss));
+        }
+    }
+    missed
+}
+
 /// The stop decision after the last round of `log`: never before
 /// `min_rounds`; then when the accuracy or loss condition has held for the
 /// last `patience` rounds; always at `max_rounds`.

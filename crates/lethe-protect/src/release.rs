@@ -13,7 +13,7 @@ use crate::class_noise::ClassNoise;
 use crate::dataset::{Dataset, Format};
 use crate::formats::{self, DataSource, WrittenFile};
 use crate::metrics::{ImageQuality, QualitySummary};
-use crate::protect::{self, Estimate, ProtectParams, RoundLog, RunControl, StopReason};
+use crate::protect::{self, Estimate, ProtectParams, RoundLog, RunControl, StopReason, StopRule};
 use crate::{Error, Result};
 
 /// File name of the manifest in an output folder.
@@ -93,6 +93,9 @@ pub struct ProtectReport {
     pub rounds: usize,
     /// The round whose noise was released (see `ProtectParams::release`).
     pub released_round: usize,
+    /// That round's log (`None` when no round was run: model-free methods,
+    /// reused noise).
+    pub released: Option<RoundLog>,
     /// Wall time of the optimisation (seconds, across resumes).
     pub seconds: f64,
     /// Noise steps taken (images x steps).
@@ -169,6 +172,31 @@ pub fn unchanged_note(q: &QualitySummary) -> Option<String> {
             "{} of {} images are released unchanged: no noise step moved them, so they are \
              not protected (the manifest's per-image quality names them)",
             q.unchanged, q.images
+        )
+    })
+}
+
+/// Says when the released noise comes from a round that missed the stop
+/// rule's targets (a run stopped by `max_rounds`, or a `best_round` or
+/// `proxy_victim` release that picked such a round): the surrogates that
+/// crafted it did not fit it. Model-free methods and reused noise have no
+/// round and no note.
+pub fn weak_release_note(report: &ProtectReport, rule: &StopRule) -> Option<String> {
+    let log = report.released.as_ref()?;
+    if report.stop_reason == Some(StopReason::ModelFree) {
+        return None;
+    }
+    let missed = protect::missed_targets(rule, log);
+    (!missed.is_empty()).then(|| {
+        format!(
+            "the released noise is round {} of {} ({}), which missed the stop rule's targets: \
+             {}. The surrogates that crafted it did not fit it; whether it still protects is \
+             what `lethe protect audit` measures. More rounds (max_rounds) or another release \
+             rule release another round",
+            log.round,
+            report.rounds,
+            StopReason::describe(report.stop_reason),
+            missed.join(", ")
         )
     })
 }
@@ -455,6 +483,11 @@ fn run(
         stop_reason: result.stop_reason,
         rounds: result.rounds.len(),
         released_round: result.released_round,
+        released: result
+            .rounds
+            .iter()
+            .find(|l| l.round == result.released_round)
+            .cloned(),
         seconds: result.seconds,
         image_steps: result.image_steps,
         image_steps_per_second: result.image_steps as f64 / result.seconds.max(1e-9),
@@ -501,6 +534,7 @@ fn protect_with_noise(
         stop_reason: None,
         rounds: 0,
         released_round: 0,
+        released: None,
         seconds,
         image_steps: 0,
         image_steps_per_second: 0.0,
@@ -606,6 +640,9 @@ fn manifest(
         );
     }
     if let Some(note) = unchanged_note(&report.quality) {
+        warnings.push(note);
+    }
+    if let Some(note) = weak_release_note(report, &content.params.stop) {
         warnings.push(note);
     }
     if matches!(data.format(), Format::Npy(_)) && !per_file {

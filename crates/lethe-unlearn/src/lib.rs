@@ -63,8 +63,13 @@
 //! * NPO's reference log-likelihoods are computed once before training
 //!   (the reference is frozen), so no second model is kept; KL keeps a
 //!   frozen copy because it needs full distributions on retain batches.
-//! * Everything is deterministic per seed on the CPU, except LoRA dropout
-//!   (candle's CPU generator cannot be seeded), which defaults to 0.
+//! * Everything is deterministic per seed on one CPU host, except LoRA
+//!   dropout (candle's CPU generator cannot be seeded), which defaults to
+//!   0. Across hosts, products deeper than 512 (SmolLM2's MLP, weight
+//!   gradients over many tokens) may round differently: these paths use
+//!   candle's `matmul`, whose depth blocks follow the host's L1 cache
+//!   (`lethe-model`'s `nn::depth` module explains it; only the vision
+//!   models' products are made host-independent there).
 
 pub mod classifier;
 pub mod corpus;

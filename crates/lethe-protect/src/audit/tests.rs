@@ -776,3 +776,59 @@ fn the_report_never_lands_in_the_data_or_a_release() {
     assert!(with(file).unwrap_err().to_string().contains("not a folder"));
     assert!(with(dir.path().join("new")).is_ok());
 }
+
+#[test]
+fn reports_say_when_a_released_round_missed_its_stop_targets() {
+    let victim = VictimConfig {
+        epochs: 30,
+        batch: 64,
+        sgd: SgdParams::unlearnable_examples(),
+    };
+    let mut params = ProtectParams::salm(8.0 / 255.0, 0.25);
+    params.stop = StopRule {
+        shortcut_accuracy: Some(0.9),
+        ..StopRule::new(1, 2, Some(0.99), None)
+    };
+    let log = |round, accuracy, shortcut| RoundLog {
+        round,
+        train_loss: 0.1,
+        accuracy,
+        loss: 0.1,
+        saturated: 1.0,
+        shortcut_accuracy: Some(shortcut),
+        proxy_accuracy: None,
+        seconds: 1.0,
+    };
+    let shape = ImageShape {
+        channels: 1,
+        height: 2,
+        width: 2,
+    };
+    let (_, quality) = crate::metrics::dataset_quality(&[0.5; 4], &[0.5; 4], shape);
+    let method = |released_round| MethodResult {
+        name: "salm".into(),
+        label: params.label(),
+        params: params.clone(),
+        rounds: 2,
+        stop_reason: Some(StopReason::MaxRounds),
+        released_round,
+        seconds: 2.0,
+        image_steps: 8,
+        image_steps_per_second: 4.0,
+        quality: quality.clone(),
+        round_log: vec![log(1, 1.0, 0.97), log(2, 0.48, 0.44)],
+        release: None,
+    };
+    let i = info(vec![75; 4]);
+    let s = summary_of(0.94, 0.5, i.chance);
+    let text = notes(&s, &[method(2)], &[], &i, "SALM", &victim).join("\n");
+    assert!(
+        text.contains("`salm` releases round 2 of 2 (max rounds), which missed")
+            && text.contains("shortcut accuracy 0.44 < 0.90")
+            && text.contains("surrogate accuracy 0.480 < 0.99"),
+        "{text}"
+    );
+    // The round that met both targets, released: no such note.
+    let text = notes(&s, &[method(1)], &[], &i, "SALM", &victim).join("\n");
+    assert!(!text.contains("missed"), "{text}");
+}

@@ -472,6 +472,31 @@ fn stop_rule_shortcut_condition_blocks_accuracy_and_loss() {
 }
 
 #[test]
+fn missed_targets_name_what_a_round_did_not_reach() {
+    let rule = StopRule {
+        shortcut_accuracy: Some(0.9),
+        ..StopRule::new(1, 10, Some(0.99), Some(1e-3))
+    };
+    let missed = |r: (f64, f64, Option<f64>)| missed_targets(&rule, &log_of(&[r])[0]);
+    // A round that would stop the run misses nothing; accuracy or loss
+    // alone is a fit, as for stopping.
+    assert!(missed((1.0, 0.5, Some(0.95))).is_empty());
+    assert!(missed((0.5, 1e-4, Some(0.95))).is_empty());
+    // The headline's collapsed final round: both targets missed.
+    let m = missed((0.48, 2.03, Some(0.44)));
+    assert_eq!(m.len(), 3, "{m:?}");
+    assert!(m[0].contains("shortcut accuracy 0.44 < 0.90"), "{m:?}");
+    assert!(m[1].contains("surrogate accuracy 0.480 < 0.99"), "{m:?}");
+    assert!(m[2].contains("surrogate loss"), "{m:?}");
+    // A fit without the shortcut, and a shortcut never measured.
+    assert_eq!(missed((1.0, 1e-5, Some(0.3))).len(), 1);
+    assert!(missed((1.0, 1e-5, None))[0].contains("not measured"));
+    // A rule without targets (stops at max_rounds only) misses nothing.
+    let none = StopRule::new(1, 3, None, None);
+    assert!(missed_targets(&none, &log_of(&[(0.1, 3.0, Some(0.1))])[0]).is_empty());
+}
+
+#[test]
 fn stop_rule_fields_default_in_json() {
     let rule: StopRule = serde_json::from_str(
         r#"{"min_rounds": 2, "max_rounds": 4, "train_accuracy": 0.99, "loss_below": null}"#,

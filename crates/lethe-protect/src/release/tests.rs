@@ -998,3 +998,42 @@ fn images_no_step_moved_are_named_in_the_warnings() {
         "{warnings}"
     );
 }
+
+#[test]
+fn a_release_of_a_round_that_missed_the_stop_targets_says_so() {
+    let src = png_source();
+    let out = tempfile::tempdir().unwrap();
+    // No targets: the run stops at max_rounds and nothing was missed.
+    let report = protect(&folder_config(src.path(), out.path().join("a"), params())).unwrap();
+    let released = report.released.as_ref().unwrap();
+    assert_eq!(released.round, report.released_round);
+    assert_eq!(weak_release_note(&report, &params().stop), None);
+    let text = std::fs::read_to_string(out.path().join("a").join(MANIFEST_FILE)).unwrap();
+    assert!(!text.contains("missed the stop rule"), "{text}");
+
+    // A loss target two rounds cannot reach: max_rounds releases a round
+    // that missed it, and the manifest and the report's note say so.
+    let mut p = params();
+    p.stop.loss_below = Some(1e-30);
+    let report = protect(&folder_config(src.path(), out.path().join("b"), p.clone())).unwrap();
+    assert_eq!(report.stop_reason, Some(StopReason::MaxRounds));
+    let note = weak_release_note(&report, &p.stop).unwrap();
+    assert!(note.contains("round 2 of 2 (max rounds)"), "{note}");
+    assert!(note.contains("surrogate loss"), "{note}");
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("b").join(MANIFEST_FILE)).unwrap())
+            .unwrap();
+    assert!(m["warnings"]
+        .to_string()
+        .contains("missed the stop rule's targets"));
+
+    // Model-free codes have no round to judge.
+    let code = ProtectParams::lattice_code(8.0 / 255.0, 0.25);
+    let report = protect(&folder_config(
+        src.path(),
+        out.path().join("c"),
+        code.clone(),
+    ))
+    .unwrap();
+    assert_eq!(weak_release_note(&report, &code.stop), None);
+}
