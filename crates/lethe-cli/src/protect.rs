@@ -111,27 +111,27 @@ macro_rules! crafting_flags_and {
     ($($extra:literal),*) => {
         [
             "method", "eps", "rho", "classwise", "targeted", "mask", "refresh", "steps",
-            "min_rounds", "max_rounds", "target_acc", "loss_below", "surrogate", "seed",
-            $($extra),*
+            "freeze_mask_after", "min_rounds", "max_rounds", "target_acc", "loss_below",
+            "surrogate", "seed", $($extra),*
         ]
     };
 }
 
 /// Meaningless beside `audit --release`: nothing is crafted (`--device`
 /// stays: the victims use it).
-const CRAFTING_FLAGS: [&str; 15] = crafting_flags_and!("params");
+const CRAFTING_FLAGS: [&str; 16] = crafting_flags_and!("params");
 
 /// What `--params` fixes itself: every other `MethodArgs` flag.
-const PARAMS_SETS: [&str; 15] = crafting_flags_and!("device");
+const PARAMS_SETS: [&str; 16] = crafting_flags_and!("device");
 
 /// What `--reuse-noise` excludes: every method flag (the noise file holds
 /// them) and crafting itself (resume, dry run, a new noise file).
-const REUSE_CONFLICTS: [&str; 19] =
+const REUSE_CONFLICTS: [&str; 20] =
     crafting_flags_and!("device", "params", "resume", "dry_run", "noise_file");
 
 /// What `audit --spec` fixes itself: the method flags and the victim and
 /// split flags.
-const SPEC_SETS: [&str; 20] = crafting_flags_and!(
+const SPEC_SETS: [&str; 21] = crafting_flags_and!(
     "device",
     "params",
     "epochs",
@@ -248,6 +248,11 @@ struct MethodArgs {
     /// SALM: when masks are recomputed.
     #[arg(long, value_enum, default_value_t = RefreshArg::PerRound)]
     refresh: RefreshArg,
+    /// SALM with a refreshed gradient mask: keep the masks from this round
+    /// on (each refresh drops the noise of the pixels that leave a mask,
+    /// which can undo a shortcut the surrogates had learnt).
+    #[arg(long)]
+    freeze_mask_after: Option<usize>,
     /// Noise (PGD) steps per batch per round.
     #[arg(long)]
     steps: Option<usize>,
@@ -463,6 +468,9 @@ impl MethodArgs {
         }
         if let Some(s) = self.steps {
             p.pgd_steps = s;
+        }
+        if let Some(r) = self.freeze_mask_after {
+            p.freeze_mask_after = r;
         }
         if let (Some(min), Some(max)) = (self.min_rounds, self.max_rounds) {
             anyhow::ensure!(
@@ -1021,6 +1029,7 @@ impl MethodArgs {
             targeted: self.targeted,
             mask: self.mask,
             refresh: self.refresh,
+            freeze_mask_after: self.freeze_mask_after,
             steps: self.steps,
             min_rounds: self.min_rounds,
             max_rounds: self.max_rounds,
@@ -1230,7 +1239,7 @@ mod tests {
                 "{id}"
             );
         }
-        assert_eq!(ids.len(), 16);
+        assert_eq!(ids.len(), 17);
     }
 
     #[test]

@@ -198,6 +198,12 @@ pub struct RoundLog {
     /// this round's protected images (see [`proxy`]); `None` otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy_accuracy: Option<f64>,
+    /// SALM with a gradient mask: the fraction of the masked pixels that
+    /// entered the masks at this round's refreshes (the noise of the ones
+    /// they replaced was dropped); `None` where no mask chosen before was
+    /// refreshed (the first round, fixed or frozen masks, other methods).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask_changed: Option<f64>,
     /// Wall time of the round in seconds (the proxy victim included).
     pub seconds: f64,
 }
@@ -392,7 +398,7 @@ pub fn protect_dataset(
         }
         let run = Run::new(data, params, &nets, &code);
         let train_loss = run.theta_step(&mut state, &mut opts, r)?;
-        run.delta_step(&mut state, r, control, &bar)?;
+        let churn = run.delta_step(&mut state, r, control, &bar)?;
         let perturbed = run.perturbed_all(&state);
         let eval = run.evaluate(&perturbed, &run.targets)?;
         let saturated = state
@@ -414,6 +420,7 @@ pub fn protect_dataset(
             saturated,
             shortcut_accuracy,
             proxy_accuracy: None,
+            mask_changed: churn.fraction(),
             seconds: 0.0,
         });
         state.stop = stop_reason(&params.stop, &state.log);
@@ -439,6 +446,7 @@ pub fn protect_dataset(
             saturated,
             shortcut_accuracy,
             proxy_accuracy,
+            mask_changed = churn.fraction(),
             seconds,
             "protection round"
         );
@@ -1087,13 +1095,14 @@ impl<'a> Run<'a> {
         round: usize,
         control: &RunControl,
         bar: &ProgressBar,
-    ) -> Result<()> {
+    ) -> Result<Churn> {
         let n = self.data.len();
         let bs = self.params.pgd_batch;
+        let mut churn = Churn::default();
         // The surrogates do not change during the pass: one snapshot each.
         let frozen = self.freeze_nets()?;
         if self.classwise {
-            self.refresh_class_masks(&frozen, state)?;
+            self.refresh_class_masks(&frozen, state, round, &mut churn)?;
         }
         let mut start = 0;
         while start < n {
@@ -1129,7 +1138,8 @@ impl<'a> Run<'a> {
                             start..end,
                             &g,
                             (rho, strategy, refresh),
-                            t,
+                            (round, t),
+                            &mut churn,
                         );
                     }
                     self.sample_update(state, start..end, &g);
@@ -1140,7 +1150,14 @@ impl<'a> Run<'a> {
             start = end;
         }
         tracing::debug!(round, "delta step done");
-        Ok(())
+        Ok(churn)
+    }
+
+    /// Whether `round` is past [`ProtectParams::freeze_mask_after`]: masks
+    /// already chosen are kept.
+    fn masks_frozen(&self, round: usize) -> bool {
+        let after = self.params.freeze_mask_after;
+        after > 0 && round > after
     }
 
     fn refresh_image_masks(
@@ -1149,7 +1166,8 @@ impl<'a> Run<'a> {
         idx: std::ops::Range<usize>,
         g: &[f32],
         (rho, strategy, refresh): (f64, MaskStrategy, MaskRefresh),
-        t: usize,
+        (round, t): (usize, usize),
+        churn: &mut Churn,
     ) {
         if !strategy.needs_gradient() {
             return;
@@ -1157,12 +1175,15 @@ impl<'a> Run<'a> {
         let s = self.shape();
         let (v, hw) = (s.values(), s.pixels());
         let k = mask::mask_size(rho, hw);
+        let frozen = self.masks_frozen(round);
         for (b, i) in idx.enumerate() {
-            let due = match refresh {
-                MaskRefresh::PerStep => true,
-                MaskRefresh::PerRound => t == 0,
-                MaskRefresh::Fixed => !state.mask_ready[i],
-            };
+            let due = !state.mask_ready[i]
+                || (!frozen
+                    && match refresh {
+                        MaskRefresh::PerStep => true,
+                        MaskRefresh::PerRound => t == 0,
+                        MaskRefresh::Fixed => false,
+                    });
             if !due {
                 continue;
             }
@@ -1180,6 +1201,9 @@ impl<'a> Run<'a> {
                         state.delta[i * v + c * hw + q] = 0.0;
                     }
                 }
+            }
+            if state.mask_ready[i] {
+                churn.count(&state.mask[i * hw..(i + 1) * hw], &m);
             }
             state.mask[i * hw..(i + 1) * hw].copy_from_slice(&m);
             state.mask_ready[i] = true;
@@ -1287,13 +1311,18 @@ impl<'a> Run<'a> {
     /// Class-wise SALM with a gradient strategy: class score = sum of its
     /// images' scores, from one gradient pass (per round, or once when
     /// fixed).
-    fn refresh_class_masks(&self, frozen: &[FrozenNet<'_>], state: &mut State) -> Result<()> {
+    fn refresh_class_masks(
+        &self,
+        frozen: &[FrozenNet<'_>],
+        state: &mut State,
+        round: usize,
+        churn: &mut Churn,
+    ) -> Result<()> {
         let Some((rho, strategy, refresh)) = self.salm() else {
             return Ok(());
         };
-        if !strategy.needs_gradient()
-            || (refresh == MaskRefresh::Fixed && state.mask_ready.iter().all(|&r| r))
-        {
+        let keep = refresh == MaskRefresh::Fixed || self.masks_frozen(round);
+        if !strategy.needs_gradient() || (keep && state.mask_ready.iter().all(|&r| r)) {
             return Ok(());
         }
         let s = self.shape();
@@ -1339,10 +1368,39 @@ impl<'a> Run<'a> {
                     }
                 }
             }
+            if state.mask_ready[c] {
+                churn.count(&state.mask[c * hw..(c + 1) * hw], &m);
+            }
             state.mask[c * hw..(c + 1) * hw].copy_from_slice(&m);
             state.mask_ready[c] = true;
         }
         Ok(())
+    }
+}
+
+/// How much one round's mask refreshes changed the masks
+/// ([`RoundLog::mask_changed`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Churn {
+    /// Pixels in a refreshed mask that were not in it before.
+    entered: u64,
+    /// Pixels in the refreshed masks.
+    masked: u64,
+}
+
+impl Churn {
+    /// Counts one refresh of a mask chosen before, `old` to `new`.
+    fn count(&mut self, old: &[u8], new: &[u8]) {
+        for (&o, &n) in old.iter().zip(new) {
+            self.masked += u64::from(n);
+            self.entered += u64::from(n == 1 && o == 0);
+        }
+    }
+
+    /// The fraction of refreshed mask pixels that are new; `None` when no
+    /// mask chosen before was refreshed.
+    fn fraction(&self) -> Option<f64> {
+        (self.masked > 0).then(|| self.entered as f64 / self.masked as f64)
     }
 }
 

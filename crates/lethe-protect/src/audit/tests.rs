@@ -797,6 +797,7 @@ fn reports_say_when_a_released_round_missed_its_stop_targets() {
         saturated: 1.0,
         shortcut_accuracy: Some(shortcut),
         proxy_accuracy: None,
+        mask_changed: None,
         seconds: 1.0,
     };
     let shape = ImageShape {

@@ -340,6 +340,16 @@ pub struct ProtectParams {
     /// (row n, every 3rd round): worse than no restarts.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub restart_every: usize,
+    /// SALM with a gradient mask refreshed during the run: refresh it only
+    /// up to this round, then keep it (0, the default: refresh to the
+    /// end). Every refresh ranks the pixels by the surrogates' current
+    /// gradients and zeroes the noise of the pixels that leave the mask;
+    /// once the surrogates fit the noise those gradients are small, the
+    /// ranking moves, and the next round's surrogates lose the shortcut
+    /// they had learnt (the round log's `mask_changed`). A frozen mask
+    /// lets the last rounds refine one noise.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub freeze_mask_after: usize,
     /// Class-wise SALM with a gradient mask only, in `[0, 1)`: this
     /// fraction of the pixel budget `rho` carries the class's model-free
     /// [`MaskStrategy::Grating`] code (`+eps`, fixed, never refined; at the
@@ -448,6 +458,7 @@ impl ProtectParams {
             random_start: false,
             synthetic_start: None,
             restart_every: 0,
+            freeze_mask_after: 0,
             code_fraction: 0.0,
             stable_radius: 0.0,
             shared_channels: false,
@@ -652,6 +663,19 @@ impl ProtectParams {
                 "stable_radius shapes surrogate and noise steps: a model-free run has none".into(),
             ));
         }
+        if self.freeze_mask_after > 0 {
+            match &self.method {
+                Method::Salm { mask, refresh, .. }
+                    if mask.needs_gradient() && *refresh != MaskRefresh::Fixed => {}
+                _ => {
+                    return Err(Error::Config(
+                        "freeze_mask_after needs SALM with a gradient mask (feasible, \
+                         grad_foreground or gradient) refreshed per round or per step"
+                            .into(),
+                    ))
+                }
+            }
+        }
         if self.code_fraction != 0.0 {
             if !(0.0..1.0).contains(&self.code_fraction) {
                 return Err(Error::Config(format!(
@@ -725,10 +749,16 @@ impl ProtectParams {
         match &self.method {
             Method::Salm {
                 rho, mask, refresh, ..
-            } => format!(
-                "{} {eps} rho={rho:.2} ({mask:?}, {refresh:?})",
-                self.method.label()
-            ),
+            } => {
+                let refresh = match self.freeze_mask_after {
+                    0 => format!("{refresh:?}"),
+                    r => format!("{refresh:?} to round {r}"),
+                };
+                format!(
+                    "{} {eps} rho={rho:.2} ({mask:?}, {refresh})",
+                    self.method.label()
+                )
+            }
             Method::Em { .. } => format!("{} {eps}", self.method.label()),
         }
     }

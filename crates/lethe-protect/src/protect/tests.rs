@@ -222,6 +222,39 @@ fn bad_parameters_are_named() {
         (ProtectParams::salm(0.03, 1.5), "rho"),
         (
             ProtectParams {
+                freeze_mask_after: 3,
+                ..ProtectParams::em(0.03)
+            },
+            "freeze_mask_after",
+        ),
+        (
+            ProtectParams {
+                freeze_mask_after: 3,
+                method: Method::Salm {
+                    rho: 0.25,
+                    mask: MaskStrategy::Feasible,
+                    refresh: MaskRefresh::Fixed,
+                    classwise: true,
+                },
+                ..ProtectParams::em(0.03)
+            },
+            "freeze_mask_after",
+        ),
+        (
+            ProtectParams {
+                freeze_mask_after: 3,
+                method: Method::Salm {
+                    rho: 0.25,
+                    mask: MaskStrategy::Random,
+                    refresh: MaskRefresh::PerRound,
+                    classwise: true,
+                },
+                ..ProtectParams::em(0.03)
+            },
+            "freeze_mask_after",
+        ),
+        (
+            ProtectParams {
                 step_size: Some(0.1),
                 ..ProtectParams::em(0.03)
             },
@@ -395,6 +428,7 @@ fn log_of(rounds: &[(f64, f64, Option<f64>)]) -> Vec<RoundLog> {
             saturated: 0.0,
             shortcut_accuracy,
             proxy_accuracy: None,
+            mask_changed: None,
             seconds: 0.0,
         })
         .collect()
@@ -590,6 +624,60 @@ fn classwise_salm(cross_pairs: f64) -> ProtectParams {
 }
 
 #[test]
+fn frozen_masks_stop_changing_and_the_log_counts_the_changes() {
+    let data = tiny(3);
+    for classwise in [true, false] {
+        let mut p = classwise_salm(0.0);
+        if let Method::Salm { classwise: c, .. } = &mut p.method {
+            *c = classwise;
+        }
+        p.stop.min_rounds = 4;
+        p.stop.max_rounds = 4;
+        // Refreshed every round: rounds 2-4 report how many masked pixels
+        // are new, the first round (nothing chosen before) none.
+        let plain = protect_dataset(&data, &p, &quiet()).unwrap();
+        let changed: Vec<Option<f64>> = plain.rounds.iter().map(|r| r.mask_changed).collect();
+        assert_eq!(changed[0], None, "classwise {classwise}");
+        for c in &changed[1..] {
+            assert!(c.is_some_and(|c| (0.0..=1.0).contains(&c)), "{changed:?}");
+        }
+        // Frozen after round 2: rounds 3-4 keep round 2's masks, so the
+        // released masks are those of a run that stopped at round 2.
+        let frozen = protect_dataset(
+            &data,
+            &ProtectParams {
+                freeze_mask_after: 2,
+                ..p.clone()
+            },
+            &quiet(),
+        )
+        .unwrap();
+        let changed: Vec<Option<f64>> = frozen.rounds.iter().map(|r| r.mask_changed).collect();
+        assert!(
+            changed[1].is_some() && changed[2..] == [None, None],
+            "{changed:?}"
+        );
+        let label = ProtectParams {
+            freeze_mask_after: 2,
+            ..p.clone()
+        }
+        .label();
+        assert!(label.ends_with("PerRound to round 2)"), "{label}");
+        let mut two = p.clone();
+        two.stop.min_rounds = 2;
+        two.stop.max_rounds = 2;
+        let at_two = protect_dataset(&data, &two, &quiet()).unwrap();
+        assert_eq!(frozen.masks, at_two.masks, "classwise {classwise}");
+        // The first two rounds are the plain run's; the noise still moves.
+        let key = |r: &RoundLog| (r.accuracy, r.loss, r.shortcut_accuracy, r.mask_changed);
+        let firsts = |o: &Protection| o.rounds[..2].iter().map(key).collect::<Vec<_>>();
+        assert_eq!(firsts(&frozen), firsts(&plain));
+        assert_ne!(frozen.protected.pixels(), at_two.protected.pixels());
+        assert!(frozen.quality.linf_max <= p.eps + 1e-6);
+    }
+}
+
+#[test]
 fn shortcut_accuracy_is_logged_every_round() {
     let data = tiny(3);
     let out = protect_dataset(&data, &classwise_salm(0.0), &quiet()).unwrap();
@@ -777,6 +865,7 @@ fn push_round(state: &mut State, fill: f32, shortcut: Option<f64>, loss: f64, re
         saturated: 0.0,
         shortcut_accuracy: shortcut,
         proxy_accuracy: None,
+        mask_changed: None,
         seconds: 0.0,
     });
     state.track_best(release);
@@ -1007,6 +1096,7 @@ fn push_proxy_round(state: &mut State, fill: f32, proxy: Option<f64>, release: &
         saturated: 0.0,
         shortcut_accuracy: Some(1.0),
         proxy_accuracy: proxy,
+        mask_changed: None,
         seconds: 0.0,
     });
     state.track_best(release);
