@@ -248,9 +248,10 @@ struct MethodArgs {
     /// SALM: when masks are recomputed.
     #[arg(long, value_enum, default_value_t = RefreshArg::PerRound)]
     refresh: RefreshArg,
-    /// SALM with a refreshed gradient mask: keep the masks from this round
-    /// on (each refresh drops the noise of the pixels that leave a mask,
-    /// which can undo a shortcut the surrogates had learnt).
+    /// SALM with a refreshed gradient mask: refresh the masks up to this
+    /// round, then keep them (each refresh drops the noise of the pixels
+    /// that leave a mask, which can undo a shortcut the surrogates had
+    /// learnt).
     #[arg(long)]
     freeze_mask_after: Option<usize>,
     /// Noise (PGD) steps per batch per round.
