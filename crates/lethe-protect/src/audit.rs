@@ -862,12 +862,7 @@ fn notes(
         .collect();
     for m in methods {
         let released = m.round_log.iter().find(|l| l.round == m.released_round);
-        let missed = match released {
-            Some(log) if m.stop_reason != Some(StopReason::ModelFree) => {
-                protect::missed_targets(&m.params.stop, log)
-            }
-            _ => continue,
-        };
+        let missed = protect::release_missed_targets(&m.params.stop, m.stop_reason, released);
         if !missed.is_empty() {
             notes.push(format!(
                 "`{}` releases round {} of {} ({}), which missed its stop rule's targets: {}. \

@@ -499,21 +499,47 @@ pub fn protect_dataset(
     })
 }
 
+/// Which of the stop rule's targets one round meets (`None`: the rule sets
+/// no such target). The one definition of each comparison, for stopping
+/// ([`round_condition`]) and for saying what a round missed
+/// ([`missed_targets`]).
+struct TargetsMet {
+    shortcut: Option<bool>,
+    accuracy: Option<bool>,
+    loss: Option<bool>,
+}
+
+impl TargetsMet {
+    fn of(rule: &StopRule, log: &RoundLog) -> TargetsMet {
+        TargetsMet {
+            shortcut: rule
+                .shortcut_accuracy
+                .map(|t| !log.shortcut_accuracy.is_none_or(|a| a < t)),
+            accuracy: rule.train_accuracy.map(|t| log.accuracy >= t),
+            loss: rule.loss_below.map(|l| log.loss < l),
+        }
+    }
+
+    /// The fit targets (`train_accuracy`, `loss_below`) count as one:
+    /// either is enough.
+    fn fit(&self) -> bool {
+        self.accuracy == Some(true) || self.loss == Some(true)
+    }
+}
+
 /// Whether one round satisfies the accuracy or loss condition (and the
 /// shortcut condition, when set); which one, accuracy first.
 fn round_condition(rule: &StopRule, log: &RoundLog) -> Option<StopReason> {
-    if let Some(target) = rule.shortcut_accuracy {
-        if log.shortcut_accuracy.is_none_or(|a| a < target) {
-            return None;
-        }
+    let met = TargetsMet::of(rule, log);
+    if met.shortcut == Some(false) {
+        None
+    } else if met.accuracy == Some(true) {
+        Some(StopReason::TrainAccuracy)
+    } else if met.loss == Some(true) {
+        Some(StopReason::LossThreshold)
+    } else {
+        None
     }
-    if rule.train_accuracy.is_some_and(|t| log.accuracy >= t) {
-        return Some(StopReason::TrainAccuracy);
-    }
-    if rule.loss_below.is_some_and(|l| log.loss < l) {
-        return Some(StopReason::LossThreshold);
-    }
-    None
 }
 
 /// The stop rule's targets that the round of `log` missed, in words; empty
@@ -521,28 +547,36 @@ fn round_condition(rule: &StopRule, log: &RoundLog) -> Option<StopReason> {
 /// (`train_accuracy`, `loss_below`) count as one, either being enough, as
 /// for stopping; the shortcut target is a second one.
 pub fn missed_targets(rule: &StopRule, log: &RoundLog) -> Vec<String> {
+    let met = TargetsMet::of(rule, log);
     let mut missed = Vec::new();
-    if let Some(target) = rule.shortcut_accuracy {
-        match log.shortcut_accuracy {
-            Some(a) if a >= target => {}
-            Some(a) => missed.push(format!("shortcut accuracy {a:.2} < {target:.2}")),
-            None => missed.push(format!(
-                "shortcut accuracy not measured (target {target:.2})"
-            )),
-        }
+    if let (Some(false), Some(target)) = (met.shortcut, rule.shortcut_accuracy) {
+        missed.push(match log.shortcut_accuracy {
+            Some(a) => format!("shortcut accuracy {a:.2} < {target:.2}"),
+            None => format!("shortcut accuracy not measured (target {target:.2})"),
+        });
     }
-    let accuracy = rule.train_accuracy.map(|t| (log.accuracy >= t, t));
-    let loss = rule.loss_below.map(|l| (log.loss < l, l));
-    let fit = accuracy.is_some_and(|(ok, _)| ok) || loss.is_some_and(|(ok, _)| ok);
-    if !fit {
-        if let Some((_, t)) = accuracy {
+    if !met.fit() {
+        if let Some(t) = rule.train_accuracy {
             missed.push(format!("surrogate accuracy {:.3} < {t}", log.accuracy));
         }
-        if let Some((_, l)) = loss {
+        if let Some(l) = rule.loss_below {
             missed.push(format!("surrogate loss {:.3e} >= {l:e}", log.loss));
         }
     }
     missed
+}
+
+/// [`missed_targets`] of a run's released round: empty where no round was
+/// run (reused noise) and for model-free methods, whose rounds fit nothing.
+pub fn release_missed_targets(
+    rule: &StopRule,
+    stop_reason: Option<StopReason>,
+    released: Option<&RoundLog>,
+) -> Vec<String> {
+    match released {
+        Some(log) if stop_reason != Some(StopReason::ModelFree) => missed_targets(rule, log),
+        _ => Vec::new(),
+    }
 }
 
 /// The stop decision after the last round of `log`: never before

@@ -183,10 +183,7 @@ pub fn unchanged_note(q: &QualitySummary) -> Option<String> {
 /// round and no note.
 pub fn weak_release_note(report: &ProtectReport, rule: &StopRule) -> Option<String> {
     let log = report.released.as_ref()?;
-    if report.stop_reason == Some(StopReason::ModelFree) {
-        return None;
-    }
-    let missed = protect::missed_targets(rule, log);
+    let missed = protect::release_missed_targets(rule, report.stop_reason, Some(log));
     (!missed.is_empty()).then(|| {
         format!(
             "the released noise is round {} of {} ({}), which missed the stop rule's targets: \
