@@ -214,6 +214,17 @@ fn cancel_stops_the_run() {
 #[test]
 fn bad_parameters_are_named() {
     let data = tiny(1);
+    // Masks kept after round 3, where no refreshed gradient mask exists.
+    let frozen = |mask, refresh| ProtectParams {
+        freeze_mask_after: 3,
+        method: Method::Salm {
+            rho: 0.25,
+            mask,
+            refresh,
+            classwise: true,
+        },
+        ..ProtectParams::em(0.03)
+    };
     let cases: Vec<(ProtectParams, &str)> = vec![
         (ProtectParams::em(0.0), "eps"),
         (ProtectParams::em(0.5), "eps"),
@@ -228,29 +239,11 @@ fn bad_parameters_are_named() {
             "freeze_mask_after",
         ),
         (
-            ProtectParams {
-                freeze_mask_after: 3,
-                method: Method::Salm {
-                    rho: 0.25,
-                    mask: MaskStrategy::Feasible,
-                    refresh: MaskRefresh::Fixed,
-                    classwise: true,
-                },
-                ..ProtectParams::em(0.03)
-            },
+            frozen(MaskStrategy::Feasible, MaskRefresh::Fixed),
             "freeze_mask_after",
         ),
         (
-            ProtectParams {
-                freeze_mask_after: 3,
-                method: Method::Salm {
-                    rho: 0.25,
-                    mask: MaskStrategy::Random,
-                    refresh: MaskRefresh::PerRound,
-                    classwise: true,
-                },
-                ..ProtectParams::em(0.03)
-            },
+            frozen(MaskStrategy::Random, MaskRefresh::PerRound),
             "freeze_mask_after",
         ),
         (
